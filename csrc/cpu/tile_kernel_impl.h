@@ -1,0 +1,88 @@
+// The micro-kernel body, written once over a tiny vector type V and compiled
+// per instruction set by tile_kernel_*.cpp (each with its own target flags).
+// Everything here has internal linkage: each ISA's copy stays in its own file,
+// so no AVX-512 code can leak into a path run on an older CPU.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "fastvote/topk.h"
+#include "tile_kernel.h"
+
+namespace fastvote {
+namespace cpu {
+namespace {
+
+// MR centroids x (NV vectors of V::W rows) of accumulators live in registers.
+template <class V, int MR, int NV>
+void run_tile(const TileJob& job) {
+  using Reg = typename V::Reg;
+  constexpr int W = V::W;
+  constexpr int kSub = W * NV;
+  static_assert(kSlab % kSub == 0, "a slab must split into whole register blocks");
+  const int64_t dim = job.dim;
+  const int64_t num_slabs = (job.rows + kSlab - 1) / kSlab;
+  const int k = job.k;
+
+  for (int64_t j0 = 0; j0 < job.num_centroids; j0 += MR) {
+    const int m = static_cast<int>(std::min<int64_t>(MR, job.num_centroids - j0));
+    // Short last group: repeat its last centroid; the epilogue ignores j >= m.
+    const float* c[MR];
+    for (int j = 0; j < MR; ++j) c[j] = job.centroids + (j0 + std::min(j, m - 1)) * job.ldc;
+
+    for (int64_t s = 0; s < num_slabs; ++s) {
+      for (int sub = 0; sub < kSlab; sub += kSub) {
+        const int64_t r0 = s * kSlab + sub;
+        if (r0 >= job.rows) break;
+        const float* x = job.packed + s * dim * kSlab + sub;
+
+        Reg acc[MR][NV];
+#pragma GCC unroll 16
+        for (int j = 0; j < MR; ++j)
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) acc[j][v] = V::zero();
+        for (int64_t d = 0; d < dim; ++d) {
+          Reg xv[NV];
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) xv[v] = V::load(x + d * kSlab + v * W);
+#pragma GCC unroll 16
+          for (int j = 0; j < MR; ++j) {
+            const Reg cj = V::broadcast(c[j] + d);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) acc[j][v] = V::fma(cj, xv[v], acc[j][v]);
+          }
+        }
+
+        // Epilogue: keys for this block; a lane enters the row's list only if
+        // it beats the row's threshold (rare once the lists fill up). j runs in
+        // increasing centroid order, as the tie rule requires.
+        for (int j = 0; j < m; ++j) {
+          const int64_t cj = j0 + j;
+          const Reg bias = V::broadcast(job.bias + cj);
+          const Reg scale = V::broadcast(job.scale + cj);
+          for (int v = 0; v < NV; ++v) {
+            const int64_t row0 = r0 + v * W;
+            const Reg key = V::fma(scale, acc[j][v], bias);
+            unsigned mask = V::admits(key, V::load(job.thresholds + row0));
+            if (!mask) continue;
+            float lane_keys[W];
+            V::store(lane_keys, key);
+            for (; mask; mask &= mask - 1) {
+              const int lane = __builtin_ctz(mask);
+              const int64_t row = row0 + lane;
+              float* keys = job.keys + row * k;
+              int64_t* idx = job.indices + row * k;
+              job.counts[row] = topk_insert(keys, idx, job.counts[row], k, lane_keys[lane], cj);
+              job.thresholds[row] = reject_threshold(keys, job.counts[row], k);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastvote

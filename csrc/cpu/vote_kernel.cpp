@@ -1,0 +1,483 @@
+// The CPU backend of every fastvote op. fm_vote / nearest_centroids are fused:
+// rows are packed a tile at a time (converted to float32, normalised for
+// cosine, checked for NaN/Inf on the way), the tile micro-kernel scores them
+// against all centroids keeping only each row's top-k, and votes go into a
+// per-thread histogram. Extra memory is O(tile + threads * K), never O(N * K).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "fastvote/checks.h"
+#include "fastvote/topk.h"
+#include "tile_kernel.h"
+
+namespace fastvote {
+
+const char* cpu_tile_kernel_name() { return cpu::tile_kernel_name(); }
+
+namespace cpu {
+namespace {
+
+constexpr float kNormEps = 1e-12f;  // as torch.nn.functional.normalize
+constexpr int64_t kNoRow = std::numeric_limits<int64_t>::max();
+constexpr int64_t kLogitRowsPerTask = 64;
+
+// Rows per tile: sized so the packed tile stays in a core's L2 (~256 KB).
+int64_t tile_rows(int64_t dim) {
+  const int64_t rows = (256 * 1024 / static_cast<int64_t>(sizeof(float))) / dim / kSlab * kSlab;
+  return std::clamp<int64_t>(rows, kSlab, 8 * kSlab);
+}
+
+int num_workers(int64_t tasks) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks)));
+}
+
+// Records the lowest offending row seen by any thread.
+struct FirstBadRow {
+  std::atomic<int64_t> row{kNoRow};
+  void record(int64_t r) {
+    int64_t cur = row.load();
+    while (r < cur && !row.compare_exchange_weak(cur, r)) {
+    }
+  }
+  bool any() const { return row.load() != kNoRow; }
+};
+
+// A [rows, cols] view with arbitrary strides, read as float32.
+template <typename scalar_t>
+struct Matrix {
+  const scalar_t* data;
+  int64_t s0, s1;
+  explicit Matrix(const at::Tensor& t)
+      : data(t.const_data_ptr<scalar_t>()), s0(t.stride(0)), s1(t.stride(1)) {}
+  float operator()(int64_t i, int64_t j) const { return static_cast<float>(data[i * s0 + j * s1]); }
+};
+
+// Calls fn(scalar_t{}) for the input's dtype. A function, not AT_DISPATCH_*:
+// OpenMP pragmas cannot sit inside a macro's arguments.
+template <typename Fn>
+void dispatch_float(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kDouble: return fn(double{});
+    case at::kHalf: return fn(c10::Half{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    default: TORCH_CHECK_TYPE(false, "fastvote: unsupported dtype ", dtype);
+  }
+}
+
+// Centroids as the micro-kernel reads them, and the per-centroid terms that
+// turn a dot product into a key (smaller is better):
+//   l2:     key = ||c||^2 - 2 x.c   (= squared distance - ||x||^2)
+//   cosine: key = -(x_n . c) / ||c||
+struct Centroids {
+  at::Tensor storage;  // a float32 copy, only when the input is not usable as is
+  const float* data = nullptr;
+  int64_t ldc = 0, count = 0, dim = 0;
+  std::vector<float> bias, scale;
+};
+
+Centroids prepare_centroids(const char* op, const at::Tensor& centroids, Metric metric) {
+  Centroids c;
+  c.storage = centroids;
+  if (centroids.scalar_type() != at::kFloat || centroids.stride(1) != 1) {
+    c.storage = centroids.to(at::kFloat).contiguous();
+  }
+  c.data = c.storage.const_data_ptr<float>();
+  c.ldc = c.storage.stride(0);
+  c.count = c.storage.size(0);
+  c.dim = c.storage.size(1);
+  c.bias.resize(c.count);
+  c.scale.resize(c.count);
+  for (int64_t j = 0; j < c.count; ++j) {
+    const float* row = c.data + j * c.ldc;
+    double sq = 0;
+    for (int64_t d = 0; d < c.dim; ++d) sq += static_cast<double>(row[d]) * row[d];
+    if (!std::isfinite(static_cast<float>(sq))) fail_non_finite(op, "centroids", j);
+    if (metric == Metric::L2) {
+      c.bias[j] = static_cast<float>(sq);
+      c.scale[j] = -2.0f;
+    } else {
+      c.bias[j] = 0.0f;
+      c.scale[j] = -1.0f / std::max(static_cast<float>(std::sqrt(sq)), kNormEps);
+    }
+  }
+  return c;
+}
+
+// Packs rows [row0, row0 + rows) into slabs (see tile_kernel.h) and stores
+// each row's squared norm. Returns the first row with NaN/Inf, or -1.
+template <typename scalar_t>
+int64_t pack_rows(const Matrix<scalar_t>& x, int64_t row0, int64_t rows, int64_t dim,
+                  Metric metric, float* packed, float* sqnorm) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = packed + (r / kSlab) * dim * kSlab + r % kSlab;
+    float sq = 0;
+    for (int64_t d = 0; d < dim; ++d) {
+      const float v = x(row0 + r, d);
+      sq += v * v;
+      dst[d * kSlab] = v;
+    }
+    // One test catches NaN, Inf and squares that overflow float32.
+    if (!std::isfinite(sq)) return row0 + r;
+    if (metric == Metric::Cosine) {
+      const float inv = 1.0f / std::max(std::sqrt(sq), kNormEps);
+      for (int64_t d = 0; d < dim; ++d) dst[d * kSlab] *= inv;
+    }
+    sqnorm[r] = sq;
+  }
+  const int64_t padded = (rows + kSlab - 1) / kSlab * kSlab;
+  for (int64_t r = rows; r < padded; ++r) {
+    float* dst = packed + (r / kSlab) * dim * kSlab + r % kSlab;
+    for (int64_t d = 0; d < dim; ++d) dst[d * kSlab] = 0.0f;
+  }
+  return -1;
+}
+
+// Runs the fused top-k over all rows of `features` and hands each finished
+// tile to consume(thread, row0, rows, keys[rows][k], indices[rows][k], sqnorm[rows]).
+template <typename Consume>
+void for_each_tile(const char* op, const at::Tensor& features, const Centroids& c,
+                   Metric metric, int k, int workers, Consume&& consume) {
+  const int64_t n = features.size(0);
+  const int64_t dim = features.size(1);
+  const int64_t tile = tile_rows(dim);
+  const int64_t num_tiles = (n + tile - 1) / tile;
+  const TileFn kernel = tile_kernel();
+  FirstBadRow bad;
+  dispatch_float(features.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const Matrix<scalar_t> x(features);
+#pragma omp parallel num_threads(workers)
+    {
+      const int thread = omp_get_thread_num();
+      std::vector<float> packed(tile * dim), keys(tile * k), thresholds(tile), sqnorm(tile);
+      std::vector<int64_t> indices(tile * k);
+      std::vector<int> counts(tile);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < num_tiles; ++t) {
+        if (bad.any()) continue;
+        const int64_t row0 = t * tile;
+        const int64_t rows = std::min(tile, n - row0);
+        const int64_t first_bad = pack_rows(x, row0, rows, dim, metric, packed.data(), sqnorm.data());
+        if (first_bad >= 0) {
+          bad.record(first_bad);
+          continue;
+        }
+        std::fill(counts.begin(), counts.end(), 0);
+        std::fill(thresholds.begin(), thresholds.begin() + rows, NAN);
+        std::fill(thresholds.begin() + rows, thresholds.end(), -INFINITY);
+        const TileJob job{packed.data(), rows,        dim,           c.data,
+                          c.ldc,         c.count,     c.bias.data(), c.scale.data(),
+                          k,             keys.data(), indices.data(), counts.data(),
+                          thresholds.data()};
+        kernel(job);
+        consume(thread, row0, rows, keys.data(), indices.data(), sqnorm.data());
+      }
+    }
+  });
+  if (bad.any()) fail_non_finite(op, "features", bad.row.load());
+}
+
+// Per-thread histograms, merged once at the end.
+template <typename T>
+at::Tensor merge_histograms(const std::vector<T>& hist, int64_t num_classes, at::ScalarType dtype) {
+  at::Tensor out = at::zeros({num_classes}, at::TensorOptions().dtype(dtype));
+  T* o = out.mutable_data_ptr<T>();
+  for (size_t i = 0; i < hist.size(); ++i) o[i % num_classes] += hist[i];
+  return out;
+}
+
+// Adds one row's k picks (keys sorted best first) to a histogram.
+template <typename T>
+void add_votes(T* hist, const float* keys, const int64_t* indices, int k, Weight weight,
+               float inv_temperature, float* scratch) {
+  if (weight == Weight::Count) {
+    for (int i = 0; i < k; ++i) hist[indices[i]] += 1;
+    return;
+  }
+  row_weights(keys, k, weight, inv_temperature, scratch);
+  for (int i = 0; i < k; ++i) hist[indices[i]] += scratch[i];
+}
+
+template <typename T>
+at::Tensor fm_vote_impl(const at::Tensor& features, const Centroids& c, Metric metric, int k,
+                        Weight weight, float inv_temperature, at::ScalarType dtype) {
+  const int64_t tiles = (features.size(0) + tile_rows(c.dim) - 1) / tile_rows(c.dim);
+  const int workers = num_workers(tiles);
+  std::vector<T> hist(static_cast<size_t>(workers) * c.count, T(0));
+  for_each_tile("fm_vote", features, c, metric, k, workers,
+                [&](int thread, int64_t, int64_t rows, const float* keys, const int64_t* idx,
+                    const float*) {
+                  std::vector<float> scratch(k);
+                  T* h = hist.data() + static_cast<size_t>(thread) * c.count;
+                  for (int64_t r = 0; r < rows; ++r) {
+                    add_votes(h, keys + r * k, idx + r * k, k, weight, inv_temperature,
+                              scratch.data());
+                  }
+                });
+  return merge_histograms(hist, c.count, dtype);
+}
+
+at::Tensor fm_vote_cpu(const at::Tensor& features, const at::Tensor& centroids, int64_t k,
+                       c10::string_view metric_name, c10::string_view weight_name,
+                       double temperature) {
+  check_features_centroids("fm_vote", features, centroids);
+  check_k("fm_vote", k, centroids.size(0), "centroids");
+  const Metric metric = parse_metric("fm_vote", metric_name);
+  const Weight weight = parse_weight("fm_vote", weight_name);
+  const float inv_t = inverse_temperature("fm_vote", temperature);
+  const Centroids c = prepare_centroids("fm_vote", centroids, metric);
+  if (weight == Weight::Count) {
+    return fm_vote_impl<int64_t>(features, c, metric, k, weight, inv_t, at::kLong);
+  }
+  return fm_vote_impl<double>(features, c, metric, k, weight, inv_t, at::kDouble);
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_centroids_cpu(const at::Tensor& features,
+                                                         const at::Tensor& centroids, int64_t k,
+                                                         c10::string_view metric_name) {
+  check_features_centroids("nearest_centroids", features, centroids);
+  check_k("nearest_centroids", k, centroids.size(0), "centroids");
+  const Metric metric = parse_metric("nearest_centroids", metric_name);
+  const Centroids c = prepare_centroids("nearest_centroids", centroids, metric);
+  const int64_t n = features.size(0);
+  at::Tensor values = at::empty({n, k}, features.options().dtype(at::kFloat));
+  at::Tensor indices = at::empty({n, k}, features.options().dtype(at::kLong));
+  float* v = values.mutable_data_ptr<float>();
+  int64_t* ix = indices.mutable_data_ptr<int64_t>();
+  const int64_t tiles = (n + tile_rows(c.dim) - 1) / tile_rows(c.dim);
+  for_each_tile("nearest_centroids", features, c, metric, static_cast<int>(k), num_workers(tiles),
+                [&](int, int64_t row0, int64_t rows, const float* keys, const int64_t* idx,
+                    const float* sqnorm) {
+                  for (int64_t r = 0; r < rows; ++r) {
+                    for (int64_t i = 0; i < k; ++i) {
+                      const float key = keys[r * k + i];
+                      // Keys omit ||x||^2 (l2) or are negated similarities (cosine).
+                      v[(row0 + r) * k + i] =
+                          metric == Metric::L2 ? std::max(key + sqnorm[r], 0.0f) : -key;
+                      ix[(row0 + r) * k + i] = idx[r * k + i];
+                    }
+                  }
+                });
+  return {values, indices};
+}
+
+template <typename T>
+at::Tensor lm_vote_impl(const at::Tensor& logits, int k, Weight weight, at::ScalarType dtype) {
+  const int64_t n = logits.size(0);
+  const int64_t num_classes = logits.size(1);
+  const int64_t tasks = (n + kLogitRowsPerTask - 1) / kLogitRowsPerTask;
+  const int workers = num_workers(tasks);
+  std::vector<T> hist(static_cast<size_t>(workers) * num_classes, T(0));
+  FirstBadRow bad;
+  dispatch_float(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const Matrix<scalar_t> x(logits);
+#pragma omp parallel num_threads(workers)
+    {
+      T* h = hist.data() + static_cast<size_t>(omp_get_thread_num()) * num_classes;
+      std::vector<float> keys(k), scratch(k);
+      std::vector<int64_t> idx(k);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t end = std::min(n, (t + 1) * kLogitRowsPerTask);
+        for (int64_t r = t * kLogitRowsPerTask; r < end && !bad.any(); ++r) {
+          int count = 0;
+          float threshold = NAN;
+          bool finite = true;
+          for (int64_t j = 0; j < num_classes; ++j) {
+            const float v = x(r, j);
+            finite &= std::isfinite(v);
+            const float key = -v;  // larger logit = smaller key
+            if (admits(key, threshold)) {
+              count = topk_insert(keys.data(), idx.data(), count, k, key, j);
+              threshold = reject_threshold(keys.data(), count, k);
+            }
+          }
+          if (!finite) {
+            bad.record(r);
+            break;
+          }
+          add_votes(h, keys.data(), idx.data(), k, weight, 1.0f, scratch.data());
+        }
+      }
+    }
+  });
+  if (bad.any()) fail_non_finite("lm_vote", "logits", bad.row.load());
+  return merge_histograms(hist, num_classes, dtype);
+}
+
+at::Tensor lm_vote_cpu(const at::Tensor& logits, int64_t k, c10::string_view weight_name) {
+  check_logits("lm_vote", logits);
+  check_k("lm_vote", k, logits.size(1), "source classes, the logits' columns");
+  const Weight weight = parse_weight("lm_vote", weight_name);
+  if (weight == Weight::Count) return lm_vote_impl<int64_t>(logits, k, weight, at::kLong);
+  return lm_vote_impl<double>(logits, k, weight, at::kDouble);
+}
+
+at::Tensor lm_scores_cpu(const at::Tensor& logits) {
+  check_logits("lm_scores", logits);
+  const int64_t n = logits.size(0);
+  const int64_t num_classes = logits.size(1);
+  const int64_t tasks = (n + kLogitRowsPerTask - 1) / kLogitRowsPerTask;
+  const int workers = num_workers(tasks);
+  std::vector<double> hist(static_cast<size_t>(workers) * num_classes, 0.0);
+  FirstBadRow bad;
+  dispatch_float(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const Matrix<scalar_t> x(logits);
+#pragma omp parallel num_threads(workers)
+    {
+      double* h = hist.data() + static_cast<size_t>(omp_get_thread_num()) * num_classes;
+      std::vector<float> row(num_classes);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t end = std::min(n, (t + 1) * kLogitRowsPerTask);
+        for (int64_t r = t * kLogitRowsPerTask; r < end && !bad.any(); ++r) {
+          float top = -INFINITY;
+          bool finite = true;
+          for (int64_t j = 0; j < num_classes; ++j) {
+            row[j] = x(r, j);
+            finite &= std::isfinite(row[j]);
+            top = std::max(top, row[j]);
+          }
+          if (!finite) {
+            bad.record(r);
+            break;
+          }
+          double total = 0;
+          for (int64_t j = 0; j < num_classes; ++j) {
+            row[j] = std::exp(row[j] - top);
+            total += row[j];
+          }
+          const double inv = 1.0 / total;
+          for (int64_t j = 0; j < num_classes; ++j) h[j] += row[j] * inv;
+        }
+      }
+    }
+  });
+  if (bad.any()) fail_non_finite("lm_scores", "logits", bad.row.load());
+  at::Tensor out = merge_histograms(hist, num_classes, at::kDouble);
+  return n > 0 ? out.div_(static_cast<double>(n)) : out;
+}
+
+at::Tensor fm_scores_cpu(const at::Tensor& features, const at::Tensor& centroids,
+                         c10::string_view metric_name) {
+  check_features_centroids("fm_scores", features, centroids);
+  const Metric metric = parse_metric("fm_scores", metric_name);
+  const Centroids c = prepare_centroids("fm_scores", centroids, metric);
+  const int64_t n = features.size(0);
+  const int64_t dim = features.size(1);
+  const int64_t tasks = (n + kLogitRowsPerTask - 1) / kLogitRowsPerTask;
+  const int workers = num_workers(tasks);
+  // Per thread: the sum of the rows (normalised for cosine), then sum ||x||^2.
+  std::vector<double> sums(static_cast<size_t>(workers) * (dim + 1), 0.0);
+  FirstBadRow bad;
+  dispatch_float(features.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const Matrix<scalar_t> x(features);
+#pragma omp parallel num_threads(workers)
+    {
+      double* s = sums.data() + static_cast<size_t>(omp_get_thread_num()) * (dim + 1);
+      std::vector<float> row(dim);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t end = std::min(n, (t + 1) * kLogitRowsPerTask);
+        for (int64_t r = t * kLogitRowsPerTask; r < end && !bad.any(); ++r) {
+          float sq = 0;
+          for (int64_t d = 0; d < dim; ++d) {
+            row[d] = x(r, d);
+            sq += row[d] * row[d];
+          }
+          if (!std::isfinite(sq)) {
+            bad.record(r);
+            break;
+          }
+          const float inv = metric == Metric::Cosine ? 1.0f / std::max(std::sqrt(sq), kNormEps) : 1.0f;
+          for (int64_t d = 0; d < dim; ++d) s[d] += row[d] * inv;
+          s[dim] += sq;
+        }
+      }
+    }
+  });
+  if (bad.any()) fail_non_finite("fm_scores", "features", bad.row.load());
+  std::vector<double> mean(dim + 1, 0.0);
+  for (size_t i = 0; i < sums.size(); ++i) mean[i % (dim + 1)] += sums[i];
+  at::Tensor out = at::zeros({c.count}, at::TensorOptions().dtype(at::kDouble));
+  if (n == 0) return out;
+  for (double& m : mean) m /= static_cast<double>(n);
+  double* o = out.mutable_data_ptr<double>();
+  for (int64_t j = 0; j < c.count; ++j) {
+    const float* cj = c.data + j * c.ldc;
+    double dot = 0;
+    for (int64_t d = 0; d < dim; ++d) dot += cj[d] * mean[d];
+    // Mean squared distance, or mean cosine similarity (scale = -1/||c||).
+    o[j] = metric == Metric::L2 ? c.bias[j] - 2.0 * dot + mean[dim] : -c.scale[j] * dot;
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> class_centroids_cpu(const at::Tensor& features,
+                                                       const at::Tensor& labels,
+                                                       int64_t num_classes) {
+  check_class_centroids(features, labels, num_classes);
+  const int64_t n = features.size(0);
+  const int64_t dim = features.size(1);
+  const at::Tensor lab = labels.to(at::kLong).contiguous();
+  const int64_t* l = lab.const_data_ptr<int64_t>();
+  at::Tensor counts = at::zeros({num_classes}, at::TensorOptions().dtype(at::kLong));
+  int64_t* cnt = counts.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (l[i] < 0 || l[i] >= num_classes) fail_label(i, l[i], num_classes);
+    ++cnt[l[i]];
+  }
+  at::Tensor sums = at::zeros({num_classes, dim}, at::TensorOptions().dtype(at::kDouble));
+  double* s = sums.mutable_data_ptr<double>();
+  // Threads own disjoint column blocks: no races, no per-thread K x D copies.
+  constexpr int64_t kColumns = 64;
+  const int64_t blocks = (dim + kColumns - 1) / kColumns;
+  FirstBadRow bad;
+  dispatch_float(features.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const Matrix<scalar_t> x(features);
+#pragma omp parallel for num_threads(num_workers(blocks)) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t d1 = std::min(dim, (b + 1) * kColumns);
+      for (int64_t i = 0; i < n; ++i) {
+        double* dst = s + l[i] * dim;
+        for (int64_t d = b * kColumns; d < d1; ++d) {
+          const float v = x(i, d);
+          if (!std::isfinite(v)) {
+            bad.record(i);
+            break;
+          }
+          dst[d] += v;
+        }
+      }
+    }
+  });
+  if (bad.any()) fail_non_finite("class_centroids", "features", bad.row.load());
+  return {sums, counts};
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(fastvote, CPU, m) {
+  m.impl("lm_vote", &cpu::lm_vote_cpu);
+  m.impl("fm_vote", &cpu::fm_vote_cpu);
+  m.impl("nearest_centroids", &cpu::nearest_centroids_cpu);
+  m.impl("class_centroids", &cpu::class_centroids_cpu);
+  m.impl("lm_scores", &cpu::lm_scores_cpu);
+  m.impl("fm_scores", &cpu::fm_scores_cpu);
+}
+
+}  // namespace fastvote

@@ -1,0 +1,136 @@
+// The op schemas (one definition, every backend registers against it), the
+// argument checks all backends share, and the Python module init.
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <string>
+
+#include "fastvote/checks.h"
+
+namespace fastvote {
+
+namespace {
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+void check_matrix(const char* op, const at::Tensor& t, const char* arg, const char* shape) {
+  TORCH_CHECK_VALUE(t.dim() == 2, "fastvote.", op, ": ", arg, " must be a 2-D tensor ",
+                    shape, ", got shape ", t.sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), "fastvote.", op, ": ", arg,
+                   " has dtype ", t.scalar_type(),
+                   "; expected float32, float16, bfloat16 or float64");
+}
+
+}  // namespace
+
+Metric parse_metric(const char* op, c10::string_view metric) {
+  if (metric == "l2") return Metric::L2;
+  if (metric == "cosine") return Metric::Cosine;
+  TORCH_CHECK_VALUE(false, "fastvote.", op, ": metric='", std::string(metric),
+                    "' is unknown; expected 'l2' or 'cosine'");
+}
+
+Weight parse_weight(const char* op, c10::string_view weight) {
+  if (weight == "count") return Weight::Count;
+  if (weight == "rank") return Weight::Rank;
+  if (weight == "soft") return Weight::Soft;
+  TORCH_CHECK_VALUE(false, "fastvote.", op, ": weight='", std::string(weight),
+                    "' is unknown; expected 'count', 'rank' or 'soft'");
+}
+
+float inverse_temperature(const char* op, double temperature) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "fastvote.", op,
+                    ": temperature=", temperature, " is invalid; expected a finite value > 0");
+  return static_cast<float>(1.0 / temperature);
+}
+
+void check_k(const char* op, int64_t k, int64_t num_classes, const char* what) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= num_classes, "fastvote.", op, ": k=", k,
+                    " is out of range; expected 1 <= k <= K=", num_classes, " (the number of ",
+                    what, ")");
+}
+
+void check_logits(const char* op, const at::Tensor& logits) {
+  check_matrix(op, logits, "logits", "[N, K]");
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, "fastvote.", op, ": logits has K=0 classes (shape ",
+                    logits.sizes(), "); expected at least one source class");
+}
+
+void check_features_centroids(const char* op, const at::Tensor& features,
+                              const at::Tensor& centroids) {
+  check_matrix(op, features, "features", "[N, D]");
+  check_matrix(op, centroids, "centroids", "[K, D]");
+  TORCH_CHECK_VALUE(centroids.size(0) >= 1, "fastvote.", op,
+                    ": centroids has K=0 rows; expected at least one centroid");
+  TORCH_CHECK_VALUE(features.size(1) == centroids.size(1), "fastvote.", op,
+                    ": features has D=", features.size(1), " but centroids has D=",
+                    centroids.size(1), "; expected the same feature dimension");
+  TORCH_CHECK_VALUE(features.size(1) >= 1, "fastvote.", op,
+                    ": features has D=0; expected at least one feature dimension");
+  TORCH_CHECK_VALUE(features.device() == centroids.device(), "fastvote.", op,
+                    ": features is on ", features.device(), " but centroids is on ",
+                    centroids.device(), "; expected both on the same device");
+}
+
+void check_class_centroids(const at::Tensor& features, const at::Tensor& labels,
+                           int64_t num_classes) {
+  check_matrix("class_centroids", features, "features", "[N, D]");
+  TORCH_CHECK_VALUE(labels.dim() == 1, "fastvote.class_centroids: labels must be a 1-D tensor "
+                    "[N], got shape ", labels.sizes());
+  TORCH_CHECK_TYPE(!at::isFloatingType(labels.scalar_type()) &&
+                       !at::isComplexType(labels.scalar_type()) &&
+                       labels.scalar_type() != at::kBool,
+                   "fastvote.class_centroids: labels has dtype ", labels.scalar_type(),
+                   "; expected an integer dtype (int64, int32, ...)");
+  TORCH_CHECK_VALUE(labels.size(0) == features.size(0), "fastvote.class_centroids: labels has ",
+                    labels.size(0), " entries but features has N=", features.size(0),
+                    " rows; expected one label per row");
+  TORCH_CHECK_VALUE(num_classes >= 1, "fastvote.class_centroids: num_classes=", num_classes,
+                    " is invalid; expected >= 1");
+  TORCH_CHECK_VALUE(features.device() == labels.device(), "fastvote.class_centroids: features "
+                    "is on ", features.device(), " but labels is on ", labels.device(),
+                    "; expected both on the same device");
+}
+
+void fail_non_finite(const char* op, const char* arg, int64_t row) {
+  TORCH_CHECK_VALUE(false, "fastvote.", op, ": ", arg, " row ", row,
+                    " contains NaN or Inf (or values whose squares overflow float32); "
+                    "expected finite values");
+}
+
+void fail_label(int64_t position, int64_t label, int64_t num_classes) {
+  TORCH_CHECK_INDEX(false, "fastvote.class_centroids: labels[", position, "]=", label,
+                    " is out of range; expected 0 <= label < num_classes=", num_classes);
+}
+
+TORCH_LIBRARY(fastvote, m) {
+  m.def("lm_vote(Tensor logits, int k=1, str weight=\"count\") -> Tensor");
+  m.def(
+      "fm_vote(Tensor features, Tensor centroids, int k=1, str metric=\"l2\", "
+      "str weight=\"count\", float temperature=1.0) -> Tensor");
+  m.def(
+      "nearest_centroids(Tensor features, Tensor centroids, int k=1, str metric=\"l2\") "
+      "-> (Tensor, Tensor)");
+  m.def("class_centroids(Tensor features, Tensor labels, int num_classes) -> (Tensor, Tensor)");
+  m.def("lm_scores(Tensor logits) -> Tensor");
+  m.def("fm_scores(Tensor features, Tensor centroids, str metric=\"l2\") -> Tensor");
+}
+
+// Defined with the CPU kernels: which tile micro-kernel this CPU runs.
+const char* cpu_tile_kernel_name();
+
+}  // namespace fastvote
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastvote's compiled ops; they register under torch.ops.fastvote on import.";
+  m.def("cpu_kernel", &fastvote::cpu_tile_kernel_name,
+        "The CPU tile micro-kernel chosen for this processor at run time.");
+#ifdef FASTVOTE_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

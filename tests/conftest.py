@@ -1,0 +1,36 @@
+import os
+
+import pytest
+import torch
+
+import fastvote.ops as ops
+
+# The compiled ops are what these tests are about: a missing extension is a
+# failure, not a reason to test the reference against itself. Only the
+# fallback test (run in a subprocess) sees the reference ops on purpose.
+if not ops.HAS_EXTENSION and os.environ.get("FASTVOTE_DISABLE_EXTENSION") != "1":
+    raise RuntimeError("fastvote._C did not build or import; the op tests need the compiled ops")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def cpu_kernels():
+    """The CPU micro-kernel variants this machine can run (each is tested)."""
+    from fastvote import _C
+
+    names = []
+    for name in ("avx512", "avx2", "portable"):
+        os.environ["FASTVOTE_CPU_KERNEL"] = name
+        try:
+            _C.cpu_kernel()
+            names.append(name)
+        except (RuntimeError, ValueError):
+            pass
+        finally:
+            del os.environ["FASTVOTE_CPU_KERNEL"]
+    return names
