@@ -1,0 +1,22 @@
+// Instantiates the shared top-k header in device code, so the CMake build
+// proves nvcc accepts it even where torch's headers are not available.
+#include "fastvote/topk.h"
+
+__global__ void topk_device_check(const float* keys_in, int n, int k, float* keys_out,
+                                  int64_t* idx_out, float* weights_out) {
+  float keys[8];
+  int64_t idx[8];
+  int count = 0;
+  float threshold = fastvote::reject_threshold(keys, count, k);
+  for (int i = 0; i < n; ++i) {
+    if (fastvote::admits(keys_in[i], threshold)) {
+      count = fastvote::topk_insert(keys, idx, count, k, keys_in[i], static_cast<int64_t>(i));
+      threshold = fastvote::reject_threshold(keys, count, k);
+    }
+  }
+  fastvote::row_weights(keys, count, fastvote::Weight::Soft, 1.0f, weights_out);
+  for (int r = 0; r < count; ++r) {
+    keys_out[r] = keys[r];
+    idx_out[r] = idx[r];
+  }
+}
