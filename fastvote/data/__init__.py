@@ -1,0 +1,19 @@
+"""Datasets and loaders (layer 5): the offline datasets behind one registry, FFCV
+``.beton`` writers, and FFCV train / eval loader pipelines.
+
+FFCV is optional: it is imported only by the functions that write or read betons, which
+raise an ImportError naming the install command when it is missing.
+"""
+from .beton import (classes_path, iter_samples, read_classes, write_beton,
+                    write_image_folder, write_offline)
+from .loaders import (IMAGENET_MEAN, IMAGENET_STD, channel_stats, eval_loader,
+                      train_loader)
+from .registry import (ArrayDataset, cache_dir, get, missing, names, split_indices,
+                       splits)
+
+__all__ = [
+    "ArrayDataset", "get", "names", "splits", "missing", "split_indices", "cache_dir",
+    "write_beton", "write_image_folder", "write_offline", "read_classes", "classes_path",
+    "iter_samples",
+    "eval_loader", "train_loader", "channel_stats", "IMAGENET_MEAN", "IMAGENET_STD",
+]

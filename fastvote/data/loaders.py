@@ -1,0 +1,214 @@
+"""FFCV loader pipelines over the betons of ``beton.py``.
+
+Both loaders yield ``(images, labels)`` — or ``(images, labels, identifiers)`` with
+``with_identifier=True`` — where ``images`` is float32 (B, 3, resolution, resolution),
+normalised with ``mean`` / ``std`` (given on the 0..1 scale, as torchvision does) and
+laid out channels-last in memory; ``labels`` and ``identifiers`` are int64 (B,).
+
+``labels`` and ``identifiers`` are fresh tensors. ``images`` on the CPU live in ffcv's
+batch buffers, which it reuses a few batches later: ``.clone()`` the ones you keep.
+
+``indices=`` are sample positions in the SOURCE dataset, i.e. the ``identifier`` field,
+so a subset means the same samples whether the beton holds the whole source or a part.
+
+The result is an ``ffcv.loader.Loader``: ``len()``, iteration, one epoch per ``for``.
+Building one sets numba's AND torch's thread counts to ``num_workers`` (ffcv does so).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .beton import FIELDS, default_workers, iter_samples, require_ffcv, to_rgb
+
+# torchvision's ImageNet statistics, on the 0..1 scale.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# RandomResizedCrop's defaults (torchvision's and ffcv's).
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+ORDERS = ("sequential", "random")
+
+
+class _Normalize(torch.nn.Module):
+    """uint8 (B, 3, H, W) -> float32 (B, 3, H, W), (x / 255 - mean) / std per channel.
+
+    For GPU batches; on the CPU ffcv's numba lookup table is 5-20x faster than torch.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device):
+        super().__init__()
+        shape = (1, 3, 1, 1)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape) * 255)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape) * 255)
+        self.to(device)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+
+class _Flat(torch.nn.Module):
+    """int64 (B, 1) -> a fresh int64 (B,)."""
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(-1).clone()
+
+
+def _check(resolution: int, mean: Sequence[float], std: Sequence[float], order: str) -> None:
+    """Fail early, with what was expected, before ffcv compiles anything."""
+    if not isinstance(resolution, (int, np.integer)) or resolution < 1:
+        raise ValueError(f"resolution={resolution!r}: expected an int >= 1 (output side in px)")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean={tuple(mean)}, std={tuple(std)}: expected 3 values each (one a "
+                         f"channel, 0..1 scale) and std > 0; see channel_stats()")
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r}: expected one of {list(ORDERS)}")
+
+
+def _positions(reader, indices: Sequence[int] | None) -> np.ndarray | None:
+    """Source positions ``indices`` -> positions in the beton, via its identifier field."""
+    if indices is None:
+        return None
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.ndim != 1 or len(indices) == 0:
+        raise ValueError(f"indices: expected a non-empty 1-D sequence of sample positions, "
+                         f"got shape {indices.shape}")
+    identifiers = np.asarray(reader.metadata[f"f{reader.field_names.index('identifier')}"])
+    if np.array_equal(identifiers, np.arange(len(identifiers))):
+        found, positions = (indices >= 0) & (indices < len(identifiers)), indices
+    else:  # the beton holds a part of its source, in some order
+        order = np.argsort(identifiers, kind="stable")
+        slot = np.clip(np.searchsorted(identifiers[order], indices), 0, len(order) - 1)
+        positions = order[slot]
+        found = identifiers[positions] == indices
+    if not found.all():
+        absent = indices[~found][:5].tolist()
+        raise ValueError(f"indices: {int((~found).sum())} of them are not in {reader.file_name} "
+                         f"(e.g. {absent}); expected identifiers of its samples "
+                         f"(it holds {len(identifiers)}, from {identifiers.min()} to {identifiers.max()})")
+    return positions.astype(np.uint64)
+
+
+def _loader(path, batch_size: int, decoder, augment: list, *, mean, std, indices,
+            order: str, distributed: bool, device, num_workers: int | None, drop_last: bool,
+            with_identifier: bool, seed: int):
+    """The pipeline both loaders share: decode -> augment -> tensor -> device -> normalise."""
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.reader import Reader
+    from ffcv.transforms import ModuleWrapper, NormalizeImage, ToDevice, ToTensor, ToTorchImage
+
+    reader = Reader(str(path))
+    if set(FIELDS) - set(reader.field_names):
+        raise ValueError(f"{path} has the fields {reader.field_names}; expected {list(FIELDS)} "
+                         f"(write it with fastvote.data.write_beton)")
+    device = torch.device(device)
+    if device.type == "cpu":
+        to_device = []
+        images = [decoder, *augment, NormalizeImage(np.array(mean) * 255, np.array(std) * 255,
+                                                    np.float32),
+                  ToTensor(), ToTorchImage(channels_last=True)]
+    else:  # move uint8, 4x less than float32, and normalise there (ffcv's own needs cupy)
+        to_device = [ToDevice(device, non_blocking=True)]
+        images = [decoder, *augment, ToTensor(), *to_device, ToTorchImage(channels_last=True),
+                  ModuleWrapper(_Normalize(mean, std, device))]
+
+    def column():
+        return [IntDecoder(), ToTensor(), *to_device, ModuleWrapper(_Flat())]
+
+    pipelines = {
+        "image": images,
+        "label": column(),
+        "identifier": column() if with_identifier else None,
+    }
+    return Loader(str(path), batch_size=batch_size,
+                  num_workers=num_workers or default_workers(),
+                  order=OrderOption.SEQUENTIAL if order == "sequential" else OrderOption.RANDOM,
+                  distributed=distributed, seed=seed, indices=_positions(reader, indices),
+                  pipelines=pipelines, drop_last=drop_last)
+
+
+def eval_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
+                mean: Sequence[float], std: Sequence[float], indices: Sequence[int] | None = None,
+                order: str = "sequential", distributed: bool = False, device="cpu",
+                num_workers: int | None = None, drop_last: bool = False,
+                with_identifier: bool = False, seed: int = 0):
+    """Evaluation loader: centre square crop (the short side), resize to ``resolution``,
+    normalise. No randomness.
+
+    Args:
+        path: a beton written by ``write_beton``.
+        batch_size: images a batch.
+        resolution: output side in px.
+        mean, std: per-channel statistics, 0..1 scale (``channel_stats``, ``IMAGENET_MEAN``).
+        indices: source positions to load (default: all), in this order when sequential.
+        order: "sequential" or "random" (seeded by ``seed``).
+        distributed: shard over the torch.distributed ranks (it must be initialised).
+        device: where batches end up ("cpu", "cuda", "cuda:1", ...).
+        num_workers: decoding threads (default: all usable cores).
+        drop_last: drop the last, partial batch.
+        with_identifier: also yield the int64 (B,) identifiers.
+    """
+    _check(resolution, mean, std, order)
+    require_ffcv()
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+
+    decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=1.0)
+    return _loader(path, batch_size, decoder, [], mean=mean, std=std, indices=indices,
+                   order=order, distributed=distributed, device=device,
+                   num_workers=num_workers, drop_last=drop_last,
+                   with_identifier=with_identifier, seed=seed)
+
+
+def train_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
+                 mean: Sequence[float], std: Sequence[float], indices: Sequence[int] | None = None,
+                 order: str = "random", distributed: bool = False, device="cpu",
+                 num_workers: int | None = None, drop_last: bool = True,
+                 with_identifier: bool = False, seed: int = 0,
+                 scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO,
+                 flip: bool = True):
+    """Training loader: random resized crop (``scale``, ``ratio``) to ``resolution``,
+    random horizontal flip (``flip``; turn it off for digits and text, whose mirror
+    images are other glyphs), normalise. Arguments as for ``eval_loader``.
+
+    ``seed`` fixes the sample order; the crops and flips come from numba's generator,
+    which ffcv does not seed.
+    """
+    _check(resolution, mean, std, order)
+    require_ffcv()
+    from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip
+
+    decoder = RandomResizedCropRGBImageDecoder((resolution, resolution), scale=scale, ratio=ratio)
+    return _loader(path, batch_size, decoder, [RandomHorizontalFlip()] if flip else [],
+                   mean=mean, std=std, indices=indices, order=order, distributed=distributed,
+                   device=device, num_workers=num_workers, drop_last=drop_last,
+                   with_identifier=with_identifier, seed=seed)
+
+
+def channel_stats(source) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel mean and std of all pixels, on the 0..1 scale: ``(mean, std)``.
+
+    ``source`` is a beton path (read back without a loader) or a map-style dataset of
+    (image, label); grayscale counts as 3 equal channels.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        images = (image for image, _, _ in iter_samples(source))
+    else:
+        images = (to_rgb(source[i][0]) for i in range(len(source)))
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    count = 0
+    for image in images:
+        pixels = image.reshape(-1, 3).astype(np.float64) / 255
+        total += pixels.sum(0)
+        squares += (pixels ** 2).sum(0)
+        count += len(pixels)
+    if count == 0:
+        raise ValueError(f"channel_stats: {source!r} holds no pixels")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0))
+    return tuple(mean.tolist()), tuple(std.tolist())
