@@ -9,5 +9,6 @@ data/models/train -> experiment and CLI.
 __version__ = "0.1.0"
 
 from fastvote import ops  # noqa: E402,F401  (registers torch.ops.fastvote.*)
+from fastvote.prune import PruneResult, prune  # noqa: E402
 
-__all__ = ["ops", "__version__"]
+__all__ = ["ops", "prune", "PruneResult", "__version__"]

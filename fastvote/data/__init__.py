@@ -4,7 +4,7 @@
 FFCV is optional: it is imported only by the functions that write or read betons, which
 raise an ImportError naming the install command when it is missing.
 """
-from .beton import (classes_path, iter_samples, read_classes, write_beton,
+from .beton import (classes_path, iter_samples, read_classes, read_columns, write_beton,
                     write_image_folder, write_offline)
 from .loaders import (IMAGENET_MEAN, IMAGENET_STD, channel_stats, eval_loader,
                       train_loader)
@@ -14,6 +14,6 @@ from .registry import (ArrayDataset, cache_dir, get, missing, names, split_indic
 __all__ = [
     "ArrayDataset", "get", "names", "splits", "missing", "split_indices", "cache_dir",
     "write_beton", "write_image_folder", "write_offline", "read_classes", "classes_path",
-    "iter_samples",
+    "iter_samples", "read_columns",
     "eval_loader", "train_loader", "channel_stats", "IMAGENET_MEAN", "IMAGENET_STD",
 ]

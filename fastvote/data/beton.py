@@ -285,3 +285,23 @@ def iter_samples(path: str | os.PathLike) -> Iterator[tuple[np.ndarray, int, int
         else:
             pixels = np.array(stored).reshape(height, width, 3)
         yield pixels, int(label), int(identifier)
+
+
+def read_columns(path: str | os.PathLike) -> dict:
+    """The small columns of a beton, in file order, without decoding an image:
+    ``labels`` and ``identifiers`` (int64 (N,)), ``heights`` and ``widths`` (int64 (N,))."""
+    require_ffcv()
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    missing = set(FIELDS) - set(reader.field_names)
+    if missing:
+        raise ValueError(f"{path} lacks the field(s) {sorted(missing)}; expected {list(FIELDS)} "
+                         f"(write it with fastvote.data.write_beton)")
+    column = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
+    return {
+        "labels": np.asarray(column["label"], dtype=np.int64),
+        "identifiers": np.asarray(column["identifier"], dtype=np.int64),
+        "heights": np.asarray(column["image"]["height"], dtype=np.int64),
+        "widths": np.asarray(column["image"]["width"], dtype=np.int64),
+    }

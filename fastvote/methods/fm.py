@@ -1,0 +1,70 @@
+"""FM (feature mapping, SPEC.md): source classes are represented by the mean
+surrogate feature of their samples (or, label-free, by K-means clusters of the
+source features); each target sample votes for its nearest centroid(s); the
+most-voted classes/clusters are kept with all their samples."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fastvote import ops
+from fastvote.cluster import kmeans
+from fastvote.methods.base import Selection, View
+from fastvote.select import class_indices, select_classes
+from fastvote.voting import FMVoter, combine
+
+CLASS_WISE = True
+NEEDS = {"source": ("features", "labels"), "target": ("features",)}
+CENTROIDS = ("class", "kmeans")
+
+
+def source_centroids(source: View, progress: bool = True) -> torch.Tensor:
+    """Class means of the source features, streamed: [K, D] float32."""
+    sums = counts = None
+    for batch in tqdm(source.batches(("features", "labels")), desc="source class centroids",
+                      leave=False, disable=not progress):
+        s, c = ops.class_centroids(batch["features"], batch["labels"].to(batch["features"].device),
+                                   source.num_classes)
+        sums, counts = (s.cpu(), c.cpu()) if sums is None else (sums + s.cpu(), counts + c.cpu())
+    if sums is None:
+        raise ValueError("the source is empty: no features to average")
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"source classes {empty[:10]} have no samples, so they have no centroid; "
+                         "drop them from the source or use centroids='kmeans'")
+    return (sums / counts[:, None]).float()
+
+
+def select(source: View, targets: Sequence[View], *, keep: int, k: int = 1, metric: str = "l2",
+           weight: str = "count", temperature: float = 1.0, centroids: str = "class",
+           num_clusters: Optional[int] = None, reverse: bool = False, normalize_targets: bool = False,
+           seed: int = 0, device: Optional[torch.device] = None, progress: bool = True,
+           **_unused) -> Selection:
+    """Keeps `keep` source classes (or clusters) by FM votes."""
+    info = {"centroids": centroids}
+    if centroids == "class":
+        centers = source_centroids(source, progress)
+        groups = source.labels
+    elif centroids == "kmeans":
+        num_clusters = num_clusters or source.num_classes
+        info["num_clusters"] = num_clusters
+        centers, groups = kmeans(lambda: (b["features"] for b in source.batches(("features",))),
+                                 num_clusters, metric=metric, seed=seed, device=device, progress=progress)
+    else:
+        raise ValueError(f"centroids='{centroids}' is unknown; expected one of {CENTROIDS}")
+    voters = []
+    for i, target in enumerate(targets):
+        voter = FMVoter(centers, k, metric, weight, temperature)
+        for batch in tqdm(target.batches(("features",)), desc=f"FM votes (target {i + 1}/{len(targets)})",
+                          leave=False, disable=not progress):
+            voter.update(batch["features"])
+        voter.all_reduce()
+        voters.append(voter)
+    votes, scores = combine(voters, normalize=normalize_targets)
+    higher_first = voters[0].higher_score_first
+    kept = select_classes(votes, scores, keep, higher_score_first=higher_first, reverse=reverse)
+    return Selection(indices=class_indices(groups, kept), kept_classes=kept, votes=votes, scores=scores,
+                     groups=np.asarray(groups), info=info)

@@ -1,0 +1,509 @@
+"""``fastvote.prune``: the drop-in call. Given a source (pretraining) set and
+one or more target (downstream) training sets, keep the source classes the
+targets vote for, and return their sample indices.
+
+    result = fastvote.prune("haystack", "digits", method="lm", keep=10, arch="tiny")
+    result.save("runs/lm")                      # indices.npy, classes.json, manifest.json
+    loader = result.loader(batch_size=256)      # FFCV, only the kept samples
+
+Inputs (``source``, each ``target``): a ``.beton`` path, a registry name
+(``"haystack"``, ``"digits"``, ``"digits:train"``; see fastvote.data.names()),
+a map-style Dataset of (image, label), or precomputed surrogate outputs as a
+dict ``{"logits": [N, K], "features": [N, D], "labels": [N]}`` (labels for the
+source only). Datasets are written once to ``.beton`` files in the cache so
+every read goes through FFCV.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import fastvote
+from fastvote import data as fvdata
+from fastvote import methods
+from fastvote.select import keep_count
+
+TensorDict = Dict[str, Tensor]
+DataInput = Union[str, os.PathLike, TensorDict, object]
+
+OUTPUT_FILES = ("indices.npy", "classes.json", "manifest.json")
+DEFAULT_ARCH = "resnet18"
+
+
+# --------------------------------------------------------------------------
+# The result
+# --------------------------------------------------------------------------
+
+@dataclass
+class PruneResult:
+    """What a prune keeps and why.
+
+    kept_classes: int64 ids of the kept source classes (clusters for label-free
+        FM), in rank order (most voted first, or least with reverse=True).
+    indices: sorted int64 positions of the kept samples in the source.
+    votes: [K] votes per class; scores: [K] the tie-breaking score.
+    class_names: names of all K classes (or "cluster j").
+    ratio: the fraction of classes actually removed.
+    manifest: method, arguments, data and surrogate fingerprints, versions, timings.
+    """
+
+    method: str
+    kept_classes: Tensor
+    indices: Tensor
+    votes: Optional[Tensor]
+    scores: Tensor
+    class_names: List[str]
+    ratio: float
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def kept_names(self) -> List[str]:
+        return [self.class_names[int(c)] for c in self.kept_classes]
+
+    def save(self, directory: Union[str, os.PathLike]) -> Path:
+        """Writes indices.npy, classes.json and manifest.json into `directory`.
+
+        The three files are written into a temporary folder beside it and moved
+        in by renames, so a reader never sees a half-written result.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".prune-", dir=directory))
+        try:
+            np.save(staging / "indices.npy", self.indices.numpy().astype(np.int64))
+            rank = {int(c): r for r, c in enumerate(self.kept_classes)}
+            classes = {
+                "kept": [int(c) for c in self.kept_classes],
+                "classes": [
+                    {"id": j, "name": name,
+                     "votes": None if self.votes is None else self.votes[j].item(),
+                     "score": float(self.scores[j]), "kept": j in rank, "rank": rank.get(j)}
+                    for j, name in enumerate(self.class_names)],
+            }
+            (staging / "classes.json").write_text(json.dumps(classes, indent=1))
+            manifest = dict(self.manifest, method=self.method, ratio=self.ratio,
+                            num_kept_classes=len(self.kept_classes), num_kept_samples=len(self.indices))
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+            for name in OUTPUT_FILES:
+                os.replace(staging / name, directory / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: Union[str, os.PathLike]) -> "PruneResult":
+        directory = Path(directory)
+        absent = [n for n in OUTPUT_FILES if not (directory / n).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{directory} is not a saved prune result: {absent} missing")
+        classes = json.loads((directory / "classes.json").read_text())
+        manifest = json.loads((directory / "manifest.json").read_text())
+        rows = classes["classes"]
+        votes = None if rows and rows[0]["votes"] is None else torch.tensor(
+            [r["votes"] for r in rows], dtype=torch.int64 if all(isinstance(r["votes"], int) for r in rows)
+            else torch.float64)
+        return cls(method=manifest["method"], kept_classes=torch.tensor(classes["kept"], dtype=torch.int64),
+                   indices=torch.from_numpy(np.load(directory / "indices.npy")),
+                   votes=votes, scores=torch.tensor([r["score"] for r in rows], dtype=torch.float64),
+                   class_names=[r["name"] for r in rows], ratio=manifest["ratio"], manifest=manifest)
+
+    def loader(self, batch_size: int = 256, *, train: bool = True, source: Optional[str] = None, **kw):
+        """An FFCV loader over the kept samples of the source beton (train
+        pipeline by default, eval with train=False). `kw` go to
+        fastvote.data.train_loader / eval_loader (resolution, mean, std, ...);
+        resolution, mean and std default to the surrogate's preprocessing."""
+        beton = source or self.manifest.get("source", {}).get("beton")
+        if not beton:
+            raise ValueError("this result's source was not a .beton; pass source='path/to/source.beton'")
+        prep = self.manifest.get("preprocessing", {})
+        for key in ("resolution", "mean", "std"):
+            if key not in kw and key in prep:
+                kw[key] = prep[key]
+        make = fvdata.train_loader if train else fvdata.eval_loader
+        return make(beton, batch_size, indices=self.indices.numpy(), **kw)
+
+
+# --------------------------------------------------------------------------
+# Resolving inputs
+# --------------------------------------------------------------------------
+
+@dataclass
+class _Data:
+    """One resolved dataset input: a beton on disk, or precomputed outputs."""
+
+    description: str
+    fingerprint: str
+    beton: Optional[Path] = None
+    tensors: Optional[TensorDict] = None
+    labels: Optional[np.ndarray] = None        # file (stream) order
+    identifiers: Optional[np.ndarray] = None   # source position of each stream row
+    class_names: Optional[List[str]] = None
+    image_size: Optional[int] = None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.identifiers)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        if self.class_names is not None:
+            return len(self.class_names)
+        return None if self.labels is None or len(self.labels) == 0 else int(self.labels.max()) + 1
+
+
+def _fingerprint_file(path: Path) -> str:
+    """sha256 of the size and 16 evenly spaced 64 KiB chunks (plus both ends):
+    cheap on a 100 GB beton, and changes with any rewrite in practice."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    chunk = 1 << 16
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(0, size - chunk), *[size * i // 16 for i in range(16)]}):
+            f.seek(offset)
+            h.update(f.read(chunk))
+    return "sampled-sha256:" + h.hexdigest()[:32]
+
+
+def _fingerprint_tensors(tensors: TensorDict) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(key.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def _fingerprint_dataset(dataset) -> str:
+    """A dataset has no file to hash: its length, classes and 16 spread samples."""
+    h = hashlib.sha256(f"{type(dataset).__name__}:{len(dataset)}:{getattr(dataset, 'classes', None)}".encode())
+    for i in np.linspace(0, len(dataset) - 1, num=min(16, len(dataset))).astype(int):
+        image, label = dataset[int(i)][:2]
+        h.update(np.asarray(image).tobytes() + str(int(label)).encode())
+    return "sampled-sha256:" + h.hexdigest()[:32]
+
+
+def _beton_data(path: Path, description: str) -> _Data:
+    if not path.is_file():
+        raise FileNotFoundError(f"{description}: {path} does not exist")
+    columns = fvdata.read_columns(path)
+    try:
+        names = fvdata.read_classes(path)
+    except FileNotFoundError:
+        names = None
+    return _Data(description=description, fingerprint=_fingerprint_file(path), beton=path,
+                 labels=columns["labels"], identifiers=columns["identifiers"], class_names=names,
+                 image_size=int(max(columns["heights"].max(), columns["widths"].max())) if len(columns["heights"]) else None)
+
+
+def _workdir(workdir) -> Path:
+    return Path(workdir) if workdir is not None else fvdata.cache_dir() / "prune"
+
+
+def _resolve(x: DataInput, role: str, workdir: Path, progress: bool) -> _Data:
+    """Turns any accepted input into a _Data (writing a beton if needed)."""
+    if isinstance(x, dict):
+        unknown = set(x) - {"logits", "features", "labels"}
+        if unknown or not ({"logits", "features"} & set(x)):
+            raise ValueError(f"{role}: a dict of precomputed outputs needs 'logits' and/or 'features' "
+                             f"(and 'labels' for the source); got keys {sorted(x)}")
+        tensors = {k: torch.as_tensor(v) for k, v in x.items()}
+        n = {len(v) for v in tensors.values()}
+        if len(n) != 1:
+            raise ValueError(f"{role}: the tensors have different row counts {sorted(n)}")
+        labels = tensors["labels"].long().numpy() if "labels" in tensors else None
+        return _Data(description=f"{role}: precomputed {sorted(tensors)}", fingerprint=_fingerprint_tensors(tensors),
+                     tensors=tensors, labels=labels, identifiers=np.arange(n.pop()))
+    if isinstance(x, (str, os.PathLike)):
+        text = str(x)
+        if text.endswith(".beton") or Path(text).is_file():
+            return _beton_data(Path(text), f"{role}: {text}")
+        name, _, split = text.partition(":")
+        if name not in fvdata.names():
+            raise ValueError(f"{role}={text!r} is neither an existing .beton file nor a registry dataset; "
+                             f"expected a path or one of {fvdata.names()} (optionally 'name:split')")
+        split = split or "train"
+        lacking = fvdata.missing(name)
+        if lacking:
+            raise RuntimeError(f"{role}={text!r}: dataset {name!r} is not installed here; {lacking}")
+        path = workdir / "betons" / f"{name}-{split}.beton"
+        if not path.is_file():
+            fvdata.write_offline(name, split, path, progress=progress)
+        return _beton_data(path, f"{role}: registry {name}:{split}")
+    if hasattr(x, "__getitem__") and hasattr(x, "__len__"):
+        fp = _fingerprint_dataset(x)
+        path = workdir / "betons" / f"dataset-{fp.split(':')[1][:16]}.beton"
+        if not path.is_file():
+            fvdata.write_beton(x, path, progress=progress)
+        data = _beton_data(path, f"{role}: {type(x).__name__} of {len(x)} samples")
+        data.fingerprint = fp
+        return data
+    raise TypeError(f"{role} has type {type(x).__name__}; expected a .beton path, a registry name, a "
+                    "map-style Dataset or a dict of precomputed tensors")
+
+
+# --------------------------------------------------------------------------
+# Views: surrogate outputs as streams of batches (what the methods read)
+# --------------------------------------------------------------------------
+
+class _TensorView:
+    def __init__(self, data: _Data, batch_size: int, num_classes: Optional[int], class_names):
+        self.data = data
+        self.batch_size = batch_size
+        self.labels = data.labels
+        self.num_classes = num_classes
+        self.class_names = class_names
+
+    def batches(self, want: Sequence[str]) -> Iterator[TensorDict]:
+        missing = [w for w in want if w not in self.data.tensors]
+        if missing:
+            raise ValueError(f"{self.data.description} lacks {missing}, which this method needs")
+        for start in range(0, self.data.num_rows, self.batch_size):
+            yield {w: self.data.tensors[w][start:start + self.batch_size] for w in want}
+
+
+class _ModelView:
+    """Runs the surrogate over a beton (eval pipeline, file order). With a
+    cache folder the first complete pass is kept on disk as .npy files, so
+    later passes (K-means) read features in chunks instead of recomputing."""
+
+    def __init__(self, data: _Data, model, prep: dict, *, batch_size: int, device, progress: bool,
+                 num_classes: Optional[int], class_names, cache: Optional[Path] = None):
+        self.data, self.model, self.prep = data, model, prep
+        self.batch_size, self.device, self.progress = batch_size, device, progress
+        self.labels = data.labels
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.cache = cache
+
+    def _cached(self, want) -> bool:
+        return self.cache is not None and all((self.cache / f"{w}.npy").is_file() for w in want)
+
+    def batches(self, want: Sequence[str]) -> Iterator[TensorDict]:
+        if self._cached(want):
+            arrays = {w: np.load(self.cache / f"{w}.npy", mmap_mode="r") for w in want}
+            for start in range(0, self.data.num_rows, self.batch_size):
+                yield {w: torch.from_numpy(np.array(a[start:start + self.batch_size])) for w, a in arrays.items()}
+            return
+        from fastvote.features import iterate_outputs
+
+        loader = fvdata.eval_loader(self.data.beton, self.batch_size, resolution=self.prep["resolution"],
+                                    mean=self.prep["mean"], std=self.prep["std"])
+        outputs = [w for w in want if w != "labels"]
+        writers: Dict[str, np.ndarray] = {}
+        row = 0
+        for batch in iterate_outputs(self.model, loader, device=self.device, want=tuple(outputs),
+                                     progress=self.progress, desc=self.data.description):
+            out = {w: batch[w] for w in want}
+            if self.cache is not None:
+                for w, t in out.items():
+                    if w not in writers:
+                        self.cache.mkdir(parents=True, exist_ok=True)
+                        writers[w] = np.lib.format.open_memmap(
+                            self.cache / f".{w}.partial.npy", mode="w+", dtype=t.numpy().dtype,
+                            shape=(self.data.num_rows, *t.shape[1:]))
+                    writers[w][row:row + len(t)] = t.cpu().numpy()
+            row += len(next(iter(out.values())))
+            yield out
+        for w, array in writers.items():  # a complete pass: publish the cache
+            array.flush()
+            os.replace(self.cache / f".{w}.partial.npy", self.cache / f"{w}.npy")
+
+
+# --------------------------------------------------------------------------
+# The surrogate
+# --------------------------------------------------------------------------
+
+def _surrogate(surrogate, source: _Data, *, arch: str, train_config, image_size: Optional[int],
+               mean, std, device, workdir: Path, seed: int, progress: bool):
+    """Returns (model, preprocessing dict, manifest entry)."""
+    from fastvote import models
+
+    if isinstance(surrogate, torch.nn.Module):
+        model = models.as_classifier(surrogate)
+        prep = {}
+        entry = {"kind": "module", "class": type(surrogate).__name__,
+                 "fingerprint": _fingerprint_tensors(dict(model.state_dict()))}
+    elif isinstance(surrogate, (str, os.PathLike)):
+        path = Path(surrogate)
+        model, extra = models.load_model(path, with_extra=True)
+        prep = {k: extra[k] for k in ("resolution", "mean", "std") if k in extra}
+        entry = {"kind": "checkpoint", "path": str(path), "fingerprint": _fingerprint_file(path)}
+    elif surrogate is None:
+        if source.beton is None or source.labels is None:
+            raise ValueError("surrogate=None trains one on the source, which needs a labelled source "
+                             "dataset (not precomputed outputs); pass surrogate=<checkpoint or nn.Module>")
+        model, prep, entry = _train_surrogate(source, arch=arch, train_config=train_config,
+                                              image_size=image_size, mean=mean, std=std, device=device,
+                                              workdir=workdir, seed=seed, progress=progress)
+    else:
+        raise TypeError(f"surrogate has type {type(surrogate).__name__}; expected None (train one), "
+                        "a checkpoint path or an nn.Module")
+    # Explicit arguments win, then the checkpoint's, then the source's own.
+    prep["resolution"] = image_size or prep.get("resolution") or source.image_size
+    if source.beton is None and (prep["resolution"] is None or (mean is None and "mean" not in prep)):
+        raise ValueError("the source is precomputed, so the surrogate's preprocessing cannot be read off it: "
+                         "pass image_size=, mean= and std= (or a checkpoint that records them)")
+    if mean is not None or "mean" not in prep:
+        stats = (mean, std) if mean is not None else fvdata.channel_stats(source.beton)
+        prep["mean"], prep["std"] = list(stats[0]), list(stats[1] if std is None else std)
+    return model.to(device).eval(), prep, entry
+
+
+def _train_surrogate(source: _Data, *, arch, train_config, image_size, mean, std, device, workdir,
+                     seed, progress):
+    from fastvote import models, train
+
+    config = train_config or train.TrainConfig(seed=seed)
+    resolution = image_size or source.image_size
+    if mean is None:
+        mean, std = fvdata.channel_stats(source.beton)
+    prep = {"resolution": resolution, "mean": list(mean), "std": list(std)}
+    key = hashlib.sha256(json.dumps([source.fingerprint, arch, prep, repr(config)]).encode()).hexdigest()[:16]
+    path = workdir / "surrogates" / f"{arch}-{key}.pt"
+    started = time.perf_counter()
+    if path.is_file():
+        model = models.load_model(path)
+        cached = True
+    else:
+        model = models.build_model(arch, source.num_classes, image_size=resolution)
+        loader = fvdata.train_loader(source.beton, config.batch_size, resolution=resolution, mean=mean,
+                                     std=std, seed=seed, flip=False)
+        train.train_classifier(model, loader, config, device=device, progress=progress,
+                               checkpoint_dir=workdir / "surrogates" / f"{arch}-{key}-ckpt")
+        models.save_checkpoint(path, model, **prep)
+        cached = False
+    entry = {"kind": "trained", "arch": arch, "path": str(path), "fingerprint": _fingerprint_file(path),
+             "config": repr(config), "reused_from_cache": cached,
+             "seconds": time.perf_counter() - started}
+    return model, prep, entry
+
+
+# --------------------------------------------------------------------------
+# prune()
+# --------------------------------------------------------------------------
+
+def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], method: str = "lm",
+          ratio: Optional[float] = None, *, keep: Optional[int] = None, surrogate=None, k: int = 1,
+          metric: str = "l2", weight: str = "count", temperature: float = 1.0, reverse: bool = False,
+          centroids: str = "class", num_clusters: Optional[int] = None, normalize_targets: bool = False,
+          arch: str = DEFAULT_ARCH, train_config=None, image_size: Optional[int] = None,
+          mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+          device: Union[str, torch.device, None] = None, batch_size: int = 256, seed: int = 0,
+          workdir: Union[str, os.PathLike, None] = None, progress: bool = True) -> PruneResult:
+    """Prunes the source for the target(s) by LM or FM voting (SPEC.md).
+
+    Args:
+        source, target: see the module docstring; `target` may be a list
+            (multi-task: votes are summed; normalize_targets=True weighs each
+            target equally).
+        method: "lm" or "fm" (fastvote.methods.METHODS).
+        ratio: the fraction of source classes REMOVED, 0 <= ratio < 1; or
+        keep: the number of classes kept (give exactly one).
+        surrogate: None (train `arch` on the source with `train_config`), a
+            checkpoint path (fastvote.models.save_checkpoint) or an nn.Module.
+        k, weight, temperature: each target sample votes for its k best classes
+            with weight "count" (the paper), "rank" or "soft".
+        metric: FM distance, "l2" (the paper) or "cosine".
+        reverse: keep the LEAST voted classes (the paper's ablation).
+        centroids: FM class means ("class") or label-free K-means clusters of
+            the source features ("kmeans", `num_clusters` defaulting to the
+            number of source classes); then the kept samples are cluster members.
+        image_size, mean, std: the surrogate's preprocessing (defaults: the
+            checkpoint's, else the source's image size and channel statistics).
+        device: where the surrogate and the ops run (default: cuda if available).
+        workdir: cache of betons, surrogates and features (default $FASTVOTE_CACHE).
+    Returns:
+        PruneResult.
+    """
+    started = time.perf_counter()
+    module = methods.get(method)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workdir = _workdir(workdir)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid; expected >= 1")
+    targets_in = list(target) if isinstance(target, (list, tuple)) else [target]
+    if not targets_in:
+        raise ValueError("target is an empty list; expected at least one target dataset")
+
+    src = _resolve(source, "source", workdir, progress)
+    tgts = [_resolve(t, f"target {i}" if len(targets_in) > 1 else "target", workdir, progress)
+            for i, t in enumerate(targets_in)]
+    label_free = method == "fm" and centroids == "kmeans"
+    if src.labels is None and not label_free:
+        raise ValueError(f"method={method!r} needs source labels; give 'labels' with the precomputed source "
+                         "outputs, or use method='fm', centroids='kmeans' (label-free)")
+
+    needs_model = src.tensors is None and module.NEEDS["source"] or any(t.tensors is None for t in tgts)
+    model, prep, surrogate_entry = None, {}, None
+    t0 = time.perf_counter()
+    if needs_model:
+        model, prep, surrogate_entry = _surrogate(
+            surrogate, src, arch=arch, train_config=train_config, image_size=image_size, mean=mean,
+            std=std, device=device, workdir=workdir, seed=seed, progress=progress)
+    surrogate_seconds = time.perf_counter() - t0
+
+    num_classes = src.num_classes
+    if label_free:
+        num_clusters = num_clusters or num_classes
+        if not num_clusters:
+            raise ValueError("centroids='kmeans' on an unlabelled source needs num_clusters=")
+        group_names = [f"cluster {j}" for j in range(num_clusters)]
+    else:
+        group_names = src.class_names or [str(j) for j in range(num_classes)]
+    n_keep = keep_count(len(group_names), ratio=ratio, keep=keep)
+
+    def view(data: _Data, cache: Optional[Path] = None):
+        if data.tensors is not None:
+            return _TensorView(data, 4096, num_classes, src.class_names)
+        return _ModelView(data, model, prep, batch_size=batch_size, device=device, progress=progress,
+                          num_classes=num_classes, class_names=src.class_names, cache=cache)
+
+    feature_cache = None
+    if label_free and src.tensors is None:  # K-means reads the source several times
+        feature_cache = workdir / "features" / f"{src.fingerprint.split(':')[1]}-{surrogate_entry['fingerprint'].split(':')[1]}"
+    t0 = time.perf_counter()
+    selection = module.select(view(src, feature_cache), [view(t) for t in tgts], keep=n_keep, k=k,
+                              metric=metric, weight=weight, temperature=temperature, centroids=centroids,
+                              num_clusters=num_clusters, reverse=reverse, normalize_targets=normalize_targets,
+                              seed=seed, device=device, progress=progress)
+    prune_seconds = time.perf_counter() - t0
+    # Stream rows -> source positions (a beton may hold its samples in any order).
+    indices = torch.from_numpy(np.sort(src.identifiers[selection.indices.numpy()]))
+
+    arguments = dict(ratio=ratio, keep=keep, k=k, metric=metric, weight=weight, temperature=temperature,
+                     reverse=reverse, centroids=centroids, num_clusters=num_clusters,
+                     normalize_targets=normalize_targets, arch=arch, batch_size=batch_size, seed=seed)
+    manifest = {
+        "arguments": arguments,
+        "ratio_meaning": "fraction of source classes removed",
+        "source": {"description": src.description, "fingerprint": src.fingerprint,
+                   "beton": str(src.beton) if src.beton else None, "num_samples": src.num_rows,
+                   "num_classes": len(group_names)},
+        "targets": [{"description": t.description, "fingerprint": t.fingerprint,
+                     "beton": str(t.beton) if t.beton else None, "num_samples": t.num_rows} for t in tgts],
+        "surrogate": surrogate_entry,
+        "preprocessing": prep,
+        "selection": selection.info,
+        "versions": {"fastvote": fastvote.__version__, "torch": torch.__version__, "numpy": np.__version__,
+                     "python": platform.python_version(), "compiled_ops": fastvote.ops.HAS_EXTENSION},
+        "device": str(device),
+        "seconds": {"surrogate": surrogate_seconds, "prune": prune_seconds,
+                    "total": time.perf_counter() - started},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return PruneResult(method=method, kept_classes=selection.kept_classes, indices=indices,
+                       votes=selection.votes, scores=selection.scores, class_names=group_names,
+                       ratio=1.0 - n_keep / len(group_names), manifest=manifest)
