@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from fastvote import ops
 

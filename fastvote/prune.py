@@ -312,7 +312,7 @@ class _ModelView:
                     if w not in writers:
                         self.cache.mkdir(parents=True, exist_ok=True)
                         writers[w] = np.lib.format.open_memmap(
-                            self.cache / f".{w}.partial.npy", mode="w+", dtype=t.numpy().dtype,
+                            self.cache / f".{w}.partial.npy", mode="w+", dtype=t.cpu().numpy().dtype,
                             shape=(self.data.num_rows, *t.shape[1:]))
                     writers[w][row:row + len(t)] = t.cpu().numpy()
             row += len(next(iter(out.values())))
@@ -446,7 +446,8 @@ def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], meth
         raise ValueError(f"method={method!r} needs source labels; give 'labels' with the precomputed source "
                          "outputs, or use method='fm', centroids='kmeans' (label-free)")
 
-    needs_model = src.tensors is None and module.NEEDS["source"] or any(t.tensors is None for t in tgts)
+    needs_model = ((src.tensors is None and bool(module.NEEDS["source"]))
+                   or (bool(module.NEEDS["target"]) and any(t.tensors is None for t in tgts)))
     model, prep, surrogate_entry = None, {}, None
     t0 = time.perf_counter()
     if needs_model:

@@ -7,10 +7,10 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Dict
 
-from fastvote.methods import fm, lm
+from fastvote.methods import fm, lm, random
 from fastvote.methods.base import Selection, View
 
-METHODS: Dict[str, ModuleType] = {"lm": lm, "fm": fm}
+METHODS: Dict[str, ModuleType] = {"lm": lm, "fm": fm, "random": random}
 
 
 def get(name: str) -> ModuleType:

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from fastvote import ops
 from fastvote.cluster import kmeans

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from fastvote.methods.base import Selection, View
 from fastvote.select import class_indices, select_classes

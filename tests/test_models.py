@@ -1,0 +1,251 @@
+"""Architectures, checkpoints, user-module views (fastvote.models) and running a
+model over a loader (fastvote.features)."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fastvote.features import collect, iterate_outputs
+from fastvote.models import (ARCHS, Classifier, as_classifier, build_model, load_checkpoint,
+                             load_model, load_state_dict_flexible, save_checkpoint)
+
+FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
+                "tiny": 64}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine
+    OpenMP's barriers make two threads 10x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def equal_states(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_gives_logits_and_pooled_features(arch):
+    side = 8 if arch in ("resnet50", "resnet101") else 16  # the deep ones: a tiny input
+    model = build_model(arch, 7, image_size=side, seed=0).eval()
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        logits, features = model.forward_both(x)
+        assert torch.equal(logits, model(x))
+        assert torch.equal(features, model.features(x))
+    assert logits.shape == (2, 7) and features.shape == (2, FEATURE_DIMS[arch])
+    assert model.feature_dim == FEATURE_DIMS[arch] and model.num_classes == 7
+    assert model.arch == arch and model.image_size == side
+
+
+@pytest.mark.parametrize("image_size, small_images, expect_small", [
+    (16, None, True), (32, None, True), (64, None, True), (96, None, False),
+    (224, None, False), (None, None, False), (224, True, True), (32, False, False)])
+def test_small_image_stem_is_chosen_from_the_image_size(image_size, small_images, expect_small):
+    model = build_model("resnet18", 10, image_size=image_size, small_images=small_images)
+    conv1 = model.backbone.conv1
+    if expect_small:
+        assert conv1.kernel_size == (3, 3) and conv1.stride == (1, 1)
+        assert isinstance(model.backbone.maxpool, nn.Identity)
+    else:
+        assert conv1.kernel_size == (7, 7) and conv1.stride == (2, 2)
+        assert isinstance(model.backbone.maxpool, nn.MaxPool2d)
+    assert model.small_images is expect_small
+
+
+def test_tiny_is_about_25k_parameters_and_takes_any_size():
+    model = build_model("tiny", 10)
+    assert 20_000 <= sum(p.numel() for p in model.parameters()) <= 30_000
+    model.eval()
+    for side in (8, 16, 32):
+        assert model(torch.randn(2, 3, side, side)).shape == (2, 10)
+
+
+def test_seeded_build_is_reproducible_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = build_model("tiny", 5, seed=3), build_model("tiny", 5, seed=3)
+    assert equal_states(a, b)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not equal_states(a, build_model("tiny", 5, seed=4))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"arch": "resnet9", "num_classes": 10}, "arch='resnet9'"),
+    ({"arch": "tiny", "num_classes": 0}, "num_classes=0"),
+    ({"arch": "tiny", "num_classes": 10, "image_size": -3}, "image_size=-3"),
+])
+def test_build_model_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(**kwargs)
+
+
+# --------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_rebuilds_without_arguments(tmp_path):
+    model = build_model("resnet18", 4, image_size=32, seed=0).eval()
+    path = save_checkpoint(tmp_path / "sub" / "surrogate.pt", model, classes=["a", "b", "c", "d"])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["surrogate.pt"]  # no temp left
+    loaded = load_model(path).eval()
+    assert loaded.arch == "resnet18" and loaded.small_images and loaded.image_size == 32
+    assert equal_states(model, loaded)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert load_checkpoint(path)["extra"] == {"classes": ["a", "b", "c", "d"]}
+    again, extra = load_model(path, with_extra=True)
+    assert extra == {"classes": ["a", "b", "c", "d"]} and equal_states(again, model)
+
+
+def test_checkpoint_of_a_wrapped_model_has_plain_keys(tmp_path):
+    model = build_model("tiny", 3, seed=0)
+    save_checkpoint(tmp_path / "m.pt", nn.DataParallel(model))
+    keys = load_checkpoint(tmp_path / "m.pt")["state_dict"]
+    assert not any(k.startswith("module.") for k in keys)
+    assert equal_states(load_model(tmp_path / "m.pt"), model)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: {"module." + k: v for k, v in s.items()},
+    lambda s: {"_orig_mod." + k: v for k, v in s.items()},
+    lambda s: {"module._orig_mod." + k: v for k, v in s.items()},
+    lambda s: {"state_dicts": {"network": {"module." + k: v for k, v in s.items()}}},
+    lambda s: {"state_dict": s, "epoch": 3},
+])
+def test_flexible_load_tolerates_prefixes_and_wrappers(wrap):
+    source = build_model("tiny", 3, seed=0)
+    target = build_model("tiny", 3, seed=1)
+    load_state_dict_flexible(target, wrap(source.state_dict()))
+    assert equal_states(source, target)
+
+
+def test_flexible_load_into_a_wrapped_model():
+    source, target = build_model("tiny", 3, seed=0), build_model("tiny", 3, seed=1)
+    load_state_dict_flexible(nn.DataParallel(target), source.state_dict())
+    assert equal_states(source, target)
+
+
+def test_flexible_load_reads_torchvision_resnet_layout():
+    reference = torchvision.models.resnet18(num_classes=6).eval()
+    model = build_model("resnet18", 6).eval()
+    load_state_dict_flexible(model, {"module." + k: v for k, v in reference.state_dict().items()})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_flexible_load_names_missing_unexpected_and_mismatched_keys():
+    with pytest.raises(ValueError, match=r"missing keys \d+ \(backbone\.0\.weight"):
+        load_state_dict_flexible(build_model("tiny", 3), build_model("resnet18", 3).state_dict())
+    with pytest.raises(ValueError, match=r"head\.weight: \(5, 64\) in the state, \(3, 64\)"):
+        load_state_dict_flexible(build_model("tiny", 3), build_model("tiny", 5).state_dict())
+
+
+def test_load_model_refuses_what_it_cannot_rebuild(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        load_model(tmp_path / "nothing.pt")
+    torch.save(build_model("tiny", 3).state_dict(), tmp_path / "raw.pt")
+    with pytest.raises(ValueError, match="not a fastvote model checkpoint"):
+        load_model(tmp_path / "raw.pt")
+    save_checkpoint(tmp_path / "user.pt", as_classifier(nn.Sequential(nn.Flatten(),
+                                                                      nn.Linear(12, 2))))
+    with pytest.raises(ValueError, match="arch=None"):
+        load_model(tmp_path / "user.pt")
+
+
+# --------------------------------------------------------------------------
+# User modules
+# --------------------------------------------------------------------------
+
+def test_as_classifier_views_a_torchvision_net_without_changing_it():
+    net = torchvision.models.resnet18(num_classes=5).eval()
+    view = as_classifier(net, example=torch.randn(2, 3, 32, 32))
+    assert isinstance(net.fc, nn.Linear)  # untouched
+    assert view.head is net.fc and view.feature_dim == 512 and view.num_classes == 5
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits, features = view.forward_both(x)
+        assert torch.allclose(logits, net(x)) and features.shape == (3, 512)
+    assert view.backbone.conv1 is net.conv1  # parameters shared, not copied
+
+
+def test_as_classifier_uses_the_last_linear_of_any_net():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 4))).eval()
+    view = as_classifier(net, example=torch.randn(2, 3, 8, 8))
+    assert view.head is net[4][1] and isinstance(net[4][1], nn.Linear)
+    assert view.features(torch.randn(2, 3, 8, 8)).shape == (2, 8)
+    assert as_classifier(view) is view
+    assert as_classifier(nn.DataParallel(view)) is view
+
+
+def test_as_classifier_errors_name_the_problem():
+    with pytest.raises(TypeError, match="has no nn.Linear"):
+        as_classifier(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1)))
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        as_classifier(lambda x: x)
+    softmaxed = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.Softmax(dim=1))
+    with pytest.raises(ValueError, match="differs from its last Linear"):
+        as_classifier(softmaxed, example=torch.randn(2, 3, 2, 2))
+
+
+# --------------------------------------------------------------------------
+# fastvote.features
+# --------------------------------------------------------------------------
+
+def _loader(n=37, side=16, batch_size=8, identifiers=True):
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(n, 3, side, side, generator=g), torch.randint(0, 4, (n,), generator=g)]
+    if identifiers:
+        tensors.append(torch.arange(100, 100 + n))
+    return DataLoader(TensorDataset(*tensors), batch_size=batch_size)
+
+
+def test_iterate_outputs_streams_batches_with_labels_and_identifiers():
+    model = build_model("tiny", 4, seed=0)
+    loader = _loader()
+    batches = list(iterate_outputs(model, loader, device="cpu", progress=False))
+    assert len(batches) == len(loader) and model.training  # mode restored
+    first = batches[0]
+    assert set(first) == {"logits", "features", "labels", "identifiers"}
+    assert first["logits"].dtype == torch.float32 and first["logits"].shape == (8, 4)
+    assert first["features"].shape == (8, 64) and first["labels"].dtype == torch.int64
+    images = loader.dataset.tensors[0]
+    model.eval()
+    with torch.no_grad():
+        expected_logits, expected_features = model.forward_both(images)
+    got = collect(model, loader, device="cpu", progress=False)
+    assert torch.allclose(got["logits"], expected_logits, atol=1e-6)
+    assert torch.allclose(got["features"], expected_features, atol=1e-6)
+    assert torch.equal(got["identifiers"], torch.arange(100, 137))
+    assert not got["logits"].is_inference()
+
+
+def test_iterate_outputs_gives_only_what_is_wanted():
+    loader = _loader(identifiers=False)
+    out = collect(build_model("tiny", 4), loader, device="cpu", want=("features",),
+                  progress=False)
+    assert set(out) == {"features", "labels"} and out["features"].shape == (37, 64)
+    # logits alone: any module giving logits
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4))
+    assert collect(plain, loader, device="cpu", want=("logits",), progress=False)[
+        "logits"].shape == (37, 4)
+
+
+def test_iterate_outputs_rejects_bad_arguments():
+    model = build_model("tiny", 4)
+    with pytest.raises(ValueError, match="want=\\('probs',\\)"):
+        next(iterate_outputs(model, _loader(), device="cpu", want=("probs",)))
+    with pytest.raises(ValueError, match="amp=True on device='cpu'"):
+        next(iterate_outputs(model, _loader(), device="cpu", amp=True))
+    with pytest.raises(ValueError, match="a batch was a Tensor"):
+        next(iterate_outputs(model, [torch.randn(2, 3, 8, 8)], device="cpu", progress=False))
+    with pytest.raises(ValueError, match="yielded no batch"):
+        collect(model, [], device="cpu", progress=False)
