@@ -5,11 +5,14 @@
     fastvote data write --image-folder ROOT out.beton      # an ImageFolder tree
     fastvote surrogate train --source haystack --arch tiny --epochs 6 --out surrogate.pt
     fastvote prune --source haystack --target digits --method lm --ratio 0.6 --out runs/lm
+    fastvote experiment --config exp.toml --out runs/exp   # surrogate -> prune -> pretrain -> transfer
+    fastvote demo --out runs/demo                          # the offline benchmark, end to end
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 
@@ -58,9 +61,10 @@ def cmd_data(args) -> int:
 
 
 def cmd_surrogate(args) -> int:
-    from fastvote import data, models, prune, train
+    from fastvote import data, models, train
+    from fastvote.prune import resolve_data, workdir_path
 
-    src = prune._resolve(args.source, "source", prune._workdir(args.workdir), True)
+    src = resolve_data(args.source, "source", workdir_path(args.workdir), True)
     resolution = args.image_size or src.image_size
     mean, std = data.channel_stats(src.beton)
     config = _train_config(args)
@@ -91,6 +95,38 @@ def cmd_prune(args) -> int:
     print(summary_table(result))
     print(f"\nkept {len(result.kept_classes)} of {len(result.class_names)} classes "
           f"({len(result.indices)} samples); wrote {out}/indices.npy, classes.json, manifest.json and {png.name}")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from fastvote.experiment import Experiment, ExperimentConfig
+
+    overrides = {} if args.device is None else {"device": args.device}
+    config = ExperimentConfig.from_toml(args.config, **overrides) if args.config else ExperimentConfig(**overrides)
+    return _run_experiment(config, args.out)
+
+
+def cmd_demo(args) -> int:
+    from fastvote.experiment import ExperimentConfig
+
+    print("[demo] haystack (30 source classes: Fashion-MNIST, MNIST digits, Animal-MNIST) -> sklearn digits "
+          "(10-shot); LM, FM and Random keeping 15, 10 and 6 classes, and the unpruned source; "
+          "tiny CNNs, linear probe. All data through FFCV.", flush=True)
+    return _run_experiment(ExperimentConfig(device=args.device), args.out)
+
+
+def _run_experiment(config, out) -> int:
+    import time
+
+    from fastvote.experiment import Experiment
+
+    started = time.perf_counter()
+    Experiment(config, out).run()
+    out = Path(out)
+    print((out / "results.md").read_text())
+    print(f"[done] {time.perf_counter() - started:.0f} s. Results in {out}/: results.md (the table), results.csv "
+          f"(every cell), accuracy_vs_ratio.png, time_vs_ratio.png, prune/*/ (kept classes, votes.png), "
+          f"cells/*.json. Rerunning the same command reuses every finished cell.")
     return 0
 
 
@@ -149,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-clusters", type=int, default=None)
     r.add_argument("--normalize-targets", action="store_true", help="multi-task: each target weighs the same")
     _add_surrogate_options(r)
+
+    e = sub.add_parser("experiment", help="the paper's protocol: surrogate, prune, pretrain, transfer, table")
+    e.add_argument("--config", help="TOML file overriding ExperimentConfig's defaults (fastvote/experiment.py)")
+    e.add_argument("--out", required=True, help="run folder (rerun to resume)")
+
+    m = sub.add_parser("demo", help="the offline benchmark end to end (haystack -> digits), ~10 min on 2 cores")
+    m.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     return p
 
 
@@ -156,7 +199,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "data" and args.data_command == "write" and not (args.name or args.image_folder):
         build_parser().error("data write: give a registry NAME[:SPLIT] or --image-folder ROOT")
-    handler = {"data": cmd_data, "surrogate": cmd_surrogate, "prune": cmd_prune}[args.command]
+    handler = {"data": cmd_data, "surrogate": cmd_surrogate, "prune": cmd_prune,
+               "experiment": cmd_experiment, "demo": cmd_demo}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError, IndexError) as exc:

@@ -50,3 +50,58 @@ def plot_votes(result, path: Union[str, os.PathLike]) -> Path:
                  f"{len(kept)} kept (orange), ratio removed {result.ratio:.2f}")
     ax.margins(x=0.01)
     return save_figure(fig, path)
+
+
+def plot_accuracy(rows, path: Union[str, os.PathLike]) -> Path:
+    """Transfer accuracy vs pruning ratio, one line per method (mean and std
+    over seeds), the unpruned source as a horizontal band; one panel per mode."""
+    from fastvote.experiment import UNPRUNED, summarize, _mean_std
+
+    table = summarize(rows)
+    modes = sorted({m for m, _, _ in table})
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = sorted((r, _mean_std(v)) for (m, meth, r), v in table.items() if m == mode and meth == method)
+            if method == UNPRUNED:
+                mean, std = points[0][1]
+                ax.axhline(100 * mean, color="black", ls="--", label="unpruned")
+                ax.axhspan(100 * (mean - std), 100 * (mean + std), color="black", alpha=0.08)
+                continue
+            xs = [100 * r for r, _ in points]
+            ax.errorbar(xs, [100 * m for _, (m, _) in points], yerr=[100 * s for _, (_, s) in points],
+                        marker="o", capsize=3, label=method.upper() if method in ("lm", "fm") else method)
+        ax.set_xlabel("pruning ratio (% of source classes removed)")
+        ax.set_ylabel("target test accuracy (%)")
+        ax.set_title(f"{mode} transfer")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_time(rows, path: Union[str, os.PathLike]) -> Path:
+    """Time to a pretrained model vs pruning ratio, stacked surrogate / prune /
+    pretrain (the paper's time table as a picture); one bar per ratio, using
+    the voting methods' times (the unpruned source at ratio 0)."""
+    from fastvote.experiment import UNPRUNED, time_rows
+
+    times = [t for t in time_rows(rows) if t["method"] in ("lm", "fm", UNPRUNED)]
+    by_ratio = {}
+    for t in times:
+        by_ratio.setdefault(t["ratio"], []).append(t)
+    ratios = sorted(by_ratio)
+    parts = ("surrogate", "prune", "pretrain")
+    means = {p: [sum(t[p] for t in by_ratio[r]) / len(by_ratio[r]) for r in ratios] for p in parts}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bottom = [0.0] * len(ratios)
+    labels = [f"{100 * r:.0f}%" for r in ratios]
+    for p, color in zip(parts, ("tab:blue", "tab:orange", "tab:green")):
+        ax.bar(labels, means[p], bottom=bottom, label=p, color=color)
+        bottom = [b + m for b, m in zip(bottom, means[p])]
+    for x, total in enumerate(bottom):
+        ax.text(x, total, f"{total:.0f} s", ha="center", va="bottom", fontsize=8)
+    ax.set_xlabel("pruning ratio (% of source classes removed)")
+    ax.set_ylabel("seconds to a pretrained model")
+    ax.set_title("time to a pretrained model (LM/FM; 0% = unpruned)")
+    ax.legend()
+    return save_figure(fig, path)

@@ -208,11 +208,11 @@ def _beton_data(path: Path, description: str) -> _Data:
                  image_size=int(max(columns["heights"].max(), columns["widths"].max())) if len(columns["heights"]) else None)
 
 
-def _workdir(workdir) -> Path:
+def workdir_path(workdir) -> Path:
     return Path(workdir) if workdir is not None else fvdata.cache_dir() / "prune"
 
 
-def _resolve(x: DataInput, role: str, workdir: Path, progress: bool) -> _Data:
+def resolve_data(x: DataInput, role: str, workdir: Path, progress: bool) -> _Data:
     """Turns any accepted input into a _Data (writing a beton if needed)."""
     if isinstance(x, dict):
         unknown = set(x) - {"logits", "features", "labels"}
@@ -431,15 +431,15 @@ def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], meth
     started = time.perf_counter()
     module = methods.get(method)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    workdir = _workdir(workdir)
+    workdir = workdir_path(workdir)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid; expected >= 1")
     targets_in = list(target) if isinstance(target, (list, tuple)) else [target]
     if not targets_in:
         raise ValueError("target is an empty list; expected at least one target dataset")
 
-    src = _resolve(source, "source", workdir, progress)
-    tgts = [_resolve(t, f"target {i}" if len(targets_in) > 1 else "target", workdir, progress)
+    src = resolve_data(source, "source", workdir, progress)
+    tgts = [resolve_data(t, f"target {i}" if len(targets_in) > 1 else "target", workdir, progress)
             for i, t in enumerate(targets_in)]
     label_free = method == "fm" and centroids == "kmeans"
     if src.labels is None and not label_free:

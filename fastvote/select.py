@@ -56,6 +56,6 @@ def class_indices(labels, kept_classes) -> Tensor:
 
     labels: [N] integer labels of the source (array-like); kept_classes: ids.
     """
-    labels = torch.as_tensor(np.asarray(labels)).long()
+    labels = torch.from_numpy(np.array(labels, dtype=np.int64))  # a copy: labels may be a read-only memmap
     kept = torch.as_tensor(np.asarray(kept_classes)).long()
     return torch.isin(labels, kept).nonzero().flatten()

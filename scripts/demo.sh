@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job: sets everything up (scripts/setup.sh), then runs the vote
-# benchmark on this machine (fused fm_vote vs torch vs FAISS). Extra arguments
-# go to benchmarks/bench_vote.py (e.g. --quick).
+# The main job: sets everything up (scripts/setup.sh), then runs the offline
+# demo end to end: haystack -> digits, surrogate, LM / FM / Random pruning,
+# pretraining on each subset and on the whole source, linear probe, the table
+# and plots in runs/demo (about 10 minutes on 2 cores; a rerun reuses finished
+# cells). Extra arguments go to `fastvote demo` (e.g. --out DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/python benchmarks/bench_vote.py "$@"
+exec .venv/bin/fastvote demo "$@"

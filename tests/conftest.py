@@ -34,3 +34,14 @@ def cpu_kernels():
         finally:
             del os.environ["FASTVOTE_CPU_KERNEL"]
     return names
+
+
+@pytest.fixture(autouse=True)
+def _collect_ffcv_garbage():
+    """FFCV loaders leave numba finalizers behind; collecting them between tests
+    keeps them from firing inside a later ast.parse (a CPython 3.11.7 bug that
+    fails the session with 'AST constructor recursion depth mismatch')."""
+    yield
+    import gc
+
+    gc.collect()

@@ -17,6 +17,7 @@ Building one sets numba's AND torch's thread counts to ``num_workers`` (ffcv doe
 from __future__ import annotations
 
 import os
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -92,6 +93,29 @@ def _positions(reader, indices: Sequence[int] | None) -> np.ndarray | None:
     return positions.astype(np.uint64)
 
 
+def _ignore_numba_finalizer_errors() -> None:
+    """numba's dispatcher finalizers raise a harmless KeyError when FFCV's
+    compiled pipelines are garbage collected ("Exception ignored in:
+    <finalize object ...>", several per loader). Drop exactly those from the
+    unraisable-exception report; everything else still goes to the old hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_fastvote", False):
+        return
+
+    def hook(unraisable):
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (unraisable.exc_type is KeyError and tb is not None
+                and "numba" in tb.tb_frame.f_code.co_filename
+                and tb.tb_frame.f_code.co_name == "finalizer"):
+            return
+        previous(unraisable)
+
+    hook._fastvote = True
+    sys.unraisablehook = hook
+
+
 def _loader(path, batch_size: int, decoder, augment: list, *, mean, std, indices,
             order: str, distributed: bool, device, num_workers: int | None, drop_last: bool,
             with_identifier: bool, seed: int):
@@ -100,6 +124,8 @@ def _loader(path, batch_size: int, decoder, augment: list, *, mean, std, indices
     from ffcv.loader import Loader, OrderOption
     from ffcv.reader import Reader
     from ffcv.transforms import ModuleWrapper, NormalizeImage, ToDevice, ToTensor, ToTorchImage
+
+    _ignore_numba_finalizer_errors()
 
     reader = Reader(str(path))
     if set(FIELDS) - set(reader.field_names):

@@ -1,0 +1,496 @@
+"""The CUDA backend (csrc/cuda) against the CPU backend (torch.ops.fastvote on
+CPU tensors) and the float64 references (fastvote.ops.*_reference).
+
+tests/test_ops.py already runs every op on CUDA with the shapes and errors of
+the foundation issue; this file covers what is specific to the GPU kernels:
+row tiles x centroid tiles, centroids split across blocks and merged, shared
+vs global vote histograms, the sorted path for k > 64, K > 65,535, N * K >
+2^31 (64-bit indexing), low-precision and strided inputs, determinism, the
+current stream, and the errors raised after the kernels (NaN/Inf rows).
+
+Comparisons, as in test_ops.py: integer-valued inputs make float32 arithmetic
+exact, so CUDA, CPU and the reference must be EQUAL, ties included; on random
+floats picks are compared on the rows without near-ties (where float32
+rounding may legitimately reorder), and values within float32 tolerance.
+"""
+import pytest
+import torch
+
+import fastvote.ops as ops
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device: the CUDA backend is checked on a GPU machine by benchmarks/gpu_check.sh")
+
+OPS = ("lm_vote", "fm_vote", "nearest_centroids", "class_centroids", "lm_scores", "fm_scores")
+LOW = [torch.float32, torch.float16, torch.bfloat16]
+# (N, K, D, k): D = 1, D = 67, K = 1, k = K, N = 1, N = 0, row/centroid tile edges (128).
+SHAPES = [
+    (1, 1, 1, 1), (0, 5, 3, 2), (1, 7, 5, 3), (37, 1, 67, 1), (50, 13, 1, 13), (129, 128, 67, 5),
+    (300, 129, 16, 7), (257, 300, 130, 64), (1000, 40, 67, 2),
+]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def cuda(*tensors):
+    return [t.cuda() for t in tensors]
+
+
+def cpu_op(name, *args):
+    """The CPU backend itself (CPU tensors dispatch to it)."""
+    return getattr(torch.ops.fastvote, name)(*[a.cpu() if torch.is_tensor(a) else a for a in args])
+
+
+def integer_inputs(n, num, dim, seed, low=-3, high=4):
+    g = gen(seed)
+    return (torch.randint(low, high, (n, dim), generator=g).float(),
+            torch.randint(low, high, (num, dim), generator=g).float())
+
+
+def reference_keys(x, c, metric):
+    """[N, K] float64 keys of the reference (smaller is better)."""
+    if x.shape[0] == 0:
+        return torch.zeros(0, c.shape[0], dtype=torch.float64)
+    return torch.cat([keys for _, keys in ops._reference_keys(x.cpu(), c.cpu(), metric)])
+
+
+def key_tolerance(x, c, metric):
+    """Per-row float32 rounding of a key, [N, 1] (or a scalar for cosine)."""
+    if metric == "cosine":
+        return 1e-5
+    x2 = x.cpu().double().pow(2).sum(1, keepdim=True)
+    return 1e-5 * (x2 + c.cpu().double().pow(2).sum(1).max())
+
+
+def clear_rows(x, c, k, metric):
+    """Rows whose first k + 1 reference keys are pairwise further apart than
+    float32 rounding: their top-k and its order are the same in any precision."""
+    keys = reference_keys(x, c, metric)
+    top = torch.sort(keys, dim=1).values[:, :k + 1]
+    if top.shape[1] < 2:
+        return torch.ones(x.shape[0], dtype=torch.bool)
+    return (top.diff(dim=1) > 2 * key_tolerance(x, c, metric)).all(1)
+
+
+# ---------------------------------------------------------------- registration
+
+def test_cuda_kernels_are_registered():
+    from fastvote import _C
+
+    assert _C.with_cuda, "fastvote._C was built without its CUDA sources"
+    for name in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastvote::{name}", "CUDA"), name
+
+
+# ---------------------------------------------------------------- fm_vote / nearest_centroids
+
+@pytest.mark.parametrize("n,num,dim,k", SHAPES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_integer_inputs_equal_cpu_and_reference(n, num, dim, k, metric):
+    x, c = integer_inputs(n, num, dim, seed=n + 7 * num + dim)
+    values, indices = ops.nearest_centroids(*cuda(x, c), k, metric)
+    ref_values, ref_indices = ops.nearest_centroids_reference(x, c, k, metric)
+    cpu_values, cpu_indices = cpu_op("nearest_centroids", x, c, k, metric)
+    votes = ops.fm_vote(*cuda(x, c), k, metric).cpu()
+    assert votes.dtype == torch.int64 and int(votes.sum()) == n * k
+    # CUDA and CPU run the same float32 arithmetic: equal for either metric.
+    assert torch.equal(indices.cpu(), cpu_indices)
+    assert torch.equal(votes, cpu_op("fm_vote", x, c, k, metric, "count", 1.0))
+    if metric == "l2":  # exact in float32
+        assert torch.equal(indices.cpu(), ref_indices)
+        assert torch.equal(values.cpu(), ref_values)
+        assert torch.equal(votes, ops.fm_vote_reference(x, c, k, metric))
+    else:
+        torch.testing.assert_close(values.cpu(), ref_values, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,num,dim,k", SHAPES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", LOW)
+def test_random_inputs_match_cpu_and_reference(n, num, dim, k, metric, dtype):
+    g = gen(n * 31 + num + dim)
+    x = torch.randn(n, dim, generator=g).to(dtype)
+    c = torch.randn(num, dim, generator=g).to(dtype)
+    values, indices = ops.nearest_centroids(*cuda(x, c), k, metric)
+    values, indices = values.cpu(), indices.cpu()
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64
+    assert values.shape == indices.shape == (n, k)
+    keys = reference_keys(x, c, metric)
+    # Values are the keys of the picked centroids (distances / similarities).
+    picked = keys.gather(1, indices)
+    expected = picked if metric == "l2" else -picked
+    assert ((values.double() - expected).abs() <= key_tolerance(x, c, metric)).all()
+    clear = clear_rows(x, c, k, metric)
+    ref_indices = ops.nearest_centroids_reference(x, c, k, metric)[1]
+    assert torch.equal(indices[clear], ref_indices[clear])
+    assert torch.equal(indices[clear], cpu_op("nearest_centroids", x, c, k, metric)[1][clear])
+    xc = x[clear]
+    for weight in ("count", "rank", "soft"):
+        votes = ops.fm_vote(*cuda(xc, c), k, metric, weight, 0.5).cpu()
+        ref = ops.fm_vote_reference(xc, c, k, metric, weight, 0.5)
+        assert votes.dtype == ref.dtype
+        if weight == "count":
+            assert torch.equal(votes, ref)
+            assert torch.equal(votes, cpu_op("fm_vote", xc, c, k, metric, weight, 0.5))
+        else:
+            torch.testing.assert_close(votes, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(votes, cpu_op("fm_vote", xc, c, k, metric, weight, 0.5),
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["strided", "transposed", "offset"])
+@pytest.mark.parametrize("dtype", LOW + [torch.float64])
+def test_any_strides(layout, dtype):
+    g = gen(3)
+    if layout == "strided":
+        x = torch.randn(2 * 301, 3 * 45, generator=g).to(dtype)[::2, ::3]
+        c = torch.randn(45, 2 * 150, generator=g).to(dtype).t()[::2]
+    elif layout == "transposed":  # stride(0) == 1: the kernel loads rows fastest
+        x = torch.randn(45, 301, generator=g).to(dtype).t()
+        c = torch.randn(45, 150, generator=g).to(dtype).t()
+    else:  # storage offsets that break 16-byte alignment
+        x = torch.randn(301 * 45 + 1, generator=g).to(dtype)[1:].view(301, 45)
+        c = torch.randn(150 * 45 + 3, generator=g).to(dtype)[3:].view(150, 45)
+    for metric in ("l2", "cosine"):
+        clear = clear_rows(x, c, 4, metric)
+        _, indices = ops.nearest_centroids(*cuda(x, c), 4, metric)
+        assert torch.equal(indices.cpu()[clear],
+                           ops.nearest_centroids_reference(x, c, 4, metric)[1][clear])
+        assert torch.equal(ops.fm_vote(*cuda(x[clear], c), 4, metric).cpu(),
+                           ops.fm_vote_reference(x[clear], c, 4, metric))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_duplicate_centroids_lower_index_wins(metric):
+    # Twins 1000 apart: in other centroid tiles, and in other splits of the centroids.
+    g = gen(7)
+    base = torch.randn(1000, 33, generator=g)
+    c = torch.cat([base, base, base])
+    x = torch.randn(300, 33, generator=g)
+    values, indices = ops.nearest_centroids(*cuda(x, c), 3, metric)
+    indices = indices.cpu()
+    assert (indices[:, 0] < 1000).all()
+    assert torch.equal(indices[:, 1], indices[:, 0] + 1000)
+    assert torch.equal(indices[:, 2], indices[:, 0] + 2000)
+    assert (values[:, 0] == values[:, 2]).all()
+
+
+def test_many_centroids_split_across_blocks():
+    # K > 65,535, few rows: each row's centroids are split over many blocks and merged.
+    for n, num, k in ((1, 70_000, 5), (3, 100_000, 64), (300, 70_001, 1), (3000, 70_000, 5)):
+        x, c = integer_inputs(n, num, 8, seed=num + n)
+        values, indices = ops.nearest_centroids(*cuda(x, c), k, "l2")
+        cpu_values, cpu_indices = cpu_op("nearest_centroids", x, c, k, "l2")
+        assert torch.equal(indices.cpu(), cpu_indices) and torch.equal(values.cpu(), cpu_values)
+        assert torch.equal(ops.fm_vote(*cuda(x, c), k).cpu(), cpu_op("fm_vote", x, c, k, "l2", "count", 1.0))
+
+
+def test_ties_across_many_centroids():
+    # 70,000 centroids, 700 copies of 100: the lowest copies win, in index order.
+    g = gen(8)
+    base = torch.randint(-2, 3, (100, 6), generator=g).float()
+    c = base.repeat(700, 1)
+    x = torch.randint(-2, 3, (500, 6), generator=g).float()
+    _, indices = ops.nearest_centroids(*cuda(x, c), 5, "l2")
+    assert torch.equal(indices.cpu(), cpu_op("nearest_centroids", x, c, 5, "l2")[1])
+    assert torch.equal(indices.cpu(), ops.nearest_centroids_reference(x, base.repeat(5, 1), 5, "l2")[1])
+
+
+@pytest.mark.parametrize("weight", ["count", "rank", "soft"])
+def test_histogram_beyond_shared_memory(weight):
+    # K > 6144 bins: votes go straight to global memory; many votes per bin.
+    x, c = integer_inputs(50_000, 10_000, 4, seed=1, low=-5, high=6)
+    votes = ops.fm_vote(*cuda(x, c), 3, "l2", weight).cpu()
+    expected = cpu_op("fm_vote", x, c, 3, "l2", weight, 1.0)
+    if weight == "count":
+        assert torch.equal(votes, expected)
+    else:
+        torch.testing.assert_close(votes, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [65, 100, 300])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_k_above_64_takes_the_sorted_path(k, metric):
+    x, c = integer_inputs(200, 300, 9, seed=k)
+    values, indices = ops.nearest_centroids(*cuda(x, c), k, metric)
+    cpu_values, cpu_indices = cpu_op("nearest_centroids", x, c, k, metric)
+    if metric == "l2":
+        assert torch.equal(indices.cpu(), cpu_indices) and torch.equal(values.cpu(), cpu_values)
+    torch.testing.assert_close(values.cpu(), cpu_values, rtol=0, atol=1e-5)
+    # l2 keys of integer inputs are exact; cosine ones only away from near-ties.
+    rows = torch.ones(len(x), dtype=torch.bool) if metric == "l2" else clear_rows(x, c, k, metric)
+    assert torch.equal(indices.cpu()[rows], cpu_indices[rows])
+    for weight in ("count", "rank", "soft"):
+        votes = ops.fm_vote(*cuda(x[rows], c), k, metric, weight).cpu()
+        ref = ops.fm_vote_reference(x[rows], c, k, metric, weight)
+        if weight == "count":
+            assert torch.equal(votes, ref)
+        else:
+            torch.testing.assert_close(votes, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fm_index_overflow():
+    # N * K > 2^31 with no N x K buffer.
+    num = 70_000
+    n = 2**31 // num + 7
+    x, c = integer_inputs(n, num, 4, seed=2, low=-4, high=5)
+    assert n * num > 2**31
+    values, indices = ops.nearest_centroids(*cuda(x, c), 2, "l2")
+    cpu_values, cpu_indices = cpu_op("nearest_centroids", x, c, 2, "l2")
+    assert torch.equal(indices.cpu(), cpu_indices) and torch.equal(values.cpu(), cpu_values)
+    assert torch.equal(ops.fm_vote(*cuda(x, c), 2).cpu(), cpu_op("fm_vote", x, c, 2, "l2", "count", 1.0))
+
+
+def test_no_rows_by_centroids_buffer():
+    x = torch.randn(200_000, 32, device="cuda")
+    c = torch.randn(2000, 32, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ops.fm_vote(x, c, 5, "cosine", "soft")
+    ops.nearest_centroids(x, c, 1, "l2")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 16 * 2**20, f"{extra / 2**20:.0f} MB of workspace (N x K would be 1600 MB)"
+
+
+# ---------------------------------------------------------------- lm_vote / lm_scores
+
+def lm_layouts(logits):
+    """The same values as contiguous rows, unaligned rows, a column slice and transposed."""
+    n, num = logits.shape
+    return {
+        "contiguous": logits,
+        "offset": torch.cat([logits.new_zeros(1), logits.reshape(-1)])[1:].view(n, num),
+        "sliced": torch.cat([logits, logits], 1)[:, :num],
+        "transposed": logits.t().contiguous().t(),
+    }
+
+
+@pytest.mark.parametrize("dtype", LOW + [torch.float64])
+@pytest.mark.parametrize("n,num", [(1, 1), (0, 4), (100, 10), (333, 1000), (64, 7000), (20, 257)])
+def test_lm_vote_matches_reference(dtype, n, num):
+    # Few distinct values: many exact ties, which only the tie rule decides.
+    logits = torch.randint(-3, 4, (n, num), generator=gen(n + num)).to(dtype)
+    for layout, t in lm_layouts(logits).items():
+        for k in sorted({1, 2, min(7, num), min(64, num), min(65, num)}):
+            for weight in ("count", "rank", "soft"):
+                votes = ops.lm_vote(t.cuda(), k, weight).cpu()
+                ref = ops.lm_vote_reference(logits, k, weight)
+                assert votes.dtype == ref.dtype, (layout, k, weight)
+                if weight == "count":
+                    assert torch.equal(votes, ref), (layout, k)
+                    assert torch.equal(votes, cpu_op("lm_vote", t, k, weight)), (layout, k)
+                else:
+                    torch.testing.assert_close(votes, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_lm_vote_ties_lower_index_wins():
+    logits = torch.zeros(5, 300)
+    logits[1, [2, 250]] = 1.0
+    logits[2, [0, 2, 3, 299]] = 3.0
+    votes = ops.lm_vote(logits.cuda(), 1).cpu()
+    assert votes[0] == 4 and votes[2] == 1 and int(votes.sum()) == 5
+    votes3 = ops.lm_vote(logits.cuda(), 3).cpu()
+    assert torch.equal(votes3, ops.lm_vote_reference(logits, 3))
+
+
+@pytest.mark.parametrize("num", [1000, 999])  # rows 16-byte aligned (vector loads) or not
+def test_lm_index_overflow(num):
+    # N * K > 2^31: one-hot rows whose hot class is known, so the votes are too.
+    n = 2**31 // num + 5
+    if torch.cuda.mem_get_info()[0] < n * num * 2 + 2**31:
+        pytest.skip("needs ~5 GB of free GPU memory")
+    rows = torch.arange(n, device="cuda")
+    hot = rows * 7919 % num
+    logits = torch.zeros(n, num, dtype=torch.float16, device="cuda")
+    logits[rows, hot] = 1.0
+    expected = torch.bincount(hot, minlength=num).cpu()
+    assert torch.equal(ops.lm_vote(logits, 1).cpu(), expected)
+    second = (hot == 0).long()  # the best of the zeros: class 0, or 1 when 0 is hot
+    assert torch.equal(ops.lm_vote(logits, 2).cpu(), expected + torch.bincount(second, minlength=num).cpu())
+    # Mean softmax: e / (e + K - 1) on the hot class, 1 / (e + K - 1) elsewhere.
+    e = torch.tensor(1.0, dtype=torch.float64).exp()
+    scores = (expected.double() * e + (n - expected.double())) / (n * (e + num - 1))
+    torch.testing.assert_close(ops.lm_scores(logits).cpu(), scores, rtol=1e-5, atol=0)
+    del logits
+
+
+@pytest.mark.parametrize("dtype", LOW + [torch.float64])
+def test_lm_scores(dtype):
+    logits = (torch.randn(3000, 1001, generator=gen(5)) * 4).to(dtype)
+    for layout, t in lm_layouts(logits).items():
+        scores = ops.lm_scores(t.cuda()).cpu()
+        assert scores.dtype == torch.float64
+        torch.testing.assert_close(scores, ops.lm_scores_reference(logits), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(scores, cpu_op("lm_scores", t), rtol=1e-5, atol=1e-9)
+    assert torch.equal(ops.lm_scores(torch.zeros(0, 3, device="cuda")).cpu(),
+                       torch.zeros(3, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- fm_scores / class_centroids
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("n", [0, 1, 5000])
+def test_fm_scores(metric, dtype, n):
+    g = gen(n)
+    x = torch.randn(n, 67, generator=g).to(dtype)
+    c = torch.randn(300, 67, generator=g).to(dtype)
+    scores = ops.fm_scores(*cuda(x, c), metric).cpu()
+    assert scores.dtype == torch.float64
+    torch.testing.assert_close(scores, ops.fm_scores_reference(x, c, metric), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores, cpu_op("fm_scores", x, c, metric), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("num_classes,ordered", [(13, False), (200, True), (7000, False), (7000, True)])
+def test_class_centroids(label_dtype, dtype, num_classes, ordered):
+    if label_dtype == torch.uint8 and num_classes > 256:
+        pytest.skip("uint8 labels reach 255")
+    g = gen(num_classes)
+    x = torch.randn(20_000, 2 * 67, generator=g).to(dtype)[:, ::2]
+    labels = torch.randint(0, min(num_classes, 256), (20_000,), generator=g)
+    if num_classes > 256:
+        labels = torch.randint(0, num_classes, (20_000,), generator=g)
+    if ordered:
+        labels = labels.sort().values
+    labels = labels.to(label_dtype)
+    sums, counts = ops.class_centroids(*cuda(x, labels), num_classes)
+    ref_sums, ref_counts = ops.class_centroids_reference(x, labels, num_classes)
+    assert sums.dtype == torch.float64 and counts.dtype == torch.int64
+    assert torch.equal(counts.cpu(), ref_counts)
+    torch.testing.assert_close(sums.cpu(), ref_sums, rtol=1e-12, atol=1e-9)
+
+
+# ---------------------------------------------------------------- errors
+
+def with_value(t, row, value):
+    t = t.clone()
+    t[row, 1] = value
+    return t
+
+
+def _x(*shape):
+    return torch.randn(*shape, generator=gen(sum(shape)))
+
+
+NON_FINITE = [
+    ("nan features", lambda: ops.fm_vote(with_value(_x(3000, 5), 1234, float("nan")).cuda(), _x(3, 5).cuda()),
+     ["fm_vote", "features row 1234"]),
+    ("two bad rows", lambda: ops.fm_vote(with_value(with_value(_x(3000, 5), 2500, float("nan")), 1300, float("inf")).cuda(),
+                                         _x(300, 5).cuda(), 2, "cosine", "soft"), ["features row 1300"]),
+    ("inf features", lambda: ops.nearest_centroids(with_value(_x(40, 5), 7, float("inf")).cuda(), _x(3, 5).cuda()),
+     ["nearest_centroids", "features row 7"]),
+    ("huge features", lambda: ops.fm_vote(with_value(_x(40, 5), 8, 1e30).cuda(), _x(3, 5).cuda()), ["features row 8"]),
+    ("nan features, k > 64", lambda: ops.fm_vote(with_value(_x(400, 5), 77, float("nan")).cuda(), _x(100, 5).cuda(), 70),
+     ["features row 77"]),
+    ("centroids first", lambda: ops.fm_vote(with_value(_x(40, 5), 3, float("nan")).cuda(),
+                                            with_value(_x(9, 5), 2, float("nan")).cuda()), ["centroids row 2"]),
+    ("nan centroids, N = 0", lambda: ops.fm_scores(_x(0, 5).cuda(), with_value(_x(9, 5), 4, float("nan")).cuda()),
+     ["centroids row 4"]),
+    ("nan logits", lambda: ops.lm_vote(with_value(_x(2000, 50), 1500, float("nan")).cuda()), ["lm_vote", "logits row 1500"]),
+    ("nan logits k=5", lambda: ops.lm_vote(with_value(_x(2000, 50), 1501, float("nan")).cuda(), 5), ["logits row 1501"]),
+    ("inf logits strided", lambda: ops.lm_vote(with_value(_x(2000, 50), 1502, float("-inf")).t().contiguous().t().cuda(), 3),
+     ["logits row 1502"]),
+    ("nan logits k > 64", lambda: ops.lm_vote(with_value(_x(200, 100), 99, float("nan")).cuda(), 70, "rank"), ["logits row 99"]),
+    ("inf lm_scores", lambda: ops.lm_scores(with_value(_x(20, 5), 3, float("inf")).cuda()), ["lm_scores", "logits row 3"]),
+    ("nan fm_scores", lambda: ops.fm_scores(with_value(_x(20, 5), 4, float("nan")).cuda(), _x(3, 5).cuda(), "cosine"),
+     ["fm_scores", "features row 4"]),
+    ("nan class_centroids", lambda: ops.class_centroids(with_value(_x(20, 5), 5, float("nan")).cuda(),
+                                                        torch.zeros(20, dtype=torch.long, device="cuda"), 1),
+     ["class_centroids", "features row 5"]),
+]
+
+
+@pytest.mark.parametrize("what,call,words", NON_FINITE, ids=[c[0] for c in NON_FINITE])
+def test_non_finite_inputs_raise(what, call, words):
+    with pytest.raises(ValueError) as info:
+        call()
+    for w in words + ["NaN or Inf"]:
+        assert w in str(info.value), f"{w!r} missing from: {info.value}"
+
+
+def test_label_errors_come_first():
+    x = with_value(_x(6, 5), 1, float("nan")).cuda()  # also a bad row: labels are checked first
+    with pytest.raises(IndexError, match=r"labels\[2\]=7.*num_classes=3"):
+        ops.class_centroids(x, torch.tensor([0, 1, 7, 1, -1, 9], device="cuda"), 3)
+    with pytest.raises(IndexError, match=r"labels\[1\]=-1"):
+        ops.class_centroids(x[:3], torch.tensor([0, -1, 0], dtype=torch.int32, device="cuda"), 3)
+
+
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="same device"):
+        torch.ops.fastvote.fm_vote(_x(4, 5).cuda(), _x(3, 5), 1, "l2", "count", 1.0)
+    with pytest.raises(ValueError, match="same device"):
+        torch.ops.fastvote.nearest_centroids(_x(4, 5), _x(3, 5).cuda(), 1, "l2")
+    with pytest.raises(ValueError, match="same device"):
+        torch.ops.fastvote.class_centroids(_x(4, 5).cuda(), torch.zeros(4, dtype=torch.long), 2)
+
+
+def test_the_op_still_works_after_an_error():
+    with pytest.raises(ValueError):
+        ops.fm_vote(with_value(_x(40, 5), 3, float("nan")).cuda(), _x(3, 5).cuda())
+    x, c = integer_inputs(40, 3, 5, seed=1)
+    assert torch.equal(ops.fm_vote(*cuda(x, c)).cpu(), ops.fm_vote_reference(x, c))
+
+
+# ---------------------------------------------------------------- execution
+
+def test_votes_are_deterministic():
+    g = gen(12)
+    x = torch.randn(20_000, 24, generator=g).cuda()
+    c = torch.randn(3000, 24, generator=g).cuda()
+    logits = torch.randn(20_000, 3000, generator=g).cuda()
+    for weight in ("count", "rank", "soft"):
+        runs = [ops.fm_vote(x, c, 5, "l2", weight) for _ in range(3)]
+        assert all(torch.equal(runs[0], r) for r in runs[1:]), weight
+        runs = [ops.fm_vote(x[:5], c, 5, "cosine", weight) for _ in range(3)]  # split centroids
+        assert all(torch.equal(runs[0], r) for r in runs[1:]), weight
+        runs = [ops.lm_vote(logits, 5, weight) for _ in range(3)]
+        assert all(torch.equal(runs[0], r) for r in runs[1:]), weight
+
+
+def test_runs_on_the_current_stream():
+    x, c = integer_inputs(5000, 300, 16, seed=4)
+    x, c = cuda(x, c)
+    expected = ops.fm_vote(x, c, 3)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        votes = ops.fm_vote(x, c, 3, "l2")
+        values, indices = ops.nearest_centroids(x, c, 3)
+        lm = ops.lm_vote(x @ c.t(), 2)
+    stream.synchronize()
+    assert torch.equal(votes, expected)
+    assert torch.equal(torch.bincount(indices.reshape(-1), minlength=300), expected)
+    assert int(lm.sum()) == 2 * 5000
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device():
+    x, c = integer_inputs(500, 40, 16, seed=6)
+    with torch.cuda.device(0):
+        votes = ops.fm_vote(x.to("cuda:1"), c.to("cuda:1"), 3)
+    assert votes.device == torch.device("cuda:1")
+    assert torch.equal(votes.cpu(), ops.fm_vote_reference(x, c, 3))
+
+
+OPCHECK_CASES = [
+    ("lm_vote", lambda: (_x(20, 7).cuda(), 3, "count")),
+    ("lm_vote", lambda: (_x(20, 70).cuda(), 66, "soft")),
+    ("fm_vote", lambda: (_x(20, 9).cuda(), _x(6, 9).cuda(), 2, "cosine", "rank", 1.0)),
+    ("nearest_centroids", lambda: (_x(20, 9).cuda(), _x(6, 9).cuda(), 3, "l2")),
+    ("class_centroids", lambda: (_x(20, 9).cuda(), torch.randint(0, 4, (20,), device="cuda"), 4)),
+    ("lm_scores", lambda: (_x(20, 7).cuda(),)),
+    ("fm_scores", lambda: (_x(20, 9).cuda(), _x(6, 9).cuda(), "cosine")),
+]
+
+
+@pytest.mark.parametrize("name,make", OPCHECK_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(OPCHECK_CASES)])
+def test_opcheck(name, make):
+    torch.library.opcheck(getattr(torch.ops.fastvote, name).default, make())

@@ -1,0 +1,62 @@
+"""A tiny experiment end to end through FFCV: every output is written, a rerun
+reuses finished cells, and a TOML file overrides the defaults."""
+import csv
+import json
+import time
+
+import pytest
+
+pytest.importorskip("ffcv")
+
+from fastvote.data import missing  # noqa: E402
+from fastvote.experiment import Experiment, ExperimentConfig  # noqa: E402
+
+needs_data = pytest.mark.skipif(bool(missing("haystack") or missing("digits")),
+                                reason=f"offline datasets missing: {missing('haystack') or missing('digits')}")
+
+TINY = dict(methods=("lm", "fm", "random"), ratios=(0.8,), seeds=(0,), image_size=8, surrogate_epochs=1,
+            epochs=1, lp_epochs=3, modes=("linear",), batch_size=512, device="cpu")
+
+
+@needs_data
+def test_tiny_experiment_writes_everything_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    rows = Experiment(ExperimentConfig(**TINY), out, progress=False).run()
+    assert {(r["method"], r["seed"]) for r in rows} == {("lm", 0), ("fm", 0), ("random", 0), ("unpruned", 0)}
+    for name in ("results.csv", "results.md", "accuracy_vs_ratio.png", "time_vs_ratio.png", "surrogate.pt",
+                 "config.json"):
+        assert (out / name).is_file(), name
+    for method in ("lm", "fm"):
+        assert (out / "prune" / f"{method}-r0.800" / "votes.png").is_file()
+    assert (out / "prune" / "random-r0.800-s0" / "indices.npy").is_file()
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4
+    for r in table:
+        assert 0.0 <= float(r["test_acc"]) <= 1.0
+        assert int(r["keep"]) == (30 if r["method"] == "unpruned" else 6)
+    markdown = (out / "results.md").read_text()
+    assert "| LM |" in markdown and "| Unpruned |" in markdown and "keep 6" in markdown
+
+    # A rerun finds every cell finished and recomputes nothing.
+    cells = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    started = time.perf_counter()
+    again = Experiment(ExperimentConfig(**TINY), out, progress=False).run()
+    assert time.perf_counter() - started < 30
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == cells
+    assert json.dumps(again, sort_keys=True) == json.dumps(rows, sort_keys=True)
+
+
+def test_config_from_toml(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('methods = ["lm"]\nratios = [0.5, 0.9]\nepochs = 2\n')
+    config = ExperimentConfig.from_toml(path)
+    assert config.methods == ("lm",) and config.ratios == (0.5, 0.9) and config.epochs == 2
+    assert config.lp_epochs == ExperimentConfig().lp_epochs  # the rest keeps its default
+    path.write_text("epoch = 2\n")
+    with pytest.raises(ValueError, match="unknown setting"):
+        ExperimentConfig.from_toml(path)
+    with pytest.raises(ValueError, match="method='nope'"):
+        ExperimentConfig(methods=("nope",)).validate(30)
+    with pytest.raises(ValueError, match="ratio=1.0"):
+        ExperimentConfig(ratios=(1.0,)).validate(30)
