@@ -80,8 +80,9 @@ class PruneResult:
         in by renames, so a reader never sees a half-written result.
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".prune-", dir=directory))
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        # Staged beside the target: a failure leaves no partial result folder.
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             np.save(staging / "indices.npy", self.indices.numpy().astype(np.int64))
             rank = {int(c): r for r, c in enumerate(self.kept_classes)}
@@ -97,8 +98,11 @@ class PruneResult:
             manifest = dict(self.manifest, method=self.method, ratio=self.ratio,
                             num_kept_classes=len(self.kept_classes), num_kept_samples=len(self.indices))
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-            for name in OUTPUT_FILES:
-                os.replace(staging / name, directory / name)
+            if not directory.exists():
+                os.rename(staging, directory)
+            else:  # an existing folder: replace our files one rename at a time
+                for name in OUTPUT_FILES:
+                    os.replace(staging / name, directory / name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return directory
@@ -441,6 +445,9 @@ def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], meth
     src = resolve_data(source, "source", workdir, progress)
     tgts = [resolve_data(t, f"target {i}" if len(targets_in) > 1 else "target", workdir, progress)
             for i, t in enumerate(targets_in)]
+    for data in [src, *tgts]:
+        if data.num_rows == 0:
+            raise ValueError(f"{data.description} is empty; expected at least one sample")
     label_free = method == "fm" and centroids == "kmeans"
     if src.labels is None and not label_free:
         raise ValueError(f"method={method!r} needs source labels; give 'labels' with the precomputed source "
@@ -455,6 +462,9 @@ def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], meth
             surrogate, src, arch=arch, train_config=train_config, image_size=image_size, mean=mean,
             std=std, device=device, workdir=workdir, seed=seed, progress=progress)
     surrogate_seconds = time.perf_counter() - t0
+    if model is not None and src.num_classes and model.num_classes != src.num_classes and "logits" in module.NEEDS["target"]:
+        raise ValueError(f"the surrogate's head has {model.num_classes} outputs but the source has "
+                         f"{src.num_classes} classes; LM needs a surrogate trained on this source's classes")
 
     num_classes = src.num_classes
     if label_free:

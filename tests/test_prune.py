@@ -170,7 +170,7 @@ def test_prune_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "save", broken)
     with pytest.raises(OSError):
         result.save(tmp_path / "r")
-    assert list((tmp_path / "r").iterdir()) == []  # nothing half-written, no staging left
+    assert list(tmp_path.iterdir()) == []  # no result folder, no staging left
 
 
 @pytest.mark.parametrize("kwargs,match", [
