@@ -49,7 +49,8 @@ def extension():
         return CUDAExtension(
             sources=sources,
             define_macros=[("FASTVOTE_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": opt},
+            # nvcc rejects -g0; host-side -g0 comes through "cxx".
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O0", "-g"] if debug else ["-O3"]},
             **kwargs,
         )
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)

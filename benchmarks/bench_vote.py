@@ -191,7 +191,6 @@ def bench_fm(device, shapes, metric, repeats, skip_naive_above):
                 "gflops": flops / r["seconds"] / 1e9, "of_gemm": gemm_seconds / r["seconds"],
                 "peak_extra_mb": r["peak_extra_bytes"] / 2**20,
             })
-        del x, c
     return rows
 
 
@@ -214,7 +213,6 @@ def bench_lm(device, shapes, repeats):
                 "gb_per_s": nbytes / r["seconds"] / 1e9, "of_floor": floor / r["seconds"],
                 "peak_extra_mb": r["peak_extra_bytes"] / 2**20,
             })
-        del logits
     return rows
 
 

@@ -99,7 +99,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from fastvote.experiment import Experiment, ExperimentConfig
+    from fastvote.experiment import ExperimentConfig
 
     overrides = {} if args.device is None else {"device": args.device}
     config = ExperimentConfig.from_toml(args.config, **overrides) if args.config else ExperimentConfig(**overrides)

@@ -21,16 +21,15 @@ import os
 import statistics
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from fastvote import data as fvdata
 from fastvote import methods, models, train
-from fastvote.prune import PruneResult, prune, resolve_data
+from fastvote.prune import PruneResult, prune as prune_source, resolve_data
 from fastvote.select import keep_count
 
 UNPRUNED = "unpruned"
@@ -122,7 +121,8 @@ class Experiment:
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
 
     # ---- data -------------------------------------------------------------
-    def _prepare_data(self) -> None:
+    def prepare(self) -> None:
+        """Resolves the source, writes the target betons, carves validation."""
         c = self.config
         self.source = resolve_data(c.source, "source", self.work, self.progress)
         if self.source.labels is None:
@@ -159,7 +159,8 @@ class Experiment:
                                    flip=c.flip)
 
     # ---- surrogate --------------------------------------------------------
-    def _surrogate(self) -> Tuple[Path, float]:
+    def surrogate(self) -> Tuple[Path, float]:
+        """Trains (or reuses) the surrogate; returns its checkpoint and training seconds."""
         c = self.config
         path = self.out / "surrogate.pt"
         info = self.out / "surrogate.json"
@@ -176,7 +177,8 @@ class Experiment:
         return path, seconds
 
     # ---- cells ------------------------------------------------------------
-    def _prune(self, method: str, ratio: float, seed: int, surrogate: Path) -> Tuple[PruneResult, float]:
+    def prune(self, method: str, ratio: float, seed: int, surrogate: Path) -> Tuple[PruneResult, float]:
+        """Prunes (or reloads a saved prune); returns the result and the pruning seconds."""
         c = self.config
         # LM and FM are deterministic given the surrogate: one prune serves every seed.
         seeded = method not in ("lm", "fm")
@@ -184,13 +186,24 @@ class Experiment:
         if (folder / "manifest.json").is_file():
             result = PruneResult.load(folder)
         else:
-            result = prune(self.source.beton, self.target_train, method=method, ratio=ratio, surrogate=surrogate,
+            result = prune_source(self.source.beton, self.target_train, method=method, ratio=ratio, surrogate=surrogate,
                            k=c.k, metric=c.metric, weight=c.weight, batch_size=c.batch_size, seed=seed,
                            device=self.device, workdir=self.work, progress=self.progress)
             result.save(folder)
             from fastvote.plots import plot_votes
             plot_votes(result, folder / "votes.png")
         return result, result.manifest["seconds"]["prune"]
+
+    def pretrain(self, indices, seed: int, key: str):
+        """Pretrains `arch` from scratch on the source samples at `indices` (all
+        when None) for the configured epochs, resumably; returns (model, seconds)."""
+        c = self.config
+        started = time.perf_counter()
+        model = models.build_model(c.arch, self.num_classes, image_size=c.image_size, seed=seed)
+        config = train.TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, seed=seed)
+        train.train_classifier(model, self._train_loader(indices, seed), config, device=self.device,
+                               checkpoint_dir=self.work / "pretrain" / key, progress=self.progress)
+        return model, time.perf_counter() - started
 
     def _run_cell(self, cell: Cell, surrogate: Path, surrogate_seconds: float) -> List[dict]:
         c = self.config
@@ -200,14 +213,9 @@ class Experiment:
         if cell.method == UNPRUNED:
             indices, kept, prune_seconds, surrogate_seconds = None, list(range(self.num_classes)), 0.0, 0.0
         else:
-            result, prune_seconds = self._prune(cell.method, cell.ratio, cell.seed, surrogate)
+            result, prune_seconds = self.prune(cell.method, cell.ratio, cell.seed, surrogate)
             indices, kept = result.indices.numpy(), result.kept_classes.tolist()
-        started = time.perf_counter()
-        model = models.build_model(c.arch, self.num_classes, image_size=c.image_size, seed=cell.seed)
-        config = train.TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, seed=cell.seed)
-        train.train_classifier(model, self._train_loader(indices, cell.seed), config, device=self.device,
-                               checkpoint_dir=self.work / "pretrain" / cell.key, progress=self.progress)
-        pretrain_seconds = time.perf_counter() - started
+        model, pretrain_seconds = self.pretrain(indices, cell.seed, cell.key)
         rows = []
         for mode in c.modes:
             epochs, lr = (c.lp_epochs, c.lp_lr) if mode == "linear" else (c.ff_epochs, c.ff_lr)
@@ -236,9 +244,9 @@ class Experiment:
 
     def run(self) -> List[dict]:
         started = time.perf_counter()
-        self._prepare_data()
+        self.prepare()
         _write_json(self.out / "config.json", dataclasses.asdict(self.config))
-        surrogate, surrogate_seconds = self._surrogate()
+        surrogate, surrogate_seconds = self.surrogate()
         rows = []
         cells = self.cells()
         for i, cell in enumerate(cells):

@@ -45,3 +45,13 @@ def _collect_ffcv_garbage():
     import gc
 
     gc.collect()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine
+    OpenMP's barriers make two threads 10x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,14 +14,7 @@ from fastvote.train import (MODEL_FILE, STATE_FILE, TrainConfig, evaluate, finet
 SIDE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine
-    OpenMP's barriers make two threads 10x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

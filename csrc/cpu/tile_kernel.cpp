@@ -25,34 +25,31 @@ struct Scalar {
   static void store(float* p, Reg a) { *p = a; }
 };
 
-void portable(const TileJob& job) { run_tile<Scalar, 4, 8>(job); }
-
-struct Choice {
-  TileFn fn;
-  const char* name;
-};
+void portable_tile(const TileJob& job) { run_tile<Scalar, 4, 8>(job); }
+bool portable_logits_row(const float* v, int64_t n, int k, float* keys, int64_t* idx) {
+  return run_logits_row<Scalar>(v, n, k, keys, idx);
+}
 
 // What this CPU can run, fastest first.
-std::vector<Choice> supported() {
-  std::vector<Choice> out;
+std::vector<Kernels> supported() {
+  std::vector<Kernels> out;
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) out.push_back({tile_kernel_avx512(), "avx512"});
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    out.push_back({tile_kernel_avx2(), "avx2"});
+  if (__builtin_cpu_supports("avx512f")) out.push_back(kernels_avx512());
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.push_back(kernels_avx2());
 #endif
-  out.push_back({portable, "portable"});
+  out.push_back({portable_tile, portable_logits_row, "portable"});
   return out;
 }
 
 // FASTVOTE_CPU_KERNEL=avx512|avx2|portable pins a variant (tests run each one
 // this CPU supports); it is read on every call, so it can change at run time.
-Choice choose() {
-  static const std::vector<Choice> choices = supported();
+const Kernels& choose_kernels() {
+  static const std::vector<Kernels> choices = supported();
   const char* want = std::getenv("FASTVOTE_CPU_KERNEL");
   if (want == nullptr || *want == '\0') return choices.front();
   std::string names;
-  for (const Choice& c : choices) {
+  for (const Kernels& c : choices) {
     if (std::strcmp(c.name, want) == 0) return c;
     names += names.empty() ? c.name : std::string(", ") + c.name;
   }
@@ -62,8 +59,7 @@ Choice choose() {
 
 }  // namespace
 
-TileFn tile_kernel() { return choose().fn; }
-const char* tile_kernel_name() { return choose().name; }
+const Kernels& kernels() { return choose_kernels(); }
 
 }  // namespace cpu
 }  // namespace fastvote

@@ -1,4 +1,4 @@
-// The CPU micro-kernel interface: score one tile of packed feature rows
+// The CPU micro-kernel interfaces. The tile kernel scores one tile of packed feature rows
 // against a range of centroids and update each row's top-k list in the
 // epilogue, while the products are still in registers. Nothing of size
 // rows x K is ever stored (FAISS's tile + heap shape, fused one step further).
@@ -30,15 +30,25 @@ struct TileJob {
 };
 
 using TileFn = void (*)(const TileJob&);
+// Top-k keys (-logit) of one contiguous float32 row of n logits into
+// keys[k] / indices[k]; false if the row holds NaN or Inf.
+using LogitsRowFn = bool (*)(const float* row, int64_t n, int k, float* keys, int64_t* indices);
 
-// The fastest variant the running CPU supports (AVX-512, AVX2+FMA, portable),
+struct Kernels {
+  TileFn tile;
+  LogitsRowFn logits_row;
+  const char* name;
+};
+
+// The fastest variants the running CPU supports (AVX-512, AVX2+FMA, portable),
 // unless FASTVOTE_CPU_KERNEL pins one.
-TileFn tile_kernel();
-const char* tile_kernel_name();
+const Kernels& kernels();
+inline TileFn tile_kernel() { return kernels().tile; }
+inline const char* tile_kernel_name() { return kernels().name; }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-TileFn tile_kernel_avx2();
-TileFn tile_kernel_avx512();
+Kernels kernels_avx2();
+Kernels kernels_avx512();
 #endif
 
 }  // namespace cpu

@@ -32,11 +32,14 @@ struct Avx2 {
   static void store(float* p, Reg a) { _mm256_storeu_ps(p, a); }
 };
 
-void avx2(const TileJob& job) { run_tile<Avx2, 5, 2>(job); }
+void tile(const TileJob& job) { run_tile<Avx2, 5, 2>(job); }
+bool logits_row(const float* v, int64_t n, int k, float* keys, int64_t* idx) {
+  return run_logits_row<Avx2>(v, n, k, keys, idx);
+}
 
 }  // namespace
 
-TileFn tile_kernel_avx2() { return avx2; }
+Kernels kernels_avx2() { return {tile, logits_row, "avx2"}; }
 
 }  // namespace cpu
 }  // namespace fastvote

@@ -33,11 +33,14 @@ struct Avx512 {
   static void store(float* p, Reg a) { _mm512_storeu_ps(p, a); }
 };
 
-void avx512(const TileJob& job) { run_tile<Avx512, 12, 2>(job); }
+void tile(const TileJob& job) { run_tile<Avx512, 12, 2>(job); }
+bool logits_row(const float* v, int64_t n, int k, float* keys, int64_t* idx) {
+  return run_logits_row<Avx512>(v, n, k, keys, idx);
+}
 
 }  // namespace
 
-TileFn tile_kernel_avx512() { return avx512; }
+Kernels kernels_avx512() { return {tile, logits_row, "avx512"}; }
 
 }  // namespace cpu
 }  // namespace fastvote

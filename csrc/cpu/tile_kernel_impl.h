@@ -83,6 +83,41 @@ void run_tile(const TileJob& job) {
   }
 }
 
+// One contiguous float32 row of logits -> its top-k keys (-logit). Returns
+// false if the row holds NaN/Inf (v * 0 + acc turns NaN exactly then). Once
+// the list is full, W logits at a time are compared with the k-th; only the
+// lanes that beat it are inserted (about k ln(K/k) of them on random rows).
+template <class V>
+bool run_logits_row(const float* v, int64_t n, int k, float* keys, int64_t* idx) {
+  using Reg = typename V::Reg;
+  constexpr int W = V::W;
+  const float zero = 0.0f, minus_one = -1.0f;
+  Reg acc = V::zero();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) acc = V::fma(V::load(v + j), V::broadcast(&zero), acc);
+  float lanes[W];
+  V::store(lanes, acc);
+  float tail = 0.0f;
+  for (; j < n; ++j) tail += v[j] * 0.0f;
+  for (int i = 0; i < W; ++i) tail += lanes[i];
+  if (tail != 0.0f) return false;  // NaN compares unequal to everything
+
+  int count = 0;
+  for (j = 0; j < n && count < k; ++j) count = topk_insert(keys, idx, count, k, -v[j], j);
+  for (; j + W <= n; j += W) {
+    const float threshold = keys[k - 1];
+    const Reg key = V::fma(V::load(v + j), V::broadcast(&minus_one), V::zero());
+    for (unsigned mask = V::admits(key, V::broadcast(&threshold)); mask; mask &= mask - 1) {
+      const int64_t i = j + __builtin_ctz(mask);
+      if (-v[i] < keys[k - 1]) count = topk_insert(keys, idx, count, k, -v[i], i);
+    }
+  }
+  for (; j < n; ++j) {
+    if (-v[j] < keys[k - 1]) count = topk_insert(keys, idx, count, k, -v[j], j);
+  }
+  return true;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastvote

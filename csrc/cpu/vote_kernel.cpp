@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -284,25 +285,21 @@ at::Tensor lm_vote_impl(const at::Tensor& logits, int k, Weight weight, at::Scal
 #pragma omp parallel num_threads(workers)
     {
       T* h = hist.data() + static_cast<size_t>(omp_get_thread_num()) * num_classes;
-      std::vector<float> keys(k), scratch(k);
+      std::vector<float> keys(k), scratch(k), row(num_classes);
       std::vector<int64_t> idx(k);
+      const bool direct = std::is_same_v<scalar_t, float> && logits.stride(1) == 1;
+      const LogitsRowFn row_topk = kernels().logits_row;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < tasks; ++t) {
         const int64_t end = std::min(n, (t + 1) * kLogitRowsPerTask);
         for (int64_t r = t * kLogitRowsPerTask; r < end && !bad.any(); ++r) {
-          int count = 0;
-          float threshold = NAN;
-          bool finite = true;
-          for (int64_t j = 0; j < num_classes; ++j) {
-            const float v = x(r, j);
-            finite &= std::isfinite(v);
-            const float key = -v;  // larger logit = smaller key
-            if (admits(key, threshold)) {
-              count = topk_insert(keys.data(), idx.data(), count, k, key, j);
-              threshold = reject_threshold(keys.data(), count, k);
-            }
+          const float* v = row.data();
+          if (direct) {
+            v = reinterpret_cast<const float*>(x.data + r * x.s0);
+          } else {
+            for (int64_t j = 0; j < num_classes; ++j) row[j] = x(r, j);
           }
-          if (!finite) {
+          if (!row_topk(v, num_classes, k, keys.data(), idx.data())) {
             bad.record(r);
             break;
           }

@@ -262,10 +262,9 @@ def write_offline(name: str, split: str, path: str | os.PathLike, *,
                        progress=progress)
 
 
-def iter_samples(path: str | os.PathLike) -> Iterator[tuple[np.ndarray, int, int]]:
-    """Read a beton back in file order without a loader: (uint8 (H, W, 3), label, identifier)."""
+def _open(path: str | os.PathLike):
+    """A beton's reader and its metadata columns by field name, checking the fields."""
     require_ffcv()
-    import cv2
     from ffcv.reader import Reader
 
     reader = Reader(str(path))
@@ -274,6 +273,14 @@ def iter_samples(path: str | os.PathLike) -> Iterator[tuple[np.ndarray, int, int
         raise ValueError(f"{path} lacks the field(s) {sorted(missing)}; expected {list(FIELDS)} "
                          f"(write it with fastvote.data.write_beton)")
     column = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
+    return reader, column
+
+
+def iter_samples(path: str | os.PathLike) -> Iterator[tuple[np.ndarray, int, int]]:
+    """Read a beton back in file order without a loader: (uint8 (H, W, 3), label, identifier)."""
+    import cv2
+
+    reader, column = _open(path)
     sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for image, label, identifier in zip(column["image"], column["label"], column["identifier"]):
@@ -290,15 +297,7 @@ def iter_samples(path: str | os.PathLike) -> Iterator[tuple[np.ndarray, int, int
 def read_columns(path: str | os.PathLike) -> dict:
     """The small columns of a beton, in file order, without decoding an image:
     ``labels`` and ``identifiers`` (int64 (N,)), ``heights`` and ``widths`` (int64 (N,))."""
-    require_ffcv()
-    from ffcv.reader import Reader
-
-    reader = Reader(str(path))
-    missing = set(FIELDS) - set(reader.field_names)
-    if missing:
-        raise ValueError(f"{path} lacks the field(s) {sorted(missing)}; expected {list(FIELDS)} "
-                         f"(write it with fastvote.data.write_beton)")
-    column = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
+    _, column = _open(path)
     return {
         "labels": np.asarray(column["label"], dtype=np.int64),
         "identifiers": np.asarray(column["identifier"], dtype=np.int64),

@@ -4,10 +4,11 @@ never a model or a dataset (those live in the layers below prune.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Protocol, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence
 
 import numpy as np
 from torch import Tensor
+from tqdm import tqdm
 
 
 class View(Protocol):
@@ -41,3 +42,18 @@ class Selection:
     scores: Tensor
     groups: Optional[np.ndarray] = None
     info: Dict[str, object] = field(default_factory=dict)
+
+
+def vote(targets: Sequence[View], make_voter: Callable[[], object], output: str, progress: bool,
+         label: str) -> List[object]:
+    """One voter per target, fed the target's `output` batch by batch, summed
+    over torch.distributed ranks when running under torchrun."""
+    voters = []
+    for i, target in enumerate(targets):
+        voter = make_voter()
+        for batch in tqdm(target.batches((output,)), desc=f"{label} votes (target {i + 1}/{len(targets)})",
+                          leave=False, disable=not progress):
+            voter.update(batch[output])
+        voter.all_reduce()
+        voters.append(voter)
+    return voters

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from fastvote import ops
 from fastvote.cluster import kmeans
-from fastvote.methods.base import Selection, View
+from fastvote.methods.base import Selection, View, vote
 from fastvote.select import class_indices, select_classes
 from fastvote.voting import FMVoter, combine
 
@@ -55,14 +55,7 @@ def select(source: View, targets: Sequence[View], *, keep: int, k: int = 1, metr
                                  num_clusters, metric=metric, seed=seed, device=device, progress=progress)
     else:
         raise ValueError(f"centroids='{centroids}' is unknown; expected one of {CENTROIDS}")
-    voters = []
-    for i, target in enumerate(targets):
-        voter = FMVoter(centers, k, metric, weight, temperature)
-        for batch in tqdm(target.batches(("features",)), desc=f"FM votes (target {i + 1}/{len(targets)})",
-                          leave=False, disable=not progress):
-            voter.update(batch["features"])
-        voter.all_reduce()
-        voters.append(voter)
+    voters = vote(targets, lambda: FMVoter(centers, k, metric, weight, temperature), "features", progress, "FM")
     votes, scores = combine(voters, normalize=normalize_targets)
     higher_first = voters[0].higher_score_first
     kept = select_classes(votes, scores, keep, higher_score_first=higher_first, reverse=reverse)

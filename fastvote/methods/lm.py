@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tqdm import tqdm
-
-from fastvote.methods.base import Selection, View
+from fastvote.methods.base import Selection, View, vote
 from fastvote.select import class_indices, select_classes
 from fastvote.voting import LMVoter, combine
 
@@ -19,14 +17,7 @@ def select(source: View, targets: Sequence[View], *, keep: int, k: int = 1, weig
            reverse: bool = False, normalize_targets: bool = False, progress: bool = True,
            **_unused) -> Selection:
     """Keeps `keep` source classes by LM votes (see fastvote.prune for the arguments)."""
-    voters = []
-    for i, target in enumerate(targets):
-        voter = LMVoter(source.num_classes, k, weight)
-        for batch in tqdm(target.batches(("logits",)), desc=f"LM votes (target {i + 1}/{len(targets)})",
-                          leave=False, disable=not progress):
-            voter.update(batch["logits"])
-        voter.all_reduce()
-        voters.append(voter)
+    voters = vote(targets, lambda: LMVoter(source.num_classes, k, weight), "logits", progress, "LM")
     votes, scores = combine(voters, normalize=normalize_targets)
     kept = select_classes(votes, scores, keep, higher_score_first=LMVoter.higher_score_first, reverse=reverse)
     return Selection(indices=class_indices(source.labels, kept), kept_classes=kept, votes=votes,

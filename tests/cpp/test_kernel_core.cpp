@@ -152,6 +152,20 @@ void test_tile_variant(const char* name) {
       }
     }
   }
+  // The logits row scan of the same variant: ties (few distinct values), NaN/Inf.
+  const fastvote::cpu::LogitsRowFn scan = fastvote::cpu::kernels().logits_row;
+  for (int trial = 0; trial < 300; ++trial) {
+    const int n = 1 + static_cast<int>(rng() % 100);
+    const int k = 1 + static_cast<int>(rng() % std::min(n, 9));
+    std::vector<float> logits(n), keys(k), neg(n);
+    for (int j = 0; j < n; ++j) neg[j] = -(logits[j] = static_cast<float>(static_cast<int>(rng() % 6)));
+    std::vector<int64_t> idx(k);
+    CHECK(scan(logits.data(), n, k, keys.data(), idx.data()), "%s: finite row rejected", name);
+    const std::vector<int64_t> ref = reference_topk(neg, k);
+    for (int i = 0; i < k; ++i) CHECK(idx[i] == ref[i], "%s logits n=%d k=%d rank %d", name, n, k, i);
+    logits[rng() % n] = (trial % 2) ? NAN : -INFINITY;
+    CHECK(!scan(logits.data(), n, k, keys.data(), idx.data()), "%s: NaN/Inf row accepted", name);
+  }
   std::printf("tile kernel %s: ok\n", name);
   unsetenv("FASTVOTE_CPU_KERNEL");
 }

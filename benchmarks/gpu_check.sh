@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The one script to run on a GPU machine (H100 / H200: Python 3.12 with torch
+# 2.11 cu130 installed, nvcc, no network). It builds fastvote's extension with
+# its CUDA kernels in place against the installed torch, runs the op tests and
+# the CUDA tests, then the CUDA benchmark, and writes under $OUT (default
+# ./gpu_out):
+#   summary.txt                      one line per step (status, seconds), the test tally
+#   log.txt                          versions, nvidia-smi, the build
+#   tests.txt                        pytest's output
+#   bench.txt, bench_cuda.json, bench_cuda.md   the benchmark
+# Every step runs under `timeout` within one budget (BUDGET_S, default 450 s,
+# so a failed run leaves time for a second inside 15 minutes); a failed step
+# does not stop the next. Exit status: 0 when every step passed.
+#
+#   bash benchmarks/gpu_check.sh             # on the GPU machine
+#   bash benchmarks/gpu_check.sh --dry-run   # anywhere: prints the steps, builds
+#                                            # nothing, runs tests/test_cuda.py (which
+#                                            # skips without a GPU) and the quick CPU benchmark
+set -u -o pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DRY_RUN=0
+case "${1:-}" in
+  --dry-run) DRY_RUN=1 ;;
+  "") ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
+esac
+
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+BUDGET_S="${BUDGET_S:-450}"
+START=$(date +%s)
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY="$(command -v python3 || command -v python)"; fi
+fi
+export PY
+# The in-place build is imported from the checkout (no pip install needed).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
+
+SUMMARY="$OUT/summary.txt"
+LOG="$OUT/log.txt"
+: > "$SUMMARY"
+: > "$LOG"
+FAILED=0
+
+# step NAME CAP_S LOGFILE CMD...: runs CMD under timeout (CAP_S or the time
+# left, whichever is less), output to the console and LOGFILE, status to the summary.
+step() {
+  local name=$1 cap=$2 log=$3
+  shift 3
+  local left=$((BUDGET_S - ($(date +%s) - START)))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < 15)); then
+    printf '%-8s %-16s\n' "$name" "SKIPPED (budget)" | tee -a "$SUMMARY"
+    FAILED=1
+    return 1
+  fi
+  echo "== $name (limit ${limit}s): $*" | tee -a "$log"
+  if ((DRY_RUN)) && [[ "$name" != env && "$name" != bench-cpu && "$name" != collect ]]; then
+    printf '%-8s %-16s\n' "$name" "dry run" | tee -a "$SUMMARY"
+    return 0
+  fi
+  local t0 rc status
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124 | 137) status="TIMEOUT" ;;
+    *) status="FAILED (exit $rc)" ;;
+  esac
+  ((rc == 0)) || FAILED=1
+  printf '%-8s %-16s %4ss\n' "$name" "$status" "$(($(date +%s) - t0))" | tee -a "$SUMMARY"
+  return $rc
+}
+
+versions() {
+  nvidia-smi || echo "nvidia-smi: not found"
+  "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version || echo "nvcc: not found"
+  "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "| sm", f"{p.major}.{p.minor}", "| SMs", p.multi_processor_count,
+          "| memory", f"{p.total_memory / 2**30:.0f} GiB")
+EOF
+}
+
+build() {
+  FASTVOTE_CUDA=1 "$PY" setup.py build_ext --inplace
+}
+
+# Steps that are shell functions run in a child bash (timeout needs a program).
+export -f versions build
+
+{
+  echo "fastvote GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  ((DRY_RUN)) && echo "DRY RUN: nothing built; tests/test_cuda.py runs (it skips without a GPU); the quick CPU benchmark stands in"
+} | tee -a "$SUMMARY"
+
+step env 30 "$LOG" bash -c versions
+"$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device', '| torch', torch.__version__)" \
+  >> "$SUMMARY" 2>&1
+step build 240 "$LOG" bash -c build
+if ((DRY_RUN)); then
+  step collect 60 "$OUT/tests.txt" "$PY" -m pytest -q -rs tests/test_cuda.py
+  step bench-cpu 120 "$OUT/bench.txt" "$PY" benchmarks/bench_vote.py --device cpu --quick \
+    --json "$OUT/bench_cpu.json" --markdown "$OUT/bench_cpu.md"
+else
+  # Not -x: on a first GPU run, every failure is worth seeing (bounded by --maxfail).
+  step tests 240 "$OUT/tests.txt" "$PY" -m pytest -q -rs --maxfail=25 --durations=10 \
+    tests/test_ops.py tests/test_cuda.py
+  step bench 200 "$OUT/bench.txt" "$PY" benchmarks/bench_vote.py --device cuda \
+    --json "$OUT/bench_cuda.json" --markdown "$OUT/bench_cuda.md"
+fi
+if [[ -s "$OUT/tests.txt" ]]; then
+  echo "pytest: $(grep -E '(passed|failed|skipped|error)' "$OUT/tests.txt" | tail -n 1)" | tee -a "$SUMMARY"
+fi
+echo "total $(($(date +%s) - START))s; outputs in $OUT" | tee -a "$SUMMARY"
+exit $FAILED

@@ -1,0 +1,240 @@
+// The smaller CUDA kernels: centroid preparation (shared by the fm ops) and
+// the dense reductions behind lm_scores, fm_scores and class_centroids. All
+// are memory-bound passes; sums are float64 as on the CPU.
+#pragma once
+
+#include "device_common.cuh"
+
+namespace fastvote {
+namespace cuda {
+namespace reduce {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// Warp per centroid: an fp32 copy when the input is not usable as is, the
+// terms that turn a dot product into a key (as the CPU backend computes them:
+// ||c||^2 in float64, then rounded), and the NaN/Inf check.
+//   l2:     key = ||c||^2 - 2 x.c
+//   cosine: key = -(x_n . c) / ||c||
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    prepare_centroids_kernel(const scalar_t* c, int64_t s0, int64_t s1, int num_c, int dim,
+                             Metric metric, float* copy, float* bias, float* scale, long long* bad) {
+  const int lane = threadIdx.x % 32;
+  for (int j = blockIdx.x * kWarps + threadIdx.x / 32; j < num_c; j += gridDim.x * kWarps) {
+    const scalar_t* row = c + j * s0;
+    double sq = 0.0;
+    for (int d = lane; d < dim; d += 32) {
+      const float v = to_float(row[d * s1]);
+      if (copy != nullptr) copy[static_cast<int64_t>(j) * dim + d] = v;
+      sq += static_cast<double>(v) * v;  // exact product: FMA contraction changes nothing
+    }
+    sq = warp_sum(sq);
+    if (lane == 0) {
+      const float sqf = static_cast<float>(sq);
+      if (!is_finite(sqf)) atomicMin(bad, static_cast<long long>(j));
+      if (metric == Metric::L2) {
+        bias[j] = sqf;
+        scale[j] = -2.0f;
+      } else {
+        bias[j] = 0.0f;
+        scale[j] = __fdiv_rn(-1.0f, fmaxf(static_cast<float>(sqrt(sq)), kNormEps));
+      }
+    }
+  }
+}
+
+// ---- fm_scores -------------------------------------------------------------
+
+// Thread per row: squared norm, NaN/Inf check, the row's scale for the column
+// sums (1 / ||x|| for cosine), and the block's sum of squared norms.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    feature_rows_kernel(const scalar_t* x, int64_t s0, int64_t s1, int64_t n, int dim, Metric metric,
+                        float* row_scale, double* total_sq, long long* bad) {
+  __shared__ double partial[kWarps];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  double sq_sum = 0.0;
+  if (row < n) {
+    const float sq = row_sqnorm(x + row * s0, s1, dim);
+    if (!is_finite(sq)) atomicMin(bad, static_cast<long long>(row));
+    row_scale[row] = metric == Metric::Cosine && is_finite(sq) ? inverse_norm(sq) : 1.0f;
+    sq_sum = sq;
+  }
+  sq_sum = warp_sum(sq_sum);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sq_sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < kWarps; ++w) total += partial[w];
+    atomicAdd(total_sq, total);
+  }
+}
+
+// Block = 32 columns x 8 row lanes, per (column chunk, row group): column sums
+// of x * row_scale in float64, one atomic per column per block.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    column_sums_kernel(const scalar_t* x, int64_t s0, int64_t s1, int64_t n, int dim,
+                       const float* row_scale, int64_t rows_per_group, double* sums) {
+  __shared__ double partial[kWarps][32];
+  const int lane = threadIdx.x % 32;
+  const int row_lane = threadIdx.x / 32;
+  const int d = blockIdx.x * 32 + lane;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_group;
+  const int64_t r1 = min(n, r0 + rows_per_group);
+  double acc = 0.0;
+  if (d < dim) {
+    for (int64_t r = r0 + row_lane; r < r1; r += kWarps) {
+      acc += __fmul_rn(to_float(x[r * s0 + d * s1]), row_scale[r]);
+    }
+  }
+  partial[row_lane][lane] = acc;
+  __syncthreads();
+  if (row_lane == 0 && d < dim) {
+    double total = 0.0;
+    for (int w = 0; w < kWarps; ++w) total += partial[w][lane];
+    atomicAdd(sums + d, total);
+  }
+}
+
+// Warp per centroid, from the column sums (sums[dim] = sum of ||x||^2):
+//   l2:     ||c||^2 - 2 c.mean(x) + mean(||x||^2)
+//   cosine: c_n . mean(x_n) = -scale * c.mean(x_n)
+__global__ void __launch_bounds__(kThreads)
+    fm_scores_kernel(const float* c, int64_t ldc, int num_c, int dim, const float* bias,
+                     const float* scale, const double* sums, double n, Metric metric, double* out) {
+  const int lane = threadIdx.x % 32;
+  for (int j = blockIdx.x * kWarps + threadIdx.x / 32; j < num_c; j += gridDim.x * kWarps) {
+    double dot = 0.0;
+    for (int d = lane; d < dim; d += 32) dot += c[j * ldc + d] * (sums[d] / n);
+    dot = warp_sum(dot);
+    if (lane == 0) {
+      out[j] = metric == Metric::L2 ? bias[j] - 2.0 * dot + sums[dim] / n
+                                    : -static_cast<double>(scale[j]) * dot;
+    }
+  }
+}
+
+// ---- lm_scores -------------------------------------------------------------
+
+// Warp per row: the row's max, NaN/Inf check, and 1 / sum(exp(x - max)).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    logit_rows_kernel(const scalar_t* x, int64_t s0, int64_t s1, int64_t n, int num_c,
+                      float* row_max, double* row_inv_sum, long long* bad) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; row < n;
+       row += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const scalar_t* p = x + row * s0;
+    float top = -INFINITY;
+    bool finite = true;
+    for (int j = lane; j < num_c; j += 32) {
+      const float v = to_float(p[j * s1]);
+      finite &= is_finite(v);
+      top = fmaxf(top, v);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      top = fmaxf(top, __shfl_xor_sync(kFullMask, top, offset));
+    }
+    if (!__all_sync(kFullMask, finite)) {
+      // The op raises after the launch; the sums need only defined values.
+      if (lane == 0) {
+        atomicMin(bad, static_cast<long long>(row));
+        row_max[row] = 0.0f;
+        row_inv_sum[row] = 0.0;
+      }
+      continue;
+    }
+    double total = 0.0;
+    for (int j = lane; j < num_c; j += 32) total += expf(to_float(p[j * s1]) - top);
+    total = warp_sum(total);
+    if (lane == 0) {
+      row_max[row] = top;
+      row_inv_sum[row] = 1.0 / total;
+    }
+  }
+}
+
+// Thread per class, block per (256 classes, row group): sums of the softmax
+// probabilities in float64, one atomic per class per block.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    class_probs_kernel(const scalar_t* x, int64_t s0, int64_t s1, int64_t n, int num_c,
+                       const float* row_max, const double* row_inv_sum, int64_t rows_per_group,
+                       double* out) {
+  const int j = blockIdx.x * kThreads + threadIdx.x;
+  if (j >= num_c) return;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_group;
+  const int64_t r1 = min(n, r0 + rows_per_group);
+  double acc = 0.0;
+  for (int64_t r = r0; r < r1; ++r) {
+    acc += static_cast<double>(expf(to_float(x[r * s0 + j * s1]) - row_max[r])) * row_inv_sum[r];
+  }
+  atomicAdd(out + j, acc);
+}
+
+// ---- class_centroids -------------------------------------------------------
+
+// Grid-stride over the labels: counts (shared histogram when it fits) and
+// the first position whose label is out of range.
+__global__ void __launch_bounds__(kThreads)
+    label_counts_kernel(const int64_t* labels, int64_t n, int num_classes, int hist_bins,
+                        unsigned long long* counts, long long* bad) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned long long* hist = reinterpret_cast<unsigned long long*>(smem);
+  const VoteSink sink{hist_bins > 0 ? hist : nullptr, counts};
+  hist_clear(hist, hist_bins);
+  __syncthreads();
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t label = labels[i];
+    if (label < 0 || label >= num_classes) {
+      atomicMin(bad, static_cast<long long>(i));
+      continue;
+    }
+    sink.add(static_cast<int>(label), 1ull);
+  }
+  if (hist_bins > 0) hist_flush(hist, hist_bins, counts);
+}
+
+// Warp per (32 columns, run of rows); a lane per column. Sums per label in
+// float64, flushed with one atomic per column whenever the label changes, so
+// class-sorted data costs a few atomics per class.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    class_sums_kernel(const scalar_t* x, int64_t s0, int64_t s1, int64_t n, int dim,
+                      const int64_t* labels, int num_classes, int64_t rows_per_warp, double* sums,
+                      long long* bad) {
+  const int d = blockIdx.x * 32 + threadIdx.x % 32;
+  if (d >= dim) return;  // no warp collectives below
+  const int64_t r0 = (static_cast<int64_t>(blockIdx.y) * kWarps + threadIdx.x / 32) * rows_per_warp;
+  const int64_t r1 = min(n, r0 + rows_per_warp);
+  int64_t current = -1;
+  double acc = 0.0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t label = labels[r];
+    if (label < 0 || label >= num_classes) continue;  // reported by label_counts_kernel
+    const float v = to_float(x[r * s0 + d * s1]);
+    if (!is_finite(v)) atomicMin(bad, static_cast<long long>(r));
+    if (label != current) {
+      if (current >= 0) atomicAdd(sums + current * dim + d, acc);
+      current = label;
+      acc = 0.0;
+    }
+    acc += v;
+  }
+  if (current >= 0) atomicAdd(sums + current * dim + d, acc);
+}
+
+}  // namespace reduce
+}  // namespace cuda
+}  // namespace fastvote

@@ -1,0 +1,604 @@
+// The CUDA backend of every fastvote op: the same contract as the CPU backend
+// (csrc/cpu/vote_kernel.cpp), the same argument checks (fastvote/checks.h),
+// registered under the CUDA dispatch key. The kernels are in the .cuh files
+// beside this one; this file sizes and launches them.
+//
+// Errors without stalls: kernels record the first centroid (or label
+// position) and the first feature / logit row holding NaN/Inf in a two-slot
+// int64 flag on the device (atomicMin), keep such rows out of the votes, and
+// carry on. Once all of an op's kernels are queued, the op reads those 16
+// bytes back -- its single host synchronisation, after the work rather than
+// between launches -- and raises the CPU backend's error. Everything else
+// runs on the current stream with workspace from the caching allocator.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <climits>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <utility>
+
+#include "fastvote/checks.h"
+#include "fastvote/topk.h"
+#include "fm_kernel.cuh"
+#include "lm_kernel.cuh"
+#include "reduce_kernels.cuh"
+
+namespace fastvote {
+namespace cuda {
+namespace {
+
+constexpr int64_t kNoRow = std::numeric_limits<int64_t>::max();
+// Class and centroid indices are int32 on the device.
+constexpr int64_t kMaxClasses = int64_t{1} << 30;
+// Float votes are fixed point (device_common.cuh): at most 2^31 rows per call.
+constexpr int64_t kMaxWeightedRows = int64_t{1} << 31;
+// k above kMaxListK: keys are materialised for this many (row, class) pairs
+// at a time (64 MB of float32) and sorted.
+constexpr int64_t kSortChunk = int64_t{1} << 24;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Device {
+  int sms;
+  int smem_optin;
+};
+
+Device device_info(const at::Tensor& t) {
+  const int index = t.get_device();
+  Device d{};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, index));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
+  return d;
+}
+
+// Blocks of `kernel` that fit on the whole device at once (persistent grids).
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, int threads, size_t smem, const Device& dev) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  TORCH_CHECK(per_sm > 0, "fastvote: a kernel needing ", smem,
+              " bytes of shared memory cannot run on this GPU");
+  return static_cast<int64_t>(per_sm) * dev.sms;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// Slot 0: first bad centroid / label position; slot 1: first bad row.
+class ErrorFlags {
+ public:
+  explicit ErrorFlags(const at::Tensor& like)
+      : flags_(at::full({2}, kNoRow, like.options().dtype(at::kLong))) {}
+  long long* centroid() { return reinterpret_cast<long long*>(flags_.mutable_data_ptr<int64_t>()); }
+  long long* row() { return centroid() + 1; }
+  at::Tensor row_slot() { return flags_.narrow(0, 1, 1); }
+  // The op's single host synchronisation (see the top of this file).
+  std::array<int64_t, 2> read() const {
+    const at::Tensor host = flags_.cpu();
+    const int64_t* f = host.const_data_ptr<int64_t>();
+    return {f[0], f[1]};
+  }
+  // Raises the CPU backend's error for the first bad centroid, then row.
+  void raise_non_finite(const char* op, const char* centroid_arg, const char* row_arg) const {
+    const std::array<int64_t, 2> f = read();
+    if (f[0] != kNoRow) fail_non_finite(op, centroid_arg, f[0]);
+    if (f[1] != kNoRow) fail_non_finite(op, row_arg, f[1]);
+  }
+
+ private:
+  at::Tensor flags_;
+};
+
+void check_limits(const char* op, int64_t num_classes, int64_t dim) {
+  TORCH_CHECK_VALUE(num_classes <= kMaxClasses, "fastvote.", op, ": K=", num_classes,
+                    " is above the CUDA backend's limit of 2^30 classes; use the CPU");
+  TORCH_CHECK_VALUE(dim <= INT_MAX, "fastvote.", op, ": D=", dim,
+                    " is above the CUDA backend's limit of 2^31 - 1 feature dimensions");
+}
+
+void check_weighted_rows(const char* op, int64_t rows, Weight weight) {
+  TORCH_CHECK_VALUE(weight == Weight::Count || rows < kMaxWeightedRows, "fastvote.", op, ": N=",
+                    rows, " rows is above the CUDA backend's limit of 2^31 rows for float "
+                    "weights; vote in batches and add the votes");
+}
+
+// Fixed-point vote sums (device_common.cuh) -> float64 votes.
+at::Tensor fixed_to_double(const at::Tensor& units) {
+  return units.to(at::kDouble).mul_(kFixedToDouble);
+}
+
+// An int64 tensor as the uint64 the device atomics add to.
+unsigned long long* as_u64(at::Tensor& t) {
+  return reinterpret_cast<unsigned long long*>(t.mutable_data_ptr<int64_t>());
+}
+
+// ---- fm_vote / nearest_centroids -------------------------------------------
+
+struct Centroids {
+  at::Tensor storage;  // float32 [K, D], unit stride along D (the input itself when it is)
+  at::Tensor bias, scale;
+  int64_t count() const { return storage.size(0); }
+  int64_t dim() const { return storage.size(1); }
+};
+
+Centroids prepare_centroids(const at::Tensor& centroids, Metric metric, ErrorFlags& flags) {
+  const int64_t count = centroids.size(0);
+  const int64_t dim = centroids.size(1);
+  const at::TensorOptions f32 = centroids.options().dtype(at::kFloat);
+  const bool usable = centroids.scalar_type() == at::kFloat && centroids.stride(1) == 1;
+  Centroids c;
+  c.storage = usable ? centroids : at::empty({count, dim}, f32);
+  c.bias = at::empty({count}, f32);
+  c.scale = at::empty({count}, f32);
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(count, reduce::kWarps), 65535));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, centroids.scalar_type(),
+                                  "fastvote_prepare_centroids", [&] {
+    reduce::prepare_centroids_kernel<scalar_t><<<blocks, reduce::kThreads, 0, current_stream()>>>(
+        centroids.const_data_ptr<scalar_t>(), centroids.stride(0), centroids.stride(1),
+        static_cast<int>(count), static_cast<int>(dim), metric,
+        usable ? nullptr : c.storage.mutable_data_ptr<float>(), c.bias.mutable_data_ptr<float>(),
+        c.scale.mutable_data_ptr<float>(), flags.centroid());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return c;
+}
+
+// How many ranges to split the centroids into, and their length in tiles. A
+// persistent grid runs ceil(items / resident) rounds of equal items: pick the
+// split (of up to ~4 rounds' worth of items) that leaves the least idle.
+// Fewer splits win ties: each split adds a prologue and a merge.
+std::pair<int64_t, int64_t> choose_splits(int64_t row_tiles, int64_t col_tiles, int64_t resident) {
+  std::pair<int64_t, int64_t> best{1, col_tiles};
+  double best_use = 0.0;
+  const int64_t most = std::min(col_tiles, std::max<int64_t>(1, ceil_div(4 * resident, row_tiles)));
+  for (int64_t want = 1; want <= most; ++want) {
+    const int64_t tiles = ceil_div(col_tiles, want);
+    const int64_t splits = ceil_div(col_tiles, tiles);
+    const int64_t items = row_tiles * splits;
+    const int64_t grid = std::min(items, resident);
+    const double use = static_cast<double>(items) / (ceil_div(items, grid) * resident);
+    if (use > best_use + 1e-9) {
+      best_use = use;
+      best = {splits, tiles};
+    }
+  }
+  return best;
+}
+
+// What one fused launch writes, by mode.
+struct FusedOut {
+  unsigned long long* votes = nullptr;  // Vote: [K] counts or fixed-point units
+  float* values = nullptr;              // Nearest: [n, k]
+  int64_t* indices = nullptr;
+  float* keys = nullptr;  // Keys: [n, K]
+  float* sq = nullptr;    // Keys: [n]
+};
+
+void run_fused(fm::Mode mode, const at::Tensor& features, int64_t row_offset, const Centroids& c,
+               Metric metric, int k, Weight weight, float inv_temperature, long long* bad_row,
+               const FusedOut& out) {
+  const int64_t n = features.size(0);
+  if (n == 0) return;
+  const int64_t num_c = c.count();
+  const Device dev = device_info(features);
+  const int64_t row_tiles = ceil_div(n, fm::kBM);
+  const int64_t col_tiles = ceil_div(num_c, fm::kBN);
+  int hist_bins = mode == fm::Mode::Vote && num_c <= kSharedHistBins ? static_cast<int>(num_c) : 0;
+  size_t smem = fm::smem_bytes(k, hist_bins);
+  if (smem > static_cast<size_t>(dev.smem_optin) && hist_bins > 0) {
+    hist_bins = 0;  // global atomics instead
+    smem = fm::smem_bytes(k, 0);
+  }
+  TORCH_CHECK(smem <= static_cast<size_t>(dev.smem_optin), "fastvote: k=", k, " needs ", smem,
+              " bytes of shared memory per block; this GPU allows ", dev.smem_optin);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
+                                  "fastvote_fused", [&] {
+    const auto kernel = fm::fused_kernel<scalar_t>;
+    const int64_t resident = resident_blocks(kernel, fm::kThreads, smem, dev);
+    const auto [splits, tiles_per_split] = choose_splits(row_tiles, col_tiles, resident);
+    const int64_t items = row_tiles * splits;
+
+    at::Tensor part_keys, part_idx, arrivals;
+    fm::Args<scalar_t> a{};
+    if (splits > 1 && mode != fm::Mode::Keys) {
+      part_keys = at::empty({items * fm::kBM * k}, features.options().dtype(at::kFloat));
+      part_idx = at::empty({items * fm::kBM * k}, features.options().dtype(at::kInt));
+      arrivals = at::zeros({row_tiles}, features.options().dtype(at::kInt));
+      a.part_keys = part_keys.mutable_data_ptr<float>();
+      a.part_idx = part_idx.mutable_data_ptr<int>();
+      a.arrivals = arrivals.mutable_data_ptr<int>();
+    }
+    a.x = features.const_data_ptr<scalar_t>();
+    a.xs0 = features.stride(0);
+    a.xs1 = features.stride(1);
+    a.n = n;
+    a.row_offset = row_offset;
+    a.dim = static_cast<int>(c.dim());
+    a.x_rows_unit_stride = features.stride(0) == 1 && features.stride(1) != 1;
+    a.c = c.storage.const_data_ptr<float>();
+    a.ldc = c.storage.stride(0);
+    a.num_c = static_cast<int>(num_c);
+    a.bias = c.bias.const_data_ptr<float>();
+    a.scale = c.scale.const_data_ptr<float>();
+    a.metric = metric;
+    a.mode = mode;
+    a.weight = weight;
+    a.inv_temperature = inv_temperature;
+    a.k = k;
+    a.splits = static_cast<int>(splits);
+    a.tiles_per_split = static_cast<int>(tiles_per_split);
+    a.items = items;
+    a.hist_bins = hist_bins;
+    a.votes = out.votes;
+    a.values = out.values;
+    a.indices = out.indices;
+    a.keys_out = out.keys;
+    a.sq_out = out.sq;
+    a.bad_row = bad_row;
+    const int64_t grid = std::min(items, resident);
+    kernel<<<static_cast<unsigned>(grid), fm::kThreads, smem, current_stream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Rows [r0, r0 + rows) of `features`: every key, float32 [rows, K], and the
+// rows' squared norms. The large-k path ranks these with a stable sort.
+std::tuple<at::Tensor, at::Tensor> fused_keys(const at::Tensor& features, int64_t r0, int64_t rows,
+                                              const Centroids& c, Metric metric, long long* bad_row) {
+  const at::TensorOptions f32 = features.options().dtype(at::kFloat);
+  at::Tensor keys = at::empty({rows, c.count()}, f32);
+  at::Tensor sq = at::empty({rows}, f32);
+  FusedOut out;
+  out.keys = keys.mutable_data_ptr<float>();
+  out.sq = sq.mutable_data_ptr<float>();
+  run_fused(fm::Mode::Keys, features.narrow(0, r0, rows), r0, c, metric, 1, Weight::Count, 1.0f,
+            bad_row, out);
+  return {keys, sq};
+}
+
+// The k smallest keys of each row, best first; a stable sort keeps equal keys
+// in index order, which is the tie rule.
+std::tuple<at::Tensor, at::Tensor> sorted_topk(const at::Tensor& keys, int64_t k) {
+  const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  return {std::get<0>(sorted).narrow(1, 0, k), std::get<1>(sorted).narrow(1, 0, k)};
+}
+
+// Adds the votes of rows' sorted picks (the large-k path) to `votes`.
+void add_sorted_votes(const at::Tensor& top_keys, const at::Tensor& top_idx, Weight weight,
+                      float inv_temperature, at::Tensor& votes) {
+  const at::Tensor bins = top_idx.reshape({-1});
+  if (weight == Weight::Count) {
+    votes.index_add_(0, bins, at::ones_like(bins));
+    return;
+  }
+  const int64_t k = top_keys.size(1);
+  at::Tensor w = weight == Weight::Rank
+                     ? at::arange(1, k + 1, top_keys.options()).reciprocal_().expand_as(top_keys)
+                     : at::softmax(top_keys.sub(top_keys.narrow(1, 0, 1)).mul_(-inv_temperature), 1);
+  votes.index_add_(0, bins, w.reshape({-1}).to(at::kDouble));
+}
+
+int64_t sort_chunk_rows(int64_t num_classes) { return std::max<int64_t>(1, kSortChunk / num_classes); }
+
+at::Tensor fm_vote_cuda(const at::Tensor& features, const at::Tensor& centroids, int64_t k,
+                        c10::string_view metric_name, c10::string_view weight_name,
+                        double temperature) {
+  check_features_centroids("fm_vote", features, centroids);
+  check_k("fm_vote", k, centroids.size(0), "centroids");
+  const Metric metric = parse_metric("fm_vote", metric_name);
+  const Weight weight = parse_weight("fm_vote", weight_name);
+  const float inv_t = inverse_temperature("fm_vote", temperature);
+  check_limits("fm_vote", centroids.size(0), centroids.size(1));
+  check_weighted_rows("fm_vote", features.size(0), weight);
+  const c10::cuda::CUDAGuard guard(features.device());
+
+  ErrorFlags flags(features);
+  const Centroids c = prepare_centroids(centroids, metric, flags);
+  const int64_t n = features.size(0);
+  const int64_t num_c = c.count();
+  at::Tensor votes;
+  if (k <= kMaxListK) {
+    at::Tensor units = at::zeros({num_c}, features.options().dtype(at::kLong));
+    FusedOut out;
+    out.votes = as_u64(units);
+    run_fused(fm::Mode::Vote, features, 0, c, metric, static_cast<int>(k), weight, inv_t,
+              flags.row(), out);
+    votes = weight == Weight::Count ? units : fixed_to_double(units);
+  } else {
+    votes = at::zeros({num_c}, features.options().dtype(weight == Weight::Count ? at::kLong
+                                                                                 : at::kDouble));
+    const int64_t chunk = sort_chunk_rows(num_c);
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      const int64_t rows = std::min(chunk, n - r0);
+      const auto keys = fused_keys(features, r0, rows, c, metric, flags.row());
+      const auto top = sorted_topk(std::get<0>(keys), k);
+      add_sorted_votes(std::get<0>(top), std::get<1>(top), weight, inv_t, votes);
+    }
+  }
+  flags.raise_non_finite("fm_vote", "centroids", "features");
+  return votes;
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_centroids_cuda(const at::Tensor& features,
+                                                          const at::Tensor& centroids, int64_t k,
+                                                          c10::string_view metric_name) {
+  check_features_centroids("nearest_centroids", features, centroids);
+  check_k("nearest_centroids", k, centroids.size(0), "centroids");
+  const Metric metric = parse_metric("nearest_centroids", metric_name);
+  check_limits("nearest_centroids", centroids.size(0), centroids.size(1));
+  const c10::cuda::CUDAGuard guard(features.device());
+
+  ErrorFlags flags(features);
+  const Centroids c = prepare_centroids(centroids, metric, flags);
+  const int64_t n = features.size(0);
+  at::Tensor values = at::empty({n, k}, features.options().dtype(at::kFloat));
+  at::Tensor indices = at::empty({n, k}, features.options().dtype(at::kLong));
+  if (k <= kMaxListK) {
+    FusedOut out;
+    out.values = values.mutable_data_ptr<float>();
+    out.indices = indices.mutable_data_ptr<int64_t>();
+    run_fused(fm::Mode::Nearest, features, 0, c, metric, static_cast<int>(k), Weight::Count, 1.0f,
+              flags.row(), out);
+  } else {
+    const int64_t chunk = sort_chunk_rows(c.count());
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      const int64_t rows = std::min(chunk, n - r0);
+      const auto keys = fused_keys(features, r0, rows, c, metric, flags.row());
+      const auto top = sorted_topk(std::get<0>(keys), k);
+      const at::Tensor& top_keys = std::get<0>(top);
+      // Keys omit ||x||^2 (l2) or are negated similarities (cosine).
+      values.narrow(0, r0, rows)
+          .copy_(metric == Metric::L2 ? top_keys.add(std::get<1>(keys).unsqueeze(1)).clamp_min_(0)
+                                      : top_keys.neg());
+      indices.narrow(0, r0, rows).copy_(std::get<1>(top));
+    }
+  }
+  flags.raise_non_finite("nearest_centroids", "centroids", "features");
+  return {values, indices};
+}
+
+// ---- lm_vote ----------------------------------------------------------------
+
+template <typename scalar_t, int V>
+void launch_lm_vote(const at::Tensor& logits, int k, Weight weight, at::Tensor& units,
+                    long long* bad_row) {
+  const int64_t num_c = logits.size(1);
+  const Device dev = device_info(logits);
+  int hist_bins = num_c <= kSharedHistBins ? static_cast<int>(num_c) : 0;
+  size_t smem = lm::smem_bytes(k, hist_bins);
+  if (smem > static_cast<size_t>(dev.smem_optin)) {
+    hist_bins = 0;
+    smem = lm::smem_bytes(k, 0);
+  }
+  const auto kernel = lm::vote_kernel<scalar_t, V>;
+  const int64_t resident = resident_blocks(kernel, lm::kThreads, smem, dev);
+  lm::Args<scalar_t> a{};
+  a.x = logits.const_data_ptr<scalar_t>();
+  a.s0 = logits.stride(0);
+  a.s1 = logits.stride(1);
+  a.n = logits.size(0);
+  a.num_c = static_cast<int>(num_c);
+  a.k = k;
+  a.weight = weight;
+  a.hist_bins = hist_bins;
+  a.votes = as_u64(units);
+  a.bad_row = bad_row;
+  const int64_t grid = std::min(ceil_div(a.n, lm::kWarps), resident);
+  kernel<<<static_cast<unsigned>(grid), lm::kThreads, smem, current_stream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Rows can be read 16 bytes at a time: unit column stride, every row aligned.
+bool rows_vectorizable(const at::Tensor& t) {
+  const int64_t bytes = static_cast<int64_t>(t.element_size());
+  return t.stride(1) == 1 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 &&
+         (t.size(0) <= 1 || (t.stride(0) * bytes) % 16 == 0);
+}
+
+at::Tensor lm_vote_cuda(const at::Tensor& logits, int64_t k, c10::string_view weight_name) {
+  check_logits("lm_vote", logits);
+  check_k("lm_vote", k, logits.size(1), "source classes, the logits' columns");
+  const Weight weight = parse_weight("lm_vote", weight_name);
+  check_limits("lm_vote", logits.size(1), 0);
+  check_weighted_rows("lm_vote", logits.size(0), weight);
+  const c10::cuda::CUDAGuard guard(logits.device());
+
+  ErrorFlags flags(logits);
+  const int64_t n = logits.size(0);
+  const int64_t num_c = logits.size(1);
+  at::Tensor votes;
+  if (k <= kMaxListK) {
+    at::Tensor units = at::zeros({num_c}, logits.options().dtype(at::kLong));
+    if (n > 0) {
+      const bool vectorized = rows_vectorizable(logits);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                      "fastvote_lm_vote", [&] {
+        constexpr int V = 16 / sizeof(scalar_t);
+        if (vectorized) {
+          launch_lm_vote<scalar_t, V>(logits, static_cast<int>(k), weight, units, flags.row());
+        } else {
+          launch_lm_vote<scalar_t, 1>(logits, static_cast<int>(k), weight, units, flags.row());
+        }
+      });
+    }
+    votes = weight == Weight::Count ? units : fixed_to_double(units);
+  } else {
+    votes = at::zeros({num_c}, logits.options().dtype(weight == Weight::Count ? at::kLong
+                                                                               : at::kDouble));
+    const int64_t chunk = sort_chunk_rows(num_c);
+    at::Tensor bad_slot = flags.row_slot();
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      const int64_t rows = std::min(chunk, n - r0);
+      const at::Tensor keys = logits.narrow(0, r0, rows).to(at::kFloat).neg();  // .to may alias the input
+      // The first row with NaN/Inf, kept on the device like the kernels' flags.
+      const at::Tensor row_ids = at::arange(r0, r0 + rows, logits.options().dtype(at::kLong));
+      const at::Tensor first_bad =
+          at::where(at::isfinite(keys).all(1), kNoRow, row_ids).min().reshape({1});
+      bad_slot.copy_(at::minimum(bad_slot, first_bad));
+      const auto top = sorted_topk(keys, k);
+      add_sorted_votes(std::get<0>(top), std::get<1>(top), weight, 1.0f, votes);
+    }
+  }
+  flags.raise_non_finite("lm_vote", "logits", "logits");
+  return votes;
+}
+
+// ---- lm_scores, fm_scores, class_centroids ----------------------------------
+
+// Row groups for the column-reduction kernels: enough blocks to fill the GPU.
+int64_t rows_per_group(int64_t n, int64_t col_blocks, const Device& dev) {
+  const int64_t groups = std::clamp<int64_t>(ceil_div(8 * dev.sms, col_blocks), 1, 65535);
+  return std::max<int64_t>(ceil_div(n, groups), 1);
+}
+
+unsigned grid_for(int64_t items, int64_t per_block) {
+  return static_cast<unsigned>(std::clamp<int64_t>(ceil_div(items, per_block), 1, INT_MAX));
+}
+
+at::Tensor lm_scores_cuda(const at::Tensor& logits) {
+  check_logits("lm_scores", logits);
+  check_limits("lm_scores", logits.size(1), 0);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  ErrorFlags flags(logits);
+  const int64_t n = logits.size(0);
+  const int64_t num_c = logits.size(1);
+  at::Tensor out = at::zeros({num_c}, logits.options().dtype(at::kDouble));
+  if (n > 0) {
+    const Device dev = device_info(logits);
+    at::Tensor row_max = at::empty({n}, logits.options().dtype(at::kFloat));
+    at::Tensor row_inv_sum = at::empty({n}, logits.options().dtype(at::kDouble));
+    const int64_t col_blocks = ceil_div(num_c, reduce::kThreads);
+    const int64_t group = rows_per_group(n, col_blocks, dev);
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(ceil_div(n, group)));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
+                                    "fastvote_lm_scores", [&] {
+      const scalar_t* x = logits.const_data_ptr<scalar_t>();
+      reduce::logit_rows_kernel<scalar_t>
+          <<<grid_for(n, reduce::kWarps), reduce::kThreads, 0, current_stream()>>>(x, logits.stride(0), logits.stride(1), n,
+                                 static_cast<int>(num_c), row_max.mutable_data_ptr<float>(),
+                                 row_inv_sum.mutable_data_ptr<double>(), flags.row());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      reduce::class_probs_kernel<scalar_t><<<grid, reduce::kThreads, 0, current_stream()>>>(
+          x, logits.stride(0), logits.stride(1), n, static_cast<int>(num_c),
+          row_max.const_data_ptr<float>(), row_inv_sum.const_data_ptr<double>(), group,
+          out.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    out.div_(static_cast<double>(n));
+  }
+  flags.raise_non_finite("lm_scores", "logits", "logits");
+  return out;
+}
+
+at::Tensor fm_scores_cuda(const at::Tensor& features, const at::Tensor& centroids,
+                          c10::string_view metric_name) {
+  check_features_centroids("fm_scores", features, centroids);
+  const Metric metric = parse_metric("fm_scores", metric_name);
+  check_limits("fm_scores", centroids.size(0), centroids.size(1));
+  const c10::cuda::CUDAGuard guard(features.device());
+  ErrorFlags flags(features);
+  const Centroids c = prepare_centroids(centroids, metric, flags);
+  const int64_t n = features.size(0);
+  const int64_t dim = c.dim();
+  at::Tensor out = at::zeros({c.count()}, features.options().dtype(at::kDouble));
+  if (n > 0) {
+    const Device dev = device_info(features);
+    at::Tensor row_scale = at::empty({n}, features.options().dtype(at::kFloat));
+    // Column sums of x (scaled to unit norm for cosine), then the sum of ||x||^2.
+    at::Tensor sums = at::zeros({dim + 1}, features.options().dtype(at::kDouble));
+    double* sums_ptr = sums.mutable_data_ptr<double>();
+    const int64_t col_blocks = ceil_div(dim, 32);
+    const int64_t group = rows_per_group(n, col_blocks, dev);
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(ceil_div(n, group)));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
+                                    "fastvote_fm_scores", [&] {
+      const scalar_t* x = features.const_data_ptr<scalar_t>();
+      reduce::feature_rows_kernel<scalar_t>
+          <<<grid_for(n, reduce::kThreads), reduce::kThreads, 0, current_stream()>>>(
+              x, features.stride(0), features.stride(1), n, static_cast<int>(dim), metric,
+              row_scale.mutable_data_ptr<float>(), sums_ptr + dim, flags.row());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      reduce::column_sums_kernel<scalar_t><<<grid, reduce::kThreads, 0, current_stream()>>>(
+          x, features.stride(0), features.stride(1), n, static_cast<int>(dim),
+          row_scale.const_data_ptr<float>(), group, sums_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(c.count(), reduce::kWarps), 65535));
+    reduce::fm_scores_kernel<<<blocks, reduce::kThreads, 0, current_stream()>>>(
+        c.storage.const_data_ptr<float>(), c.storage.stride(0), static_cast<int>(c.count()),
+        static_cast<int>(dim), c.bias.const_data_ptr<float>(), c.scale.const_data_ptr<float>(),
+        sums.const_data_ptr<double>(), static_cast<double>(n), metric,
+        out.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  flags.raise_non_finite("fm_scores", "centroids", "features");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> class_centroids_cuda(const at::Tensor& features,
+                                                        const at::Tensor& labels,
+                                                        int64_t num_classes) {
+  check_class_centroids(features, labels, num_classes);
+  check_limits("class_centroids", num_classes, features.size(1));
+  const c10::cuda::CUDAGuard guard(features.device());
+  const int64_t n = features.size(0);
+  const int64_t dim = features.size(1);
+  const at::Tensor lab = labels.to(at::kLong).contiguous();
+  at::Tensor counts = at::zeros({num_classes}, features.options().dtype(at::kLong));
+  at::Tensor sums = at::zeros({num_classes, dim}, features.options().dtype(at::kDouble));
+  ErrorFlags flags(features);
+  if (n > 0) {
+    const Device dev = device_info(features);
+    const int hist_bins = num_classes <= kSharedHistBins ? static_cast<int>(num_classes) : 0;
+    const size_t smem = hist_bytes(hist_bins);
+    const int64_t resident = resident_blocks(reduce::label_counts_kernel, reduce::kThreads, smem, dev);
+    reduce::label_counts_kernel<<<static_cast<unsigned>(std::min(ceil_div(n, reduce::kThreads), resident)),
+                                  reduce::kThreads, smem, current_stream()>>>(
+        lab.const_data_ptr<int64_t>(), n, static_cast<int>(num_classes), hist_bins,
+        as_u64(counts), flags.centroid());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    // Aim at ~64 warps per SM; each warp sums a contiguous run of rows.
+    const int64_t col_blocks = ceil_div(dim, 32);
+    int64_t rows_per_warp = std::max<int64_t>(16, ceil_div(n * col_blocks, 64 * int64_t{dev.sms}));
+    rows_per_warp = std::max(rows_per_warp, ceil_div(n, 65535 * int64_t{reduce::kWarps}));
+    const dim3 grid(static_cast<unsigned>(col_blocks),
+                    static_cast<unsigned>(ceil_div(n, rows_per_warp * reduce::kWarps)));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
+                                    "fastvote_class_centroids", [&] {
+      reduce::class_sums_kernel<scalar_t><<<grid, reduce::kThreads, 0, current_stream()>>>(
+          features.const_data_ptr<scalar_t>(), features.stride(0), features.stride(1), n,
+          static_cast<int>(dim), lab.const_data_ptr<int64_t>(), static_cast<int>(num_classes),
+          rows_per_warp, sums.mutable_data_ptr<double>(), flags.row());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  const std::array<int64_t, 2> f = flags.read();
+  if (f[0] != kNoRow) fail_label(f[0], lab[f[0]].item<int64_t>(), num_classes);
+  if (f[1] != kNoRow) fail_non_finite("class_centroids", "features", f[1]);
+  return {sums, counts};
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(fastvote, CUDA, m) {
+  m.impl("lm_vote", &cuda::lm_vote_cuda);
+  m.impl("fm_vote", &cuda::fm_vote_cuda);
+  m.impl("nearest_centroids", &cuda::nearest_centroids_cuda);
+  m.impl("class_centroids", &cuda::class_centroids_cuda);
+  m.impl("lm_scores", &cuda::lm_scores_cuda);
+  m.impl("fm_scores", &cuda::fm_scores_cuda);
+}
+
+}  // namespace fastvote
