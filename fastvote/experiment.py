@@ -71,6 +71,10 @@ class ExperimentConfig:
     ff_epochs: int = 20
     ff_lr: float = 1e-4
     device: Optional[str] = None
+    # Torch threads on CPU. Small convolutions gain nothing from a second
+    # thread, and on a busy 2-core machine OpenMP barriers made two threads up
+    # to 10x slower than one (measured); None keeps torch's choice.
+    cpu_threads: Optional[int] = 1
 
     @classmethod
     def from_toml(cls, path, **overrides) -> "ExperimentConfig":
@@ -118,6 +122,7 @@ class Experiment:
         self.progress = progress
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.work = self.out / "work"
+        self._target = None
         (self.out / "cells").mkdir(parents=True, exist_ok=True)
 
     # ---- data -------------------------------------------------------------
@@ -146,17 +151,32 @@ class Experiment:
         self.val_idx, self.train_idx = fvdata.split_indices(train_labels, c.val_shots, seed=0)
         self.mean, self.std = fvdata.channel_stats(self.source.beton)
 
+    def _threads(self, loader):
+        # Building an FFCV loader resets torch's thread count; restore ours.
+        if self.device.type == "cpu" and self.config.cpu_threads:
+            torch.set_num_threads(self.config.cpu_threads)
+        return loader
+
     def _eval_loader(self, beton, indices=None):
         c = self.config
-        return fvdata.eval_loader(beton, c.batch_size, resolution=c.image_size, mean=self.mean, std=self.std,
-                                  indices=indices, device=self.device)
+        return self._threads(fvdata.eval_loader(beton, c.batch_size, resolution=c.image_size, mean=self.mean,
+                                                std=self.std, indices=indices, device=self.device))
 
     def _train_loader(self, indices, seed: int):
         c = self.config
-        return fvdata.train_loader(self.source.beton, c.batch_size, resolution=c.image_size, mean=self.mean,
-                                   std=self.std, indices=indices, seed=seed, device=self.device,
-                                   scale=c.crop_scale, ratio=(1.0, 1.0) if c.crop_scale == (1.0, 1.0) else (3 / 4, 4 / 3),
-                                   flip=c.flip)
+        aspect = (1.0, 1.0) if c.crop_scale == (1.0, 1.0) else (3 / 4, 4 / 3)
+        return self._threads(fvdata.train_loader(
+            self.source.beton, c.batch_size, resolution=c.image_size, mean=self.mean, std=self.std,
+            indices=indices, seed=seed, device=self.device, scale=c.crop_scale, ratio=aspect, flip=c.flip))
+
+    def _target_loaders(self):
+        """The target's train / validation / test loaders, built once: every cell
+        reads the same target, and each FFCV loader costs a compile."""
+        if self._target is None:
+            self._target = (self._eval_loader(self.target_train, self.train_idx),
+                            self._eval_loader(self.target_train, self.val_idx),
+                            self._eval_loader(self.target_test))
+        return self._target
 
     # ---- surrogate --------------------------------------------------------
     def surrogate(self) -> Tuple[Path, float]:
@@ -219,9 +239,8 @@ class Experiment:
         rows = []
         for mode in c.modes:
             epochs, lr = (c.lp_epochs, c.lp_lr) if mode == "linear" else (c.ff_epochs, c.ff_lr)
-            out = train.finetune(model, self._eval_loader(self.target_train, self.train_idx),
-                                 self._eval_loader(self.target_train, self.val_idx),
-                                 self._eval_loader(self.target_test), num_classes=self.target_classes,
+            target_train, target_val, target_test = self._target_loaders()
+            out = train.finetune(model, target_train, target_val, target_test, num_classes=self.target_classes,
                                  mode=mode, epochs=epochs, lr=lr, seed=cell.seed, device=self.device,
                                  progress=self.progress)
             rows.append({
