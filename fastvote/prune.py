@@ -262,13 +262,66 @@ def resolve_data(x: DataInput, role: str, workdir: Path, progress: bool) -> _Dat
 # Views: surrogate outputs as streams of batches (what the methods read)
 # --------------------------------------------------------------------------
 
-class _TensorView:
-    def __init__(self, data: _Data, batch_size: int, num_classes: Optional[int], class_names):
+class _KeepThreads:
+    """An FFCV loader that leaves torch's thread count as the caller set it
+    (ffcv sets it to its worker count at the start of every pass)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        threads = torch.get_num_threads()
+        batches = iter(self.loader)
+        torch.set_num_threads(threads)
+        return batches
+
+
+class _SourceRows:
+    """What both views share for the sample-wise baselines: stream rows,
+    fingerprints and the score cache folder (see fastvote.methods.View)."""
+
+    data: _Data
+    workdir: Optional[Path]
+    surrogate_fingerprint: Optional[str]
+
+    @property
+    def num_rows(self) -> int:
+        return self.data.num_rows
+
+    @property
+    def fingerprint(self) -> Dict[str, Optional[str]]:
+        return {"source": self.data.fingerprint, "surrogate": self.surrogate_fingerprint}
+
+    @property
+    def cache_dir(self) -> Optional[Path]:
+        return None if self.workdir is None else self.workdir / "scores"
+
+    def _rows(self, identifiers: np.ndarray) -> np.ndarray:
+        """Source identifiers -> stream rows (int64)."""
+        ids = self.data.identifiers
+        if getattr(self, "_sorter", None) is None:
+            self._identity = np.array_equal(ids, np.arange(len(ids)))
+            self._sorter = np.argsort(ids, kind="stable")
+        identifiers = np.asarray(identifiers, dtype=np.int64)
+        if self._identity:
+            return identifiers
+        return self._sorter[np.searchsorted(ids[self._sorter], identifiers)].astype(np.int64)
+
+
+class _TensorView(_SourceRows):
+    def __init__(self, data: _Data, batch_size: int, num_classes: Optional[int], class_names, *,
+                 device=None, workdir: Optional[Path] = None):
         self.data = data
         self.batch_size = batch_size
         self.labels = data.labels
         self.num_classes = num_classes
         self.class_names = class_names
+        self.device = torch.device(device or "cpu")
+        self.workdir = workdir
+        self.surrogate_fingerprint = None  # precomputed outputs: the source fingerprint covers the surrogate
 
     def batches(self, want: Sequence[str]) -> Iterator[TensorDict]:
         missing = [w for w in want if w not in self.data.tensors]
@@ -277,20 +330,42 @@ class _TensorView:
         for start in range(0, self.data.num_rows, self.batch_size):
             yield {w: self.data.tensors[w][start:start + self.batch_size] for w in want}
 
+    def array(self, output: str) -> np.ndarray:
+        if output not in self.data.tensors:
+            raise ValueError(f"{self.data.description} lacks {output!r}, which this method needs")
+        return self.data.tensors[output].numpy()
 
-class _ModelView:
+    def _no_images(self, *_args, **_kw):
+        raise ValueError(f"{self.data.description}: this method trains models on the source images, but the "
+                         "source was given as precomputed outputs; pass the source as a .beton, a registry "
+                         "name or a Dataset")
+
+    samples = train_run = _no_images
+    recipe = property(_no_images)
+
+
+class _ModelView(_SourceRows):
     """Runs the surrogate over a beton (eval pipeline, file order). With a
     cache folder the first complete pass is kept on disk as .npy files, so
-    later passes (K-means) read features in chunks instead of recomputing."""
+    later passes (K-means) read features in chunks instead of recomputing.
+
+    For the sample-wise baselines it also gives whole columns (``array``,
+    cached under workdir/features), the source images (``samples``) and
+    training runs from scratch (``train_run``, models cached under
+    workdir/runs; the recipe is `train_config`, default TrainConfig())."""
 
     def __init__(self, data: _Data, model, prep: dict, *, batch_size: int, device, progress: bool,
-                 num_classes: Optional[int], class_names, cache: Optional[Path] = None):
+                 num_classes: Optional[int], class_names, cache: Optional[Path] = None,
+                 workdir: Optional[Path] = None, surrogate_fingerprint: Optional[str] = None, train_config=None):
         self.data, self.model, self.prep = data, model, prep
         self.batch_size, self.device, self.progress = batch_size, device, progress
         self.labels = data.labels
         self.num_classes = num_classes
         self.class_names = class_names
         self.cache = cache
+        self.workdir = workdir
+        self.surrogate_fingerprint = surrogate_fingerprint
+        self.train_config = train_config
 
     def _cached(self, want) -> bool:
         return self.cache is not None and all((self.cache / f"{w}.npy").is_file() for w in want)
@@ -303,8 +378,8 @@ class _ModelView:
             return
         from fastvote.features import iterate_outputs
 
-        loader = fvdata.eval_loader(self.data.beton, self.batch_size, resolution=self.prep["resolution"],
-                                    mean=self.prep["mean"], std=self.prep["std"])
+        loader = _KeepThreads(fvdata.eval_loader(self.data.beton, self.batch_size, resolution=self.prep["resolution"],
+                                                 mean=self.prep["mean"], std=self.prep["std"]))
         outputs = [w for w in want if w != "labels"]
         writers: Dict[str, np.ndarray] = {}
         row = 0
@@ -324,6 +399,63 @@ class _ModelView:
         for w, array in writers.items():  # a complete pass: publish the cache
             array.flush()
             os.replace(self.cache / f".{w}.partial.npy", self.cache / f"{w}.npy")
+
+    # ---- for the sample-wise baselines (fastvote.methods.View) -------------
+    def array(self, output: str) -> np.ndarray:
+        """The whole `output` column [N, ...] in stream order: one pass, kept
+        on disk (memory-mapped) when there is a workdir."""
+        if self.cache is None and self.workdir is not None and self.surrogate_fingerprint:
+            self.cache = self.workdir / "features" / (
+                f"{self.data.fingerprint.split(':')[1]}-{self.surrogate_fingerprint.split(':')[1]}")
+        if not self._cached((output,)):
+            parts = [b[output].cpu().numpy() for b in self.batches((output,))]
+            if not self._cached((output,)):
+                return np.concatenate(parts)
+        return np.load(self.cache / f"{output}.npy", mmap_mode="r")
+
+    def samples(self, batch_size: Optional[int] = None) -> Iterator[tuple]:
+        """(images float [B, 3, H, W] on device, labels int64 [B], rows int64 [B])
+        through the surrogate's eval preprocessing, in file order."""
+        batch_size = batch_size or self.batch_size
+        loaders = self.__dict__.setdefault("_sample_loaders", {})
+        if batch_size not in loaders:  # one loader a view: each new one costs a numba compile
+            loaders[batch_size] = fvdata.eval_loader(
+                self.data.beton, batch_size, resolution=self.prep["resolution"], mean=self.prep["mean"],
+                std=self.prep["std"], with_identifier=True, device=self.device)
+        for images, labels, identifiers in _KeepThreads(loaders[batch_size]):
+            yield images, labels, torch.from_numpy(self._rows(identifiers.cpu().numpy()))
+
+    def _config(self):
+        from fastvote.train import TrainConfig
+
+        return self.train_config or TrainConfig()
+
+    @property
+    def recipe(self) -> dict:
+        from fastvote import scores
+
+        return scores.recipe(self.model, self._config(), self.prep, self.num_classes)
+
+    def train_run(self, seed: int, epochs: int, on_batch=None):
+        """A fresh model of the surrogate's architecture trained `epochs`
+        epochs from scratch (fastvote.scores.train_run). Without on_batch a
+        finished run is reused from workdir/runs."""
+        from fastvote import models, scores
+
+        model = scores.fresh_model(self.model, self.num_classes, seed)
+        path = None
+        if self.workdir is not None:
+            key = hashlib.sha256(json.dumps([self.fingerprint, self.recipe, seed, epochs]).encode()).hexdigest()[:20]
+            path = self.workdir / "runs" / f"{key}.pt"
+            if on_batch is None and path.is_file():
+                models.load_state_dict_flexible(model, torch.load(path, map_location="cpu", weights_only=True))
+                return model.to(self.device).eval()
+        scores.train_run(model, self.data.beton, config=self._config(), epochs=epochs, prep=self.prep, seed=seed,
+                         device=self.device, rows_of=self._rows, on_batch=on_batch, progress=self.progress,
+                         desc=f"training run (seed {seed}, {epochs} epochs)")
+        if path is not None:
+            models.atomic_save(models.unwrap_model(model).state_dict(), path)
+        return model
 
 
 # --------------------------------------------------------------------------
@@ -413,11 +545,18 @@ def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], meth
         source, target: see the module docstring; `target` may be a list
             (multi-task: votes are summed; normalize_targets=True weighs each
             target equally).
-        method: "lm" or "fm" (fastvote.methods.METHODS).
-        ratio: the fraction of source classes REMOVED, 0 <= ratio < 1; or
-        keep: the number of classes kept (give exactly one).
+        method: "lm" or "fm", or a baseline (fastvote.methods.METHODS:
+            "random", "random-sample", "moderate", "grand", "el2n",
+            "forgetting", "ccs", "ssp"), optionally with its own options as
+            "name:key=value,..." (e.g. "ssp:keep_hard=false").
+        ratio: the fraction of source classes REMOVED, 0 <= ratio < 1 — for the
+            sample-wise baselines (all but lm, fm, random) the fraction of
+            source SAMPLES removed; or
+        keep: the number of classes (sample-wise: samples) kept (give exactly one).
         surrogate: None (train `arch` on the source with `train_config`), a
             checkpoint path (fastvote.models.save_checkpoint) or an nn.Module.
+            GraNd, EL2N, forgetting and CCS train fresh models of its
+            architecture with `train_config` (default TrainConfig()).
         k, weight, temperature: each target sample votes for its k best classes
             with weight "count" (the paper), "rank" or "soft".
         metric: FM distance, "l2" (the paper) or "cosine".
@@ -474,13 +613,20 @@ def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], meth
         group_names = [f"cluster {j}" for j in range(num_clusters)]
     else:
         group_names = src.class_names or [str(j) for j in range(num_classes)]
-    n_keep = keep_count(len(group_names), ratio=ratio, keep=keep)
+    # Class-wise methods keep classes (ratio: fraction of classes removed);
+    # sample-wise baselines keep samples (ratio: fraction of SAMPLES removed).
+    if module.CLASS_WISE:
+        n_keep, n_total = keep_count(len(group_names), ratio=ratio, keep=keep), len(group_names)
+    else:
+        n_keep, n_total = methods.base.sample_keep_count(src.num_rows, ratio=ratio, keep=keep), src.num_rows
 
     def view(data: _Data, cache: Optional[Path] = None):
         if data.tensors is not None:
-            return _TensorView(data, 4096, num_classes, src.class_names)
+            return _TensorView(data, 4096, num_classes, src.class_names, device=device, workdir=workdir)
         return _ModelView(data, model, prep, batch_size=batch_size, device=device, progress=progress,
-                          num_classes=num_classes, class_names=src.class_names, cache=cache)
+                          num_classes=num_classes, class_names=src.class_names, cache=cache, workdir=workdir,
+                          surrogate_fingerprint=surrogate_entry["fingerprint"] if surrogate_entry else None,
+                          train_config=train_config)
 
     feature_cache = None
     if label_free and src.tensors is None:  # K-means reads the source several times
@@ -493,13 +639,24 @@ def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], meth
     prune_seconds = time.perf_counter() - t0
     # Stream rows -> source positions (a beton may hold its samples in any order).
     indices = torch.from_numpy(np.sort(src.identifiers[selection.indices.numpy()]))
+    kept_classes, scores = selection.kept_classes, selection.scores
+    if not module.CLASS_WISE:  # per class: the classes still present, the mean sample score
+        kept_rows = selection.indices.numpy()
+        labels = np.asarray(src.labels, dtype=np.int64)
+        kept_per_class = np.bincount(labels[kept_rows], minlength=len(group_names))
+        kept_classes = torch.from_numpy(np.flatnonzero(kept_per_class).astype(np.int64))
+        sums = np.bincount(labels, weights=selection.scores.double().numpy(), minlength=len(group_names))
+        scores = torch.from_numpy(sums / np.maximum(np.bincount(labels, minlength=len(group_names)), 1))
+        selection.info = dict(selection.info, kept_per_class=kept_per_class.tolist(),
+                              class_scores="mean per-sample score of each class (all its samples)")
 
     arguments = dict(ratio=ratio, keep=keep, k=k, metric=metric, weight=weight, temperature=temperature,
                      reverse=reverse, centroids=centroids, num_clusters=num_clusters,
                      normalize_targets=normalize_targets, arch=arch, batch_size=batch_size, seed=seed)
     manifest = {
         "arguments": arguments,
-        "ratio_meaning": "fraction of source classes removed",
+        "ratio_meaning": ("fraction of source classes removed" if module.CLASS_WISE
+                          else "fraction of source samples removed"),
         "source": {"description": src.description, "fingerprint": src.fingerprint,
                    "beton": str(src.beton) if src.beton else None, "num_samples": src.num_rows,
                    "num_classes": len(group_names)},
@@ -515,6 +672,6 @@ def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], meth
                     "total": time.perf_counter() - started},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    return PruneResult(method=method, kept_classes=selection.kept_classes, indices=indices,
-                       votes=selection.votes, scores=selection.scores, class_names=group_names,
-                       ratio=1.0 - n_keep / len(group_names), manifest=manifest)
+    return PruneResult(method=method, kept_classes=kept_classes, indices=indices,
+                       votes=selection.votes, scores=scores, class_names=group_names,
+                       ratio=1.0 - n_keep / n_total, manifest=manifest)

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastvote.features import collect, iterate_outputs
-from fastvote.models import (ARCHS, Classifier, as_classifier, build_model, load_checkpoint,
+from fastvote.models import (ARCHS, as_classifier, build_model, load_checkpoint,
                              load_model, load_state_dict_flexible, save_checkpoint)
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
