@@ -35,13 +35,15 @@ def main(argv=None) -> int:
     p.add_argument("--surrogate-epochs", type=int, default=6)
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--device", default=None)
+    p.add_argument("--cpu-threads", type=int, default=None, help="torch threads on CPU (default: the experiment's)")
     p.add_argument("--results", help="append the table to this Markdown file")
     args = p.parse_args(argv)
 
     config = ExperimentConfig(methods=(args.method,), ratios=tuple(r for r in RATIOS if r > 0), seeds=(0,),
                               arch=args.arch, surrogate_arch=args.surrogate_arch, epochs=args.epochs,
                               surrogate_epochs=args.surrogate_epochs, image_size=args.image_size,
-                              device=args.device)
+                              device=args.device,
+                              **({} if args.cpu_threads is None else {"cpu_threads": args.cpu_threads}))
     # A fresh folder each run: cached steps would report no time.
     out = os.path.join(args.out, dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     exp = Experiment(config, out, progress=False)

@@ -93,8 +93,8 @@ def cmd_prune(args) -> int:
     out = result.save(args.out)
     png = plot_votes(result, out / "votes.png")
     print(summary_table(result))
-    print(f"\nkept {len(result.kept_classes)} of {len(result.class_names)} classes "
-          f"({len(result.indices)} samples); wrote {out}/indices.npy, classes.json, manifest.json and {png.name}")
+    print(f"\nkept {len(result.indices)} samples from {len(result.kept_classes)} of {len(result.class_names)} "
+          f"classes ({result.manifest['ratio_meaning']}: {result.ratio:.3f}); wrote {out}/indices.npy, classes.json, manifest.json and {png.name}")
     return 0
 
 
@@ -107,12 +107,12 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from fastvote.experiment import ExperimentConfig
+    from fastvote.experiment import DEMO_METHODS, ExperimentConfig
 
     print("[demo] haystack (30 source classes: Fashion-MNIST, MNIST digits, Animal-MNIST) -> sklearn digits "
           "(10-shot); LM, FM and Random keeping 15, 10 and 6 classes, and the unpruned source; "
           "tiny CNNs, linear probe. All data through FFCV.", flush=True)
-    return _run_experiment(ExperimentConfig(device=args.device), args.out)
+    return _run_experiment(ExperimentConfig(methods=DEMO_METHODS, device=args.device), args.out)
 
 
 def _run_experiment(config, out) -> int:
@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("prune", help="vote and keep the source classes the target needs")
     r.add_argument("--source", required=True, help=".beton or registry NAME[:SPLIT]")
     r.add_argument("--target", required=True, action="append", help=".beton or registry NAME[:SPLIT]; repeat for multi-task")
-    r.add_argument("--method", default="lm", help="lm|fm (default: lm)")
+    r.add_argument("--method", default="lm",
+                   help="lm|fm|random (class-wise: --ratio removes classes) or random-sample|moderate|grand|el2n|"
+                        "forgetting|ccs|ssp (sample-wise: --ratio removes samples); options as NAME:key=value,...")
     keep = r.add_mutually_exclusive_group(required=True)
     keep.add_argument("--ratio", type=float, help="fraction of source classes REMOVED (0 <= r < 1)")
     keep.add_argument("--keep", type=int, help="number of source classes kept")

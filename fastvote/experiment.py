@@ -33,18 +33,25 @@ from fastvote.prune import PruneResult, prune as prune_source, resolve_data
 from fastvote.select import keep_count
 
 UNPRUNED = "unpruned"
+# `fastvote experiment` runs every method. The demo (10 minutes on two cores)
+# runs the two voting methods, the random-class bar, and the cheaper
+# target-agnostic baselines (GraNd averaged over 2 runs instead of 10).
+ALL_METHODS = ("lm", "fm", "random", "random-sample", "moderate", "grand", "el2n", "forgetting", "ccs", "ssp")
+DEMO_METHODS = ("lm", "fm", "random", "random-sample", "moderate", "forgetting", "grand:runs=2")
 
 
 @dataclass
 class ExperimentConfig:
-    """One experiment. Ratios are fractions of source classes REMOVED."""
+    """One experiment. Ratios are the fraction REMOVED: of source classes for
+    the class-wise methods (lm, fm, random), of source samples for the
+    sample-wise baselines."""
 
     source: str = "haystack"               # registry name or .beton
     target: str = "digits"                 # registry name with train/test splits, or a pair of betons
     target_test: Optional[str] = None      # the test .beton when `target` is a .beton
     target_shots: int = 10                 # k-shot target training split (registry targets)
     val_shots: int = 3                     # per class, carved from the target's training split
-    methods: Tuple[str, ...] = ("lm", "fm", "random")
+    methods: Tuple[str, ...] = ALL_METHODS  # "name:key=value" passes a method's options
     ratios: Tuple[float, ...] = (0.5, 2 / 3, 0.8)
     unpruned: bool = True                  # also pretrain on the whole source
     seeds: Tuple[int, ...] = (0, 1)
@@ -110,7 +117,8 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{self.method}-r{self.ratio:.3f}-s{self.seed}"
+        name = self.method.replace(":", "_").replace(",", "_").replace("=", "-")
+        return f"{name}-r{self.ratio:.3f}-s{self.seed}"
 
 
 # --------------------------------------------------------------------------
@@ -201,14 +209,17 @@ class Experiment:
         """Prunes (or reloads a saved prune); returns the result and the pruning seconds."""
         c = self.config
         # LM and FM are deterministic given the surrogate: one prune serves every seed.
-        seeded = method not in ("lm", "fm")
-        folder = self.out / "prune" / (f"{method}-r{ratio:.3f}" + (f"-s{seed}" if seeded else ""))
+        seeded = method.partition(":")[0] not in ("lm", "fm")
+        name = method.replace(":", "_").replace(",", "_").replace("=", "-")  # a safe folder name
+        folder = self.out / "prune" / (f"{name}-r{ratio:.3f}" + (f"-s{seed}" if seeded else ""))
         if (folder / "manifest.json").is_file():
             result = PruneResult.load(folder)
         else:
+            # The baselines' early-training runs use the surrogate's recipe.
+            recipe = train.TrainConfig(epochs=c.surrogate_epochs, batch_size=c.batch_size, lr=c.surrogate_lr, seed=0)
             result = prune_source(self.source.beton, self.target_train, method=method, ratio=ratio, surrogate=surrogate,
-                           k=c.k, metric=c.metric, weight=c.weight, batch_size=c.batch_size, seed=seed,
-                           device=self.device, workdir=self.work, progress=self.progress)
+                                  k=c.k, metric=c.metric, weight=c.weight, batch_size=c.batch_size, seed=seed,
+                                  train_config=recipe, device=self.device, workdir=self.work, progress=self.progress)
             result.save(folder)
             from fastvote.plots import plot_votes
             plot_votes(result, folder / "votes.png")
@@ -245,6 +256,7 @@ class Experiment:
                                  progress=self.progress)
             rows.append({
                 "method": cell.method, "ratio": round(cell.ratio, 4), "keep": len(kept), "seed": cell.seed,
+                "class_wise": cell.method == UNPRUNED or methods.get(cell.method).CLASS_WISE,
                 "mode": mode, "test_acc": out["test_acc"], "val_acc": out["val_acc"], "best_epoch": out["best_epoch"],
                 "source_samples": len(indices) if indices is not None else self.source.num_rows,
                 "surrogate_seconds": surrogate_seconds, "prune_seconds": prune_seconds,
@@ -282,7 +294,7 @@ class Experiment:
 # Reports
 # --------------------------------------------------------------------------
 
-CSV_FIELDS = ["method", "ratio", "keep", "seed", "mode", "test_acc", "val_acc", "best_epoch", "source_samples",
+CSV_FIELDS = ["method", "ratio", "keep", "class_wise", "seed", "mode", "test_acc", "val_acc", "best_epoch", "source_samples",
               "surrogate_seconds", "prune_seconds", "pretrain_seconds", "kept_classes"]
 
 
@@ -320,9 +332,12 @@ def results_markdown(rows: Sequence[dict]) -> str:
         methods_ = [meth for meth in dict.fromkeys(r["method"] for r in rows) if meth != UNPRUNED]
         unpruned = table.get((mode, UNPRUNED, 0.0))
         base = _mean_std(unpruned)[0] if unpruned else None
-        keeps = {float(r["ratio"]): r["keep"] for r in rows}
+        # The header's "keep" counts classes; sample-wise methods remove the same
+        # fraction of samples instead (results.csv has their sample counts).
+        keeps = {float(r["ratio"]): r["keep"] for r in rows if r.get("class_wise", True)}
         out.write(f"\n### Transfer accuracy, {mode} {'probe' if mode == 'linear' else 'finetune'} (%, mean ± std over seeds)\n\n")
-        head = ["method"] + [f"ratio {r:.2f} (keep {keeps[r]})" for r in ratios] + (["unpruned"] if unpruned else [])
+        head = ["method"] + [f"ratio {r:.2f}" + (f" (keep {keeps[r]} classes)" if r in keeps else "") for r in ratios] \
+            + (["unpruned"] if unpruned else [])
         out.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
         best = {r: max((_mean_std(table[(mode, meth, r)])[0] for meth in methods_ if (mode, meth, r) in table),
                        default=None) for r in ratios}

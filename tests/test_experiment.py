@@ -14,7 +14,7 @@ from fastvote.experiment import Experiment, ExperimentConfig  # noqa: E402
 needs_data = pytest.mark.skipif(bool(missing("haystack") or missing("digits")),
                                 reason=f"offline datasets missing: {missing('haystack') or missing('digits')}")
 
-TINY = dict(methods=("lm", "fm", "random"), ratios=(0.8,), seeds=(0,), image_size=8, surrogate_epochs=1,
+TINY = dict(methods=("lm", "fm", "random", "moderate"), ratios=(0.8,), seeds=(0,), image_size=8, surrogate_epochs=1,
             epochs=1, lp_epochs=3, modes=("linear",), batch_size=512, device="cpu")
 
 
@@ -22,7 +22,8 @@ TINY = dict(methods=("lm", "fm", "random"), ratios=(0.8,), seeds=(0,), image_siz
 def test_tiny_experiment_writes_everything_and_resumes(tmp_path):
     out = tmp_path / "run"
     rows = Experiment(ExperimentConfig(**TINY), out, progress=False).run()
-    assert {(r["method"], r["seed"]) for r in rows} == {("lm", 0), ("fm", 0), ("random", 0), ("unpruned", 0)}
+    assert {(r["method"], r["seed"]) for r in rows} == {("lm", 0), ("fm", 0), ("random", 0), ("moderate", 0),
+                                                         ("unpruned", 0)}
     for name in ("results.csv", "results.md", "accuracy_vs_ratio.png", "time_vs_ratio.png", "surrogate.pt",
                  "config.json"):
         assert (out / name).is_file(), name
@@ -31,12 +32,16 @@ def test_tiny_experiment_writes_everything_and_resumes(tmp_path):
     assert (out / "prune" / "random-r0.800-s0" / "indices.npy").is_file()
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 4
+    assert len(table) == 5
     for r in table:
         assert 0.0 <= float(r["test_acc"]) <= 1.0
-        assert int(r["keep"]) == (30 if r["method"] == "unpruned" else 6)
+        if r["method"] in ("lm", "fm", "random"):  # class-wise: 80% of 30 classes removed
+            assert int(r["keep"]) == 6 and r["class_wise"] == "True"
+    by_method = {r["method"]: r for r in table}
+    assert int(by_method["unpruned"]["source_samples"]) == 15000
+    assert int(by_method["moderate"]["source_samples"]) == 3000  # sample-wise: 80% of samples removed
     markdown = (out / "results.md").read_text()
-    assert "| LM |" in markdown and "| Unpruned |" in markdown and "keep 6" in markdown
+    assert "| LM |" in markdown and "| Unpruned |" in markdown and "keep 6 classes" in markdown
 
     # A rerun finds every cell finished and recomputes nothing.
     cells = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}

@@ -109,7 +109,7 @@ def test_cli_prune_writes_result_plot_and_table(setup, tmp_path):
                "--out", out, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert {p.name for p in out.iterdir()} == {"indices.npy", "classes.json", "manifest.json", "votes.png"}
-    assert "D:" in done.stdout and "kept 10 of 30 classes" in done.stdout
+    assert "D:" in done.stdout and "from 10 of 30 classes" in done.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["surrogate"]["kind"] == "checkpoint" and manifest["preprocessing"]["resolution"] == SIZE
 
