@@ -32,7 +32,7 @@ from tqdm import tqdm
 from fastvote import data as fvdata
 from fastvote.features import resolve_amp
 from fastvote.models import Classifier, as_classifier, build_model
-from fastvote.train import TrainConfig
+from fastvote.train import TrainConfig, training_setup
 
 OnBatch = Callable[[Tensor, Tensor, Tensor], None]  # (rows int64 [B], logits [B, K], labels [B])
 
@@ -85,13 +85,7 @@ def train_run(model: nn.Module, beton, *, config: TrainConfig, epochs: int, prep
                                  std=prep["std"], seed=seed, order="random", drop_last=False, with_identifier=True,
                                  scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, device=device)
     torch.set_num_threads(threads)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    optimizer, scaler, criterion = training_setup(model, config, device, amp)
     iters = len(loader)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

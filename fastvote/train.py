@@ -53,7 +53,7 @@ from .models import (Classifier, as_classifier, atomic_save, load_state_dict_fle
                      save_checkpoint, unwrap_model)
 
 __all__ = [
-    "TrainConfig", "train_classifier", "finetune", "evaluate",
+    "TrainConfig", "train_classifier", "training_setup", "finetune", "evaluate",
     "FINETUNE_MODES", "FINETUNE_OPTIMIZERS", "FINETUNE_DEFAULTS", "STATE_FILE", "MODEL_FILE",
 ]
 
@@ -287,6 +287,19 @@ def _check_resumable(saved: Dict[str, Any], config: TrainConfig, path: Path) -> 
                          f"checkpoint_dir")
 
 
+def training_setup(model: nn.Module, config: TrainConfig, device: torch.device, amp: bool):
+    """Moves `model` to `device` (channels-last on CUDA) and builds the recipe's
+    SGD optimizer, AMP grad scaler and loss: (optimizer, scaler, criterion)."""
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    return optimizer, scaler, criterion
+
+
 def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, device,
                      checkpoint_dir=None, progress: bool = True,
                      val_loader: Optional[Iterable] = None,
@@ -330,13 +343,7 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
         raise ValueError(f"train_loader.batch_size={loader_batch} but config.batch_size="
                          f"{config.batch_size}: build the loader with the config's batch size "
                          f"(the learning rate is tuned to it)")
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    optimizer, scaler, criterion = training_setup(model, config, device, amp)
     history: Dict[str, list] = {k: [] for k in
                                 ("epoch", "lr", "train_loss", "train_acc", "val_acc", "seconds")}
     start = 0
