@@ -70,7 +70,7 @@ def cmd_surrogate(args) -> int:
     config = _train_config(args)
     model = models.build_model(args.arch, src.num_classes, image_size=resolution)
     loader = data.train_loader(src.beton, config.batch_size, resolution=resolution, mean=mean, std=std,
-                               seed=args.seed, flip=not args.no_flip)
+                               seed=args.seed, flip=not args.no_flip, **data.default_crop(resolution))
     history = train.train_classifier(model, loader, config, device=_device(args), progress=True,
                                      checkpoint_dir=args.out + ".ckpt")
     models.save_checkpoint(args.out, model, resolution=resolution, mean=list(mean), std=list(std),

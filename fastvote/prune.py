@@ -516,7 +516,7 @@ def _train_surrogate(source: _Data, *, arch, train_config, image_size, mean, std
     else:
         model = models.build_model(arch, source.num_classes, image_size=resolution)
         loader = fvdata.train_loader(source.beton, config.batch_size, resolution=resolution, mean=mean,
-                                     std=std, seed=seed, flip=False)
+                                     std=std, seed=seed, flip=False, **fvdata.default_crop(resolution))
         train.train_classifier(model, loader, config, device=device, progress=progress,
                                checkpoint_dir=workdir / "surrogates" / f"{arch}-{key}-ckpt")
         models.save_checkpoint(path, model, **prep)

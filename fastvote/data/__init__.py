@@ -6,7 +6,7 @@ raise an ImportError naming the install command when it is missing.
 """
 from .beton import (classes_path, iter_samples, read_classes, read_columns, write_beton,
                     write_image_folder, write_offline)
-from .loaders import (IMAGENET_MEAN, IMAGENET_STD, channel_stats, eval_loader,
+from .loaders import (IMAGENET_MEAN, IMAGENET_STD, channel_stats, default_crop, eval_loader,
                       train_loader)
 from .registry import (ArrayDataset, cache_dir, get, missing, names, split_indices,
                        splits)
@@ -15,5 +15,5 @@ __all__ = [
     "ArrayDataset", "get", "names", "splits", "missing", "split_indices", "cache_dir",
     "write_beton", "write_image_folder", "write_offline", "read_classes", "classes_path",
     "iter_samples", "read_columns",
-    "eval_loader", "train_loader", "channel_stats", "IMAGENET_MEAN", "IMAGENET_STD",
+    "eval_loader", "train_loader", "default_crop", "channel_stats", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
