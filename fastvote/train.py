@@ -57,6 +57,9 @@ __all__ = [
     "FINETUNE_MODES", "FINETUNE_OPTIMIZERS", "FINETUNE_DEFAULTS", "STATE_FILE", "MODEL_FILE",
 ]
 
+# perturb(model, images, labels) -> images: a training-batch transform that sees the model
+Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
 STATE_FILE = "train_state.pt"  # the resumable state, replaced at the end of every epoch
 MODEL_FILE = "model.pt"        # the trained model (save_checkpoint format), when training ends
 _STATE_FORMAT = "fastvote.train_state"
@@ -216,9 +219,10 @@ def _batches_per_epoch(loader: Iterable, name: str) -> int:
 def _train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, criterion: nn.Module,
                  lr_at: Callable[[int], float], *, device: torch.device, amp: bool,
-                 total: Optional[int], progress: bool, desc: str,
-                 log_every: int) -> Tuple[float, float]:
-    """One pass of SGD-style training; the rate of iteration i is ``lr_at(i)``.
+                 total: Optional[int], progress: bool, desc: str, log_every: int,
+                 perturb: Optional[Perturb] = None) -> Tuple[float, float]:
+    """One pass of SGD-style training; the rate of iteration i is ``lr_at(i)``;
+    ``perturb`` (if given) replaces each batch's images before the step.
 
     Returns (mean loss, top-1 accuracy) over the pass's samples.
     """
@@ -234,6 +238,8 @@ def _train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Opt
         if channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
+        if perturb is not None:
+            images = perturb(model, images, labels)
         lr = lr_at(i)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -304,8 +310,8 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
                      checkpoint_dir=None, progress: bool = True,
                      val_loader: Optional[Iterable] = None,
                      on_epoch_start: Optional[Callable[[int], None]] = None,
-                     on_epoch_end: Optional[Callable[[int, Dict[str, list]], None]] = None
-                     ) -> Dict[str, list]:
+                     on_epoch_end: Optional[Callable[[int, Dict[str, list]], None]] = None,
+                     perturb: Optional[Perturb] = None) -> Dict[str, list]:
     """Supervised training with cross-entropy; resumable, deterministic per epoch.
 
     Args:
@@ -328,6 +334,10 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
             set the loader's resolution from ``config.resolution_at(epoch)``).
         on_epoch_end: called with the epoch index and the history after each epoch's
             checkpoint is written.
+        perturb: ``perturb(model, images, labels) -> images``, applied to every
+            training batch before the forward pass (adversarial training:
+            :class:`fastvote.adversarial.PGD`); it must leave ``model``'s mode as
+            it found it (train).
 
     Returns:
         history: lists with one entry per finished epoch (including epochs done
@@ -375,7 +385,7 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
             model, train_loader, optimizer, scaler, criterion,
             lambda i: config.lr_at(epoch + i / iters), device=device, amp=amp, total=iters,
             progress=progress, desc=f"epoch {epoch + 1}/{config.epochs}",
-            log_every=config.log_every)
+            log_every=config.log_every, perturb=perturb)
         val_acc = (evaluate(model, val_loader, device, amp=amp, progress=progress, desc="val")
                    if val_loader is not None else None)
         record = {"epoch": epoch, "lr": config.lr_at(epoch + (iters - 1) / iters),
