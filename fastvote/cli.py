@@ -7,6 +7,9 @@
     fastvote prune --source haystack --target digits --method lm --ratio 0.6 --out runs/lm
     fastvote experiment --config exp.toml --out runs/exp   # surrogate -> prune -> pretrain -> transfer
     fastvote demo --out runs/demo                          # the offline benchmark, end to end
+
+Under torchrun every command that computes (surrogate, prune, experiment) runs
+distributed unchanged: torchrun --nproc_per_node 2 -m fastvote.cli prune ...
 """
 from __future__ import annotations
 
@@ -61,26 +64,31 @@ def cmd_data(args) -> int:
 
 
 def cmd_surrogate(args) -> int:
-    from fastvote import data, models, train
+    from fastvote import data, distributed, models, train
     from fastvote.prune import resolve_data, workdir_path
 
-    src = resolve_data(args.source, "source", workdir_path(args.workdir), True)
+    distributed.init_from_env(args.device)  # under torchrun: DDP training
+    with distributed.main_first():
+        src = resolve_data(args.source, "source", workdir_path(args.workdir), distributed.is_main())
     resolution = args.image_size or src.image_size
     mean, std = data.channel_stats(src.beton)
     config = _train_config(args)
     model = models.build_model(args.arch, src.num_classes, image_size=resolution)
     loader = data.train_loader(src.beton, config.batch_size, resolution=resolution, mean=mean, std=std,
-                               seed=args.seed, flip=not args.no_flip, **data.default_crop(resolution))
-    history = train.train_classifier(model, loader, config, device=_device(args), progress=True,
+                               seed=args.seed, flip=not args.no_flip, distributed=distributed.active(),
+                               **data.default_crop(resolution))
+    history = train.train_classifier(model, loader, config, device=_device(args), progress=distributed.is_main(),
                                      checkpoint_dir=args.out + ".ckpt")
-    models.save_checkpoint(args.out, model, resolution=resolution, mean=list(mean), std=list(std),
-                           class_names=src.class_names)
-    print(f"saved the surrogate to {args.out} (final train accuracy {history.get('train_acc', ['?'])[-1]})")
+    if distributed.is_main():
+        models.save_checkpoint(args.out, model, resolution=resolution, mean=list(mean), std=list(std),
+                               class_names=src.class_names)
+        print(f"saved the surrogate to {args.out} (final train accuracy {history['train_acc'][-1]:.4f})")
     return 0
 
 
 def cmd_prune(args) -> int:
     import fastvote
+    from fastvote import distributed
     from fastvote.plots import plot_votes
 
     result = fastvote.prune(
@@ -90,6 +98,8 @@ def cmd_prune(args) -> int:
         num_clusters=args.num_clusters, normalize_targets=args.normalize_targets, arch=args.arch,
         train_config=_train_config(args), image_size=args.image_size, device=args.device,
         batch_size=args.batch_size, seed=args.seed, workdir=args.workdir, progress=True)
+    if not distributed.is_main():  # every rank holds the same result; rank 0 writes it
+        return 0
     out = result.save(args.out)
     png = plot_votes(result, out / "votes.png")
     print(summary_table(result))
@@ -168,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_surrogate_options(t)
 
     r = sub.add_parser("prune", help="vote and keep the source classes the target needs")
-    r.add_argument("--source", required=True, help=".beton or registry NAME[:SPLIT]")
-    r.add_argument("--target", required=True, action="append", help=".beton or registry NAME[:SPLIT]; repeat for multi-task")
+    r.add_argument("--source", required=True, help=".beton, registry NAME[:SPLIT], or a folder of precomputed "
+                                                   "surrogate outputs (features.npy / logits.npy / labels.npy)")
+    r.add_argument("--target", required=True, action="append",
+                   help="as --source (no labels needed); repeat for multi-task")
     r.add_argument("--method", default="lm",
                    help="lm|fm|random (class-wise: --ratio removes classes) or random-sample|moderate|grand|el2n|"
                         "forgetting|ccs|ssp (sample-wise: --ratio removes samples); options as NAME:key=value,...")
@@ -203,11 +215,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         build_parser().error("data write: give a registry NAME[:SPLIT] or --image-folder ROOT")
     handler = {"data": cmd_data, "surrogate": cmd_surrogate, "prune": cmd_prune,
                "experiment": cmd_experiment, "demo": cmd_demo}[args.command]
+    from fastvote import distributed
+
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError, IndexError) as exc:
         print(f"fastvote {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

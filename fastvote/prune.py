@@ -33,13 +33,18 @@ from torch import Tensor
 
 import fastvote
 from fastvote import data as fvdata
+from fastvote import distributed
+from fastvote.data.npy import NpyRows, NpyWriter
 from fastvote import methods
 from fastvote.select import keep_count
 
 TensorDict = Dict[str, Tensor]
+Column = Union[Tensor, NpyRows]  # in memory, or a .npy file read a chunk at a time
 DataInput = Union[str, os.PathLike, TensorDict, object]
 
 OUTPUT_FILES = ("indices.npy", "classes.json", "manifest.json")
+OUTPUT_NAMES = ("logits", "features", "labels")  # precomputed surrogate outputs
+PRECOMPUTED_BATCH = 16384  # rows a read of precomputed outputs (32 MB of 512-d float32)
 DEFAULT_ARCH = "resnet18"
 
 
@@ -77,9 +82,12 @@ class PruneResult:
         """Writes indices.npy, classes.json and manifest.json into `directory`.
 
         The three files are written into a temporary folder beside it and moved
-        in by renames, so a reader never sees a half-written result.
+        in by renames, so a reader never sees a half-written result. Under
+        torchrun only rank 0 writes (every rank holds the same result).
         """
         directory = Path(directory)
+        if not distributed.is_main():
+            return directory
         directory.parent.mkdir(parents=True, exist_ok=True)
         # Staged beside the target: a failure leaves no partial result folder.
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -151,7 +159,7 @@ class _Data:
     description: str
     fingerprint: str
     beton: Optional[Path] = None
-    tensors: Optional[TensorDict] = None
+    outputs: Optional[Dict[str, Column]] = None  # precomputed surrogate outputs
     labels: Optional[np.ndarray] = None        # file (stream) order
     identifiers: Optional[np.ndarray] = None   # source position of each stream row
     class_names: Optional[List[str]] = None
@@ -190,6 +198,34 @@ def _fingerprint_tensors(tensors: TensorDict) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
+def _fingerprint_outputs(outputs: Dict[str, Column]) -> str:
+    """Tensors are hashed whole; files by their sampled fingerprint."""
+    files = {k: v for k, v in outputs.items() if isinstance(v, NpyRows)}
+    if not files:
+        return _fingerprint_tensors(outputs)
+    h = hashlib.sha256(_fingerprint_tensors({k: v for k, v in outputs.items() if k not in files}).encode())
+    for key in sorted(files):
+        h.update(key.encode() + _fingerprint_file(files[key].path).encode())
+    return "sampled-sha256:" + h.hexdigest()[:32]
+
+
+def _column(value, name: str) -> Column:
+    """A precomputed output: a tensor or array (held in memory), or a path to a
+    .npy file (read a chunk at a time, for outputs larger than memory)."""
+    if isinstance(value, (str, os.PathLike)):
+        if not str(value).endswith(".npy"):
+            raise ValueError(f"{name}={str(value)!r}: expected a path to a .npy file")
+        return NpyRows(value)
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, RuntimeError, ValueError):
+        raise TypeError(f"{name} has type {type(value).__name__}; expected a tensor, an array or a path to "
+                        "a .npy file") from None
+    if tensor.dim() == 0:
+        raise ValueError(f"{name} is a scalar; expected one row per sample")
+    return tensor
+
+
 def _fingerprint_dataset(dataset) -> str:
     """A dataset has no file to hash: its length, classes and 16 spread samples."""
     h = hashlib.sha256(f"{type(dataset).__name__}:{len(dataset)}:{getattr(dataset, 'classes', None)}".encode())
@@ -218,18 +254,30 @@ def workdir_path(workdir) -> Path:
 
 def resolve_data(x: DataInput, role: str, workdir: Path, progress: bool) -> _Data:
     """Turns any accepted input into a _Data (writing a beton if needed)."""
+    if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
+        x = {name: Path(x) / f"{name}.npy" for name in OUTPUT_NAMES if (Path(x) / f"{name}.npy").is_file()}
+        if not x:
+            raise ValueError(f"{role}: the folder holds none of {[n + '.npy' for n in OUTPUT_NAMES]}; expected "
+                             "precomputed surrogate outputs there")
     if isinstance(x, dict):
-        unknown = set(x) - {"logits", "features", "labels"}
+        unknown = set(x) - set(OUTPUT_NAMES)
         if unknown or not ({"logits", "features"} & set(x)):
-            raise ValueError(f"{role}: a dict of precomputed outputs needs 'logits' and/or 'features' "
-                             f"(and 'labels' for the source); got keys {sorted(x)}")
-        tensors = {k: torch.as_tensor(v) for k, v in x.items()}
-        n = {len(v) for v in tensors.values()}
+            raise ValueError(f"{role}: precomputed outputs need 'logits' and/or 'features' (and 'labels' for "
+                             f"the source); got keys {sorted(x)}")
+        outputs = {k: _column(v, f"{role}[{k!r}]") for k, v in x.items()}
+        n = {len(v) for v in outputs.values()}
         if len(n) != 1:
-            raise ValueError(f"{role}: the tensors have different row counts {sorted(n)}")
-        labels = tensors["labels"].long().numpy() if "labels" in tensors else None
-        return _Data(description=f"{role}: precomputed {sorted(tensors)}", fingerprint=_fingerprint_tensors(tensors),
-                     tensors=tensors, labels=labels, identifiers=np.arange(n.pop()))
+            raise ValueError(f"{role}: the outputs have different row counts "
+                             f"{ {k: len(v) for k, v in outputs.items()} }")
+        labels = outputs.pop("labels", None)
+        if isinstance(labels, NpyRows):
+            labels = torch.from_numpy(labels.load())
+        if labels is not None:
+            labels = labels.long()
+            outputs["labels"] = labels
+        return _Data(description=f"{role}: precomputed {sorted(outputs)}", fingerprint=_fingerprint_outputs(outputs),
+                     outputs=outputs, labels=None if labels is None else labels.numpy(),
+                     identifiers=np.arange(n.pop()))
     if isinstance(x, (str, os.PathLike)):
         text = str(x)
         if text.endswith(".beton") or Path(text).is_file():
@@ -255,7 +303,7 @@ def resolve_data(x: DataInput, role: str, workdir: Path, progress: bool) -> _Dat
         data.fingerprint = fp
         return data
     raise TypeError(f"{role} has type {type(x).__name__}; expected a .beton path, a registry name, a "
-                    "map-style Dataset or a dict of precomputed tensors")
+                    "map-style Dataset, a dict of precomputed outputs or a folder of them")
 
 
 # --------------------------------------------------------------------------
@@ -311,6 +359,10 @@ class _SourceRows:
         return self._sorter[np.searchsorted(ids[self._sorter], identifiers)].astype(np.int64)
 
 
+def _rows_of(column: Column, start: int, stop: int) -> Tensor:
+    return torch.from_numpy(column.read(start, stop)) if isinstance(column, NpyRows) else column[start:stop]
+
+
 class _TensorView(_SourceRows):
     def __init__(self, data: _Data, batch_size: int, num_classes: Optional[int], class_names, *,
                  device=None, workdir: Optional[Path] = None):
@@ -323,17 +375,20 @@ class _TensorView(_SourceRows):
         self.workdir = workdir
         self.surrogate_fingerprint = None  # precomputed outputs: the source fingerprint covers the surrogate
 
-    def batches(self, want: Sequence[str]) -> Iterator[TensorDict]:
-        missing = [w for w in want if w not in self.data.tensors]
+    def batches(self, want: Sequence[str], shard: bool = False) -> Iterator[TensorDict]:
+        missing = [w for w in want if w not in self.data.outputs]
         if missing:
             raise ValueError(f"{self.data.description} lacks {missing}, which this method needs")
-        for start in range(0, self.data.num_rows, self.batch_size):
-            yield {w: self.data.tensors[w][start:start + self.batch_size] for w in want}
+        rows = distributed.shard(self.data.num_rows) if shard else range(self.data.num_rows)
+        for start in range(rows.start, rows.stop, self.batch_size):
+            stop = min(start + self.batch_size, rows.stop)
+            yield {w: _rows_of(self.data.outputs[w], start, stop) for w in want}
 
     def array(self, output: str) -> np.ndarray:
-        if output not in self.data.tensors:
+        if output not in self.data.outputs:
             raise ValueError(f"{self.data.description} lacks {output!r}, which this method needs")
-        return self.data.tensors[output].numpy()
+        column = self.data.outputs[output]
+        return np.load(column.path, mmap_mode="r") if isinstance(column, NpyRows) else column.numpy()
 
     def _no_images(self, *_args, **_kw):
         raise ValueError(f"{self.data.description}: this method trains models on the source images, but the "
@@ -367,38 +422,59 @@ class _ModelView(_SourceRows):
         self.surrogate_fingerprint = surrogate_fingerprint
         self.train_config = train_config
 
-    def _cached(self, want) -> bool:
-        return self.cache is not None and all((self.cache / f"{w}.npy").is_file() for w in want)
+    def _cache_files(self, want, shard: bool) -> Dict[str, Path]:
+        """The cache file of each output: the whole stream, or this rank's shard."""
+        tag = f".rank{distributed.rank()}of{distributed.world_size()}" if shard and distributed.active() else ""
+        return {w: self.cache / f"{w}{tag}.npy" for w in want}
 
-    def batches(self, want: Sequence[str]) -> Iterator[TensorDict]:
-        if self._cached(want):
-            arrays = {w: np.load(self.cache / f"{w}.npy", mmap_mode="r") for w in want}
-            for start in range(0, self.data.num_rows, self.batch_size):
-                yield {w: torch.from_numpy(np.array(a[start:start + self.batch_size])) for w, a in arrays.items()}
+    def _cached(self, want, shard: bool = False) -> bool:
+        return self.cache is not None and all(p.is_file() for p in self._cache_files(want, shard).values())
+
+    def batches(self, want: Sequence[str], shard: bool = False) -> Iterator[TensorDict]:
+        """One pass over the stream rows (with shard=True: this rank's rows,
+        fastvote.distributed.shard), from the cache when it has them."""
+        rows = distributed.shard(self.data.num_rows) if shard else range(self.data.num_rows)
+        if self._cached(want):  # the whole stream is cached: any shard reads its rows from it
+            files, first = self._cache_files(want, False), rows.start
+        elif shard and self._cached(want, shard=True):
+            files, first = self._cache_files(want, True), 0
+        else:
+            files = None
+        if files is not None:
+            columns = {w: NpyRows(path) for w, path in files.items()}
+            for start in range(rows.start, rows.stop, self.batch_size):
+                stop = min(start + self.batch_size, rows.stop)
+                yield {w: torch.from_numpy(c.read(start - first, stop - first)) for w, c in columns.items()}
             return
+        yield from self._compute(want, rows, shard)
+
+    def _compute(self, want: Sequence[str], rows: range, shard: bool) -> Iterator[TensorDict]:
+        """Runs the surrogate over `rows`; with a cache folder a complete pass is kept."""
         from fastvote.features import iterate_outputs
 
+        if len(rows) == 0:
+            return
+        positions = None if len(rows) == self.data.num_rows else self.data.identifiers[rows.start:rows.stop]
         loader = _KeepThreads(fvdata.eval_loader(self.data.beton, self.batch_size, resolution=self.prep["resolution"],
-                                                 mean=self.prep["mean"], std=self.prep["std"]))
+                                                 mean=self.prep["mean"], std=self.prep["std"], indices=positions))
         outputs = [w for w in want if w != "labels"]
-        writers: Dict[str, np.ndarray] = {}
-        row = 0
-        for batch in iterate_outputs(self.model, loader, device=self.device, want=tuple(outputs),
-                                     progress=self.progress, desc=self.data.description):
-            out = {w: batch[w] for w in want}
-            if self.cache is not None:
+        files = self._cache_files(want, shard) if self.cache is not None else {}
+        writers: Dict[str, NpyWriter] = {}
+        try:
+            for batch in iterate_outputs(self.model, loader, device=self.device, want=tuple(outputs),
+                                         progress=self.progress, desc=self.data.description):
+                out = {w: batch[w] for w in want}
                 for w, t in out.items():
-                    if w not in writers:
-                        self.cache.mkdir(parents=True, exist_ok=True)
-                        writers[w] = np.lib.format.open_memmap(
-                            self.cache / f".{w}.partial.npy", mode="w+", dtype=t.cpu().numpy().dtype,
-                            shape=(self.data.num_rows, *t.shape[1:]))
-                    writers[w][row:row + len(t)] = t.cpu().numpy()
-            row += len(next(iter(out.values())))
-            yield out
-        for w, array in writers.items():  # a complete pass: publish the cache
-            array.flush()
-            os.replace(self.cache / f".{w}.partial.npy", self.cache / f"{w}.npy")
+                    if files and w not in writers:
+                        writers[w] = NpyWriter(files[w], (len(rows), *t.shape[1:]), t.cpu().numpy().dtype)
+                    if w in writers:
+                        writers[w].write(t.cpu().numpy())
+                yield out
+            for writer in writers.values():  # a complete pass: publish the cache
+                writer.close()
+        finally:  # an abandoned or failed pass leaves no cache file
+            for writer in writers.values():
+                writer.abort()
 
     # ---- for the sample-wise baselines (fastvote.methods.View) -------------
     def array(self, output: str) -> np.ndarray:
@@ -510,20 +586,26 @@ def _train_surrogate(source: _Data, *, arch, train_config, image_size, mean, std
     key = hashlib.sha256(json.dumps([source.fingerprint, arch, prep, repr(config)]).encode()).hexdigest()[:16]
     path = workdir / "surrogates" / f"{arch}-{key}.pt"
     started = time.perf_counter()
-    if path.is_file():
-        model = models.load_model(path)
-        cached = True
+    cached = distributed.broadcast_object(path.is_file())  # rank 0's cache decides for every rank
+    if cached:
+        model = models.load_model(path) if distributed.is_main() else models.build_model(
+            arch, source.num_classes, image_size=resolution)
+        models.load_state_dict_flexible(model, distributed.broadcast_object(
+            models.unwrap_model(model).state_dict() if distributed.is_main() else None))
     else:
         model = models.build_model(arch, source.num_classes, image_size=resolution)
+        # under torchrun: DDP, each rank reading its shard of every epoch
         loader = fvdata.train_loader(source.beton, config.batch_size, resolution=resolution, mean=mean,
-                                     std=std, seed=seed, flip=False, **fvdata.default_crop(resolution))
+                                     std=std, seed=seed, flip=False, distributed=distributed.active(),
+                                     **fvdata.default_crop(resolution))
         train.train_classifier(model, loader, config, device=device, progress=progress,
                                checkpoint_dir=workdir / "surrogates" / f"{arch}-{key}-ckpt")
-        models.save_checkpoint(path, model, **prep)
-        cached = False
-    entry = {"kind": "trained", "arch": arch, "path": str(path), "fingerprint": _fingerprint_file(path),
-             "config": repr(config), "reused_from_cache": cached,
-             "seconds": time.perf_counter() - started}
+        if distributed.is_main():
+            models.save_checkpoint(path, model, **prep)
+    entry = distributed.broadcast_object(
+        {"kind": "trained", "arch": arch, "path": str(path), "fingerprint": _fingerprint_file(path),
+         "config": repr(config), "reused_from_cache": cached,
+         "seconds": time.perf_counter() - started} if distributed.is_main() else None)
     return model, prep, entry
 
 
@@ -574,6 +656,9 @@ def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], meth
     started = time.perf_counter()
     module = methods.get(method)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    distributed.init_from_env(device)  # under torchrun: join the group (NCCL on GPUs, gloo on CPUs)
+    device = distributed.local_device(device)
+    progress = progress and distributed.is_main()  # one set of progress bars
     workdir = workdir_path(workdir)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is invalid; expected >= 1")
@@ -581,19 +666,21 @@ def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], meth
     if not targets_in:
         raise ValueError("target is an empty list; expected at least one target dataset")
 
-    src = resolve_data(source, "source", workdir, progress)
-    tgts = [resolve_data(t, f"target {i}" if len(targets_in) > 1 else "target", workdir, progress)
-            for i, t in enumerate(targets_in)]
+    with distributed.main_first():  # rank 0 writes the cached betons, the others then read them
+        src = resolve_data(source, "source", workdir, progress)
+        tgts = [resolve_data(t, f"target {i}" if len(targets_in) > 1 else "target", workdir, progress)
+                for i, t in enumerate(targets_in)]
     for data in [src, *tgts]:
-        if data.num_rows == 0:
-            raise ValueError(f"{data.description} is empty; expected at least one sample")
+        if data.num_rows < distributed.world_size():  # every rank reads a non-empty shard
+            raise ValueError(f"{data.description} has {data.num_rows} samples; expected at least one"
+                             + (f" a process ({distributed.world_size()} under torchrun)" if distributed.active() else ""))
     label_free = method == "fm" and centroids == "kmeans"
     if src.labels is None and not label_free:
         raise ValueError(f"method={method!r} needs source labels; give 'labels' with the precomputed source "
                          "outputs, or use method='fm', centroids='kmeans' (label-free)")
 
-    needs_model = ((src.tensors is None and bool(module.NEEDS["source"]))
-                   or (bool(module.NEEDS["target"]) and any(t.tensors is None for t in tgts)))
+    needs_model = ((src.outputs is None and bool(module.NEEDS["source"]))
+                   or (bool(module.NEEDS["target"]) and any(t.outputs is None for t in tgts)))
     model, prep, surrogate_entry = None, {}, None
     t0 = time.perf_counter()
     if needs_model:
@@ -621,15 +708,15 @@ def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], meth
         n_keep, n_total = methods.base.sample_keep_count(src.num_rows, ratio=ratio, keep=keep), src.num_rows
 
     def view(data: _Data, cache: Optional[Path] = None):
-        if data.tensors is not None:
-            return _TensorView(data, 4096, num_classes, src.class_names, device=device, workdir=workdir)
+        if data.outputs is not None:
+            return _TensorView(data, PRECOMPUTED_BATCH, num_classes, src.class_names, device=device, workdir=workdir)
         return _ModelView(data, model, prep, batch_size=batch_size, device=device, progress=progress,
                           num_classes=num_classes, class_names=src.class_names, cache=cache, workdir=workdir,
                           surrogate_fingerprint=surrogate_entry["fingerprint"] if surrogate_entry else None,
                           train_config=train_config)
 
     feature_cache = None
-    if label_free and src.tensors is None:  # K-means reads the source several times
+    if label_free and src.outputs is None:  # K-means reads the source several times
         feature_cache = workdir / "features" / f"{src.fingerprint.split(':')[1]}-{surrogate_entry['fingerprint'].split(':')[1]}"
     t0 = time.perf_counter()
     selection = module.select(view(src, feature_cache), [view(t) for t in tgts], keep=n_keep, k=k,

@@ -44,10 +44,10 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (two FFCV epochs)
 
+from . import distributed
 from .features import iterate_outputs, resolve_amp, split_batch
 from .models import (Classifier, as_classifier, atomic_save, load_state_dict_flexible,
                      save_checkpoint, unwrap_model)
@@ -203,8 +203,29 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+def _is_sharded(loader: Iterable) -> bool:
+    """Whether each rank reads its own part of `loader` (FFCV distributed=True,
+    or a DataLoader with a DistributedSampler)."""
+    if getattr(loader, "distributed", False):
+        return True
+    sampler = getattr(loader, "sampler", None)
+    return isinstance(sampler, torch.utils.data.DistributedSampler)
+
+
+def _data_parallel(model: nn.Module, loader: Iterable, device: torch.device, name: str,
+                   require: bool) -> nn.Module:
+    """``model`` wrapped in DDP under torchrun when each rank reads a shard of
+    `loader`. An unsharded loader trains the whole set on every rank: an error
+    when `require` (pretraining: N times the work for nothing), else the
+    ranks simply compute the same thing."""
+    if not distributed.active() or isinstance(model, nn.parallel.DistributedDataParallel):
+        return model
+    if not _is_sharded(loader):
+        if require:
+            raise ValueError(f"{name}: under torch.distributed every rank must read its own shard; build it "
+                             "with distributed=True (FFCV) or a DistributedSampler")
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _batches_per_epoch(loader: Iterable, name: str) -> int:
@@ -220,11 +241,11 @@ def _train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Opt
                  scaler: torch.amp.GradScaler, criterion: nn.Module,
                  lr_at: Callable[[int], float], *, device: torch.device, amp: bool,
                  total: Optional[int], progress: bool, desc: str, log_every: int,
-                 perturb: Optional[Perturb] = None) -> Tuple[float, float]:
+                 perturb: Optional[Perturb] = None) -> Tuple[float, float, int]:
     """One pass of SGD-style training; the rate of iteration i is ``lr_at(i)``;
     ``perturb`` (if given) replaces each batch's images before the step.
-
-    Returns (mean loss, top-1 accuracy) over the pass's samples.
+    Returns (mean loss, top-1 accuracy) over the pass's samples (of every
+    rank under torch.distributed) and the optimizer steps taken.
     """
     model.train()
     channels_last = device.type == "cuda"
@@ -258,11 +279,15 @@ def _train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Opt
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lr:.3g}")
     if seen == 0:
         raise ValueError(f"{desc}: the training loader yielded no batch")
+    if distributed.active():  # every rank reports the epoch over all ranks' samples
+        stats = distributed.all_reduce_(torch.stack([loss_sum, correct.double(),
+                                                     torch.tensor(float(seen), device=device, dtype=torch.float64)]))
+        loss_sum, correct, seen = stats[0], stats[1], int(stats[2].item())
     mean_loss = loss_sum.item() / seen
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"{desc}: the training loss is {mean_loss}; the learning rate "
                                  f"(last {lr:.3g}) is probably too high for this model and data")
-    return mean_loss, correct.item() / seen
+    return mean_loss, int(correct.item()) / seen, i + 1
 
 
 def evaluate(model: nn.Module, loader: Iterable, device, *, amp: Optional[bool] = None,
@@ -343,9 +368,16 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
         history: lists with one entry per finished epoch (including epochs done
         before a resume): ``epoch`` (0-based), ``lr`` (at the epoch's last
         iteration), ``train_loss``, ``train_acc``, ``val_acc`` (None without
-        ``val_loader``), ``seconds`` (wall time of the epoch).
+        ``val_loader``), ``steps`` (optimizer steps of the epoch, on each rank),
+        ``seconds`` (wall time of the epoch).
+
+    Under torchrun (torch.distributed initialised, e.g. by
+    :func:`fastvote.distributed.init_from_env`) the model trains as DDP: the
+    loader must give each rank its shard (FFCV ``distributed=True``), batch
+    sizes are per rank, losses and accuracies are over all ranks, rank 0 writes
+    the checkpoints and a resume reads rank 0's state.
     """
-    device = torch.device(device)
+    device = distributed.local_device(device)
     amp = resolve_amp(config.amp, device)
     iters = _batches_per_epoch(train_loader, "train_loader")
     loader_batch = getattr(train_loader, "batch_size", None)
@@ -354,12 +386,16 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
                          f"{config.batch_size}: build the loader with the config's batch size "
                          f"(the learning rate is tuned to it)")
     optimizer, scaler, criterion = training_setup(model, config, device, amp)
+    net = _data_parallel(model, train_loader, device, "train_loader", require=True)
     history: Dict[str, list] = {k: [] for k in
-                                ("epoch", "lr", "train_loss", "train_acc", "val_acc", "seconds")}
+                                ("epoch", "lr", "train_loss", "train_acc", "val_acc", "steps", "seconds")}
     start = 0
     state_path = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
-    if state_path is not None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    # Rank 0 reads the state and hands it to the others (no shared file system needed).
+    state = distributed.broadcast_object(
+        torch.load(state_path, map_location="cpu", weights_only=True)
+        if state_path is not None and distributed.is_main() and state_path.exists() else None)
+    if state is not None:
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise ValueError(f"checkpoint_dir: {state_path} is not a train_classifier state; "
                              f"use a fresh checkpoint_dir")
@@ -381,21 +417,22 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         began = time.perf_counter()
-        loss, acc = _train_epoch(
-            model, train_loader, optimizer, scaler, criterion,
+        loss, acc, steps = _train_epoch(
+            net, train_loader, optimizer, scaler, criterion,
             lambda i: config.lr_at(epoch + i / iters), device=device, amp=amp, total=iters,
             progress=progress, desc=f"epoch {epoch + 1}/{config.epochs}",
             log_every=config.log_every, perturb=perturb)
+        distributed.broadcast_buffers(model)  # every rank ends the epoch with rank 0's model
         val_acc = (evaluate(model, val_loader, device, amp=amp, progress=progress, desc="val")
                    if val_loader is not None else None)
         record = {"epoch": epoch, "lr": config.lr_at(epoch + (iters - 1) / iters),
-                  "train_loss": loss, "train_acc": acc, "val_acc": val_acc,
+                  "train_loss": loss, "train_acc": acc, "val_acc": val_acc, "steps": steps,
                   "seconds": time.perf_counter() - began}
         for key, value in record.items():
-            history[key].append(value)
+            history.setdefault(key, []).append(value)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}",
                            **({"val": f"{val_acc:.3f}"} if val_acc is not None else {}))
-        if state_path is not None and _is_main_process():
+        if state_path is not None and distributed.is_main():
             atomic_save({
                 "format": _STATE_FORMAT, "epoch": epoch + 1, "config": dataclasses.asdict(config),
                 "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -403,9 +440,10 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
                 "rng": _rng_state()}, state_path)
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
-    if checkpoint_dir is not None and _is_main_process():
+    if checkpoint_dir is not None and distributed.is_main():
         save_checkpoint(Path(checkpoint_dir) / MODEL_FILE, model, history=history,
                         config=dataclasses.asdict(config))
+    distributed.barrier()  # the other ranks return once the checkpoint is there
     return history
 
 
@@ -514,7 +552,7 @@ def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
     if lr <= 0 or weight_decay < 0:
         raise ValueError(f"lr={lr!r}, weight_decay={weight_decay!r}: expected lr > 0 and "
                          f"weight_decay >= 0")
-    device = torch.device(device)
+    device = distributed.local_device(device)
     amp = resolve_amp(amp, device)
     pretrained = as_classifier(model)
     head = _new_head(pretrained.feature_dim, int(num_classes), seed)
@@ -535,6 +573,10 @@ def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
                 return (head(val_features).argmax(1) == val_labels).double().mean().item()
 
         if cache_features:
+            if _is_sharded(train_loader):
+                raise ValueError("train_loader: a linear probe on cached features needs every training sample "
+                                 "on every rank; pass an unsharded loader (distributed=False) or "
+                                 "cache_features=False")
             train_features, train_labels, batch_size = _gather_features(
                 net, train_loader, device=device, amp=amp, progress=progress,
                 desc="train features")
@@ -558,7 +600,7 @@ def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
     else:
         if device.type == "cuda":
             net.to(memory_format=torch.channels_last)
-        trainable, train_amp = net, amp
+        trainable, train_amp = _data_parallel(net, train_loader, device, "train_loader", require=False), amp
         steps = _batches_per_epoch(train_loader, "train_loader")
 
         def validate() -> float:
@@ -578,7 +620,7 @@ def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
     best_acc, best_epoch, best_state = -1.0, -1, None
     for epoch in tqdm(range(epochs), desc=f"finetune ({mode})", unit="epoch",
                       disable=not progress):
-        loss, acc = _train_epoch(
+        loss, acc, _ = _train_epoch(
             trainable, batches(epoch), opt, scaler, criterion,
             lambda i: lr_at(epoch * steps + i), device=device, amp=train_amp, total=steps,
             progress=progress, desc=f"epoch {epoch + 1}/{epochs}", log_every=20)

@@ -10,12 +10,10 @@ combine them across processes with torch.distributed.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from fastvote import ops
+from fastvote import distributed, ops
 
 
 class _Voter:
@@ -46,18 +44,13 @@ class _Voter:
         """The mean secondary score per class over every row seen (zeros if none)."""
         return self._score_sum / max(self.rows, 1)
 
-    def all_reduce(self, group=None) -> None:
-        """Sums votes, scores and row counts over the processes of `group`."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+    def all_reduce(self) -> None:
+        """Sums votes, scores and row counts over the torch.distributed ranks
+        (a no-op in one process)."""
+        if not distributed.active():
             return
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        packed = torch.cat([self.votes.double(), self._score_sum,
-                            torch.tensor([float(self.rows)], dtype=torch.float64)]).to(device)
-        dist.all_reduce(packed, group=group)
-        packed = packed.cpu()
+        packed = distributed.all_reduce_(torch.cat([
+            self.votes.double(), self._score_sum, torch.tensor([float(self.rows)], dtype=torch.float64)]))
         k = self.num_classes
         # Counts stay exact through float64 up to 2^53 votes.
         self.votes = packed[:k].to(self.votes.dtype)
@@ -100,7 +93,7 @@ class FMVoter(_Voter):
                   ops.fm_scores(features, c, self.metric), features.shape[0])
 
 
-def combine(voters, normalize: bool = False, group: Optional[object] = None):
+def combine(voters, normalize: bool = False):
     """Votes and scores of several targets voting together (multi-task).
 
     With normalize=True each target's votes are divided by its total, so each

@@ -26,9 +26,11 @@ from tqdm import tqdm
 class View(Protocol):
     """A stream of surrogate outputs over one dataset, in dataset order.
 
-    ``batches(want)`` starts a fresh pass and yields dicts holding the keys in
-    `want` ("logits" [B, K], "features" [B, D], "labels" [B]); every pass gives
-    the same rows in the same order. Source views also carry ``labels`` (int64
+    ``batches(want, shard=False)`` starts a fresh pass and yields dicts holding
+    the keys in `want` ("logits" [B, K], "features" [B, D], "labels" [B]); every
+    pass gives the same rows in the same order. With ``shard=True`` it gives
+    only this rank's rows (``fastvote.distributed.shard``) under torchrun, so
+    sums over passes are all-reduced (votes, centroid sums, K-means statistics). Source views also carry ``labels`` (int64
     numpy [N]), ``num_classes`` and ``class_names``.
 
     Source views also serve the sample-wise baselines (each raises a clear
@@ -54,7 +56,7 @@ class View(Protocol):
     - ``device``: where models run.
     """
 
-    def batches(self, want: Sequence[str]) -> Iterator[Dict[str, Tensor]]: ...
+    def batches(self, want: Sequence[str], shard: bool = False) -> Iterator[Dict[str, Tensor]]: ...
 
 
 @dataclass
@@ -81,12 +83,12 @@ class Selection:
 
 def vote(targets: Sequence[View], make_voter: Callable[[], object], output: str, progress: bool,
          label: str) -> List[object]:
-    """One voter per target, fed the target's `output` batch by batch, summed
-    over torch.distributed ranks when running under torchrun."""
+    """One voter per target, fed the target's `output` batch by batch; under
+    torchrun each rank votes with its shard of the target and the votes are summed."""
     voters = []
     for i, target in enumerate(targets):
         voter = make_voter()
-        for batch in tqdm(target.batches((output,)), desc=f"{label} votes (target {i + 1}/{len(targets)})",
+        for batch in tqdm(target.batches((output,), shard=True), desc=f"{label} votes (target {i + 1}/{len(targets)})",
                           leave=False, disable=not progress):
             voter.update(batch[output])
         voter.all_reduce()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastvote import ops
+from fastvote import distributed, ops
 from fastvote.cluster import kmeans
 from fastvote.methods.base import Selection, View, vote
 from fastvote.select import class_indices, select_classes
@@ -22,15 +22,19 @@ CENTROIDS = ("class", "kmeans")
 
 
 def source_centroids(source: View, progress: bool = True) -> torch.Tensor:
-    """Class means of the source features, streamed: [K, D] float32."""
+    """Class means of the source features, streamed (each rank sums its shard
+    under torchrun): [K, D] float32."""
     sums = counts = None
-    for batch in tqdm(source.batches(("features", "labels")), desc="source class centroids",
+    for batch in tqdm(source.batches(("features", "labels"), shard=True), desc="source class centroids",
                       leave=False, disable=not progress):
         s, c = ops.class_centroids(batch["features"], batch["labels"].to(batch["features"].device),
                                    source.num_classes)
         sums, counts = (s.cpu(), c.cpu()) if sums is None else (sums + s.cpu(), counts + c.cpu())
     if sums is None:
         raise ValueError("the source is empty: no features to average")
+    if distributed.active():  # float64 sums, integer counts: the centroids of one process
+        packed = distributed.all_reduce_(torch.cat([sums, counts[:, None].double()], 1))
+        sums, counts = packed[:, :-1], packed[:, -1].long()
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"source classes {empty[:10]} have no samples, so they have no centroid; "
@@ -51,8 +55,9 @@ def select(source: View, targets: Sequence[View], *, keep: int, k: int = 1, metr
     elif centroids == "kmeans":
         num_clusters = num_clusters or source.num_classes
         info["num_clusters"] = num_clusters
-        centers, groups = kmeans(lambda: (b["features"] for b in source.batches(("features",))),
-                                 num_clusters, metric=metric, seed=seed, device=device, progress=progress)
+        centers, groups = kmeans(lambda: (b["features"] for b in source.batches(("features",), shard=True)),
+                                 num_clusters, num_rows=source.num_rows, sharded=True, metric=metric, seed=seed,
+                                 device=device, progress=progress)
     else:
         raise ValueError(f"centroids='{centroids}' is unknown; expected one of {CENTROIDS}")
     voters = vote(targets, lambda: FMVoter(centers, k, metric, weight, temperature), "features", progress, "FM")

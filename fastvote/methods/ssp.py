@@ -62,7 +62,8 @@ def select(source: View, targets: Sequence[View], *, keep: int, num_clusters: Op
         features = source.array("features")
         chunks = lambda: (torch.from_numpy(np.array(features[s:s + KMEANS_BATCH], dtype=np.float32))
                           for s in range(0, len(features), KMEANS_BATCH))
-        centroids, _ = kmeans(chunks, num_clusters, metric="cosine", seed=seed, device=device, progress=progress)
+        centroids, _ = kmeans(chunks, num_clusters, num_rows=len(features), metric="cosine", seed=seed,
+                              device=device, progress=progress)
         return prototype_distances(features, centroids, device)
 
     scores, path = cached_scores(source, "ssp", {"num_clusters": num_clusters, "seed": seed}, compute)
