@@ -6,17 +6,33 @@ pooled representation, e.g. ResNet's avgpool output) and a linear ``head``
 (F -> num_classes). LM votes on the logits, FM on the features; the prune step
 gets both from one pass with :meth:`Classifier.forward_both`.
 
-Architectures come from one registry (:func:`build_model`): torchvision's
-ResNets (never pretrained: nothing can be downloaded) with a small-image stem
-for 16-32 px inputs, and ``tiny``, a ~25k-parameter CNN (the surrogate measured
-in DATA.md). A user's own network becomes a Classifier with :func:`as_classifier`.
+Architectures come from one registry (:func:`build_model`), never pretrained
+(nothing can be downloaded): torchvision's ResNets with a small-image stem for
+16-32 px inputs; ``tiny``, a ~25k-parameter CNN (the surrogate measured in
+DATA.md); and Vision Transformers built with torchvision's VisionTransformer
+(features: the class token after the final LayerNorm), with smaller patches for
+small images (:func:`vit_patch_size`). Parameters (backbone, without the head;
+a 1000-class head adds F * 1000 + 1000; measured at 224 px, ImageNet stem):
+
+    tiny        23.7k  (F=64; any input size)
+    resnet18    11.2M  (F=512)     resnet34   21.3M  (F=512)
+    resnet50    23.5M  (F=2048)    resnet101  42.5M  (F=2048)
+    vit_t_16     5.5M  (F=192, DeiT-Ti)
+    vit_s_16    21.7M  (F=384, DeiT-S)
+    vit_b_16    85.8M  (F=768, torchvision's vit_b_16 / ViT-B/16)
+
+The small-image variants differ only in the stem (ResNets: -7.7k) and, for
+ViTs, the patch embedding and positional embedding (vit_b_16 at 32 px: 85.1M).
+So a tiny surrogate is ~3600x smaller than a ViT-B/16 source model, a
+ResNet-18 one ~8x, a vit_t_16 one ~16x. A user's own network becomes a
+Classifier with :func:`as_classifier`.
 
 Checkpoints (:func:`save_checkpoint`, :func:`load_model`) hold the state dict
 and the metadata that rebuilds the model; they are written atomically.
 :func:`load_state_dict_flexible` also reads foreign state dicts: DDP's
 ``module.`` and torch.compile's ``_orig_mod.`` prefixes, torchvision's own
-ResNet layout (``fc.*``), and the usual wrappers (``{"state_dict": ...}``,
-the DP4TL release's ``{"state_dicts": {"network": ...}}``).
+ResNet and ViT layouts (``fc.*``, ``heads.head.*``), and the usual wrappers
+(``{"state_dict": ...}``, the DP4TL release's ``{"state_dicts": {"network": ...}}``).
 """
 from __future__ import annotations
 
@@ -29,19 +45,26 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 import torchvision
 from torch import Tensor, nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 __all__ = [
     "ARCHS", "SMALL_IMAGE_MAX", "Classifier", "build_model", "as_classifier", "unwrap_model",
     "save_checkpoint", "load_checkpoint", "load_model", "load_state_dict_flexible",
-    "atomic_save",
+    "atomic_save", "vit_patch_size", "VIT_IMAGE_SIZE",
 ]
 
-# Inputs up to this side (px) get the small-image ResNet stem: the ImageNet stem's
-# stride-2 conv + max-pool would shrink a 32 px image to 8 px before the first block.
+# Inputs up to this side (px) get the small-image stem: the ResNet ImageNet stem's
+# stride-2 conv + max-pool would shrink a 32 px image to 8 px before the first block,
+# a ViT's 16 px patches would leave it 2 x 2 tokens.
 SMALL_IMAGE_MAX = 64
+# A ViT is built for one input side: this one when image_size is None (ImageNet stem).
+VIT_IMAGE_SIZE = 224
+_VIT_PATCH = 16  # the ImageNet-stem patch, the "/16" of the names
 _CHECKPOINT_FORMAT = "fastvote.model"
 _WRAPPER_KEYS = ("state_dict", "state_dicts", "network", "model")  # containers seen in the wild
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+# where torchvision keeps the classifier Linear: ResNet & co., VisionTransformer
+_HEAD_PATHS = ("fc", "heads.head", "heads")
 
 
 class Classifier(nn.Module):
@@ -99,8 +122,12 @@ class Classifier(nn.Module):
 # Architectures
 # --------------------------------------------------------------------------
 
-def _resnet(name: str) -> Callable[[bool], Tuple[nn.Module, int]]:
-    def build(small_images: bool) -> Tuple[nn.Module, int]:
+# builder(small_images, image_size) -> (backbone, feature_dim)
+_Builder = Callable[[bool, Optional[int]], Tuple[nn.Module, int]]
+
+
+def _resnet(name: str) -> _Builder:
+    def build(small_images: bool, image_size: Optional[int]) -> Tuple[nn.Module, int]:
         net = getattr(torchvision.models, name)(weights=None)
         if small_images:
             # CIFAR-style stem: 3x3 stride-1 conv, no max-pool; initialised as
@@ -114,10 +141,10 @@ def _resnet(name: str) -> Callable[[bool], Tuple[nn.Module, int]]:
     return build
 
 
-def _tiny(small_images: bool) -> Tuple[nn.Module, int]:
+def _tiny(small_images: bool, image_size: Optional[int]) -> Tuple[nn.Module, int]:
     """3 x (3x3 conv, BN, ReLU), 2x max-pool after the first two, global average
     pool: 16-32-64 channels, 23.7k parameters without the head. Any input size."""
-    del small_images  # one stem serves every size
+    del small_images, image_size  # one stem serves every size
 
     def block(c_in: int, c_out: int):
         return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
@@ -128,13 +155,65 @@ def _tiny(small_images: bool) -> Tuple[nn.Module, int]:
     return backbone, 64
 
 
-# name -> builder(small_images) -> (backbone, feature_dim)
-_REGISTRY: Dict[str, Callable[[bool], Tuple[nn.Module, int]]] = {
+def vit_patch_size(image_size: int, small_images: bool) -> int:
+    """The patch side (px) :func:`build_model` gives a ViT for ``image_size`` px inputs.
+
+    ImageNet stem (``small_images=False``): 16. Small images: the largest divisor
+    of ``image_size`` in [2, max(2, image_size // 8)], i.e. a token grid of at
+    least 8 x 8 where the side allows (16 px -> 2, 24 -> 3, 32 -> 4, 64 -> 8):
+    16 px patches would leave a 32 px image 4 tokens.
+
+    Raises:
+        ValueError: no such patch divides ``image_size`` (torchvision's
+            VisionTransformer needs a whole number of patches per side).
+    """
+    if not small_images:
+        if image_size % _VIT_PATCH:
+            raise ValueError(
+                f"image_size={image_size}: a ViT with the ImageNet stem (small_images=False) "
+                f"cuts {_VIT_PATCH} px patches; expected a multiple of {_VIT_PATCH} (e.g. "
+                f"{VIT_IMAGE_SIZE}), or small_images=True for smaller patches")
+        return _VIT_PATCH
+    limit = max(2, image_size // 8)
+    for patch in range(limit, 1, -1):
+        if image_size % patch == 0:
+            return patch
+    raise ValueError(
+        f"image_size={image_size}: the small-image ViT patch is a divisor of the side in "
+        f"[2, {limit}] and there is none; expected a side with such a divisor (e.g. 16, 24 "
+        f"or 32)")
+
+
+# name -> (hidden_dim, num_layers, num_heads, mlp_dim); every one has a class token
+_VIT_CONFIGS = {
+    "vit_b_16": (768, 12, 12, 3072),  # torchvision.models.vit_b_16 (ViT-B/16)
+    "vit_s_16": (384, 12, 6, 1536),   # DeiT-S
+    "vit_t_16": (192, 12, 3, 768),    # DeiT-Ti
+}
+
+
+def _vit(name: str) -> _Builder:
+    hidden_dim, num_layers, num_heads, mlp_dim = _VIT_CONFIGS[name]
+
+    def build(small_images: bool, image_size: Optional[int]) -> Tuple[nn.Module, int]:
+        net = VisionTransformer(image_size=image_size,
+                                patch_size=vit_patch_size(image_size, small_images),
+                                num_layers=num_layers, num_heads=num_heads,
+                                hidden_dim=hidden_dim, mlp_dim=mlp_dim,
+                                num_classes=1)  # its head is dropped: keep it small
+        net.heads = nn.Identity()  # the backbone ends at the class token
+        return net, hidden_dim
+    return build
+
+
+# name -> builder(small_images, image_size) -> (backbone, feature_dim)
+_REGISTRY: Dict[str, _Builder] = {
     "resnet18": _resnet("resnet18"),
     "resnet34": _resnet("resnet34"),
     "resnet50": _resnet("resnet50"),
     "resnet101": _resnet("resnet101"),
     "tiny": _tiny,
+    **{name: _vit(name) for name in _VIT_CONFIGS},
 }
 ARCHS = tuple(_REGISTRY)
 
@@ -150,14 +229,25 @@ def build_model(arch: str, num_classes: int, *, small_images: Optional[bool] = N
     Args:
         arch: one of :data:`ARCHS`.
         num_classes: head width (K source classes for a surrogate), >= 1.
-        small_images: use the small-image ResNet stem (3x3 stride-1 conv, no
-            max-pool). None: decide from ``image_size`` (<= SMALL_IMAGE_MAX px ->
-            small), or the ImageNet stem when ``image_size`` is None too.
-            ``tiny`` has one stem for all sizes and ignores it.
+        small_images: use the small-image stem: for ResNets a 3x3 stride-1 conv
+            and no max-pool, for ViTs smaller patches (:func:`vit_patch_size`).
+            None: decide from ``image_size`` (<= SMALL_IMAGE_MAX px -> small), or
+            the ImageNet stem when ``image_size`` is None too. ``tiny`` has one
+            stem for all sizes and ignores it.
         image_size: the input side in px the model is meant for (metadata, and
-            the stem choice).
+            the stem choice). A ViT takes only this side; None gives it
+            VIT_IMAGE_SIZE (224) with the ImageNet stem, and is refused with
+            ``small_images=True``.
         seed: initialise under this seed without touching the global RNG
             (None: draw from the global RNG, as torch does).
+
+    The head is a fresh ``nn.Linear`` (PyTorch's default init) for every arch;
+    torchvision zero-initialises its ViT head, which would make an untrained
+    model's logits all equal (degenerate scores at initialisation).
+
+    Raises:
+        ValueError: an unknown arch, a bad num_classes or image_size, or a ViT
+            image_size its patch does not divide (see :func:`vit_patch_size`).
     """
     if arch not in _REGISTRY:
         raise ValueError(f"arch={arch!r}: expected one of {list(ARCHS)}")
@@ -172,10 +262,15 @@ def build_model(arch: str, num_classes: int, *, small_images: Optional[bool] = N
         small_images = image_size is not None and image_size <= SMALL_IMAGE_MAX
     if arch == "tiny":
         small_images = None  # not a property of this architecture
+    if arch in _VIT_CONFIGS and image_size is None:
+        if small_images:
+            raise ValueError(f"image_size=None with small_images=True: {arch} is built for one "
+                             f"input side and its patch depends on it; expected an int (e.g. 32)")
+        image_size = VIT_IMAGE_SIZE  # the only side it takes: record it
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        backbone, feature_dim = _REGISTRY[arch](bool(small_images))
+        backbone, feature_dim = _REGISTRY[arch](bool(small_images), image_size)
         head = nn.Linear(feature_dim, num_classes)
     return Classifier(backbone, head, arch=arch, image_size=image_size, small_images=small_images)
 
@@ -209,15 +304,24 @@ def _without(module: nn.Module, path: str) -> nn.Module:
     return clone
 
 
+def _submodule(module: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def as_classifier(module: nn.Module, *, example: Optional[Tensor] = None) -> Classifier:
     """A :class:`Classifier` view of a network whose forward gives logits.
 
     Supported: a Classifier (returned as is, unwrapped from DDP/compile); a
     network whose logits are the output of its last ``nn.Linear`` applied to the
     pooled features: torchvision's ResNet/ResNeXt/Wide-ResNet/RegNet (``.fc``),
-    EfficientNet, MobileNet, ConvNeXt, DenseNet, VGG, ViT, Swin, and any module
-    ending like them. The head is ``module.fc`` when it is an ``nn.Linear``, else
-    the last ``nn.Linear`` registered; the backbone is the network with that
+    VisionTransformer (``.heads.head``), EfficientNet, MobileNet, ConvNeXt,
+    DenseNet, VGG, Swin, and any module ending like them. The head is the first
+    of ``module.fc``, ``module.heads.head``, ``module.heads`` that is an
+    ``nn.Linear``, else the last ``nn.Linear`` registered; the backbone is the
+    network with that
     layer replaced by nn.Identity, so the features are what fed it (for VGG or
     MobileNetV3 that is the hidden layer of the classifier MLP). Parameters are
     shared with ``module`` (training one trains the other); ``module`` is not
@@ -237,9 +341,8 @@ def as_classifier(module: nn.Module, *, example: Optional[Tensor] = None) -> Cla
     module = unwrap_model(module)
     if isinstance(module, Classifier):
         return module
-    if isinstance(getattr(module, "fc", None), nn.Linear):
-        path = "fc"
-    else:
+    path = next((p for p in _HEAD_PATHS if isinstance(_submodule(module, p), nn.Linear)), None)
+    if path is None:
         linears = [name for name, sub in module.named_modules() if isinstance(sub, nn.Linear)]
         if not linears:
             raise TypeError(
@@ -356,13 +459,21 @@ def _strip(key: str) -> str:
     return key
 
 
+def _classifier_key(key: str) -> str:
+    for head in ("fc.", "heads.head."):
+        if key.startswith(head):
+            return "head." + key[len(head):]
+    return "backbone." + key
+
+
 def load_state_dict_flexible(model: nn.Module, state: Mapping[str, Any]) -> nn.Module:
     """Load ``state`` into ``model`` (strictly: every key, every shape) and return it.
 
     Tolerated: ``module.`` / ``_orig_mod.`` prefixes on the state's keys and on
     ``model`` itself (DDP/compile wrappers); a state nested under
     ``state_dict`` / ``state_dicts`` / ``network`` / ``model``; torchvision's ResNet
-    layout (``conv1.*`` ... ``fc.*``) loaded into a :class:`Classifier`.
+    and ViT layouts (``conv1.*`` ... ``fc.*``; ``conv_proj.*`` ... ``heads.head.*``)
+    loaded into a :class:`Classifier`.
 
     Raises:
         ValueError: listing the missing keys, unexpected keys and shape mismatches.
@@ -377,9 +488,9 @@ def load_state_dict_flexible(model: nn.Module, state: Mapping[str, Any]) -> nn.M
     state = {_strip(k): v for k, v in state.items()}
     if isinstance(target, Classifier) and not any(
             k.startswith(("backbone.", "head.")) for k in state):
-        # torchvision's layout: the classifier is ``fc``, everything else the backbone
-        state = {("head." + k[3:] if k.startswith("fc.") else "backbone." + k): v
-                 for k, v in state.items()}
+        # torchvision's layout: the classifier is ``fc`` (ResNet) or ``heads.head`` (ViT),
+        # everything else the backbone
+        state = {_classifier_key(k): v for k, v in state.items()}
     own = target.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -7,11 +7,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastvote.features import collect, iterate_outputs
+from torchvision.models.vision_transformer import VisionTransformer
+
 from fastvote.models import (ARCHS, as_classifier, build_model, load_checkpoint,
-                             load_model, load_state_dict_flexible, save_checkpoint)
+                             load_model, load_state_dict_flexible, save_checkpoint,
+                             vit_patch_size)
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
-                "tiny": 64}
+                "tiny": 64, "vit_b_16": 768, "vit_s_16": 384, "vit_t_16": 192}
+VITS = ("vit_b_16", "vit_s_16", "vit_t_16")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -242,3 +246,133 @@ def test_iterate_outputs_rejects_bad_arguments():
         next(iterate_outputs(model, [torch.randn(2, 3, 8, 8)], device="cpu", progress=False))
     with pytest.raises(ValueError, match="yielded no batch"):
         collect(model, [], device="cpu", progress=False)
+
+
+# --------------------------------------------------------------------------
+# Vision Transformers
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, image_size, patch", [
+    *[(arch, side, side // 8) for arch in VITS for side in (16, 32)],
+    ("vit_t_16", None, 16),  # ImageNet stem at 224 px: only the smallest, to stay fast
+])
+def test_vits_give_class_token_features_at_their_size(arch, image_size, patch):
+    model = build_model(arch, 7, image_size=image_size, seed=0).eval()
+    side = image_size or 224
+    assert model.backbone.patch_size == patch and model.backbone.image_size == side
+    assert isinstance(model.backbone.heads, nn.Identity)
+    assert model.image_size == side and model.small_images is (image_size is not None)
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        logits, features = model.forward_both(x)
+        assert torch.equal(logits, model(x))
+    assert logits.shape == (2, 7) and features.shape == (2, FEATURE_DIMS[arch])
+    assert model.feature_dim == FEATURE_DIMS[arch]
+
+
+def test_vit_b_16_is_torchvisions_vit_b_16_without_its_head():
+    with torch.device("meta"):  # shapes only: nothing allocated or initialised
+        ours = build_model("vit_b_16", 1000)
+        reference = torchvision.models.vit_b_16(weights=None)
+    shapes = {k: v.shape for k, v in reference.state_dict().items()
+              if not k.startswith("heads.")}
+    assert {k: v.shape for k, v in ours.backbone.state_dict().items()} == shapes
+    assert ours.image_size == 224 and ours.backbone.patch_size == 16
+    assert sum(p.numel() for p in ours.parameters()) == \
+        sum(p.numel() for p in reference.parameters())  # 86.6M
+    # the "surrogate ~100x smaller" arithmetic of the module docstring
+    with torch.device("meta"):
+        sizes = {arch: sum(p.numel() for p in build_model(arch, 10).backbone.parameters())
+                 for arch in ("tiny", "resnet18", "vit_t_16", "vit_s_16", "vit_b_16")}
+    assert sizes["tiny"] * 3000 < sizes["vit_b_16"] < sizes["resnet18"] * 8
+    assert 5.0e6 < sizes["vit_t_16"] < 6.0e6 and 21e6 < sizes["vit_s_16"] < 22e6
+
+
+@pytest.mark.parametrize("image_size, small_images, patch", [
+    (2, True, 2), (8, True, 2), (16, True, 2), (20, True, 2), (24, True, 3), (28, True, 2),
+    (32, True, 4), (64, True, 8), (224, True, 28), (32, False, 16), (224, False, 16)])
+def test_vit_patch_size_rule(image_size, small_images, patch):
+    assert vit_patch_size(image_size, small_images) == patch
+    assert image_size % patch == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"image_size": 100}, r"image_size=100: .*expected a multiple of 16"),
+    ({"image_size": 40, "small_images": False}, r"image_size=40: .*multiple of 16"),
+    ({"image_size": 15}, r"image_size=15: .*divisor of the side in \[2, 2\]"),
+    ({"image_size": None, "small_images": True}, r"image_size=None with small_images=True"),
+])
+def test_vit_rejects_an_image_size_its_patch_does_not_divide(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_model("vit_t_16", 10, **kwargs)
+
+
+def test_seeded_vit_build_is_reproducible():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = build_model("vit_t_16", 5, image_size=16, seed=3)
+    b = build_model("vit_t_16", 5, image_size=16, seed=3)
+    assert equal_states(a, b) and torch.equal(torch.get_rng_state(), before)
+    assert not equal_states(a, build_model("vit_t_16", 5, image_size=16, seed=4))
+
+
+@pytest.mark.parametrize("image_size, small_images, patch", [(24, None, 3), (32, False, 16)])
+def test_vit_checkpoint_round_trip_rebuilds_the_same_patch(tmp_path, image_size, small_images,
+                                                            patch):
+    model = build_model("vit_t_16", 4, image_size=image_size, small_images=small_images,
+                        seed=0).eval()
+    loaded = load_model(save_checkpoint(tmp_path / "vit.pt", model)).eval()
+    assert loaded.arch == "vit_t_16" and loaded.image_size == image_size
+    assert loaded.backbone.patch_size == patch and equal_states(model, loaded)
+    x = torch.randn(2, 3, image_size, image_size)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def _small_torchvision_vit(num_classes=5, **kwargs):
+    net = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                            hidden_dim=32, mlp_dim=64, num_classes=num_classes, **kwargs)
+    nn.init.normal_(net.heads.head.weight)  # torchvision zeroes it: all logits would be 0
+    return net.eval()
+
+
+@pytest.mark.parametrize("representation_size, feature_dim", [(None, 32), (16, 16)])
+def test_as_classifier_finds_a_torchvision_vit_head(representation_size, feature_dim):
+    net = _small_torchvision_vit(representation_size=representation_size)
+    view = as_classifier(net, example=torch.randn(2, 3, 32, 32))
+    assert view.head is net.heads.head and isinstance(net.heads.head, nn.Linear)  # untouched
+    assert view.feature_dim == feature_dim and view.num_classes == 5
+    assert view.backbone.conv_proj is net.conv_proj  # parameters shared, not copied
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits, features = view.forward_both(x)
+        assert torch.allclose(logits, net(x)) and features.shape == (3, feature_dim)
+
+
+def test_flexible_load_reads_torchvision_vit_layout():
+    reference = VisionTransformer(image_size=32, patch_size=4, num_layers=12, num_heads=3,
+                                  hidden_dim=192, mlp_dim=768, num_classes=6)  # vit_t_16's
+    nn.init.normal_(reference.heads.head.weight)
+    reference.eval()
+    model = build_model("vit_t_16", 6, image_size=32).eval()
+    load_state_dict_flexible(model, reference.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_vit_t_16_trains():
+    model = build_model("vit_t_16", 4, image_size=16, seed=0).train()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)  # no warm-up: small
+    losses = []
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.backbone.parameters())  # gradients reach the whole backbone

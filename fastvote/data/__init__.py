@@ -17,3 +17,6 @@ __all__ = [
     "iter_samples", "read_columns",
     "eval_loader", "train_loader", "default_crop", "channel_stats", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
+
+from .bias import BiasPlan, BiasSpec, bias_path, plan_bias, read_bias, write_biased  # noqa: E402
+__all__ += ["BiasSpec", "BiasPlan", "plan_bias", "write_biased", "bias_path", "read_bias"]
