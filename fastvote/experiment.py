@@ -1,11 +1,30 @@
 """The paper's protocol as one recipe: train a surrogate on the source ->
 prune with each method at each ratio -> pretrain on every subset (and on the
-whole source) -> transfer to the target -> a table, a CSV and plots.
+whole source) -> transfer to the target(s) -> a table, a CSV and plots.
 
 Every knob is a field of ExperimentConfig with a default (the defaults are the
 offline demo: haystack -> digits on two CPU cores); a TOML file overrides any
 of them. Every data read goes through FFCV. A rerun with the same run folder
 skips every finished cell (and resumes an interrupted pretraining).
+
+The paper's other settings are options, each tested small (tests/test_settings.py):
+  - pretraining = "moco" (MoCo v2 self-supervised, then linear probe; FM with
+    centroids = "kmeans" is label-free) or "adversarial" (PGD, pgd_eps, pgd_steps);
+  - ablations ride on a method's name, like its own options, and each becomes a
+    row of the table: "lm:reverse=true" (keep the least voted), "lm:k=5",
+    "fm:weight=rank", "lm:surrogate_arch=resnet18", "lm:surrogate_epochs=1"
+    (an under-trained surrogate);
+  - extra_targets (multi-task: several targets vote together, the model transfers
+    to each) and target_shots (k-shot training splits);
+  - source architectures beyond ResNets (arch = "vit_t_16" / "vit_s_16" /
+    "vit_b_16" with optimizer = "adamw", schedule = "cosine", warmup_epochs);
+  - source_bias (label noise / class imbalance in part of the source: results.md
+    says what voting kept of it);
+  - feature_plot: the source class centroids and target features in the
+    surrogate's feature space, kept vs pruned classes marked (prune/*/features.png).
+
+Under torchrun the experiment runs distributed unchanged: DDP training with
+sharded FFCV loaders, sharded votes, rank 0 writing every file.
 
     fastvote experiment --config my.toml --out runs/exp
     fastvote demo --out runs/demo
@@ -14,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -25,10 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from fastvote import data as fvdata
-from fastvote import methods, models, train
+from fastvote import distributed, methods, models, train
+from fastvote.methods import parse_option
 from fastvote.prune import PruneResult, prune as prune_source, resolve_data
 from fastvote.select import keep_count
 
@@ -38,6 +60,26 @@ UNPRUNED = "unpruned"
 # target-agnostic baselines (GraNd averaged over 2 runs instead of 10).
 ALL_METHODS = ("lm", "fm", "random", "random-sample", "moderate", "grand", "el2n", "forgetting", "ccs", "ssp")
 DEMO_METHODS = ("lm", "fm", "random", "random-sample", "moderate", "forgetting", "grand:runs=2")
+PRETRAININGS = ("supervised", "moco", "adversarial")
+FEATURE_PLOTS = ("pca", "tsne", "none")
+# Options the experiment takes off a method's name (the ablations): prune's
+# voting arguments and the surrogate's recipe.
+ABLATIONS = {"reverse": bool, "k": int, "weight": str, "metric": str, "surrogate_arch": str,
+             "surrogate_epochs": int}
+
+
+def split_method(method: str) -> Tuple[str, Dict[str, object]]:
+    """"lm:k=5,reverse=true" -> ("lm", {"k": 5, "reverse": True}): the method
+    for fastvote.methods (with its own options) and the experiment's ablations."""
+    base, _, spec = method.partition(":")
+    own, ablation = [], {}
+    for item in filter(None, spec.split(",")):
+        key, _, text = item.partition("=")
+        if key.strip() in ABLATIONS:
+            ablation[key.strip()] = parse_option(method, key.strip(), text.strip(), ABLATIONS[key.strip()])
+        else:
+            own.append(item)
+    return base + (":" + ",".join(own) if own else ""), ablation
 
 
 @dataclass
@@ -49,15 +91,17 @@ class ExperimentConfig:
     source: str = "haystack"               # registry name or .beton
     target: str = "digits"                 # registry name with train/test splits, or a pair of betons
     target_test: Optional[str] = None      # the test .beton when `target` is a .beton
-    target_shots: int = 10                 # k-shot target training split (registry targets)
+    extra_targets: Tuple[str, ...] = ()    # multi-task: more registry targets voting with `target`
+    target_shots: int = 10                 # k-shot training split of every registry target
     val_shots: int = 3                     # per class, carved from the target's training split
-    methods: Tuple[str, ...] = ALL_METHODS  # "name:key=value" passes a method's options
+    methods: Tuple[str, ...] = ALL_METHODS  # "name:key=value" passes a method's options and ablations
     ratios: Tuple[float, ...] = (0.5, 2 / 3, 0.8)
     unpruned: bool = True                  # also pretrain on the whole source
     seeds: Tuple[int, ...] = (0, 1)
     image_size: int = 16                   # surrogate and model input side in px
     crop_scale: Tuple[float, float] = (1.0, 1.0)  # RandomResizedCrop area range; (1, 1) = none
     flip: bool = False                     # horizontal flips (off: mirrored digits are other glyphs)
+    source_bias: Optional[str] = None      # e.g. "label_noise=0.4,classes=10;11;12" (fastvote.data.BiasSpec)
     # surrogate
     surrogate_arch: str = "tiny"
     surrogate_epochs: int = 6
@@ -66,17 +110,30 @@ class ExperimentConfig:
     k: int = 1
     metric: str = "l2"
     weight: str = "count"
+    centroids: str = "class"               # FM: class means, or "kmeans" (label-free)
     # pretraining (the same epochs whatever the subset size: that is the speed-up)
+    pretraining: str = "supervised"        # "supervised", "moco" or "adversarial"
     arch: str = "tiny"
     epochs: int = 6
     lr: float = 0.2
     batch_size: int = 256
+    optimizer: str = "sgd"                 # "adamw" with schedule "cosine" is the release's ViT recipe
+    schedule: str = "triangular"
+    warmup_epochs: float = 0.0
+    weight_decay: float = 5e-5
+    pgd_eps: float = 3 / 255               # adversarial: L-inf radius in pixels
+    pgd_steps: int = 3
+    moco_lr: float = 0.06
+    moco_queue: int = 4096                 # keys in the queue (the paper: 65536 for 1.28M images)
+    moco_temperature: float = 0.2
+    moco_crop_scale: Tuple[float, float] = (0.2, 1.0)
     # transfer
     modes: Tuple[str, ...] = ("linear",)
     lp_epochs: int = 50
     lp_lr: float = 0.01
     ff_epochs: int = 20
     ff_lr: float = 1e-4
+    feature_plot: str = "pca"              # "pca", "tsne" or "none"
     device: Optional[str] = None
     # Torch threads on CPU. Small convolutions gain nothing from a second
     # thread, and on a busy 2-core machine OpenMP barriers made two threads up
@@ -97,7 +154,11 @@ class ExperimentConfig:
 
     def validate(self, num_classes: int) -> None:
         for m in self.methods:
-            methods.get(m)
+            base, ablation = split_method(m)
+            methods.get(base)
+            if "surrogate_arch" in ablation and ablation["surrogate_arch"] not in models.ARCHS:
+                raise ValueError(f"methods: {m!r} names surrogate_arch={ablation['surrogate_arch']!r}; expected "
+                                 f"one of {list(models.ARCHS)}")
         for r in self.ratios:
             keep_count(num_classes, ratio=r)
         for mode in self.modes:
@@ -105,6 +166,24 @@ class ExperimentConfig:
                 raise ValueError(f"modes: {mode!r} is unknown; expected some of {train.FINETUNE_MODES}")
         if not self.seeds:
             raise ValueError("seeds is empty; expected at least one seed")
+        if self.pretraining not in PRETRAININGS:
+            raise ValueError(f"pretraining={self.pretraining!r}: expected one of {list(PRETRAININGS)}")
+        if self.pretraining == "moco" and "full" in self.modes:
+            raise ValueError("pretraining='moco' transfers by linear probe (the paper's protocol); "
+                             "use modes=['linear']")
+        if self.feature_plot not in FEATURE_PLOTS:
+            raise ValueError(f"feature_plot={self.feature_plot!r}: expected one of {list(FEATURE_PLOTS)}")
+        if self.extra_targets and self.target.endswith(".beton"):
+            raise ValueError("extra_targets need registry targets (the k-shot splits are built from the registry)")
+        if self.source_bias is not None:
+            fvdata.BiasSpec.parse(self.source_bias)
+        self.recipe()  # TrainConfig checks the optimizer, schedule and warmup
+
+    def recipe(self, seed: int = 0) -> train.TrainConfig:
+        """The pretraining recipe (supervised and adversarial)."""
+        return train.TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=seed,
+                                 optimizer=self.optimizer, schedule=self.schedule,
+                                 warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay)
 
 
 @dataclass
@@ -117,8 +196,25 @@ class Cell:
 
     @property
     def key(self) -> str:
-        name = self.method.replace(":", "_").replace(",", "_").replace("=", "-")
-        return f"{name}-r{self.ratio:.3f}-s{self.seed}"
+        return f"{_safe(self.method)}-r{self.ratio:.3f}-s{self.seed}"
+
+
+def _safe(method: str) -> str:
+    """A method string as a folder name."""
+    return method.replace(":", "_").replace(",", "_").replace("=", "-").replace(";", "+")
+
+
+@dataclass
+class _Target:
+    """One transfer target: its betons, k-shot train / validation rows, classes."""
+
+    name: str
+    train: Path
+    test: Path
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    num_classes: int
+    loaders: Optional[tuple] = None
 
 
 # --------------------------------------------------------------------------
@@ -127,37 +223,64 @@ class Experiment:
     def __init__(self, config: ExperimentConfig, out: os.PathLike, progress: bool = True):
         self.config = config
         self.out = Path(out)
-        self.progress = progress
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        distributed.init_from_env(self.device)  # under torchrun: join the group
+        self.device = distributed.local_device(self.device)
+        self.progress = progress and distributed.is_main()
         self.work = self.out / "work"
-        self._target = None
-        (self.out / "cells").mkdir(parents=True, exist_ok=True)
+        self._features = None
+        if distributed.is_main():
+            (self.out / "cells").mkdir(parents=True, exist_ok=True)
 
     # ---- data -------------------------------------------------------------
     def prepare(self) -> None:
-        """Resolves the source, writes the target betons, carves validation."""
+        """Resolves (and biases) the source, writes the target betons, carves validation."""
         c = self.config
-        self.source = resolve_data(c.source, "source", self.work, self.progress)
-        if self.source.labels is None:
-            raise ValueError("the experiment pretrains supervised, so the source needs labels")
-        self.num_classes = self.source.num_classes
-        c.validate(self.num_classes)
-        if c.target.endswith(".beton"):
-            if not c.target_test:
+        with distributed.main_first():  # rank 0 writes the betons
+            self.source = resolve_data(c.source, "source", self.work, self.progress)
+            if self.source.labels is None:
+                raise ValueError("the experiment pretrains on a labelled source (its classes are what is pruned)")
+            self.bias = None
+            if c.source_bias:
+                spec = fvdata.BiasSpec.parse(c.source_bias)
+                path = self.work / "betons" / f"source-biased-{hashlib.sha256(spec.text().encode()).hexdigest()[:12]}.beton"
+                if not path.is_file():
+                    fvdata.write_biased(self.source.beton, spec, path, progress=self.progress)
+                self.bias = fvdata.read_bias(path)
+                self.source = resolve_data(path, "source", self.work, self.progress)
+            self.num_classes = self.source.num_classes
+            c.validate(self.num_classes)
+            self.targets = [self._prepare_target(name, test) for name, test in
+                            [(c.target, c.target_test)] + [(t, None) for t in c.extra_targets]]
+        self.mean, self.std = fvdata.channel_stats(self.source.beton)
+
+    def _prepare_target(self, name: str, test: Optional[str]) -> _Target:
+        c = self.config
+        if name.endswith(".beton"):
+            if not test:
                 raise ValueError("target is a .beton, so target_test= must name the test .beton")
-            train_beton, test_beton = Path(c.target), Path(c.target_test)
+            train_beton, test_beton = Path(name), Path(test)
+            labels = fvdata.read_columns(train_beton)["labels"]
+            shots_idx = np.arange(len(labels))
         else:
-            train_beton = self.work / "betons" / f"{c.target}-train-{c.target_shots}shot.beton"
-            test_beton = self.work / "betons" / f"{c.target}-test-{c.target_shots}shot.beton"
+            # A registry target built k-shot (digits) is written so; any other is
+            # written whole and its k-shot rows picked here.
+            builds_shots = "shots" in fvdata.options(name)
+            tag = f"{c.target_shots}shot" if builds_shots else "full"
+            train_beton = self.work / "betons" / f"{name}-train-{tag}.beton"
+            test_beton = self.work / "betons" / f"{name}-test-{tag}.beton"
             for split, path in (("train", train_beton), ("test", test_beton)):
                 if not path.is_file():
-                    fvdata.write_offline(c.target, split, path, progress=self.progress, shots=c.target_shots)
-        self.target_train, self.target_test = train_beton, test_beton
-        train_labels = fvdata.read_columns(train_beton)["labels"]
-        self.target_classes = int(max(train_labels.max(), fvdata.read_columns(test_beton)["labels"].max())) + 1
-        # Validation is carved from the training split; the test split only ever scores the chosen epoch.
-        self.val_idx, self.train_idx = fvdata.split_indices(train_labels, c.val_shots, seed=0)
-        self.mean, self.std = fvdata.channel_stats(self.source.beton)
+                    kw = {"shots": c.target_shots} if builds_shots else {}
+                    fvdata.write_offline(name, split, path, progress=self.progress, **kw)
+            labels = fvdata.read_columns(train_beton)["labels"]
+            shots_idx = np.arange(len(labels)) if builds_shots else np.sort(
+                fvdata.split_indices(labels, c.target_shots, seed=0)[0])
+        num_classes = int(max(labels.max(), fvdata.read_columns(test_beton)["labels"].max())) + 1
+        # Validation is carved from the k-shot training rows; the test split only scores the chosen epoch.
+        val, rest = fvdata.split_indices(labels[shots_idx], c.val_shots, seed=0)
+        return _Target(name=Path(name).stem if name.endswith(".beton") else name, train=train_beton,
+                       test=test_beton, train_idx=shots_idx[rest], val_idx=shots_idx[val], num_classes=num_classes)
 
     def _threads(self, loader):
         # Building an FFCV loader resets torch's thread count; restore ours.
@@ -170,100 +293,167 @@ class Experiment:
         return self._threads(fvdata.eval_loader(beton, c.batch_size, resolution=c.image_size, mean=self.mean,
                                                 std=self.std, indices=indices, device=self.device))
 
-    def _train_loader(self, indices, seed: int):
+    def _train_loader(self, indices, seed: int, augment: bool = True):
+        """The source's training loader over `indices` (all when None), sharded
+        under torchrun; augment=False: no crop, no flip (MoCo augments itself)."""
         c = self.config
-        aspect = (1.0, 1.0) if c.crop_scale == (1.0, 1.0) else (3 / 4, 4 / 3)
+        scale, flip = (c.crop_scale, c.flip) if augment else ((1.0, 1.0), False)
+        aspect = (1.0, 1.0) if scale == (1.0, 1.0) else (3 / 4, 4 / 3)
         return self._threads(fvdata.train_loader(
             self.source.beton, c.batch_size, resolution=c.image_size, mean=self.mean, std=self.std,
-            indices=indices, seed=seed, device=self.device, scale=c.crop_scale, ratio=aspect, flip=c.flip))
+            indices=indices, seed=seed, device=self.device, scale=scale, ratio=aspect, flip=flip,
+            distributed=distributed.active()))
 
-    def _target_loaders(self):
-        """The target's train / validation / test loaders, built once: every cell
+    def _target_loaders(self, target: _Target):
+        """A target's train / validation / test loaders, built once: every cell
         reads the same target, and each FFCV loader costs a compile."""
-        if self._target is None:
-            self._target = (self._eval_loader(self.target_train, self.train_idx),
-                            self._eval_loader(self.target_train, self.val_idx),
-                            self._eval_loader(self.target_test))
-        return self._target
+        if target.loaders is None:
+            target.loaders = (self._eval_loader(target.train, target.train_idx),
+                              self._eval_loader(target.train, target.val_idx), self._eval_loader(target.test))
+        return target.loaders
 
     # ---- surrogate --------------------------------------------------------
-    def surrogate(self) -> Tuple[Path, float]:
-        """Trains (or reuses) the surrogate; returns its checkpoint and training seconds."""
+    def surrogate(self, arch: Optional[str] = None, epochs: Optional[int] = None) -> Tuple[Path, float]:
+        """Trains (or reuses) a surrogate (default: the configured one; an
+        ablation may ask for another architecture or fewer epochs); returns its
+        checkpoint and training seconds."""
         c = self.config
-        path = self.out / "surrogate.pt"
-        info = self.out / "surrogate.json"
-        if path.is_file() and info.is_file():
+        arch, epochs = arch or c.surrogate_arch, c.surrogate_epochs if epochs is None else epochs
+        default = (arch, epochs) == (c.surrogate_arch, c.surrogate_epochs)
+        name = "surrogate" if default else f"surrogate-{arch}-e{epochs}"
+        path, info = self.out / f"{name}.pt", self.out / f"{name}.json"
+        cached = distributed.broadcast_object(path.is_file() and info.is_file())
+        if cached:
             return path, json.loads(info.read_text())["seconds"]
         started = time.perf_counter()
-        model = models.build_model(c.surrogate_arch, self.num_classes, image_size=c.image_size, seed=0)
-        config = train.TrainConfig(epochs=c.surrogate_epochs, batch_size=c.batch_size, lr=c.surrogate_lr, seed=0)
+        model = models.build_model(arch, self.num_classes, image_size=c.image_size, seed=0)
+        config = train.TrainConfig(epochs=epochs, batch_size=c.batch_size, lr=c.surrogate_lr, seed=0)
         history = train.train_classifier(model, self._train_loader(None, seed=0), config, device=self.device,
-                                         checkpoint_dir=self.work / "surrogate-ckpt", progress=self.progress)
+                                         checkpoint_dir=self.work / f"{name}-ckpt", progress=self.progress)
         seconds = time.perf_counter() - started
-        models.save_checkpoint(path, model, resolution=c.image_size, mean=list(self.mean), std=list(self.std))
-        _write_json(info, {"seconds": seconds, "train_acc": history["train_acc"][-1], "arch": c.surrogate_arch})
+        if distributed.is_main():
+            models.save_checkpoint(path, model, resolution=c.image_size, mean=list(self.mean), std=list(self.std))
+            _write_json(info, {"seconds": seconds, "train_acc": history["train_acc"][-1], "arch": arch,
+                               "epochs": epochs})
+        distributed.barrier()
         return path, seconds
 
     # ---- cells ------------------------------------------------------------
     def prune(self, method: str, ratio: float, seed: int, surrogate: Path) -> Tuple[PruneResult, float]:
         """Prunes (or reloads a saved prune); returns the result and the pruning seconds."""
         c = self.config
+        base, ablation = split_method(method)
         # LM and FM are deterministic given the surrogate: one prune serves every seed.
-        seeded = method.partition(":")[0] not in ("lm", "fm")
-        name = method.replace(":", "_").replace(",", "_").replace("=", "-")  # a safe folder name
-        folder = self.out / "prune" / (f"{name}-r{ratio:.3f}" + (f"-s{seed}" if seeded else ""))
-        if (folder / "manifest.json").is_file():
-            result = PruneResult.load(folder)
-        else:
-            # The baselines' early-training runs use the surrogate's recipe.
-            recipe = train.TrainConfig(epochs=c.surrogate_epochs, batch_size=c.batch_size, lr=c.surrogate_lr, seed=0)
-            result = prune_source(self.source.beton, self.target_train, method=method, ratio=ratio, surrogate=surrogate,
-                                  k=c.k, metric=c.metric, weight=c.weight, batch_size=c.batch_size, seed=seed,
-                                  train_config=recipe, device=self.device, workdir=self.work, progress=self.progress)
+        seeded = base.partition(":")[0] not in ("lm", "fm")
+        folder = self.out / "prune" / (f"{_safe(method)}-r{ratio:.3f}" + (f"-s{seed}" if seeded else ""))
+        if distributed.broadcast_object((folder / "manifest.json").is_file()):
+            return PruneResult.load(folder), PruneResult.load(folder).manifest["seconds"]["prune"]
+        # The baselines' early-training runs use the surrogate's recipe.
+        recipe = train.TrainConfig(epochs=c.surrogate_epochs, batch_size=c.batch_size, lr=c.surrogate_lr, seed=0)
+        result = prune_source(self.source.beton, [t.train for t in self.targets], method=base, ratio=ratio,
+                              surrogate=surrogate, k=ablation.get("k", c.k), metric=ablation.get("metric", c.metric),
+                              weight=ablation.get("weight", c.weight), reverse=ablation.get("reverse", False),
+                              centroids=c.centroids, normalize_targets=len(self.targets) > 1,
+                              batch_size=c.batch_size, seed=seed, train_config=recipe, device=self.device,
+                              workdir=self.work, progress=self.progress)
+        if distributed.is_main():
             result.save(folder)
             from fastvote.plots import plot_votes
+
             plot_votes(result, folder / "votes.png")
+            self._plot_features(result, surrogate, folder / "features.png")
+        distributed.barrier()
         return result, result.manifest["seconds"]["prune"]
+
+    def _plot_features(self, result: PruneResult, surrogate: Path, path: Path) -> None:
+        """Source class centroids and target features in the surrogate's feature
+        space, kept vs pruned classes marked (class-wise methods on labels)."""
+        c = self.config
+        if c.feature_plot == "none" or result.kept_classes is None or result.manifest.get("ratio_meaning", "").endswith(
+                "samples removed") or result.manifest.get("selection", {}).get("centroids") == "kmeans":
+            return
+        from fastvote.analysis import feature_space, plot_feature_space
+        from fastvote.features import collect
+
+        if self._features is None or self._features[0] != surrogate:
+            model = models.load_model(surrogate)
+            source = collect(model, self._eval_loader(self.source.beton), device=self.device, want=("features",),
+                             progress=False)
+            target = collect(model, self._eval_loader(self.targets[0].train, self.targets[0].train_idx),
+                             device=self.device, want=("features",), progress=False)
+            self._features = (surrogate, source, target)
+        _, source, target = self._features
+        embedding = feature_space(source["features"], source["labels"], target["features"], result.kept_classes,
+                                  method=c.feature_plot, metric=c.metric, num_classes=self.num_classes,
+                                  source_points=min(2000, len(source["labels"])), seed=0)
+        plot_feature_space(embedding, path, class_names=result.class_names,
+                           title=f"{result.method}, ratio {result.ratio:.2f}: surrogate feature space "
+                                 f"({c.feature_plot.upper()}), target {self.targets[0].name}")
 
     def pretrain(self, indices, seed: int, key: str):
         """Pretrains `arch` from scratch on the source samples at `indices` (all
-        when None) for the configured epochs, resumably; returns (model, seconds)."""
+        when None) for the configured epochs, resumably, as `pretraining` says;
+        returns (model, seconds)."""
         c = self.config
         started = time.perf_counter()
         model = models.build_model(c.arch, self.num_classes, image_size=c.image_size, seed=seed)
-        config = train.TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, seed=seed)
-        train.train_classifier(model, self._train_loader(indices, seed), config, device=self.device,
-                               checkpoint_dir=self.work / "pretrain" / key, progress=self.progress)
+        checkpoint_dir = self.work / "pretrain" / key
+        if c.pretraining == "moco":
+            from fastvote.ssl import MocoConfig, pretrain_moco
+
+            config = MocoConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.moco_lr, queue_size=c.moco_queue,
+                                temperature=c.moco_temperature, crop_scale=c.moco_crop_scale, flip=c.flip, seed=seed)
+            pretrain_moco(model, self._train_loader(indices, seed, augment=False), config, mean=self.mean,
+                          std=self.std, device=self.device, checkpoint_dir=checkpoint_dir, progress=self.progress)
+        else:
+            perturb = None
+            if c.pretraining == "adversarial":
+                from fastvote.adversarial import PGD
+
+                perturb = PGD(mean=self.mean, std=self.std, eps=c.pgd_eps, steps=c.pgd_steps)
+            train.train_classifier(model, self._train_loader(indices, seed), c.recipe(seed), device=self.device,
+                                   checkpoint_dir=checkpoint_dir, progress=self.progress, perturb=perturb)
         return model, time.perf_counter() - started
 
-    def _run_cell(self, cell: Cell, surrogate: Path, surrogate_seconds: float) -> List[dict]:
+    def _run_cell(self, cell: Cell, surrogate_seconds: float) -> List[dict]:
         c = self.config
         done = self.out / "cells" / f"{cell.key}.json"
-        if done.is_file():
-            return json.loads(done.read_text())
+        finished = distributed.broadcast_object(json.loads(done.read_text()) if distributed.is_main()
+                                                and done.is_file() else None)
+        if finished is not None:
+            return finished
         if cell.method == UNPRUNED:
             indices, kept, prune_seconds, surrogate_seconds = None, list(range(self.num_classes)), 0.0, 0.0
         else:
+            ablation = split_method(cell.method)[1]
+            surrogate, surrogate_seconds = self.surrogate(ablation.get("surrogate_arch"),
+                                                          ablation.get("surrogate_epochs"))
             result, prune_seconds = self.prune(cell.method, cell.ratio, cell.seed, surrogate)
             indices, kept = result.indices.numpy(), result.kept_classes.tolist()
         model, pretrain_seconds = self.pretrain(indices, cell.seed, cell.key)
         rows = []
-        for mode in c.modes:
-            epochs, lr = (c.lp_epochs, c.lp_lr) if mode == "linear" else (c.ff_epochs, c.ff_lr)
-            target_train, target_val, target_test = self._target_loaders()
-            out = train.finetune(model, target_train, target_val, target_test, num_classes=self.target_classes,
-                                 mode=mode, epochs=epochs, lr=lr, seed=cell.seed, device=self.device,
-                                 progress=self.progress)
-            rows.append({
-                "method": cell.method, "ratio": round(cell.ratio, 4), "keep": len(kept), "seed": cell.seed,
-                "class_wise": cell.method == UNPRUNED or methods.get(cell.method).CLASS_WISE,
-                "mode": mode, "test_acc": out["test_acc"], "val_acc": out["val_acc"], "best_epoch": out["best_epoch"],
-                "source_samples": len(indices) if indices is not None else self.source.num_rows,
-                "surrogate_seconds": surrogate_seconds, "prune_seconds": prune_seconds,
-                "pretrain_seconds": pretrain_seconds,
-                "kept_classes": " ".join(self.source.class_names[j] if self.source.class_names else str(j) for j in kept),
-            })
-        _write_json(done, rows)
+        for target in self.targets:
+            for mode in c.modes:
+                epochs, lr = (c.lp_epochs, c.lp_lr) if mode == "linear" else (c.ff_epochs, c.ff_lr)
+                target_train, target_val, target_test = self._target_loaders(target)
+                out = train.finetune(model, target_train, target_val, target_test, num_classes=target.num_classes,
+                                     mode=mode, epochs=epochs, lr=lr, seed=cell.seed, device=self.device,
+                                     progress=self.progress)
+                rows.append({
+                    "target": target.name, "method": cell.method, "ratio": round(cell.ratio, 4), "keep": len(kept),
+                    "seed": cell.seed, "pretraining": c.pretraining,
+                    "class_wise": cell.method == UNPRUNED or methods.get(split_method(cell.method)[0]).CLASS_WISE,
+                    "mode": mode, "test_acc": out["test_acc"], "val_acc": out["val_acc"],
+                    "best_epoch": out["best_epoch"],
+                    "source_samples": len(indices) if indices is not None else self.source.num_rows,
+                    "surrogate_seconds": surrogate_seconds, "prune_seconds": prune_seconds,
+                    "pretrain_seconds": pretrain_seconds,
+                    "kept_classes": " ".join(self.source.class_names[j] if self.source.class_names else str(j)
+                                             for j in kept),
+                    "kept_ids": kept,
+                })
+        if distributed.is_main():
+            _write_json(done, rows)
         return rows
 
     def cells(self) -> List[Cell]:
@@ -276,15 +466,18 @@ class Experiment:
     def run(self) -> List[dict]:
         started = time.perf_counter()
         self.prepare()
-        _write_json(self.out / "config.json", dataclasses.asdict(self.config))
-        surrogate, surrogate_seconds = self.surrogate()
+        if distributed.is_main():
+            _write_json(self.out / "config.json", dataclasses.asdict(self.config))
+        _, surrogate_seconds = self.surrogate()
         rows = []
         cells = self.cells()
         for i, cell in enumerate(cells):
             if self.progress:
                 print(f"[experiment] cell {i + 1}/{len(cells)}: {cell.key}", flush=True)
-            rows += self._run_cell(cell, surrogate, surrogate_seconds)
-        write_reports(rows, self.out)
+            rows += self._run_cell(cell, surrogate_seconds)
+        if distributed.is_main():
+            write_reports(rows, self.out, bias=self.bias)
+        distributed.barrier()
         if self.progress:
             print(f"[experiment] done in {time.perf_counter() - started:.0f} s", flush=True)
         return rows
@@ -294,8 +487,8 @@ class Experiment:
 # Reports
 # --------------------------------------------------------------------------
 
-CSV_FIELDS = ["method", "ratio", "keep", "class_wise", "seed", "mode", "test_acc", "val_acc", "best_epoch", "source_samples",
-              "surrogate_seconds", "prune_seconds", "pretrain_seconds", "kept_classes"]
+CSV_FIELDS = ["target", "method", "ratio", "keep", "class_wise", "seed", "pretraining", "mode", "test_acc", "val_acc",
+              "best_epoch", "source_samples", "surrogate_seconds", "prune_seconds", "pretrain_seconds", "kept_classes"]
 
 
 def _write_json(path: Path, obj) -> None:
@@ -309,12 +502,20 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def summarize(rows: Sequence[dict]) -> Dict[Tuple[str, str, float], List[float]]:
-    """(mode, method, ratio) -> test accuracies over seeds."""
-    table: Dict[Tuple[str, str, float], List[float]] = {}
+def summarize(rows: Sequence[dict]) -> Dict[Tuple[Tuple[str, str], str, float], List[float]]:
+    """((target, mode), method, ratio) -> test accuracies over seeds."""
+    table: Dict[Tuple[Tuple[str, str], str, float], List[float]] = {}
     for r in rows:
-        table.setdefault((r["mode"], r["method"], float(r["ratio"])), []).append(float(r["test_acc"]))
+        panel = (r.get("target", ""), r["mode"])
+        table.setdefault((panel, r["method"], float(r["ratio"])), []).append(float(r["test_acc"]))
     return table
+
+
+def method_label(method: str) -> str:
+    """"lm:reverse=true" -> "LM (reverse=true)": the name a table or legend shows."""
+    name, _, options = method.partition(":")
+    name = name.upper() if name in ("lm", "fm") else name.capitalize()
+    return name + (f" ({options})" if options else "")
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -328,6 +529,7 @@ def results_markdown(rows: Sequence[dict]) -> str:
     table = summarize(rows)
     out = io.StringIO()
     for mode in sorted({m for m, _, _ in table}):
+        target, kind = mode
         ratios = sorted({r for m, meth, r in table if m == mode and meth != UNPRUNED})
         methods_ = [meth for meth in dict.fromkeys(r["method"] for r in rows) if meth != UNPRUNED]
         unpruned = table.get((mode, UNPRUNED, 0.0))
@@ -335,14 +537,16 @@ def results_markdown(rows: Sequence[dict]) -> str:
         # The header's "keep" counts classes; sample-wise methods remove the same
         # fraction of samples instead (results.csv has their sample counts).
         keeps = {float(r["ratio"]): r["keep"] for r in rows if r.get("class_wise", True)}
-        out.write(f"\n### Transfer accuracy, {mode} {'probe' if mode == 'linear' else 'finetune'} (%, mean ± std over seeds)\n\n")
+        pretraining = next((r["pretraining"] for r in rows if "pretraining" in r), "supervised")
+        out.write(f"\n### Transfer accuracy{' to ' + target if target else ''}, {pretraining} pretraining, "
+                  f"{kind} {'probe' if kind == 'linear' else 'finetune'} (%, mean ± std over seeds)\n\n")
         head = ["method"] + [f"ratio {r:.2f}" + (f" (keep {keeps[r]} classes)" if r in keeps else "") for r in ratios] \
             + (["unpruned"] if unpruned else [])
         out.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
         best = {r: max((_mean_std(table[(mode, meth, r)])[0] for meth in methods_ if (mode, meth, r) in table),
                        default=None) for r in ratios}
         for meth in methods_:
-            cells = [meth.upper() if meth in ("lm", "fm") else meth.capitalize()]
+            cells = [method_label(meth)]
             for r in ratios:
                 values = table.get((mode, meth, r))
                 if not values:
@@ -365,14 +569,37 @@ def results_markdown(rows: Sequence[dict]) -> str:
     return out.getvalue()
 
 
-def write_reports(rows: Sequence[dict], out: Path) -> None:
+def bias_markdown(rows: Sequence[dict], bias: dict) -> str:
+    """What each class-wise method kept of the biased part of the source."""
+    affected = set(bias["affected_classes"])
+    lines = [f"\n### Biased source ({bias['spec_text']}): what voting keeps\n",
+             f"{len(affected)} of {bias['num_classes']} source classes were biased; {bias['num_flipped']} labels "
+             "flipped. Per method and ratio: kept classes, how many of them are biased, and the share of biased "
+             "classes among the kept vs in the whole source.\n",
+             "| method | ratio | kept classes | biased among kept | share kept | share in source |",
+             "|---|---|---|---|---|---|"]
+    seen = set()
+    for r in rows:
+        key = (r["method"], float(r["ratio"]))
+        if r["method"] == UNPRUNED or not r.get("class_wise") or "kept_ids" not in r or key in seen:
+            continue
+        seen.add(key)
+        kept = set(r["kept_ids"])
+        hit = len(kept & affected)
+        lines.append(f"| {method_label(r['method'])} | {r['ratio']:.2f} | {len(kept)} | {hit} | "
+                     f"{hit / max(len(kept), 1):.2f} | {len(affected) / bias['num_classes']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(rows: Sequence[dict], out: Path, bias: Optional[dict] = None) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: r[k] for k in CSV_FIELDS})
+        writer.writerow({k: r.get(k, "") for k in CSV_FIELDS})
     _write_text(out / "results.csv", buf.getvalue())
-    _write_text(out / "results.md", "# Results\n" + results_markdown(rows) + "\n" + time_markdown(rows))
+    _write_text(out / "results.md", "# Results\n" + results_markdown(rows) + "\n" + time_markdown(rows)
+                + (bias_markdown(rows, bias) if bias else ""))
     from fastvote.plots import plot_accuracy, plot_time
 
     plot_accuracy(rows, out / "accuracy_vs_ratio.png")

@@ -54,11 +54,12 @@ def plot_votes(result, path: Union[str, os.PathLike]) -> Path:
 
 def plot_accuracy(rows, path: Union[str, os.PathLike]) -> Path:
     """Transfer accuracy vs pruning ratio, one line per method (mean and std
-    over seeds), the unpruned source as a horizontal band; one panel per mode."""
-    from fastvote.experiment import UNPRUNED, summarize, _mean_std
+    over seeds), the unpruned source as a horizontal band; one panel per
+    (target, transfer mode)."""
+    from fastvote.experiment import UNPRUNED, _mean_std, method_label, summarize
 
     table = summarize(rows)
-    modes = sorted({m for m, _, _ in table})
+    modes = sorted({m for m, _, _ in table})  # (target, mode) panels
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         for method in dict.fromkeys(r["method"] for r in rows):
@@ -70,10 +71,11 @@ def plot_accuracy(rows, path: Union[str, os.PathLike]) -> Path:
                 continue
             xs = [100 * r for r, _ in points]
             ax.errorbar(xs, [100 * m for _, (m, _) in points], yerr=[100 * s for _, (_, s) in points],
-                        marker="o", capsize=3, label=method.upper() if method in ("lm", "fm") else method)
+                        marker="o", capsize=3, label=method_label(method))
         ax.set_xlabel("pruning ratio (% of source classes removed)")
         ax.set_ylabel("target test accuracy (%)")
-        ax.set_title(f"{mode} transfer")
+        target, kind = mode
+        ax.set_title(f"{kind} transfer" + (f" to {target}" if target else ""))
         ax.grid(alpha=0.3)
         ax.legend()
     return save_figure(fig, path)

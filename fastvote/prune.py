@@ -674,7 +674,7 @@ def prune(source: DataInput, target: Union[DataInput, Sequence[DataInput]], meth
         if data.num_rows < distributed.world_size():  # every rank reads a non-empty shard
             raise ValueError(f"{data.description} has {data.num_rows} samples; expected at least one"
                              + (f" a process ({distributed.world_size()} under torchrun)" if distributed.active() else ""))
-    label_free = method == "fm" and centroids == "kmeans"
+    label_free = method.partition(":")[0] == "fm" and centroids == "kmeans"
     if src.labels is None and not label_free:
         raise ValueError(f"method={method!r} needs source labels; give 'labels' with the precomputed source "
                          "outputs, or use method='fm', centroids='kmeans' (label-free)")

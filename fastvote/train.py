@@ -64,6 +64,8 @@ STATE_FILE = "train_state.pt"  # the resumable state, replaced at the end of eve
 MODEL_FILE = "model.pt"        # the trained model (save_checkpoint format), when training ends
 _STATE_FORMAT = "fastvote.train_state"
 
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("triangular", "cosine")
 FINETUNE_MODES = ("linear", "full")
 FINETUNE_OPTIMIZERS = ("adam", "sgd")
 # The release's transfer configs (configs/imagenet_transfer_to_downstream/*.json):
@@ -88,6 +90,12 @@ class TrainConfig:
             learning rate is tuned to it), and a loader exposing ``batch_size`` is checked.
         lr: peak learning rate of the triangular schedule.
         momentum, weight_decay: SGD's (weight decay on every parameter, as the release).
+        optimizer: "sgd" (the release's CNN recipe) or "adamw" (its ViT recipe;
+            no weight decay on biases, norms, position embeddings and class token).
+        schedule: "triangular" (0 -> ``lr`` at ``lr_peak_epoch`` -> 0, the CNN
+            recipe) or "cosine" (linear warmup over ``warmup_epochs``, then cosine
+            to 0: the ViT recipe).
+        warmup_epochs: the cosine schedule's warmup, in epochs.
         lr_peak_epoch: where the rate peaks, in epochs; None -> ``epochs * 2 / 16``
             (the release peaks at epoch 2 of 16).
         label_smoothing: cross-entropy label smoothing.
@@ -105,6 +113,9 @@ class TrainConfig:
     lr: float = 0.5
     momentum: float = 0.9
     weight_decay: float = 5e-5
+    optimizer: str = "sgd"
+    schedule: str = "triangular"
+    warmup_epochs: float = 0.0
     lr_peak_epoch: Optional[float] = None
     label_smoothing: float = 0.0
     amp: Optional[bool] = None
@@ -129,6 +140,9 @@ class TrainConfig:
         need(self.lr_peak_epoch is None or 0 <= self.lr_peak_epoch <= self.epochs,
              "lr_peak_epoch", f"None or in [0, epochs={self.epochs}]")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
+        need(self.schedule in SCHEDULES, "schedule", f"one of {list(SCHEDULES)}")
+        need(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"in [0, epochs={self.epochs}]")
         need(isinstance(self.log_every, int) and self.log_every >= 1, "log_every",
              "an int >= 1")
         ramp = (self.min_resolution, self.max_resolution, self.start_ramp, self.end_ramp)
@@ -144,7 +158,12 @@ class TrainConfig:
         return self.epochs * 2 / 16 if self.lr_peak_epoch is None else float(self.lr_peak_epoch)
 
     def lr_at(self, t: float) -> float:
-        """The triangular rate at ``t`` epochs into training (fractional)."""
+        """The rate at ``t`` epochs into training (fractional)."""
+        if self.schedule == "cosine":
+            if t < self.warmup_epochs:
+                return self.lr * t / self.warmup_epochs
+            done = (t - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1e-12)
+            return 0.5 * self.lr * (1 + math.cos(math.pi * min(done, 1.0)))
         peak = self.peak_epoch
         if t < peak:
             return self.lr * t / peak
@@ -310,8 +329,10 @@ def evaluate(model: nn.Module, loader: Iterable, device, *, amp: Optional[bool] 
 
 def _check_resumable(saved: Dict[str, Any], config: TrainConfig, path: Path) -> None:
     now = dataclasses.asdict(config)
-    differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in now.items()
-              if k != "log_every" and saved.get(k) != v]
+    # a field newer than the checkpoint had its default there
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    differ = [f"{k}: {saved.get(k, defaults[k])!r} there, {v!r} now" for k, v in now.items()
+              if k != "log_every" and saved.get(k, defaults[k]) != v]
     if differ:
         raise ValueError(f"checkpoint_dir: {path} holds a run with another config ("
                          f"{'; '.join(differ)}); resume with the same config or use a fresh "
@@ -320,12 +341,21 @@ def _check_resumable(saved: Dict[str, Any], config: TrainConfig, path: Path) -> 
 
 def training_setup(model: nn.Module, config: TrainConfig, device: torch.device, amp: bool):
     """Moves `model` to `device` (channels-last on CUDA) and builds the recipe's
-    SGD optimizer, AMP grad scaler and loss: (optimizer, scaler, criterion)."""
+    optimizer (SGD or AdamW), AMP grad scaler and loss: (optimizer, scaler, criterion)."""
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        # the usual ViT practice: no decay on biases, norm weights, embeddings
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            skip = p.ndim <= 1 or name.endswith(("pos_embedding", "class_token"))
+            (no_decay if skip else decay).append(p)
+        optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     return optimizer, scaler, criterion

@@ -192,3 +192,55 @@ def test_prune_bad_inputs():
         fastvote.prune(3, {"features": torch.zeros(1, 2)}, keep=1, progress=False)
     with pytest.raises(ValueError, match="needs source labels"):
         fastvote.prune({"features": torch.zeros(4, 2)}, {"features": torch.zeros(1, 2)}, keep=1, progress=False)
+
+
+# ---------------------------------------------------------------- outputs larger than memory: .npy files
+
+def test_npy_rows_and_writer(tmp_path):
+    from fastvote.data.npy import NpyRows, NpyWriter
+
+    a = np.random.default_rng(0).normal(size=(1001, 67)).astype(np.float32)  # D not a multiple of 8
+    np.save(tmp_path / "a.npy", a)
+    rows = NpyRows(tmp_path / "a.npy")
+    assert rows.shape == (1001, 67) and len(rows) == 1001
+    assert np.array_equal(np.concatenate(list(rows.chunks(range(3, 1001), 100))), a[3:])
+    assert rows.read(1000, 5000).shape == (1, 67) and rows.read(5, 5).shape == (0, 67)
+    with NpyWriter(tmp_path / "b.npy", a.shape, np.float32) as w:
+        for s in range(0, 1001, 300):
+            w.write(a[s:s + 300])
+    assert np.array_equal(np.load(tmp_path / "b.npy"), a)
+    with pytest.raises(ValueError, match="900 rows written, expected 1001; nothing was kept"):
+        with NpyWriter(tmp_path / "c.npy", a.shape, np.float32) as w:
+            w.write(a[:900])
+    with pytest.raises(RuntimeError):
+        with NpyWriter(tmp_path / "d.npy", a.shape, np.float32) as w:
+            w.write(a[:10])
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy"]  # no partial files
+    (tmp_path / "t.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:-4])
+    with pytest.raises(ValueError, match="truncated"):
+        NpyRows(tmp_path / "t.npy")
+
+
+def test_prune_reads_precomputed_outputs_from_npy_files(tmp_path):
+    centers, source = blobs_source()
+    target = {"features": centers[torch.tensor([2, 2, 5])] + 0.1,
+              "logits": torch.randn(3, 10, generator=gen(4))}
+    for role, outputs in (("source", source), ("target", target)):
+        (tmp_path / role).mkdir()
+        for name, t in outputs.items():
+            np.save(tmp_path / role / f"{name}.npy", t.numpy())
+    for method, kw in (("lm", {}), ("fm", {}), ("fm", {"centroids": "kmeans", "num_clusters": 10})):
+        in_memory = fastvote.prune(source, target, method=method, keep=3, progress=False, **kw)
+        paths = {k: str(tmp_path / "source" / f"{k}.npy") for k in source}
+        from_files = fastvote.prune(paths, tmp_path / "target", method=method, keep=3, progress=False, **kw)
+        assert torch.equal(from_files.indices, in_memory.indices) and torch.equal(from_files.votes, in_memory.votes)
+        assert from_files.manifest["source"]["fingerprint"].startswith("sampled-sha256:")
+    with pytest.raises(ValueError, match=r"source\['features'\]='x.txt': expected a path to a .npy file"):
+        fastvote.prune({"features": "x.txt", "labels": source["labels"]}, target, keep=1, progress=False)
+    with pytest.raises(ValueError, match="different row counts"):
+        fastvote.prune({"features": str(tmp_path / "source" / "features.npy"), "labels": source["labels"][:5]},
+                       target, keep=1, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="the folder holds none of"):
+        fastvote.prune(tmp_path / "empty", target, keep=1, progress=False)

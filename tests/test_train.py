@@ -8,7 +8,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastvote.models import build_model, load_model
-from fastvote.train import (MODEL_FILE, STATE_FILE, TrainConfig, evaluate, finetune,
+from fastvote.train import (MODEL_FILE, STATE_FILE, TrainConfig, evaluate, finetune, training_setup,
                             train_classifier)
 
 SIDE = 16
@@ -225,3 +225,23 @@ def test_finetune_uses_the_release_defaults_and_checks_its_arguments(digits, pre
         finetune(model, *loaders, num_classes=10, mode="probe")
     with pytest.raises(ValueError, match="val_loader=None"):
         finetune(model, loaders[0], None, loaders[2], num_classes=10)
+
+
+def test_cosine_schedule_with_warmup_and_adamw_groups():
+    config = TrainConfig(epochs=10, lr=1e-3, schedule="cosine", warmup_epochs=2, optimizer="adamw",
+                         weight_decay=0.05)
+    assert config.lr_at(0) == 0 and config.lr_at(1) == pytest.approx(5e-4) and config.lr_at(2) == pytest.approx(1e-3)
+    assert config.lr_at(6) == pytest.approx(5e-4) and config.lr_at(10) == pytest.approx(0, abs=1e-15)
+    model = build_model("vit_t_16", 3, image_size=16, seed=0)
+    optimizer, _, _ = training_setup(model, config, torch.device("cpu"), amp=False)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert any(n.endswith("class_token") for n in skipped) and any(n.endswith("pos_embedding") for n in skipped)
+    assert all(p.ndim >= 2 for p in decay["params"])
+    for bad, match in (({"optimizer": "adam"}, "optimizer='adam'"), ({"schedule": "step"}, "schedule='step'"),
+                       ({"warmup_epochs": 20}, "warmup_epochs=20")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(epochs=10, **bad)

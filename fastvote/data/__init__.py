@@ -8,11 +8,11 @@ from .beton import (classes_path, iter_samples, read_classes, read_columns, writ
                     write_image_folder, write_offline)
 from .loaders import (IMAGENET_MEAN, IMAGENET_STD, channel_stats, default_crop, eval_loader,
                       train_loader)
-from .registry import (ArrayDataset, cache_dir, get, missing, names, split_indices,
+from .registry import (ArrayDataset, cache_dir, get, missing, names, options, split_indices,
                        splits)
 
 __all__ = [
-    "ArrayDataset", "get", "names", "splits", "missing", "split_indices", "cache_dir",
+    "ArrayDataset", "get", "names", "options", "splits", "missing", "split_indices", "cache_dir",
     "write_beton", "write_image_folder", "write_offline", "read_classes", "classes_path",
     "iter_samples", "read_columns",
     "eval_loader", "train_loader", "default_crop", "channel_stats", "IMAGENET_MEAN", "IMAGENET_STD",

@@ -236,6 +236,11 @@ _DATASETS: dict[str, tuple[tuple[str, ...], Callable[..., ArrayDataset], str]] =
 }
 
 
+def options(name: str) -> set[str]:
+    """The keyword options dataset `name`'s builder takes (e.g. {"shots", "seed", "size"})."""
+    return set(inspect.signature(_entry(name)[1]).parameters) - {"split"}
+
+
 def names() -> list[str]:
     """The registered dataset names."""
     return list(_DATASETS)

@@ -32,7 +32,8 @@ METHODS: Dict[str, Union[ModuleType, SimpleNamespace]] = {
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
-def _parse(method: str, key: str, text: str, kind: type):
+def parse_option(method: str, key: str, text: str, kind: type):
+    """One ``key=value`` option of `method` as `kind` (bool accepts true/false/1/0/yes/no)."""
     try:
         if kind is bool:
             if text.lower() not in _TRUE + _FALSE:
@@ -68,10 +69,10 @@ def get(name: str):
                              + (" (its other arguments are fastvote.prune's)" if not allowed else ""))
         if key in options:
             raise ValueError(f"method={name!r}: option {key!r} is given twice")
-        options[key] = _parse(name, key, text.strip(), allowed[key])
+        options[key] = parse_option(name, key, text.strip(), allowed[key])
     return SimpleNamespace(__name__=f"{module.__name__}[{spec}]", __doc__=module.__doc__,
                            CLASS_WISE=module.CLASS_WISE, NEEDS=module.NEEDS, OPTIONS=allowed,
                            select=functools.partial(module.select, **options), options=options)
 
 
-__all__ = ["METHODS", "Selection", "View", "get"]
+__all__ = ["METHODS", "Selection", "View", "get", "parse_option"]

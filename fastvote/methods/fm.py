@@ -19,6 +19,8 @@ from fastvote.voting import FMVoter, combine
 CLASS_WISE = True
 NEEDS = {"source": ("features", "labels"), "target": ("features",)}
 CENTROIDS = ("class", "kmeans")
+# "fm:iterations=3": at most this many K-means passes over the source (label-free FM)
+OPTIONS = {"iterations": int}
 
 
 def source_centroids(source: View, progress: bool = True) -> torch.Tensor:
@@ -45,7 +47,7 @@ def source_centroids(source: View, progress: bool = True) -> torch.Tensor:
 def select(source: View, targets: Sequence[View], *, keep: int, k: int = 1, metric: str = "l2",
            weight: str = "count", temperature: float = 1.0, centroids: str = "class",
            num_clusters: Optional[int] = None, reverse: bool = False, normalize_targets: bool = False,
-           seed: int = 0, device: Optional[torch.device] = None, progress: bool = True,
+           iterations: int = 20, seed: int = 0, device: Optional[torch.device] = None, progress: bool = True,
            **_unused) -> Selection:
     """Keeps `keep` source classes (or clusters) by FM votes."""
     info = {"centroids": centroids}
@@ -56,8 +58,8 @@ def select(source: View, targets: Sequence[View], *, keep: int, k: int = 1, metr
         num_clusters = num_clusters or source.num_classes
         info["num_clusters"] = num_clusters
         centers, groups = kmeans(lambda: (b["features"] for b in source.batches(("features",), shard=True)),
-                                 num_clusters, num_rows=source.num_rows, sharded=True, metric=metric, seed=seed,
-                                 device=device, progress=progress)
+                                 num_clusters, num_rows=source.num_rows, sharded=True, metric=metric,
+                                 iterations=iterations, seed=seed, device=device, progress=progress)
     else:
         raise ValueError(f"centroids='{centroids}' is unknown; expected one of {CENTROIDS}")
     voters = vote(targets, lambda: FMVoter(centers, k, metric, weight, temperature), "features", progress, "FM")
