@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one script to run on a GPU machine (H100 / H200: Python 3.12 with torch
 # 2.11 cu130 installed, nvcc, no network). It builds fastvote's extension with
-# its CUDA kernels in place against the installed torch, runs the op tests and
+# its CUDA kernels in place against the installed torch, runs the op tests, the
+# CUDA paths of MoCo / PGD / ViT / K-means (tests/test_gpu_settings.py) and
 # the CUDA tests, then the CUDA benchmark, and writes under $OUT (default
 # ./gpu_out):
 #   summary.txt                      one line per step (status, seconds), the test tally
@@ -116,7 +117,7 @@ if ((DRY_RUN)); then
 else
   # Not -x: on a first GPU run, every failure is worth seeing (bounded by --maxfail).
   step tests 240 "$OUT/tests.txt" "$PY" -m pytest -q -rs --maxfail=25 --durations=10 \
-    tests/test_ops.py tests/test_cuda.py
+    tests/test_ops.py tests/test_cuda.py tests/test_gpu_settings.py
   step bench 200 "$OUT/bench.txt" "$PY" benchmarks/bench_vote.py --device cuda \
     --json "$OUT/bench_cuda.json" --markdown "$OUT/bench_cuda.md"
 fi

@@ -21,7 +21,8 @@ from typing import List, Optional
 
 def _add_surrogate_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("surrogate (trained on the source when --surrogate is not given)")
-    g.add_argument("--arch", default="resnet18", help="resnet18|resnet34|resnet50|resnet101|tiny (default: resnet18)")
+    g.add_argument("--arch", default="resnet18",
+                   help="resnet18|resnet34|resnet50|resnet101|vit_t_16|vit_s_16|vit_b_16|tiny (default: resnet18)")
     g.add_argument("--epochs", type=int, default=16, help="training epochs (default: 16, the release's)")
     g.add_argument("--batch-size", type=int, default=256)
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: TrainConfig's)")
@@ -108,11 +109,30 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _settings(pairs: List[str]) -> dict:
+    """--set KEY=VALUE pairs; VALUE is read as TOML (1, 0.5, true, ["lm", "fm"]), else as a string."""
+    import tomllib
+
+    values = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE (e.g. pretraining=moco, ratios=[0.5,0.8])")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = text
+    return values
+
+
 def cmd_experiment(args) -> int:
     from fastvote.experiment import ExperimentConfig
 
-    overrides = {} if args.device is None else {"device": args.device}
-    config = ExperimentConfig.from_toml(args.config, **overrides) if args.config else ExperimentConfig(**overrides)
+    overrides = _settings(args.set)
+    if args.device is not None:
+        overrides["device"] = args.device
+    config = (ExperimentConfig.from_toml(args.config, **overrides) if args.config
+              else ExperimentConfig.from_dict(overrides, origin="--set"))
     return _run_experiment(config, args.out)
 
 
@@ -202,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("experiment", help="the paper's protocol: surrogate, prune, pretrain, transfer, table")
     e.add_argument("--config", help="TOML file overriding ExperimentConfig's defaults (fastvote/experiment.py)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting (repeatable; TOML values): --set pretraining=moco "
+                        "--set 'methods=[\"fm\",\"random\"]' --set centroids=kmeans --set source_bias=label_noise=0.4")
     e.add_argument("--out", required=True, help="run folder (rerun to resume)")
 
     m = sub.add_parser("demo", help="the offline benchmark end to end (haystack -> digits), ~10 min on 2 cores")

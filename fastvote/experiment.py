@@ -144,13 +144,17 @@ class ExperimentConfig:
     def from_toml(cls, path, **overrides) -> "ExperimentConfig":
         with open(path, "rb") as f:
             values = tomllib.load(f)
-        values.update(overrides)
+        return cls.from_dict({**values, **overrides}, origin=str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict, origin: str = "settings") -> "ExperimentConfig":
+        """A config from plain values (TOML, --set): lists become tuples; unknown names are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"{path}: unknown setting(s) {unknown}; expected some of {sorted(names)}")
+            raise ValueError(f"{origin}: unknown setting(s) {unknown}; expected some of {sorted(names)}")
         tuples = {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("Tuple")}
-        return cls(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
+        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()})
 
     def validate(self, num_classes: int) -> None:
         for m in self.methods:
@@ -347,7 +351,8 @@ class Experiment:
         seeded = base.partition(":")[0] not in ("lm", "fm")
         folder = self.out / "prune" / (f"{_safe(method)}-r{ratio:.3f}" + (f"-s{seed}" if seeded else ""))
         if distributed.broadcast_object((folder / "manifest.json").is_file()):
-            return PruneResult.load(folder), PruneResult.load(folder).manifest["seconds"]["prune"]
+            result = PruneResult.load(folder)
+            return result, result.manifest["seconds"]["prune"]
         # The baselines' early-training runs use the surrogate's recipe.
         recipe = train.TrainConfig(epochs=c.surrogate_epochs, batch_size=c.batch_size, lr=c.surrogate_lr, seed=0)
         result = prune_source(self.source.beton, [t.train for t in self.targets], method=base, ratio=ratio,

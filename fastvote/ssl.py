@@ -81,7 +81,7 @@ from . import distributed
 from .features import resolve_amp, split_batch
 from .models import as_classifier, atomic_save, save_checkpoint, unwrap_model
 from .train import (_batches_per_epoch, _is_sharded, _rng_state, _seed_epoch,
-                    _set_loader_epoch, _set_rng_state)
+                    _set_loader_epoch, _resume)
 
 __all__ = ["MocoConfig", "MoCo", "two_crops", "pretrain_moco", "STATE_FILE", "MODEL_FILE"]
 
@@ -553,16 +553,6 @@ class MoCo(nn.Module):
 # Pretraining
 # --------------------------------------------------------------------------
 
-def _check_resumable(saved: Dict[str, Any], config: MocoConfig, path: Path) -> None:
-    now = dataclasses.asdict(config)
-    differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in now.items()
-              if k != "log_every" and saved.get(k) != v]
-    if differ:
-        raise ValueError(f"checkpoint_dir: {path} holds a MoCo run with another config ("
-                         f"{'; '.join(differ)}); resume with the same config or use a fresh "
-                         f"checkpoint_dir")
-
-
 def _no_forward_buffer_sync() -> Dict[str, bool]:
     """DDP's keyword that turns off the buffer broadcast of every forward (still synced
     at construction); recent torch renamed it and warns on the old name."""
@@ -703,25 +693,10 @@ def pretrain_moco(model: nn.Module, loader: Iterable, config: MocoConfig, *,
                                 momentum=config.sgd_momentum, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     history: Dict[str, list] = {k: [] for k in ("epoch", "lr", "loss", "top1", "seconds")}
-    start = 0
-    state_path = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
-    # Rank 0 reads the state and hands it to the others (no shared file system needed).
-    state = distributed.broadcast_object(
-        torch.load(state_path, map_location="cpu", weights_only=True)
-        if state_path is not None and distributed.is_main() and state_path.exists() else None)
-    if state is not None:
-        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"checkpoint_dir: {state_path} is not a pretrain_moco state; "
-                             f"use a fresh checkpoint_dir")
-        _check_resumable(state["config"], config, state_path)
-        moco.load_state_dict(state["moco"])
-        optimizer.load_state_dict(state["optimizer"])
-        if amp and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        history, start = state["history"], state["epoch"]
-        # Each epoch re-seeds, so the loop does not need these; restoring them leaves
-        # the caller's generators as an uninterrupted run would.
-        _set_rng_state(state["rng"])
+    state_path, resumed, start = _resume(
+        checkpoint_dir, STATE_FILE, _STATE_FORMAT, config, module=moco, optimizer=optimizer, scaler=scaler,
+        amp=amp, load=lambda m, state: m.load_state_dict(state["moco"]))
+    history = resumed or history
 
     net: nn.Module = moco
     if distributed.active():

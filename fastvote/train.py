@@ -327,16 +327,47 @@ def evaluate(model: nn.Module, loader: Iterable, device, *, amp: Optional[bool] 
 # Supervised (pre)training
 # --------------------------------------------------------------------------
 
-def _check_resumable(saved: Dict[str, Any], config: TrainConfig, path: Path) -> None:
+def _check_resumable(saved: Dict[str, Any], config, path: Path) -> None:
+    """The saved run's config (a dataclass's fields) must equal ``config``'s."""
     now = dataclasses.asdict(config)
     # a field newer than the checkpoint had its default there
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
     differ = [f"{k}: {saved.get(k, defaults[k])!r} there, {v!r} now" for k, v in now.items()
               if k != "log_every" and saved.get(k, defaults[k]) != v]
     if differ:
         raise ValueError(f"checkpoint_dir: {path} holds a run with another config ("
                          f"{'; '.join(differ)}); resume with the same config or use a fresh "
                          f"checkpoint_dir")
+
+
+def _resume(checkpoint_dir, file: str, fmt: str, config, *, module: nn.Module,
+           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp: bool,
+           load: Callable[[nn.Module, Dict[str, Any]], None]
+           ) -> Tuple[Optional[Path], Optional[Dict[str, list]], int]:
+    """Where a resumable loop keeps its state, and what it resumes from.
+
+    Rank 0 reads ``checkpoint_dir/file`` (if there) and hands it to every rank
+    (no shared file system needed); its format and config are checked; the
+    module (through ``load(module, state)``), optimizer, scaler and RNG states
+    are restored. Returns (state path or None, history or None, first epoch).
+    """
+    path = Path(checkpoint_dir) / file if checkpoint_dir is not None else None
+    state = distributed.broadcast_object(
+        torch.load(path, map_location="cpu", weights_only=True)
+        if path is not None and distributed.is_main() and path.exists() else None)
+    if state is None:
+        return path, None, 0
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ValueError(f"checkpoint_dir: {path} is not a {fmt} state; use a fresh checkpoint_dir")
+    _check_resumable(state["config"], config, path)
+    load(module, state)
+    optimizer.load_state_dict(state["optimizer"])
+    if amp and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    # Each epoch re-seeds, so the loop does not need these; restoring them leaves
+    # the caller's generators as an uninterrupted run would.
+    _set_rng_state(state["rng"])
+    return path, state["history"], state["epoch"]
 
 
 def training_setup(model: nn.Module, config: TrainConfig, device: torch.device, amp: bool):
@@ -419,25 +450,10 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
     net = _data_parallel(model, train_loader, device, "train_loader", require=True)
     history: Dict[str, list] = {k: [] for k in
                                 ("epoch", "lr", "train_loss", "train_acc", "val_acc", "steps", "seconds")}
-    start = 0
-    state_path = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
-    # Rank 0 reads the state and hands it to the others (no shared file system needed).
-    state = distributed.broadcast_object(
-        torch.load(state_path, map_location="cpu", weights_only=True)
-        if state_path is not None and distributed.is_main() and state_path.exists() else None)
-    if state is not None:
-        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"checkpoint_dir: {state_path} is not a train_classifier state; "
-                             f"use a fresh checkpoint_dir")
-        _check_resumable(state["config"], config, state_path)
-        load_state_dict_flexible(model, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if amp and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        history, start = state["history"], state["epoch"]
-        # Each epoch re-seeds, so the loop does not need these; restoring them leaves
-        # the caller's generators as an uninterrupted run would.
-        _set_rng_state(state["rng"])
+    state_path, resumed, start = _resume(checkpoint_dir, STATE_FILE, _STATE_FORMAT, config, module=model,
+                                        optimizer=optimizer, scaler=scaler, amp=amp,
+                                        load=lambda m, state: load_state_dict_flexible(m, state["model"]))
+    history = resumed or history
 
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="train",
                unit="epoch", disable=not progress)
