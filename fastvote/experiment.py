@@ -218,7 +218,7 @@ class _Target:
     train_idx: np.ndarray
     val_idx: np.ndarray
     num_classes: int
-    loaders: Optional[tuple] = None
+    loaders: Optional[dict] = None  # built once (see Experiment._target_loaders)
 
 
 # --------------------------------------------------------------------------
@@ -292,10 +292,11 @@ class Experiment:
             torch.set_num_threads(self.config.cpu_threads)
         return loader
 
-    def _eval_loader(self, beton, indices=None):
+    def _eval_loader(self, beton, indices=None, sharded: bool = False):
         c = self.config
         return self._threads(fvdata.eval_loader(beton, c.batch_size, resolution=c.image_size, mean=self.mean,
-                                                std=self.std, indices=indices, device=self.device))
+                                                std=self.std, indices=indices, device=self.device,
+                                                distributed=sharded))
 
     def _train_loader(self, indices, seed: int, augment: bool = True):
         """The source's training loader over `indices` (all when None), sharded
@@ -308,13 +309,21 @@ class Experiment:
             indices=indices, seed=seed, device=self.device, scale=scale, ratio=aspect, flip=flip,
             distributed=distributed.active()))
 
-    def _target_loaders(self, target: _Target):
+    def _target_loaders(self, target: _Target, mode: str):
         """A target's train / validation / test loaders, built once: every cell
-        reads the same target, and each FFCV loader costs a compile."""
+        reads the same target, and each FFCV loader costs a compile. Under
+        torchrun a full finetune is DDP over a sharded training loader; the
+        linear probe reads every training sample on every rank (cached features)."""
         if target.loaders is None:
-            target.loaders = (self._eval_loader(target.train, target.train_idx),
-                              self._eval_loader(target.train, target.val_idx), self._eval_loader(target.test))
-        return target.loaders
+            sharded = distributed.active() and "full" in self.config.modes
+            target.loaders = {"train": self._eval_loader(target.train, target.train_idx),
+                              "val": self._eval_loader(target.train, target.val_idx),
+                              "test": self._eval_loader(target.test),
+                              "train-sharded": self._eval_loader(target.train, target.train_idx, sharded=True)
+                              if sharded else None}
+        loaders = target.loaders
+        train_loader = loaders["train-sharded"] if mode == "full" and loaders["train-sharded"] else loaders["train"]
+        return train_loader, loaders["val"], loaders["test"]
 
     # ---- surrogate --------------------------------------------------------
     def surrogate(self, arch: Optional[str] = None, epochs: Optional[int] = None) -> Tuple[Path, float]:
@@ -408,17 +417,20 @@ class Experiment:
 
             config = MocoConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.moco_lr, queue_size=c.moco_queue,
                                 temperature=c.moco_temperature, crop_scale=c.moco_crop_scale, flip=c.flip, seed=seed)
-            pretrain_moco(model, self._train_loader(indices, seed, augment=False), config, mean=self.mean,
-                          std=self.std, device=self.device, checkpoint_dir=checkpoint_dir, progress=self.progress)
+            history = pretrain_moco(model, self._train_loader(indices, seed, augment=False), config,
+                                    mean=self.mean, std=self.std, device=self.device,
+                                    checkpoint_dir=checkpoint_dir, progress=self.progress)
         else:
             perturb = None
             if c.pretraining == "adversarial":
                 from fastvote.adversarial import PGD
 
                 perturb = PGD(mean=self.mean, std=self.std, eps=c.pgd_eps, steps=c.pgd_steps)
-            train.train_classifier(model, self._train_loader(indices, seed), c.recipe(seed), device=self.device,
-                                   checkpoint_dir=checkpoint_dir, progress=self.progress, perturb=perturb)
-        return model, time.perf_counter() - started
+            history = train.train_classifier(model, self._train_loader(indices, seed), c.recipe(seed),
+                                             device=self.device, checkpoint_dir=checkpoint_dir,
+                                             progress=self.progress, perturb=perturb)
+        # A resumed run's epochs happened earlier: count them from the history.
+        return model, max(time.perf_counter() - started, sum(history["seconds"]))
 
     def _run_cell(self, cell: Cell, surrogate_seconds: float) -> List[dict]:
         c = self.config
@@ -429,23 +441,26 @@ class Experiment:
             return finished
         if cell.method == UNPRUNED:
             indices, kept, prune_seconds, surrogate_seconds = None, list(range(self.num_classes)), 0.0, 0.0
+            names = self.source.class_names or [str(j) for j in kept]
         else:
             ablation = split_method(cell.method)[1]
             surrogate, surrogate_seconds = self.surrogate(ablation.get("surrogate_arch"),
                                                           ablation.get("surrogate_epochs"))
             result, prune_seconds = self.prune(cell.method, cell.ratio, cell.seed, surrogate)
-            indices, kept = result.indices.numpy(), result.kept_classes.tolist()
+            indices, kept, names = result.indices.numpy(), result.kept_classes.tolist(), result.kept_names
+            if result.manifest.get("selection", {}).get("centroids") == "kmeans":
+                kept = None  # K-means clusters, not source classes: names say "cluster j"
         model, pretrain_seconds = self.pretrain(indices, cell.seed, cell.key)
         rows = []
         for target in self.targets:
             for mode in c.modes:
                 epochs, lr = (c.lp_epochs, c.lp_lr) if mode == "linear" else (c.ff_epochs, c.ff_lr)
-                target_train, target_val, target_test = self._target_loaders(target)
+                target_train, target_val, target_test = self._target_loaders(target, mode)
                 out = train.finetune(model, target_train, target_val, target_test, num_classes=target.num_classes,
                                      mode=mode, epochs=epochs, lr=lr, seed=cell.seed, device=self.device,
                                      progress=self.progress)
                 rows.append({
-                    "target": target.name, "method": cell.method, "ratio": round(cell.ratio, 4), "keep": len(kept),
+                    "target": target.name, "method": cell.method, "ratio": round(cell.ratio, 4), "keep": len(names),
                     "seed": cell.seed, "pretraining": c.pretraining,
                     "class_wise": cell.method == UNPRUNED or methods.get(split_method(cell.method)[0]).CLASS_WISE,
                     "mode": mode, "test_acc": out["test_acc"], "val_acc": out["val_acc"],
@@ -453,9 +468,7 @@ class Experiment:
                     "source_samples": len(indices) if indices is not None else self.source.num_rows,
                     "surrogate_seconds": surrogate_seconds, "prune_seconds": prune_seconds,
                     "pretrain_seconds": pretrain_seconds,
-                    "kept_classes": " ".join(self.source.class_names[j] if self.source.class_names else str(j)
-                                             for j in kept),
-                    "kept_ids": kept,
+                    "kept_classes": "; ".join(names), "kept_ids": kept,
                 })
         if distributed.is_main():
             _write_json(done, rows)
@@ -586,7 +599,7 @@ def bias_markdown(rows: Sequence[dict], bias: dict) -> str:
     seen = set()
     for r in rows:
         key = (r["method"], float(r["ratio"]))
-        if r["method"] == UNPRUNED or not r.get("class_wise") or "kept_ids" not in r or key in seen:
+        if r["method"] == UNPRUNED or not r.get("class_wise") or r.get("kept_ids") is None or key in seen:
             continue
         seen.add(key)
         kept = set(r["kept_ids"])

@@ -670,6 +670,7 @@ def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
             trainable, batches(epoch), opt, scaler, criterion,
             lambda i: lr_at(epoch * steps + i), device=device, amp=train_amp, total=steps,
             progress=progress, desc=f"epoch {epoch + 1}/{epochs}", log_every=20)
+        distributed.broadcast_buffers(net)  # DDP: every rank validates rank 0's model
         val_acc = validate()
         record = {"epoch": epoch, "lr": lr_at((epoch + 1) * steps - 1), "train_loss": loss,
                   "train_acc": acc, "val_acc": val_acc}

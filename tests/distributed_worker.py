@@ -75,7 +75,16 @@ def train(out: Path, beton: str, epochs: int, crash_after: int = -1) -> dict:
 
     history = train_classifier(model, loader, TrainConfig(epochs=epochs, batch_size=16, lr=0.1, seed=0),
                                device="cpu", checkpoint_dir=out / "ckpt", progress=False, on_epoch_end=crash)
-    return {"history": history, "state": models.unwrap_model(model).state_dict(), "batches": len(loader)}
+    # DDP finetuning: a sharded training loader, the whole validation and test split on every rank
+    from fastvote.train import finetune
+
+    sharded = data.eval_loader(beton, 16, resolution=16, mean=mean, std=std, distributed=True, num_workers=1)
+    whole = data.eval_loader(beton, 64, resolution=16, mean=mean, std=std, num_workers=1)
+    tuned = finetune(model, sharded, whole, whole, num_classes=10, mode="full", epochs=1, lr=1e-3, device="cpu",
+                     progress=False)
+    return {"history": history, "state": models.unwrap_model(model).state_dict(), "batches": len(loader),
+            "finetuned": models.unwrap_model(tuned["model"]).state_dict(), "finetune_test_acc": tuned["test_acc"],
+            "finetune_batches": len(sharded)}
 
 
 if __name__ == "__main__":

@@ -153,6 +153,11 @@ def test_ddp_pretraining_steps_checkpoint_and_resume(tmp_path, one_thread):
     for key in r0["state"]:  # DDP keeps the replicas equal
         assert torch.equal(r0["state"][key], r1["state"][key]), key
     assert sorted(p.name for p in (full / "ckpt").iterdir()) == [train.MODEL_FILE, train.STATE_FILE]
+    # DDP finetuning: each rank a half of the batches, the same finetuned weights and test accuracy on both
+    assert r0["finetune_batches"] == r1["finetune_batches"] == -(-((n + 1) // 2) // 16)
+    assert r0["finetune_test_acc"] == r1["finetune_test_acc"]
+    for key in r0["finetuned"]:
+        assert torch.equal(r0["finetuned"][key], r1["finetuned"][key]), key
     saved = models.load_model(full / "ckpt" / train.MODEL_FILE)
     for key, value in models.unwrap_model(saved).state_dict().items():
         assert torch.equal(value, r0["state"][key]), key
