@@ -80,7 +80,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (
 from . import distributed
 from .features import resolve_amp, split_batch
 from .models import as_classifier, atomic_save, save_checkpoint, unwrap_model
-from .train import (_batches_per_epoch, _is_sharded, _rng_state, _seed_epoch,
+from .train import (_batches_per_epoch, _epoch_means, _is_sharded, _rng_state, _seed_epoch,
                     _set_loader_epoch, _resume)
 
 __all__ = ["MocoConfig", "MoCo", "two_crops", "pretrain_moco", "STATE_FILE", "MODEL_FILE"]
@@ -579,7 +579,7 @@ def _pretrain_epoch(net: nn.Module, moco: MoCo, loader: Iterable, *, mean, std,
     channels_last = device.type == "cuda"
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    seen, i, lr = 0, -1, 0.0
     bar = tqdm(loader, total=total, desc=desc, disable=not progress, unit="batch", leave=False)
     for i, batch in enumerate(bar):
         images = split_batch(batch)[0].to(device, non_blocking=True)
@@ -603,18 +603,7 @@ def _pretrain_epoch(net: nn.Module, moco: MoCo, loader: Iterable, *, mean, std,
         seen += len(labels)
         if progress and (i + 1) % config.log_every == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lr:.3g}")
-    if seen == 0:
-        raise ValueError(f"{desc}: the loader yielded no batch")
-    if distributed.active():
-        stats = distributed.all_reduce_(torch.stack([
-            loss_sum, correct.double(), torch.tensor(float(seen), device=device,
-                                                     dtype=torch.float64)]))
-        loss_sum, correct, seen = stats[0], stats[1], int(stats[2].item())
-    mean_loss = loss_sum.item() / seen
-    if not math.isfinite(mean_loss):
-        raise FloatingPointError(f"{desc}: the InfoNCE loss is {mean_loss}; the learning rate "
-                                 f"(last {lr:.3g}) is probably too high for this model and data")
-    return mean_loss, float(correct.item()) / seen
+    return _epoch_means(loss_sum, correct, seen, device=device, desc=desc, lr=lr, what="InfoNCE loss")
 
 
 def pretrain_moco(model: nn.Module, loader: Iterable, config: MocoConfig, *,

@@ -270,7 +270,7 @@ def _train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Opt
     channels_last = device.type == "cuda"
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    seen, i, lr = 0, -1, 0.0
     bar = tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch", leave=False)
     for i, batch in enumerate(bar):
         images, labels, _ = split_batch(batch)
@@ -296,6 +296,14 @@ def _train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Opt
         seen += len(labels)
         if progress and (i + 1) % log_every == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lr:.3g}")
+    mean_loss, acc = _epoch_means(loss_sum, correct, seen, device=device, desc=desc, lr=lr)
+    return mean_loss, acc, i + 1
+
+
+def _epoch_means(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, *, device: torch.device, desc: str,
+                 lr: float, what: str = "training loss") -> Tuple[float, float]:
+    """(mean loss, top-1) of an epoch over every rank's samples (one host sync);
+    an empty epoch or a non-finite loss is an error."""
     if seen == 0:
         raise ValueError(f"{desc}: the training loader yielded no batch")
     if distributed.active():  # every rank reports the epoch over all ranks' samples
@@ -304,9 +312,9 @@ def _train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Opt
         loss_sum, correct, seen = stats[0], stats[1], int(stats[2].item())
     mean_loss = loss_sum.item() / seen
     if not math.isfinite(mean_loss):
-        raise FloatingPointError(f"{desc}: the training loss is {mean_loss}; the learning rate "
+        raise FloatingPointError(f"{desc}: the {what} is {mean_loss}; the learning rate "
                                  f"(last {lr:.3g}) is probably too high for this model and data")
-    return mean_loss, int(correct.item()) / seen, i + 1
+    return mean_loss, int(correct.item()) / seen
 
 
 def evaluate(model: nn.Module, loader: Iterable, device, *, amp: Optional[bool] = None,
