@@ -55,3 +55,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class Killed(Exception):
+    """A training run "killed" after an epoch (see kill_after)."""
+
+
+def kill_after(epoch_to_die):
+    """An on_epoch_end hook that raises Killed after epoch `epoch_to_die` (its checkpoint is written)."""
+    def on_epoch_end(epoch, history):
+        if epoch == epoch_to_die:
+            raise Killed
+    return on_epoch_end

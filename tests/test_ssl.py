@@ -20,6 +20,8 @@ from fastvote import distributed, ssl
 from fastvote.models import build_model, load_model, unwrap_model
 from fastvote.ssl import MODEL_FILE, STATE_FILE, MoCo, MocoConfig, pretrain_moco, two_crops
 
+from conftest import Killed, kill_after
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIDE = 16
@@ -342,17 +344,6 @@ def test_shuffled_bn_groups_keys_over_a_random_permutation():
 # Pretraining
 # --------------------------------------------------------------------------
 
-class Killed(Exception):
-    pass
-
-
-def _kill_after(epoch_to_die):
-    def on_epoch_end(epoch, history):
-        if epoch == epoch_to_die:
-            raise Killed
-    return on_epoch_end
-
-
 @pytest.fixture(scope="module")
 def synthetic():
     images = random_images(32, seed=5)
@@ -384,7 +375,7 @@ def test_pretraining_trains_the_backbone_and_resumes_bitwise(synthetic, tmp_path
 
     killed = build_model("tiny", 10, image_size=SIDE, seed=1)
     with pytest.raises(Killed):
-        run(killed, synthetic, tmp_path / "killed", on_epoch_end=_kill_after(0))
+        run(killed, synthetic, tmp_path / "killed", on_epoch_end=kill_after(0))
     assert [p.name for p in (tmp_path / "killed").iterdir()] == [STATE_FILE]
     torch.manual_seed(999)  # whatever ran in between must not matter
     fresh = build_model("tiny", 10, image_size=SIDE, seed=1)  # a new process
@@ -395,7 +386,7 @@ def test_pretraining_trains_the_backbone_and_resumes_bitwise(synthetic, tmp_path
 
 def test_pretraining_refuses_another_config_or_loader(synthetic, tmp_path):
     with pytest.raises(Killed):
-        run(build_model("tiny", 10), synthetic, tmp_path, on_epoch_end=_kill_after(0))
+        run(build_model("tiny", 10), synthetic, tmp_path, on_epoch_end=kill_after(0))
     with pytest.raises(ValueError, match=re.escape("lr: 0.05 there, 0.1 now")):
         run(build_model("tiny", 10), synthetic, tmp_path, MocoConfig(**{**CONFIG, "lr": 0.1}))
     with pytest.raises(ValueError, match=re.escape("loader.batch_size=8 but config.batch_size=4")):

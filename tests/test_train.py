@@ -11,6 +11,8 @@ from fastvote.models import build_model, load_model
 from fastvote.train import (MODEL_FILE, STATE_FILE, TrainConfig, evaluate, finetune, training_setup,
                             train_classifier)
 
+from conftest import Killed, kill_after
+
 SIDE = 16
 
 
@@ -111,17 +113,6 @@ def test_training_learns_digits(digits, pretrained):
     assert history["epoch"] == [0, 1, 2]
 
 
-class Killed(Exception):
-    pass
-
-
-def _kill_after(epoch_to_die):
-    def on_epoch_end(epoch, history):
-        if epoch == epoch_to_die:
-            raise Killed
-    return on_epoch_end
-
-
 def test_killed_run_resumes_to_bitwise_identical_weights(digits, tmp_path):
     config = TrainConfig(epochs=3, batch_size=32, lr=0.2, seed=7)
     train = loader(digits["train"], 32, shuffle=True, limit=320)
@@ -133,7 +124,7 @@ def test_killed_run_resumes_to_bitwise_identical_weights(digits, tmp_path):
     resumed = build_model("tiny", 10, seed=1)
     with pytest.raises(Killed):
         train_classifier(resumed, train, config, device="cpu", progress=False,
-                         checkpoint_dir=tmp_path / "killed", on_epoch_end=_kill_after(0))
+                         checkpoint_dir=tmp_path / "killed", on_epoch_end=kill_after(0))
     assert (tmp_path / "killed" / STATE_FILE).exists()
     assert not (tmp_path / "killed" / MODEL_FILE).exists()
     torch.manual_seed(999)  # whatever ran in between must not matter
@@ -154,7 +145,7 @@ def test_resume_refuses_another_config(digits, tmp_path):
     config = TrainConfig(epochs=2, batch_size=32, lr=0.1)
     with pytest.raises(Killed):
         train_classifier(build_model("tiny", 10), train, config, device="cpu", progress=False,
-                         checkpoint_dir=tmp_path, on_epoch_end=_kill_after(0))
+                         checkpoint_dir=tmp_path, on_epoch_end=kill_after(0))
     with pytest.raises(ValueError, match="lr: 0.1 there, 0.2 now"):
         train_classifier(build_model("tiny", 10), train,
                          TrainConfig(epochs=2, batch_size=32, lr=0.2), device="cpu",
