@@ -74,16 +74,21 @@ def shard(num_rows: int) -> range:
     return range(num_rows * r // w, num_rows * (r + 1) // w)
 
 
-def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sums ``tensor`` over the ranks, in place (through the GPU under NCCL); returns it."""
-    if not active():
-        return tensor
+def _in_place(collective, tensor: torch.Tensor) -> None:
+    """Runs an in-place collective on ``tensor``; NCCL needs it on the GPU, so a
+    CPU tensor makes the round trip."""
     if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
         moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(moved)
+        collective(moved)
         tensor.copy_(moved)
     else:
-        dist.all_reduce(tensor)
+        collective(tensor)
+
+
+def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sums ``tensor`` over the ranks, in place; returns it."""
+    if active():
+        _in_place(dist.all_reduce, tensor)
     return tensor
 
 
@@ -102,12 +107,7 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     if not active():
         return
     for buffer in module.buffers():
-        if dist.get_backend() == "nccl" and buffer.device.type != "cuda":
-            moved = buffer.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.broadcast(moved, src)
-            buffer.copy_(moved)
-        else:
-            dist.broadcast(buffer, src)
+        _in_place(lambda t: dist.broadcast(t, src), buffer)
 
 
 def barrier() -> None:

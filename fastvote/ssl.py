@@ -720,9 +720,7 @@ def pretrain_moco(model: nn.Module, loader: Iterable, config: MocoConfig, *,
                 "rng": _rng_state()}, state_path)
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
-    if distributed.active():
-        for buffer in moco.buffers():
-            dist.broadcast(buffer, src=0)
+    distributed.broadcast_buffers(moco)  # every rank ends with rank 0's BatchNorm statistics
     if checkpoint_dir is not None and distributed.is_main():
         save_checkpoint(Path(checkpoint_dir) / MODEL_FILE, unwrap_model(model), history=history,
                         config=dataclasses.asdict(config))
