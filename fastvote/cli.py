@@ -14,34 +14,88 @@ distributed unchanged: torchrun --nproc_per_node 2 -m fastvote.cli prune ...
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 
 def _add_surrogate_options(p: argparse.ArgumentParser) -> None:
+    """The surrogate's architecture, training recipe and preprocessing; every
+    default is the API's (None: TrainConfig's, the checkpoint's or the source's)."""
+    from fastvote.surrogate import DEFAULT_ARCH
+
     g = p.add_argument_group("surrogate (trained on the source when --surrogate is not given)")
-    g.add_argument("--arch", default="resnet18",
-                   help="resnet18|resnet34|resnet50|resnet101|vit_t_16|vit_s_16|vit_b_16|tiny (default: resnet18)")
-    g.add_argument("--epochs", type=int, default=16, help="training epochs (default: 16, the release's)")
-    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--arch", default=DEFAULT_ARCH,
+                   help=f"resnet18|resnet34|resnet50|resnet101|vit_t_16|vit_s_16|vit_b_16|tiny (default: {DEFAULT_ARCH})")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs (default: TrainConfig's, the release's 16)")
+    g.add_argument("--train-batch-size", type=int, default=None, help="training batch (default: TrainConfig's)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: TrainConfig's)")
-    g.add_argument("--image-size", type=int, default=None, help="surrogate input side in px (default: the source's)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="surrogate input side in px (default: the checkpoint's, else the source's)")
+    g.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="per-channel mean in 0..1 units (default: the checkpoint's, else the source's)")
+    g.add_argument("--std", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="per-channel std in 0..1 units (with --mean)")
 
 
 def _train_config(args):
+    """A TrainConfig when a training option was given, else None (the API's default, TrainConfig(seed=seed))."""
     from fastvote.train import TrainConfig
 
-    kw = dict(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    if args.lr is not None:
-        kw["lr"] = args.lr
-    return TrainConfig(**kw)
+    given = {name: value for name, value in (("epochs", args.epochs), ("batch_size", args.train_batch_size),
+                                             ("lr", args.lr)) if value is not None}
+    return TrainConfig(seed=args.seed, **given) if given else None
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """One flag per option any method declares (fastvote.methods.spec): the
+    same names, types, choices and defaults as the API; not given = the method's default."""
+    from fastvote.methods import METHODS
+
+    g = p.add_argument_group("method options (also as --method NAME:key=value,...; an option the method "
+                             "does not use is an error)")
+    seen = set()
+    for name, module in METHODS.items():
+        for option in module.OPTIONS:
+            if option.name in seen:
+                continue
+            seen.add(option.name)
+            flag = "--" + option.name.replace("_", "-")
+            doc = f"{option.doc} (default: {option.default}; methods: " + ", ".join(
+                m for m, mod in METHODS.items() if any(o.name == option.name for o in mod.OPTIONS)) + ")"
+            if option.type is bool:
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
+            else:
+                g.add_argument(flag, type=option.type, default=None, choices=option.choices or None, help=doc)
+
+
+def method_options(args) -> dict:
+    """The method options given on the command line (None: not given)."""
+    from fastvote.methods import METHODS
+
+    names = {o.name for module in METHODS.values() for o in module.OPTIONS}
+    return {name: getattr(args, name) for name in sorted(names) if getattr(args, name, None) is not None}
 
 
 def _device(args):
-    import torch
+    from fastvote import distributed
 
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return distributed.resolve_device(args.device)
+
+
+def _check_out(path: str, what: str = "--out") -> Path:
+    """Fails before any compute when `path` cannot be written."""
+    out = Path(path)
+    if out.exists() and not out.is_dir() and what == "--out":
+        raise NotADirectoryError(f"{what}={path!r} is a file; expected a folder (it is written whole)")
+    parent = out.parent if not out.exists() else out
+    existing = next(p for p in [parent, *parent.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what}={path!r}: {existing} is not a writable folder")
+    return out
 
 
 def cmd_data(args) -> int:
@@ -65,47 +119,41 @@ def cmd_data(args) -> int:
 
 
 def cmd_surrogate(args) -> int:
-    from fastvote import data, distributed, models, train
-    from fastvote.prune import resolve_data, workdir_path
+    from fastvote import distributed, inputs, surrogate
 
-    distributed.init_from_env(args.device)  # under torchrun: DDP training
+    out = _check_out(args.out, "--out")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out={args.out!r} is a folder; expected a checkpoint file (.pt)")
+    device = _device(args)
     with distributed.main_first():
-        src = resolve_data(args.source, "source", workdir_path(args.workdir), distributed.is_main())
-    resolution = args.image_size or src.image_size
-    mean, std = data.channel_stats(src.beton)
-    config = _train_config(args)
-    model = models.build_model(args.arch, src.num_classes, image_size=resolution)
-    loader = data.train_loader(src.beton, config.batch_size, resolution=resolution, mean=mean, std=std,
-                               seed=args.seed, flip=not args.no_flip, distributed=distributed.active(),
-                               **data.default_crop(resolution))
-    history = train.train_classifier(model, loader, config, device=_device(args), progress=distributed.is_main(),
-                                     checkpoint_dir=args.out + ".ckpt")
+        src = inputs.resolve(args.source, "source", inputs.workdir_path(args.workdir), distributed.is_main())
+    sur = surrogate.resolve(None, src, arch=args.arch, train_config=_train_config(args), image_size=args.image_size,
+                            mean=args.mean, std=args.std, seed=args.seed, workdir=inputs.workdir_path(args.workdir))
+    recipe = dataclasses.replace(sur.recipe, flip=True) if args.flip else sur.recipe
+    path, info = surrogate.train(recipe, src, out, device=device, progress=distributed.is_main())
     if distributed.is_main():
-        models.save_checkpoint(args.out, model, resolution=resolution, mean=list(mean), std=list(std),
-                               class_names=src.class_names)
-        print(f"saved the surrogate to {args.out} (final train accuracy {history['train_acc'][-1]:.4f})")
+        print(f"saved the surrogate to {path} (final train accuracy {info['train_acc']:.4f})")
     return 0
 
 
 def cmd_prune(args) -> int:
     import fastvote
     from fastvote import distributed
-    from fastvote.plots import plot_votes
 
+    out = _check_out(args.out)
     result = fastvote.prune(
         args.source, args.target if len(args.target) > 1 else args.target[0], method=args.method,
-        ratio=args.ratio, keep=args.keep, surrogate=args.surrogate, k=args.k, metric=args.metric,
-        weight=args.weight, temperature=args.temperature, reverse=args.reverse, centroids=args.centroids,
-        num_clusters=args.num_clusters, normalize_targets=args.normalize_targets, arch=args.arch,
-        train_config=_train_config(args), image_size=args.image_size, device=args.device,
-        batch_size=args.batch_size, seed=args.seed, workdir=args.workdir, progress=True)
+        ratio=args.ratio, keep=args.keep, surrogate=args.surrogate, arch=args.arch,
+        train_config=_train_config(args), image_size=args.image_size, mean=args.mean, std=args.std,
+        device=args.device, batch_size=args.batch_size, seed=args.seed, workdir=args.workdir, progress=True,
+        **method_options(args))
     if not distributed.is_main():  # every rank holds the same result; rank 0 writes it
         return 0
-    out = result.save(args.out)
-    png = plot_votes(result, out / "votes.png")
+    result.save(out)
     print(summary_table(result))
     print(f"\nkept {len(result.indices)} samples from {len(result.kept_classes)} of {len(result.class_names)} "
-          f"classes ({result.manifest['ratio_meaning']}: {result.ratio:.3f}); wrote {out}/indices.npy, classes.json, manifest.json and {png.name}")
+          f"classes (fraction of source {result.unit} removed: {result.ratio:.3f}); wrote {out}/indices.npy, "
+          "classes.json, manifest.json and votes.png")
     return 0
 
 
@@ -172,11 +220,24 @@ def summary_table(result, limit: int = 40) -> str:
     return "\n".join(rows)
 
 
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """--device, --seed, --workdir: accepted before the subcommand and after it
+    (after it they are SUPPRESSed unless given, so the earlier value stands)."""
+    p = argparse.ArgumentParser(add_help=False)
+    default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+    p.add_argument("--device", default=default(None), help="cpu|cuda|cuda:N (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=default(0), help="seeds the surrogate and the method (default: 0)")
+    p.add_argument("--workdir", default=default(None),
+                   help="cache of betons, surrogates, features (default: $FASTVOTE_CACHE/prune)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastvote", description="Target-aware source pruning by voting (DP4TL).")
-    p.add_argument("--device", default=None, help="cpu|cuda|cuda:N (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=None, help="cache of betons, surrogates, features (default: $FASTVOTE_CACHE/prune)")
+    from fastvote.prune import prune
+
+    p = argparse.ArgumentParser(prog="fastvote", description="Target-aware source pruning by voting (DP4TL).",
+                                parents=[_common(False)])
+    common = _common(True)
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="list the offline datasets or write .beton files")
@@ -191,45 +252,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("surrogate", help="train a surrogate on a source")
     ssub = s.add_subparsers(dest="surrogate_command", required=True)
-    t = ssub.add_parser("train", help="train a surrogate classifier on the source")
+    t = ssub.add_parser("train", help="train a surrogate classifier on the source (the recipe prune() uses)",
+                        parents=[common])
     t.add_argument("--source", required=True, help=".beton, registry NAME[:SPLIT]")
     t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
-    t.add_argument("--no-flip", action="store_true", help="no horizontal flips (digits, text)")
+    t.add_argument("--flip", action="store_true", help="random horizontal flips (off by default: digits, text)")
     _add_surrogate_options(t)
 
-    r = sub.add_parser("prune", help="vote and keep the source classes the target needs")
+    r = sub.add_parser("prune", help="vote and keep the source classes the target needs", parents=[common])
     r.add_argument("--source", required=True, help=".beton, registry NAME[:SPLIT], or a folder of precomputed "
                                                    "surrogate outputs (features.npy / logits.npy / labels.npy)")
     r.add_argument("--target", required=True, action="append",
                    help="as --source (no labels needed); repeat for multi-task")
-    r.add_argument("--method", default="lm",
+    r.add_argument("--method", default=prune.__defaults__[0],
                    help="lm|fm|random (class-wise: --ratio removes classes) or random-sample|moderate|grand|el2n|"
                         "forgetting|ccs|ssp (sample-wise: --ratio removes samples); options as NAME:key=value,...")
     keep = r.add_mutually_exclusive_group(required=True)
-    keep.add_argument("--ratio", type=float, help="fraction of source classes REMOVED (0 <= r < 1)")
-    keep.add_argument("--keep", type=int, help="number of source classes kept")
-    r.add_argument("--out", required=True, help="result folder (indices.npy, classes.json, manifest.json, votes.png)")
+    keep.add_argument("--ratio", type=float, help="fraction of source classes (sample-wise: samples) REMOVED, 0 <= r < 1")
+    keep.add_argument("--keep", type=int, help="number of source classes (sample-wise: samples) kept")
+    r.add_argument("--out", required=True, help="result folder (indices.npy, classes.json, manifest.json, votes.png); "
+                                                "replaced as a whole")
     r.add_argument("--surrogate", default=None, help="checkpoint to use instead of training one")
-    r.add_argument("--k", type=int, default=1, help="votes per target sample (default: 1)")
-    r.add_argument("--metric", default="l2", choices=["l2", "cosine"])
-    r.add_argument("--weight", default="count", choices=["count", "rank", "soft"])
-    r.add_argument("--temperature", type=float, default=1.0)
-    r.add_argument("--reverse", action="store_true", help="keep the least-voted classes (ablation)")
-    r.add_argument("--centroids", default="class", choices=["class", "kmeans"], help="FM: class means or K-means clusters")
-    r.add_argument("--num-clusters", type=int, default=None)
-    r.add_argument("--normalize-targets", action="store_true", help="multi-task: each target weighs the same")
+    r.add_argument("--batch-size", type=int, default=prune.__kwdefaults__["batch_size"],
+                   help="images a surrogate pass reads at once (default: %(default)s)")
+    _add_method_options(r)
     _add_surrogate_options(r)
 
-    e = sub.add_parser("experiment", help="the paper's protocol: surrogate, prune, pretrain, transfer, table")
+    e = sub.add_parser("experiment", help="the paper's protocol: surrogate, prune, pretrain, transfer, table",
+                       parents=[common])
     e.add_argument("--config", help="TOML file overriding ExperimentConfig's defaults (fastvote/experiment.py)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting (repeatable; TOML values): --set pretraining=moco "
                         "--set 'methods=[\"fm\",\"random\"]' --set centroids=kmeans --set source_bias=label_noise=0.4")
     e.add_argument("--out", required=True, help="run folder (rerun to resume)")
 
-    m = sub.add_parser("demo", help="the offline benchmark end to end (haystack -> digits), ~10 min on 2 cores")
+    m = sub.add_parser("demo", help="the offline benchmark end to end (haystack -> digits), ~10 min on 2 cores",
+                       parents=[common])
     m.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     return p
+
+
+# User mistakes print one line and exit 2; anything else (a bug, CUDA out of
+# memory, an assertion) keeps its traceback. ValueError and TypeError are
+# fastvote's argument errors; OSErrors about paths the user named are theirs.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+               NotADirectoryError)
+USER_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -242,9 +310,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return handler(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError, IndexError) as exc:
-        print(f"fastvote {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        if isinstance(exc, USER_ERRORS) or (isinstance(exc, OSError) and exc.errno in USER_ERRNOS):
+            print(f"fastvote {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
     finally:
         distributed.shutdown()
 

@@ -60,6 +60,29 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def resolve_device(device=None) -> torch.device:
+    """The one default-device rule: `device` as given (checked: a CUDA device
+    on a machine without one is an error, not a silent CPU run), else cuda
+    when available, else cpu; under torchrun, this rank's GPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is invalid; expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(device)!r} is not supported; expected 'cpu', 'cuda' or 'cuda:N'")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={str(device)!r}: this machine has no usable CUDA GPU; use device='cpu'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device={str(device)!r}: this machine has {count} CUDA GPU(s); expected cuda:0"
+                             + (f"..cuda:{count - 1}" if count > 1 else ""))
+    init_from_env(device)  # under torchrun: join the group (NCCL on GPUs, gloo on CPUs)
+    return local_device(device)
+
+
 def local_device(device) -> torch.device:
     """``device``, made this rank's GPU under NCCL ("cuda" -> "cuda:LOCAL_RANK")."""
     device = torch.device(device)

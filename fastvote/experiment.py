@@ -31,30 +31,28 @@ sharded FFCV loaders, sharded votes, rank 0 writing every file.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
-import math
 import os
-import statistics
 import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from fastvote import data as fvdata
 from fastvote import distributed, methods, models, train
-from fastvote.methods import parse_option
-from fastvote.prune import PruneResult, prune as prune_source, resolve_data
+from fastvote.atomic import write_json
+from fastvote import surrogate as surrogates
+from fastvote.inputs import resolve as resolve_input
+from fastvote.prune import PruneResult, prune as prune_source
+from fastvote.report import UNPRUNED, write_reports
 from fastvote.select import keep_count
 
-UNPRUNED = "unpruned"
 # `fastvote experiment` runs every method. The demo (10 minutes on two cores)
 # runs the two voting methods, the random-class bar, and the cheaper
 # target-agnostic baselines (GraNd averaged over 2 runs instead of 10).
@@ -62,24 +60,14 @@ ALL_METHODS = ("lm", "fm", "random", "random-sample", "moderate", "grand", "el2n
 DEMO_METHODS = ("lm", "fm", "random", "random-sample", "moderate", "forgetting", "grand:runs=2")
 PRETRAININGS = ("supervised", "moco", "adversarial")
 FEATURE_PLOTS = ("pca", "tsne", "none")
-# Options the experiment takes off a method's name (the ablations): prune's
-# voting arguments and the surrogate's recipe.
-ABLATIONS = {"reverse": bool, "k": int, "weight": str, "metric": str, "surrogate_arch": str,
-             "surrogate_epochs": int}
-
-
-def split_method(method: str) -> Tuple[str, Dict[str, object]]:
-    """"lm:k=5,reverse=true" -> ("lm", {"k": 5, "reverse": True}): the method
-    for fastvote.methods (with its own options) and the experiment's ablations."""
-    base, _, spec = method.partition(":")
-    own, ablation = [], {}
-    for item in filter(None, spec.split(",")):
-        key, _, text = item.partition("=")
-        if key.strip() in ABLATIONS:
-            ablation[key.strip()] = parse_option(method, key.strip(), text.strip(), ABLATIONS[key.strip()])
-        else:
-            own.append(item)
-    return base + (":" + ",".join(own) if own else ""), ablation
+# Options the experiment takes off a method's name for itself (ablations of
+# the surrogate's recipe): "lm:surrogate_arch=resnet18", "lm:surrogate_epochs=1".
+# The voting ablations ("lm:reverse=true,k=3") are the method's own options.
+SURROGATE_ABLATIONS = (
+    methods.Option("surrogate_arch", str, None, "the surrogate's architecture for this method",
+                   choices=models.ARCHS),
+    methods.Option("surrogate_epochs", int, None, "the surrogate's training epochs for this method", low=0),
+)
 
 
 @dataclass
@@ -158,11 +146,7 @@ class ExperimentConfig:
 
     def validate(self, num_classes: int) -> None:
         for m in self.methods:
-            base, ablation = split_method(m)
-            methods.get(base)
-            if "surrogate_arch" in ablation and ablation["surrogate_arch"] not in models.ARCHS:
-                raise ValueError(f"methods: {m!r} names surrogate_arch={ablation['surrogate_arch']!r}; expected "
-                                 f"one of {list(models.ARCHS)}")
+            self.spec(m)
         for r in self.ratios:
             keep_count(num_classes, ratio=r)
         for mode in self.modes:
@@ -182,6 +166,15 @@ class ExperimentConfig:
         if self.source_bias is not None:
             fvdata.BiasSpec.parse(self.source_bias)
         self.recipe()  # TrainConfig checks the optimizer, schedule and warmup
+
+    def spec(self, method: str, num_targets: int = 1) -> methods.MethodSpec:
+        """`method` as fastvote.prune will run it: the config's k, metric,
+        weight and centroids apply where the method takes them; the surrogate
+        ablations come back in spec.extra."""
+        return methods.parse(method, defaults={"k": self.k, "metric": self.metric, "weight": self.weight,
+                                               "centroids": self.centroids,
+                                               "normalize_targets": num_targets > 1},
+                             extra=SURROGATE_ABLATIONS)
 
     def recipe(self, seed: int = 0) -> train.TrainConfig:
         """The pretraining recipe (supervised and adversarial)."""
@@ -241,7 +234,7 @@ class Experiment:
         """Resolves (and biases) the source, writes the target betons, carves validation."""
         c = self.config
         with distributed.main_first():  # rank 0 writes the betons
-            self.source = resolve_data(c.source, "source", self.work, self.progress)
+            self.source = resolve_input(c.source, "source", self.work, self.progress)
             if self.source.labels is None:
                 raise ValueError("the experiment pretrains on a labelled source (its classes are what is pruned)")
             self.bias = None
@@ -251,7 +244,7 @@ class Experiment:
                 if not path.is_file():
                     fvdata.write_biased(self.source.beton, spec, path, progress=self.progress)
                 self.bias = fvdata.read_bias(path)
-                self.source = resolve_data(path, "source", self.work, self.progress)
+                self.source = resolve_input(path, "source", self.work, self.progress)
             self.num_classes = self.source.num_classes
             c.validate(self.num_classes)
             self.targets = [self._prepare_target(name, test) for name, test in
@@ -328,53 +321,40 @@ class Experiment:
     # ---- surrogate --------------------------------------------------------
     def surrogate(self, arch: Optional[str] = None, epochs: Optional[int] = None) -> Tuple[Path, float]:
         """Trains (or reuses) a surrogate (default: the configured one; an
-        ablation may ask for another architecture or fewer epochs); returns its
-        checkpoint and training seconds."""
+        ablation may ask for another architecture or fewer epochs) with
+        fastvote.surrogate's one recipe and cache key; returns its checkpoint
+        and training seconds."""
         c = self.config
         arch, epochs = arch or c.surrogate_arch, c.surrogate_epochs if epochs is None else epochs
         default = (arch, epochs) == (c.surrogate_arch, c.surrogate_epochs)
         name = "surrogate" if default else f"surrogate-{arch}-e{epochs}"
-        path, info = self.out / f"{name}.pt", self.out / f"{name}.json"
-        cached = distributed.broadcast_object(path.is_file() and info.is_file())
-        if cached:
-            return path, json.loads(info.read_text())["seconds"]
-        started = time.perf_counter()
-        model = models.build_model(arch, self.num_classes, image_size=c.image_size, seed=0)
-        config = train.TrainConfig(epochs=epochs, batch_size=c.batch_size, lr=c.surrogate_lr, seed=0)
-        history = train.train_classifier(model, self._train_loader(None, seed=0), config, device=self.device,
-                                         checkpoint_dir=self.work / f"{name}-ckpt", progress=self.progress)
-        seconds = time.perf_counter() - started
-        if distributed.is_main():
-            models.save_checkpoint(path, model, resolution=c.image_size, mean=list(self.mean), std=list(self.std))
-            _write_json(info, {"seconds": seconds, "train_acc": history["train_acc"][-1], "arch": arch,
-                               "epochs": epochs})
-        distributed.barrier()
-        return path, seconds
+        recipe = surrogates.Recipe(
+            arch=arch, resolution=c.image_size, mean=tuple(self.mean), std=tuple(self.std),
+            config=train.TrainConfig(epochs=epochs, batch_size=c.batch_size, lr=c.surrogate_lr, seed=0),
+            scale=tuple(c.crop_scale), ratio=(1.0, 1.0) if tuple(c.crop_scale) == (1.0, 1.0) else (3 / 4, 4 / 3),
+            flip=c.flip, seed=0)
+        path, info = surrogates.train(recipe, self.source, self.out / f"{name}.pt", device=self.device,
+                                      progress=self.progress, threads=c.cpu_threads, announce=False)
+        return path, info["seconds"]
 
     # ---- cells ------------------------------------------------------------
     def prune(self, method: str, ratio: float, seed: int, surrogate: Path) -> Tuple[PruneResult, float]:
         """Prunes (or reloads a saved prune); returns the result and the pruning seconds."""
         c = self.config
-        base, ablation = split_method(method)
+        spec = c.spec(method, len(self.targets))
         # LM and FM are deterministic given the surrogate: one prune serves every seed.
-        seeded = base.partition(":")[0] not in ("lm", "fm")
+        seeded = spec.name not in ("lm", "fm")
         folder = self.out / "prune" / (f"{_safe(method)}-r{ratio:.3f}" + (f"-s{seed}" if seeded else ""))
         if distributed.broadcast_object((folder / "manifest.json").is_file()):
             result = PruneResult.load(folder)
             return result, result.manifest["seconds"]["prune"]
         # The baselines' early-training runs use the surrogate's recipe.
         recipe = train.TrainConfig(epochs=c.surrogate_epochs, batch_size=c.batch_size, lr=c.surrogate_lr, seed=0)
-        result = prune_source(self.source.beton, [t.train for t in self.targets], method=base, ratio=ratio,
-                              surrogate=surrogate, k=ablation.get("k", c.k), metric=ablation.get("metric", c.metric),
-                              weight=ablation.get("weight", c.weight), reverse=ablation.get("reverse", False),
-                              centroids=c.centroids, normalize_targets=len(self.targets) > 1,
-                              batch_size=c.batch_size, seed=seed, train_config=recipe, device=self.device,
-                              workdir=self.work, progress=self.progress)
+        result = prune_source(self.source.beton, [t.train for t in self.targets], method=spec, ratio=ratio,
+                              surrogate=surrogate, batch_size=c.batch_size, seed=seed, train_config=recipe,
+                              device=self.device, workdir=self.work, progress=self.progress)
         if distributed.is_main():
             result.save(folder)
-            from fastvote.plots import plot_votes
-
-            plot_votes(result, folder / "votes.png")
             self._plot_features(result, surrogate, folder / "features.png")
         distributed.barrier()
         return result, result.manifest["seconds"]["prune"]
@@ -383,8 +363,8 @@ class Experiment:
         """Source class centroids and target features in the surrogate's feature
         space, kept vs pruned classes marked (class-wise methods on labels)."""
         c = self.config
-        if c.feature_plot == "none" or result.kept_classes is None or result.manifest.get("ratio_meaning", "").endswith(
-                "samples removed") or result.manifest.get("selection", {}).get("centroids") == "kmeans":
+        if c.feature_plot == "none" or result.unit == "samples" or result.manifest.get("selection", {}).get(
+                "centroids") == "kmeans":
             return
         from fastvote.analysis import feature_space, plot_feature_space
         from fastvote.features import collect
@@ -432,7 +412,7 @@ class Experiment:
         # A resumed run's epochs happened earlier: count them from the history.
         return model, max(time.perf_counter() - started, sum(history["seconds"]))
 
-    def _run_cell(self, cell: Cell, surrogate_seconds: float) -> List[dict]:
+    def _run_cell(self, cell: Cell) -> List[dict]:
         c = self.config
         done = self.out / "cells" / f"{cell.key}.json"
         finished = distributed.broadcast_object(json.loads(done.read_text()) if distributed.is_main()
@@ -443,9 +423,16 @@ class Experiment:
             indices, kept, prune_seconds, surrogate_seconds = None, list(range(self.num_classes)), 0.0, 0.0
             names = self.source.class_names or [str(j) for j in kept]
         else:
-            ablation = split_method(cell.method)[1]
-            surrogate, surrogate_seconds = self.surrogate(ablation.get("surrogate_arch"),
-                                                          ablation.get("surrogate_epochs"))
+            spec = c.spec(cell.method, len(self.targets))
+            # Every cell gets a surrogate (the feature plot reads it too), but
+            # only methods that need one pay for it. The surrogate is trained
+            # once and its full time charged to each such cell: what the method
+            # costs on its own. prune_seconds is what this cell's prune took:
+            # work cached by an earlier cell (surrogate outputs, baseline
+            # scores, training runs) costs only its reading (report.TIME_NOTE).
+            surrogate, surrogate_seconds = self.surrogate(spec.extra.get("surrogate_arch"),
+                                                          spec.extra.get("surrogate_epochs"))
+            surrogate_seconds = surrogate_seconds if spec.uses_surrogate else 0.0
             result, prune_seconds = self.prune(cell.method, cell.ratio, cell.seed, surrogate)
             indices, kept, names = result.indices.numpy(), result.kept_classes.tolist(), result.kept_names
             if result.manifest.get("selection", {}).get("centroids") == "kmeans":
@@ -462,7 +449,7 @@ class Experiment:
                 rows.append({
                     "target": target.name, "method": cell.method, "ratio": round(cell.ratio, 4), "keep": len(names),
                     "seed": cell.seed, "pretraining": c.pretraining,
-                    "class_wise": cell.method == UNPRUNED or methods.get(split_method(cell.method)[0]).CLASS_WISE,
+                    "class_wise": cell.method == UNPRUNED or c.spec(cell.method).class_wise,
                     "mode": mode, "test_acc": out["test_acc"], "val_acc": out["val_acc"],
                     "best_epoch": out["best_epoch"],
                     "source_samples": len(indices) if indices is not None else self.source.num_rows,
@@ -471,7 +458,7 @@ class Experiment:
                     "kept_classes": "; ".join(names), "kept_ids": kept,
                 })
         if distributed.is_main():
-            _write_json(done, rows)
+            write_json(done, rows)
         return rows
 
     def cells(self) -> List[Cell]:
@@ -485,161 +472,20 @@ class Experiment:
         started = time.perf_counter()
         self.prepare()
         if distributed.is_main():
-            _write_json(self.out / "config.json", dataclasses.asdict(self.config))
-        _, surrogate_seconds = self.surrogate()
+            write_json(self.out / "config.json", dataclasses.asdict(self.config))
         rows = []
         cells = self.cells()
         for i, cell in enumerate(cells):
             if self.progress:
                 print(f"[experiment] cell {i + 1}/{len(cells)}: {cell.key}", flush=True)
-            rows += self._run_cell(cell, surrogate_seconds)
+            rows += self._run_cell(cell)
         if distributed.is_main():
+            from fastvote.plots import plot_accuracy, plot_time  # matplotlib only when plotting
+
             write_reports(rows, self.out, bias=self.bias)
+            plot_accuracy(rows, self.out / "accuracy_vs_ratio.png")
+            plot_time(rows, self.out / "time_vs_ratio.png")
         distributed.barrier()
         if self.progress:
             print(f"[experiment] done in {time.perf_counter() - started:.0f} s", flush=True)
         return rows
-
-
-# --------------------------------------------------------------------------
-# Reports
-# --------------------------------------------------------------------------
-
-CSV_FIELDS = ["target", "method", "ratio", "keep", "class_wise", "seed", "pretraining", "mode", "test_acc", "val_acc",
-              "best_epoch", "source_samples", "surrogate_seconds", "prune_seconds", "pretrain_seconds", "kept_classes"]
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_text(path, json.dumps(obj, indent=1))
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def summarize(rows: Sequence[dict]) -> Dict[Tuple[Tuple[str, str], str, float], List[float]]:
-    """((target, mode), method, ratio) -> test accuracies over seeds."""
-    table: Dict[Tuple[Tuple[str, str], str, float], List[float]] = {}
-    for r in rows:
-        panel = (r.get("target", ""), r["mode"])
-        table.setdefault((panel, r["method"], float(r["ratio"])), []).append(float(r["test_acc"]))
-    return table
-
-
-def method_label(method: str) -> str:
-    """"lm:reverse=true" -> "LM (reverse=true)": the name a table or legend shows."""
-    name, _, options = method.partition(":")
-    name = name.upper() if name in ("lm", "fm") else name.capitalize()
-    return name + (f" ({options})" if options else "")
-
-
-def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
-
-
-def results_markdown(rows: Sequence[dict]) -> str:
-    """The paper's table shape: methods as rows, ratios as columns, the
-    unpruned column; mean +- std over seeds in %; best per column in bold;
-    results above unpruned marked with an up arrow."""
-    table = summarize(rows)
-    out = io.StringIO()
-    for mode in sorted({m for m, _, _ in table}):
-        target, kind = mode
-        ratios = sorted({r for m, meth, r in table if m == mode and meth != UNPRUNED})
-        methods_ = [meth for meth in dict.fromkeys(r["method"] for r in rows) if meth != UNPRUNED]
-        unpruned = table.get((mode, UNPRUNED, 0.0))
-        base = _mean_std(unpruned)[0] if unpruned else None
-        # The header's "keep" counts classes; sample-wise methods remove the same
-        # fraction of samples instead (results.csv has their sample counts).
-        keeps = {float(r["ratio"]): r["keep"] for r in rows if r.get("class_wise", True)}
-        pretraining = next((r["pretraining"] for r in rows if "pretraining" in r), "supervised")
-        out.write(f"\n### Transfer accuracy{' to ' + target if target else ''}, {pretraining} pretraining, "
-                  f"{kind} {'probe' if kind == 'linear' else 'finetune'} (%, mean ± std over seeds)\n\n")
-        head = ["method"] + [f"ratio {r:.2f}" + (f" (keep {keeps[r]} classes)" if r in keeps else "") for r in ratios] \
-            + (["unpruned"] if unpruned else [])
-        out.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
-        best = {r: max((_mean_std(table[(mode, meth, r)])[0] for meth in methods_ if (mode, meth, r) in table),
-                       default=None) for r in ratios}
-        for meth in methods_:
-            cells = [method_label(meth)]
-            for r in ratios:
-                values = table.get((mode, meth, r))
-                if not values:
-                    cells.append("-")
-                    continue
-                mean, std = _mean_std(values)
-                text = f"{100 * mean:.1f} ± {100 * std:.1f}"
-                if math.isclose(mean, best[r]):
-                    text = f"**{text}**"
-                if base is not None and mean > base:
-                    text += " ↑"
-                cells.append(text)
-            if unpruned:
-                cells.append("")
-            out.write("| " + " | ".join(cells) + " |\n")
-        if unpruned:
-            mean, std = _mean_std(unpruned)
-            out.write("| Unpruned | " + " | ".join([""] * len(ratios)) + f" | {100 * mean:.1f} ± {100 * std:.1f} |\n")
-        out.write("\nBold: best method per ratio. ↑: above the unpruned source.\n")
-    return out.getvalue()
-
-
-def bias_markdown(rows: Sequence[dict], bias: dict) -> str:
-    """What each class-wise method kept of the biased part of the source."""
-    affected = set(bias["affected_classes"])
-    lines = [f"\n### Biased source ({bias['spec_text']}): what voting keeps\n",
-             f"{len(affected)} of {bias['num_classes']} source classes were biased; {bias['num_flipped']} labels "
-             "flipped. Per method and ratio: kept classes, how many of them are biased, and the share of biased "
-             "classes among the kept vs in the whole source.\n",
-             "| method | ratio | kept classes | biased among kept | share kept | share in source |",
-             "|---|---|---|---|---|---|"]
-    seen = set()
-    for r in rows:
-        key = (r["method"], float(r["ratio"]))
-        if r["method"] == UNPRUNED or not r.get("class_wise") or r.get("kept_ids") is None or key in seen:
-            continue
-        seen.add(key)
-        kept = set(r["kept_ids"])
-        hit = len(kept & affected)
-        lines.append(f"| {method_label(r['method'])} | {r['ratio']:.2f} | {len(kept)} | {hit} | "
-                     f"{hit / max(len(kept), 1):.2f} | {len(affected) / bias['num_classes']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_reports(rows: Sequence[dict], out: Path, bias: Optional[dict] = None) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: r.get(k, "") for k in CSV_FIELDS})
-    _write_text(out / "results.csv", buf.getvalue())
-    _write_text(out / "results.md", "# Results\n" + results_markdown(rows) + "\n" + time_markdown(rows)
-                + (bias_markdown(rows, bias) if bias else ""))
-    from fastvote.plots import plot_accuracy, plot_time
-
-    plot_accuracy(rows, out / "accuracy_vs_ratio.png")
-    plot_time(rows, out / "time_vs_ratio.png")
-
-
-def time_rows(rows: Sequence[dict]) -> List[dict]:
-    """Time to a pretrained model per (method, ratio), mean over seeds and modes."""
-    groups: Dict[Tuple[str, float], List[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], float(r["ratio"])), []).append(r)
-    out = []
-    for (method, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        parts = {p: statistics.fmean(float(r[f"{p}_seconds"]) for r in rs) for p in ("surrogate", "prune", "pretrain")}
-        out.append({"method": method, "ratio": ratio, **parts, "total": sum(parts.values())})
-    return out
-
-
-def time_markdown(rows: Sequence[dict]) -> str:
-    lines = ["### Time to a pretrained model (s, mean over seeds)", "",
-             "| method | ratio | surrogate | prune | pretrain | total |", "|---|---|---|---|---|---|"]
-    for t in time_rows(rows):
-        lines.append(f"| {t['method']} | {t['ratio']:.2f} | {t['surrogate']:.1f} | {t['prune']:.1f} | "
-                     f"{t['pretrain']:.1f} | {t['total']:.1f} |")
-    return "\n".join(lines) + "\n"

@@ -2,11 +2,13 @@
 each so they trace under torch.compile, and a pure-PyTorch reference of each.
 
 The compiled kernels (``fastvote._C``, registered as ``torch.ops.fastvote.*``
-for CPU and, when built with CUDA, for CUDA) are dispatched by device; Python
-never branches on it. The references compute in float64 and are the oracle the
-tests compare against; they are also the fallback when the extension is not
-built (slower, and memory grows with a chunk of rows x K x D), announced by one
-warning at import. ``FASTVOTE_DISABLE_EXTENSION=1`` forces the fallback.
+for CPU and, when built with CUDA, for CUDA) are dispatched by device. The
+references compute in float64 and are the oracle the tests compare against;
+they are also the fallback (slower, and memory grows with a chunk of rows x K
+x D): for every device when the extension is not built, announced by one
+warning at import, and for CUDA tensors when it was built without CUDA
+(``_C.with_cuda`` is False), announced by one warning at the first such call.
+``FASTVOTE_DISABLE_EXTENSION=1`` forces the fallback.
 
 Conventions shared by every op (see SPEC.md):
 - keys rank candidates, smaller is better: squared L2 distance, or the negated
@@ -19,7 +21,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Dict, Tuple
+from types import ModuleType
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -37,22 +40,26 @@ _NORM_EPS = 1e-12  # as torch.nn.functional.normalize and the kernels
 _REFERENCE_CHUNK = 1 << 22  # elements of the rows x K x D block the references hold at once
 
 
-def _load_extension() -> Tuple[bool, str]:
+def _load_extension() -> Tuple[Optional[ModuleType], str]:
     if os.environ.get("FASTVOTE_DISABLE_EXTENSION") == "1":
-        return False, "FASTVOTE_DISABLE_EXTENSION=1 is set"
+        return None, "FASTVOTE_DISABLE_EXTENSION=1 is set"
     try:
-        from fastvote import _C  # noqa: F401  (importing registers torch.ops.fastvote.*)
+        from fastvote import _C  # importing registers torch.ops.fastvote.*
     except ImportError as exc:
-        return False, f"the compiled extension did not import ({exc})"
-    return True, ""
+        return None, f"the compiled extension did not import ({exc})"
+    return _C, ""
 
 
-HAS_EXTENSION, _WHY_NOT = _load_extension()
+_C, _WHY_NOT = _load_extension()
+HAS_EXTENSION = _C is not None
 if not HAS_EXTENSION:
     warnings.warn(
         f"fastvote: {_WHY_NOT}; using the pure-PyTorch reference ops, which are much slower. "
         "Build the extension with `pip install --no-build-isolation -e .`.",
         RuntimeWarning, stacklevel=2)
+# Its CUDA kernels exist only in a build that found the CUDA toolkit.
+_WITH_CUDA = HAS_EXTENSION and bool(_C.with_cuda)
+_WARNED: Set[str] = set()  # device types whose fallback was announced
 
 
 # --------------------------------------------------------------------------
@@ -69,7 +76,7 @@ def lm_vote(logits: Tensor, k: int = 1, weight: str = "count") -> Tensor:
     Returns:
         votes [K]: int64 for "count" (sums to N * k), else float64.
     """
-    return _dispatch("lm_vote")(logits, k, weight)
+    return _dispatch("lm_vote", logits)(logits, k, weight)
 
 
 def fm_vote(features: Tensor, centroids: Tensor, k: int = 1, metric: str = "l2",
@@ -87,7 +94,7 @@ def fm_vote(features: Tensor, centroids: Tensor, k: int = 1, metric: str = "l2",
     Returns:
         votes [K]: int64 for "count", else float64.
     """
-    return _dispatch("fm_vote")(features, centroids, k, metric, weight, temperature)
+    return _dispatch("fm_vote", features, centroids)(features, centroids, k, metric, weight, temperature)
 
 
 def nearest_centroids(features: Tensor, centroids: Tensor, k: int = 1,
@@ -98,7 +105,7 @@ def nearest_centroids(features: Tensor, centroids: Tensor, k: int = 1,
         values [N, k] float32: squared L2 distances (ascending) or cosine
             similarities (descending); indices [N, k] int64. Ties -> lower index.
     """
-    return _dispatch("nearest_centroids")(features, centroids, k, metric)
+    return _dispatch("nearest_centroids", features, centroids)(features, centroids, k, metric)
 
 
 def class_centroids(features: Tensor, labels: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
@@ -110,7 +117,7 @@ def class_centroids(features: Tensor, labels: Tensor, num_classes: int) -> Tuple
         sums [num_classes, D] float64, counts [num_classes] int64. The centroids
         are ``sums / counts[:, None]`` once every batch has been added.
     """
-    return _dispatch("class_centroids")(features, labels, num_classes)
+    return _dispatch("class_centroids", features, labels)(features, labels, num_classes)
 
 
 def lm_scores(logits: Tensor) -> Tensor:
@@ -118,19 +125,41 @@ def lm_scores(logits: Tensor) -> Tensor:
 
     The dense secondary score that breaks ties between equally voted classes.
     """
-    return _dispatch("lm_scores")(logits)
+    return _dispatch("lm_scores", logits)(logits)
 
 
 def fm_scores(features: Tensor, centroids: Tensor, metric: str = "l2") -> Tensor:
     """Mean squared distance (l2) or mean cosine similarity (cosine) from each
     centroid to the rows: float64 [K] (zeros if N = 0). The FM tie-breaker."""
-    return _dispatch("fm_scores")(features, centroids, metric)
+    return _dispatch("fm_scores", features, centroids)(features, centroids, metric)
 
 
-def _dispatch(name: str) -> Callable:
-    if HAS_EXTENSION:
-        return getattr(torch.ops.fastvote, name)
-    return REFERENCES[name]
+def _backend(device_type: str) -> str:
+    """"compiled" where fastvote._C has kernels for tensors on `device_type`
+    (CPU; CUDA when built with CUDA; meta: the fake kernels below), else
+    "reference": a CPU-only build would meet CUDA tensors with a dispatcher
+    error, so they take the references, announced once per device type."""
+    if not HAS_EXTENSION:
+        return "reference"  # announced at import
+    if device_type in ("cpu", "meta") or (device_type == "cuda" and _WITH_CUDA):
+        return "compiled"
+    if device_type not in _WARNED:
+        _WARNED.add(device_type)
+        why = " (it was built without CUDA: fastvote._C.with_cuda is False)" if device_type == "cuda" else ""
+        warnings.warn(f"fastvote: the compiled extension has no {device_type} kernels{why}; {device_type} "
+                      "tensors use the pure-PyTorch reference ops, which are much slower.",
+                      RuntimeWarning, stacklevel=4)  # the caller of the public op
+    return "reference"
+
+
+def _dispatch(name: str, *tensors: Tensor) -> Callable:
+    """The kernel of op `name` for these inputs: compiled when every input is
+    on a device it serves (else the references, which also name a device
+    mismatch where the dispatcher would not)."""
+    for t in tensors:
+        if _backend(t.device.type) != "compiled":
+            return REFERENCES[name]
+    return getattr(torch.ops.fastvote, name)
 
 
 # --------------------------------------------------------------------------

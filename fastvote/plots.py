@@ -1,6 +1,6 @@
 """Pictures the CLI and the experiment save next to their results. Every
-figure is written under a temporary name and renamed, so a PNG on disk is
-always whole."""
+figure is written through fastvote.atomic, so a PNG on disk is always whole.
+The experiment's charts draw fastvote.report's numbers."""
 from __future__ import annotations
 
 import os
@@ -12,20 +12,19 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fastvote.atomic import atomic_path  # noqa: E402
+from fastvote.report import UNPRUNED, mean_std, method_label, summarize, time_rows  # noqa: E402
+
 MAX_LABELLED_CLASSES = 80  # beyond this, names on the axis are unreadable
 
 
 def save_figure(fig, path: Union[str, os.PathLike]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # the temporary name keeps .png: savefig picks the format by it
+            fig.savefig(tmp, dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def plot_votes(result, path: Union[str, os.PathLike]) -> Path:
@@ -56,14 +55,12 @@ def plot_accuracy(rows, path: Union[str, os.PathLike]) -> Path:
     """Transfer accuracy vs pruning ratio, one line per method (mean and std
     over seeds), the unpruned source as a horizontal band; one panel per
     (target, transfer mode)."""
-    from fastvote.experiment import UNPRUNED, _mean_std, method_label, summarize
-
     table = summarize(rows)
     modes = sorted({m for m, _, _ in table})  # (target, mode) panels
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         for method in dict.fromkeys(r["method"] for r in rows):
-            points = sorted((r, _mean_std(v)) for (m, meth, r), v in table.items() if m == mode and meth == method)
+            points = sorted((r, mean_std(v)) for (m, meth, r), v in table.items() if m == mode and meth == method)
             if method == UNPRUNED:
                 mean, std = points[0][1]
                 ax.axhline(100 * mean, color="black", ls="--", label="unpruned")
@@ -85,8 +82,6 @@ def plot_time(rows, path: Union[str, os.PathLike]) -> Path:
     """Time to a pretrained model vs pruning ratio, stacked surrogate / prune /
     pretrain (the paper's time table as a picture); one bar per ratio, using
     the voting methods' times (the unpruned source at ratio 0)."""
-    from fastvote.experiment import UNPRUNED, time_rows
-
     times = [t for t in time_rows(rows) if t["method"] in ("lm", "fm", UNPRUNED)]
     by_ratio = {}
     for t in times:

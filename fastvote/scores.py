@@ -21,7 +21,6 @@ What a run is (one seed):
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable, Optional
 
 import numpy as np
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from fastvote import data as fvdata
 from fastvote.features import resolve_amp
 from fastvote.models import Classifier, as_classifier, build_model
+from fastvote import train
 from fastvote.train import TrainConfig, training_setup
 
 OnBatch = Callable[[Tensor, Tensor, Tensor], None]  # (rows int64 [B], logits [B, K], labels [B])
@@ -72,8 +72,8 @@ def train_run(model: nn.Module, beton, *, config: TrainConfig, epochs: int, prep
     """Trains `model` in place for `epochs` epochs (see the module docstring).
 
     rows_of: source identifiers (numpy int64) -> stream rows, for on_batch.
-    on_batch(rows, logits, labels): called after every forward pass (train
-        mode, before the step) with detached float logits.
+    on_batch(rows, logits, labels): called after every step with the detached
+        float logits of its forward pass (train mode, before the update).
     Returns the model, in eval mode on `device`.
     """
     device = torch.device(device)
@@ -87,34 +87,21 @@ def train_run(model: nn.Module, beton, *, config: TrainConfig, epochs: int, prep
     torch.set_num_threads(threads)
     optimizer, scaler, criterion = training_setup(model, config, device, amp)
     iters = len(loader)
+
+    def report(inputs, logits, labels):  # logits: the forward pass of the step just taken
+        rows = torch.from_numpy(rows_of(inputs[2].cpu().numpy()))
+        on_batch(rows, logits.detach().float().cpu(), labels.cpu())
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for epoch in tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=not progress):
-            model.train()
-            loader.next_epoch = epoch
+            train.set_loader_epoch(loader, epoch)
             batches = iter(loader)
             torch.set_num_threads(threads)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # one host sync an epoch
-            seen = 0
-            for i, (images, labels, identifiers) in enumerate(batches):
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr_at(epoch + i / iters)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    logits = model(images)
-                    loss = criterion(logits, labels)
-                if on_batch is not None:
-                    rows = torch.from_numpy(rows_of(identifiers.cpu().numpy()))
-                    on_batch(rows, logits.detach().float().cpu(), labels.cpu())
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                loss_sum += loss.detach() * len(labels)
-                seen += len(labels)
-            mean_loss = loss_sum.item() / max(seen, 1)
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"{desc}: the training loss is {mean_loss} in epoch "
-                                         f"{epoch + 1}; lower the recipe's learning rate (lr={config.lr})")
+            # over_ranks=False, no collective: under torchrun a rank may find a run cached
+            # that another rank trains
+            train.run_epoch(model, batches, train.classification(model, criterion), optimizer, scaler,
+                            lambda i: config.lr_at(epoch + i / iters), device=device, amp=amp,
+                            on_step=report if on_batch is not None else None, total=iters,
+                            desc=f"{desc} epoch {epoch + 1}/{epochs}", over_ranks=False)
     return model.eval()

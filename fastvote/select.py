@@ -6,6 +6,7 @@ Names used everywhere: ``ratio`` is the fraction of source classes REMOVED;
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -13,21 +14,23 @@ import torch
 from torch import Tensor
 
 
-def keep_count(num_classes: int, ratio: Optional[float] = None, keep: Optional[int] = None) -> int:
-    """How many classes to keep, from exactly one of `ratio` (fraction removed,
-    0 <= ratio < 1) and `keep` (1 <= keep <= num_classes). Rounds to nearest,
-    and always keeps at least one class."""
+def keep_count(total: int, ratio: Optional[float] = None, keep: Optional[int] = None,
+               unit: str = "classes") -> int:
+    """How many of `total` classes (or samples: `unit`) to keep, from exactly
+    one of `ratio` (the fraction removed, 0 <= ratio < 1; rounds to nearest,
+    keeps at least one) and `keep` (an integer 1 <= keep <= total)."""
     if (ratio is None) == (keep is None):
-        raise ValueError(f"give exactly one of ratio= (fraction of classes removed) and keep= "
-                         f"(classes kept); got ratio={ratio}, keep={keep}")
+        raise ValueError(f"give exactly one of ratio= (fraction of source {unit} removed) and keep= "
+                         f"(source {unit} kept); got ratio={ratio!r}, keep={keep!r}")
     if keep is not None:
-        if not 1 <= int(keep) <= num_classes or int(keep) != keep:
-            raise ValueError(f"keep={keep} is out of range; expected an integer 1 <= keep <= {num_classes}")
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 1 <= keep <= total:
+            raise ValueError(f"keep={keep!r} is invalid; expected an integer 1 <= keep <= {total} (the number "
+                             f"of source {unit} kept)")
         return int(keep)
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio={ratio} is out of range; expected 0 <= ratio < 1 (the fraction of "
-                         "source classes removed)")
-    return max(1, int(round(num_classes * (1.0 - ratio))))
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio={ratio!r} is invalid; expected a number 0 <= ratio < 1 (the fraction of "
+                         f"source {unit} removed)")
+    return max(1, int(round(total * (1.0 - float(ratio)))))
 
 
 def rank_classes(votes: Tensor, scores: Tensor, higher_score_first: bool) -> Tensor:

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import math
 import numbers
@@ -77,18 +78,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (two FFCV epochs)
 
-from . import distributed
+from . import distributed, train
 from .features import resolve_amp, split_batch
 from .models import as_classifier, atomic_save, save_checkpoint, unwrap_model
-from .train import (_batches_per_epoch, _epoch_means, _is_sharded, _rng_state, _seed_epoch,
-                    _set_loader_epoch, _resume)
 
 __all__ = ["MocoConfig", "MoCo", "two_crops", "pretrain_moco", "STATE_FILE", "MODEL_FILE"]
 
 STATE_FILE = "moco_state.pt"  # the resumable state, replaced at the end of every epoch
 MODEL_FILE = "model.pt"       # the model (save_checkpoint format), when training ends
 _STATE_FORMAT = "fastvote.moco_state"
-_AUGMENT_STREAM = 0x6D6F636F  # tells the augmentation's seed apart from _seed_epoch's
+_AUGMENT_STREAM = 0x6D6F636F  # tells the augmentation's seed apart from train.seed_epoch's
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop attempts before its fallback
 
@@ -568,42 +567,16 @@ def _augment_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(value))
 
 
-def _pretrain_epoch(net: nn.Module, moco: MoCo, loader: Iterable, *, mean, std,
-                    config: MocoConfig, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, generator: torch.Generator,
-                    lr_at: Callable[[int], float], device: torch.device, amp: bool,
-                    total: int, progress: bool, desc: str) -> Tuple[float, float]:
-    """One pass; returns the mean InfoNCE loss and the top-1 of the positive among the
-    logits, over every rank's samples."""
-    net.train()
-    channels_last = device.type == "cuda"
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen, i, lr = 0, -1, 0.0
-    bar = tqdm(loader, total=total, desc=desc, disable=not progress, unit="batch", leave=False)
-    for i, batch in enumerate(bar):
-        images = split_batch(batch)[0].to(device, non_blocking=True)
-        im_q, im_k = two_crops(images, mean=mean, std=std, config=config, generator=generator)
-        if channels_last:
-            im_q = im_q.contiguous(memory_format=torch.channels_last)
-            im_k = im_k.contiguous(memory_format=torch.channels_last)
-        lr = lr_at(i)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            loss, logits, labels = net(im_q, im_k)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        moco.momentum_update()
-        # accumulate on the device: one host sync an epoch, not one a batch
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += len(labels)
-        if progress and (i + 1) % config.log_every == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lr:.3g}")
-    return _epoch_means(loss_sum, correct, seen, device=device, desc=desc, lr=lr, what="InfoNCE loss")
+def _two_views(batch, *, mean, std, config: MocoConfig, generator: torch.Generator,
+               device: torch.device) -> Tuple[Tensor, Tensor]:
+    """A batch's (query view, key view), channels-last on CUDA: the ``prepare`` of
+    MoCo's :func:`fastvote.train.run_epoch` (labels are not used)."""
+    images = split_batch(batch)[0].to(device, non_blocking=True)
+    im_q, im_k = two_crops(images, mean=mean, std=std, config=config, generator=generator)
+    if device.type == "cuda":
+        im_q = im_q.contiguous(memory_format=torch.channels_last)
+        im_k = im_k.contiguous(memory_format=torch.channels_last)
+    return im_q, im_k
 
 
 def pretrain_moco(model: nn.Module, loader: Iterable, config: MocoConfig, *,
@@ -655,8 +628,8 @@ def pretrain_moco(model: nn.Module, loader: Iterable, config: MocoConfig, *,
     """
     device = distributed.local_device(device)
     amp = resolve_amp(config.amp, device)
-    iters = _batches_per_epoch(loader, "loader")
-    if distributed.active() and not _is_sharded(loader):
+    iters = train.batches_per_epoch(loader, "loader")
+    if distributed.active() and not train.is_sharded(loader):
         raise ValueError("loader: under torch.distributed every rank must read its own shard; "
                          "build it with distributed=True (FFCV) or a DistributedSampler")
     loader_batch = getattr(loader, "batch_size", None)
@@ -682,7 +655,7 @@ def pretrain_moco(model: nn.Module, loader: Iterable, config: MocoConfig, *,
                                 momentum=config.sgd_momentum, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     history: Dict[str, list] = {k: [] for k in ("epoch", "lr", "loss", "top1", "seconds")}
-    state_path, resumed, start = _resume(
+    state_path, resumed, start = train.resume(
         checkpoint_dir, STATE_FILE, _STATE_FORMAT, config, module=moco, optimizer=optimizer, scaler=scaler,
         amp=amp, load=lambda m, state: m.load_state_dict(state["moco"]))
     history = resumed or history
@@ -699,14 +672,19 @@ def pretrain_moco(model: nn.Module, loader: Iterable, config: MocoConfig, *,
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="moco",
                unit="epoch", disable=not progress)
     for epoch in bar:
-        _seed_epoch(config.seed, epoch)
-        _set_loader_epoch(loader, epoch)
+        train.seed_epoch(config.seed, epoch)
+        train.set_loader_epoch(loader, epoch)
         began = time.perf_counter()
-        loss, top1 = _pretrain_epoch(
-            net, moco, loader, mean=mean, std=std, config=config, optimizer=optimizer,
-            scaler=scaler, generator=_augment_generator(config.seed, epoch),
-            lr_at=lambda i: config.lr_at(epoch + i / iters), device=device, amp=amp,
-            total=iters, progress=progress, desc=f"epoch {epoch + 1}/{config.epochs}")
+        # net's forward is InfoNCE on the two views: (loss, logits, labels); the key
+        # encoder follows the query encoder after every step
+        loss, top1, _ = train.run_epoch(
+            net, loader, lambda views: net(*views), optimizer, scaler,
+            lambda i: config.lr_at(epoch + i / iters), device=device, amp=amp,
+            prepare=functools.partial(_two_views, mean=mean, std=std, config=config, device=device,
+                                      generator=_augment_generator(config.seed, epoch)),
+            on_step=lambda *_: moco.momentum_update(), total=iters, progress=progress,
+            desc=f"epoch {epoch + 1}/{config.epochs}", log_every=config.log_every,
+            what="InfoNCE loss")
         record = {"epoch": epoch, "lr": config.lr_at(epoch + (iters - 1) / iters),
                   "loss": loss, "top1": top1, "seconds": time.perf_counter() - began}
         for key, value in record.items():
@@ -717,7 +695,7 @@ def pretrain_moco(model: nn.Module, loader: Iterable, config: MocoConfig, *,
                 "format": _STATE_FORMAT, "epoch": epoch + 1, "config": dataclasses.asdict(config),
                 "moco": moco.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if amp else None, "history": history,
-                "rng": _rng_state()}, state_path)
+                "rng": train.rng_state()}, state_path)
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
     distributed.broadcast_buffers(moco)  # every rank ends with rank 0's BatchNorm statistics

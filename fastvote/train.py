@@ -2,6 +2,14 @@
 source model on a pruned subset (:func:`train_classifier`), transfer to a target
 (:func:`finetune`: linear probe or full finetune), and top-1 (:func:`evaluate`).
 
+Every optimizer step of the project (these loops, :func:`fastvote.ssl.pretrain_moco`,
+the baselines' :func:`fastvote.scores.train_run`, adversarial training through
+``perturb``) is taken by one epoch runner, :func:`run_epoch`: the rate schedule, AMP
+(autocast, GradScaler) and the epoch's statistics live there alone; a loop supplies
+its per-batch hooks (``prepare``, ``forward``, ``on_step``). The per-epoch seeding
+and resume helpers (:func:`seed_epoch`, :func:`set_loader_epoch`, :func:`resume`,
+:func:`rng_state`) are public for the loops of other modules.
+
 Loaders are any iterables of ``(images, labels[, identifiers])`` batches (images
 float [B, 3, H, W], labels int64 [B]): torch DataLoaders, or ``fastvote.data``'s
 FFCV loaders. AMP (float16 autocast + GradScaler) runs on CUDA only.
@@ -34,13 +42,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import numbers
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -54,11 +63,19 @@ from .models import (Classifier, as_classifier, atomic_save, load_state_dict_fle
 
 __all__ = [
     "TrainConfig", "train_classifier", "training_setup", "finetune", "evaluate",
+    "run_epoch", "EpochStats", "to_device", "classification", "seed_epoch", "set_loader_epoch",
+    "rng_state", "resume", "is_sharded", "batches_per_epoch",
     "FINETUNE_MODES", "FINETUNE_OPTIMIZERS", "FINETUNE_DEFAULTS", "STATE_FILE", "MODEL_FILE",
 ]
 
 # perturb(model, images, labels) -> images: a training-batch transform that sees the model
 Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# run_epoch's hooks. prepare(batch) -> inputs, outside autocast (device copies, augmentation,
+# attacks); forward(inputs) -> (loss, logits [B, K], labels [B]), under autocast;
+# on_step(inputs, logits, labels), after each optimizer step.
+Prepare = Callable[[Any], Any]
+Forward = Callable[[Any], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+OnStep = Callable[[Any, torch.Tensor, torch.Tensor], None]
 
 STATE_FILE = "train_state.pt"  # the resumable state, replaced at the end of every epoch
 MODEL_FILE = "model.pt"        # the trained model (save_checkpoint format), when training ends
@@ -188,7 +205,7 @@ class TrainConfig:
 # Shared pieces
 # --------------------------------------------------------------------------
 
-def _seed_epoch(seed: int, epoch: int) -> None:
+def seed_epoch(seed: int, epoch: int) -> None:
     """Seed python, numpy and torch (CPU and every CUDA device) from (seed, epoch)."""
     value = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     random.seed(value)
@@ -196,7 +213,7 @@ def _seed_epoch(seed: int, epoch: int) -> None:
     torch.manual_seed(value)
 
 
-def _set_loader_epoch(loader: Iterable, epoch: int) -> None:
+def set_loader_epoch(loader: Iterable, epoch: int) -> None:
     """Tell a loader which epoch comes next, so its order depends on the epoch only."""
     if hasattr(loader, "next_epoch"):  # ffcv.loader.Loader
         loader.next_epoch = epoch
@@ -205,7 +222,10 @@ def _set_loader_epoch(loader: Iterable, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
-def _rng_state() -> Dict[str, Any]:
+def rng_state() -> Dict[str, Any]:
+    """python's, numpy's, torch's and (if initialised) CUDA's generator states, as a
+    ``torch.load(weights_only=True)``-loadable dict: what a resumable state saves so
+    that :func:`resume` leaves the generators as an uninterrupted run would."""
     numpy_state = np.random.get_state(legacy=False)
     numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # weights_only-loadable
     return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
@@ -222,7 +242,7 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _is_sharded(loader: Iterable) -> bool:
+def is_sharded(loader: Iterable) -> bool:
     """Whether each rank reads its own part of `loader` (FFCV distributed=True,
     or a DataLoader with a DistributedSampler)."""
     if getattr(loader, "distributed", False):
@@ -239,7 +259,7 @@ def _data_parallel(model: nn.Module, loader: Iterable, device: torch.device, nam
     ranks simply compute the same thing."""
     if not distributed.active() or isinstance(model, nn.parallel.DistributedDataParallel):
         return model
-    if not _is_sharded(loader):
+    if not is_sharded(loader):
         if require:
             raise ValueError(f"{name}: under torch.distributed every rank must read its own shard; build it "
                              "with distributed=True (FFCV) or a DistributedSampler")
@@ -247,7 +267,9 @@ def _data_parallel(model: nn.Module, loader: Iterable, device: torch.device, nam
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _batches_per_epoch(loader: Iterable, name: str) -> int:
+def batches_per_epoch(loader: Iterable, name: str) -> int:
+    """``len(loader)``, or an error naming the argument ``name`` when it has none or is 0
+    (a per-iteration schedule needs it)."""
     if not hasattr(loader, "__len__"):
         raise TypeError(f"{name}: a {type(loader).__name__} has no len(); the per-iteration "
                         f"learning-rate schedule needs the number of batches an epoch")
@@ -256,57 +278,90 @@ def _batches_per_epoch(loader: Iterable, name: str) -> int:
     return len(loader)
 
 
-def _train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, criterion: nn.Module,
-                 lr_at: Callable[[int], float], *, device: torch.device, amp: bool,
-                 total: Optional[int], progress: bool, desc: str, log_every: int,
-                 perturb: Optional[Perturb] = None) -> Tuple[float, float, int]:
-    """One pass of SGD-style training; the rate of iteration i is ``lr_at(i)``;
-    ``perturb`` (if given) replaces each batch's images before the step.
-    Returns (mean loss, top-1 accuracy) over the pass's samples (of every
-    rank under torch.distributed) and the optimizer steps taken.
+class EpochStats(NamedTuple):
+    """What :func:`run_epoch` returns: the mean loss and the top-1 of the logits over
+    the pass's samples, and the optimizer steps taken."""
+    loss: float
+    acc: float
+    steps: int
+
+
+def to_device(batch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    """(images, labels, identifiers or None) of a batch; images and labels on ``device``,
+    4-d images channels-last on CUDA (the layout the models are moved to)."""
+    images, labels, identifiers = split_batch(batch)
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda" and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True), identifiers
+
+
+def classification(model: nn.Module, criterion: nn.Module) -> Forward:
+    """The supervised ``forward`` of :func:`run_epoch`: inputs (images, labels, ...) ->
+    (``criterion(model(images), labels)``, logits, labels)."""
+    def forward(inputs):
+        images, labels = inputs[0], inputs[1]
+        logits = model(images)
+        return criterion(logits, labels), logits, labels
+    return forward
+
+
+def run_epoch(model: nn.Module, batches: Iterable, forward: Forward,
+              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+              lr_at: Callable[[int], float], *, device: torch.device, amp: bool,
+              prepare: Optional[Prepare] = None, on_step: Optional[OnStep] = None,
+              total: Optional[int] = None, progress: bool = False, desc: str = "train",
+              log_every: int = 20, what: str = "training loss",
+              over_ranks: bool = True) -> EpochStats:
+    """One pass of training, the step every loop of the project takes.
+
+    ``model`` is put in train mode; then per batch i: ``inputs = prepare(batch)``
+    (default :func:`to_device`); every param group's rate is set to ``lr_at(i)``;
+    ``loss, logits, labels = forward(inputs)`` under float16 autocast when ``amp``;
+    the GradScaler-scaled backward and step; ``on_step(inputs, logits, labels)``.
+
+    Returns the mean loss and top-1 of ``logits`` over the pass's samples (of every
+    rank under torch.distributed, unless ``over_ranks=False``: a run each rank does on
+    its own must not enter a collective) and the steps taken. An empty pass or a
+    non-finite mean loss (named ``what`` in the error) raises.
     """
     model.train()
-    channels_last = device.type == "cuda"
+    prepare = prepare or functools.partial(to_device, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen, i, lr = 0, -1, 0.0
     bar = tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch", leave=False)
     for i, batch in enumerate(bar):
-        images, labels, _ = split_batch(batch)
-        images = images.to(device, non_blocking=True)
-        if channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        if perturb is not None:
-            images = perturb(model, images, labels)
+        inputs = prepare(batch)
         lr = lr_at(i)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            logits = model(images)
-            loss = criterion(logits, labels)
+            loss, logits, labels = forward(inputs)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if on_step is not None:
+            on_step(inputs, logits, labels)
         # accumulate on the device: one host sync an epoch, not one a batch
         loss_sum += loss.detach() * len(labels)
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += len(labels)
         if progress and (i + 1) % log_every == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lr:.3g}")
-    mean_loss, acc = _epoch_means(loss_sum, correct, seen, device=device, desc=desc, lr=lr)
-    return mean_loss, acc, i + 1
+    mean_loss, acc = _epoch_means(loss_sum, correct, seen, device=device, desc=desc, lr=lr, what=what,
+                                  over_ranks=over_ranks)
+    return EpochStats(mean_loss, acc, i + 1)
 
 
 def _epoch_means(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, *, device: torch.device, desc: str,
-                 lr: float, what: str = "training loss") -> Tuple[float, float]:
-    """(mean loss, top-1) of an epoch over every rank's samples (one host sync);
-    an empty epoch or a non-finite loss is an error."""
+                 lr: float, what: str, over_ranks: bool) -> Tuple[float, float]:
+    """(mean loss, top-1) of an epoch over every rank's samples, or this process's
+    without ``over_ranks`` (one host sync); an empty epoch or a non-finite loss is an error."""
     if seen == 0:
         raise ValueError(f"{desc}: the training loader yielded no batch")
-    if distributed.active():  # every rank reports the epoch over all ranks' samples
+    if over_ranks and distributed.active():  # every rank reports the epoch over all ranks' samples
         stats = distributed.all_reduce_(torch.stack([loss_sum, correct.double(),
                                                      torch.tensor(float(seen), device=device, dtype=torch.float64)]))
         loss_sum, correct, seen = stats[0], stats[1], int(stats[2].item())
@@ -348,7 +403,7 @@ def _check_resumable(saved: Dict[str, Any], config, path: Path) -> None:
                          f"checkpoint_dir")
 
 
-def _resume(checkpoint_dir, file: str, fmt: str, config, *, module: nn.Module,
+def resume(checkpoint_dir, file: str, fmt: str, config, *, module: nn.Module,
            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp: bool,
            load: Callable[[nn.Module, Dict[str, Any]], None]
            ) -> Tuple[Optional[Path], Optional[Dict[str, list]], int]:
@@ -448,7 +503,7 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
     """
     device = distributed.local_device(device)
     amp = resolve_amp(config.amp, device)
-    iters = _batches_per_epoch(train_loader, "train_loader")
+    iters = batches_per_epoch(train_loader, "train_loader")
     loader_batch = getattr(train_loader, "batch_size", None)
     if loader_batch is not None and loader_batch != config.batch_size:
         raise ValueError(f"train_loader.batch_size={loader_batch} but config.batch_size="
@@ -456,9 +511,14 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
                          f"(the learning rate is tuned to it)")
     optimizer, scaler, criterion = training_setup(model, config, device, amp)
     net = _data_parallel(model, train_loader, device, "train_loader", require=True)
+
+    def attacked(batch):  # the attack sees the network as it trains (DDP-wrapped or not)
+        images, labels, identifiers = to_device(batch, device)
+        return perturb(net, images, labels), labels, identifiers
+
     history: Dict[str, list] = {k: [] for k in
                                 ("epoch", "lr", "train_loss", "train_acc", "val_acc", "steps", "seconds")}
-    state_path, resumed, start = _resume(checkpoint_dir, STATE_FILE, _STATE_FORMAT, config, module=model,
+    state_path, resumed, start = resume(checkpoint_dir, STATE_FILE, _STATE_FORMAT, config, module=model,
                                         optimizer=optimizer, scaler=scaler, amp=amp,
                                         load=lambda m, state: load_state_dict_flexible(m, state["model"]))
     history = resumed or history
@@ -466,16 +526,16 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="train",
                unit="epoch", disable=not progress)
     for epoch in bar:
-        _seed_epoch(config.seed, epoch)
-        _set_loader_epoch(train_loader, epoch)
+        seed_epoch(config.seed, epoch)
+        set_loader_epoch(train_loader, epoch)
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         began = time.perf_counter()
-        loss, acc, steps = _train_epoch(
-            net, train_loader, optimizer, scaler, criterion,
-            lambda i: config.lr_at(epoch + i / iters), device=device, amp=amp, total=iters,
-            progress=progress, desc=f"epoch {epoch + 1}/{config.epochs}",
-            log_every=config.log_every, perturb=perturb)
+        loss, acc, steps = run_epoch(
+            net, train_loader, classification(net, criterion), optimizer, scaler,
+            lambda i: config.lr_at(epoch + i / iters), device=device, amp=amp,
+            prepare=attacked if perturb is not None else None, total=iters, progress=progress,
+            desc=f"epoch {epoch + 1}/{config.epochs}", log_every=config.log_every)
         distributed.broadcast_buffers(model)  # every rank ends the epoch with rank 0's model
         val_acc = (evaluate(model, val_loader, device, amp=amp, progress=progress, desc="val")
                    if val_loader is not None else None)
@@ -491,7 +551,7 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
                 "format": _STATE_FORMAT, "epoch": epoch + 1, "config": dataclasses.asdict(config),
                 "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if amp else None, "history": history,
-                "rng": _rng_state()}, state_path)
+                "rng": rng_state()}, state_path)
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
     if checkpoint_dir is not None and distributed.is_main():
@@ -627,7 +687,7 @@ def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
                 return (head(val_features).argmax(1) == val_labels).double().mean().item()
 
         if cache_features:
-            if _is_sharded(train_loader):
+            if is_sharded(train_loader):
                 raise ValueError("train_loader: a linear probe on cached features needs every training sample "
                                  "on every rank; pass an unsharded loader (distributed=False) or "
                                  "cache_features=False")
@@ -642,11 +702,11 @@ def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
                 return ((train_features[i], train_labels[i])
                         for i in order.to(device).split(batch_size))
         else:
-            steps = _batches_per_epoch(train_loader, "train_loader")
+            steps = batches_per_epoch(train_loader, "train_loader")
 
             def batches(epoch: int) -> Iterable:
-                _seed_epoch(seed, epoch)
-                _set_loader_epoch(train_loader, epoch)
+                seed_epoch(seed, epoch)
+                set_loader_epoch(train_loader, epoch)
                 # clone: iterate_outputs gives inference tensors, which autograd cannot save
                 return ((out["features"].clone(), out["labels"]) for out in iterate_outputs(
                     net, train_loader, device=device, want=("features",), amp=amp,
@@ -655,14 +715,14 @@ def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
         if device.type == "cuda":
             net.to(memory_format=torch.channels_last)
         trainable, train_amp = _data_parallel(net, train_loader, device, "train_loader", require=False), amp
-        steps = _batches_per_epoch(train_loader, "train_loader")
+        steps = batches_per_epoch(train_loader, "train_loader")
 
         def validate() -> float:
             return evaluate(net, val_loader, device, amp=amp, progress=progress, desc="val")
 
         def batches(epoch: int) -> Iterable:
-            _seed_epoch(seed, epoch)
-            _set_loader_epoch(train_loader, epoch)
+            seed_epoch(seed, epoch)
+            set_loader_epoch(train_loader, epoch)
             return train_loader
 
     opt = _optimizer(trainable.parameters(), optimizer, lr, weight_decay, momentum)
@@ -674,10 +734,10 @@ def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
     best_acc, best_epoch, best_state = -1.0, -1, None
     for epoch in tqdm(range(epochs), desc=f"finetune ({mode})", unit="epoch",
                       disable=not progress):
-        loss, acc, _ = _train_epoch(
-            trainable, batches(epoch), opt, scaler, criterion,
+        loss, acc, _ = run_epoch(
+            trainable, batches(epoch), classification(trainable, criterion), opt, scaler,
             lambda i: lr_at(epoch * steps + i), device=device, amp=train_amp, total=steps,
-            progress=progress, desc=f"epoch {epoch + 1}/{epochs}", log_every=20)
+            progress=progress, desc=f"epoch {epoch + 1}/{epochs}")
         distributed.broadcast_buffers(net)  # DDP: every rank validates rank 0's model
         val_acc = validate()
         record = {"epoch": epoch, "lr": lr_at((epoch + 1) * steps - 1), "train_loss": loss,

@@ -14,7 +14,8 @@ from torch import nn
 import fastvote
 from fastvote import methods
 from fastvote.methods import ccs, el2n, forgetting, grand, moderate, ssp
-from fastvote.methods.base import keep_top, run_seed, sample_keep_count, tie_keys
+from fastvote.methods.base import keep_top, run_seed, tie_keys
+from fastvote.select import keep_count
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,16 +68,16 @@ class FakeView:
 # ---------------------------------------------------------------- shared rules
 
 def test_sample_keep_count_and_its_errors():
-    assert sample_keep_count(1800, ratio=0.5) == 900
-    assert sample_keep_count(1800, ratio=0.0) == 1800
-    assert sample_keep_count(10, ratio=0.99) == 1
-    assert sample_keep_count(10, keep=4) == 4
-    with pytest.raises(ValueError, match=r"ratio=1.0 is out of range.*fraction of source samples removed"):
-        sample_keep_count(10, ratio=1.0)
-    with pytest.raises(ValueError, match=r"keep=11 is out of range; expected an integer 1 <= keep <= 10"):
-        sample_keep_count(10, keep=11)
+    assert keep_count(1800, unit="samples", ratio=0.5) == 900
+    assert keep_count(1800, unit="samples", ratio=0.0) == 1800
+    assert keep_count(10, unit="samples", ratio=0.99) == 1
+    assert keep_count(10, unit="samples", keep=4) == 4
+    with pytest.raises(ValueError, match=r"ratio=1.0 is invalid.*fraction of source samples removed"):
+        keep_count(10, unit="samples", ratio=1.0)
+    with pytest.raises(ValueError, match=r"keep=11 is invalid; expected an integer 1 <= keep <= 10"):
+        keep_count(10, unit="samples", keep=11)
     with pytest.raises(ValueError, match="exactly one of ratio"):
-        sample_keep_count(10, ratio=0.5, keep=3)
+        keep_count(10, ratio=0.5, keep=3)
 
 
 def test_ties_are_broken_by_a_seeded_key_not_by_file_order():
@@ -95,20 +96,20 @@ def test_ties_are_broken_by_a_seeded_key_not_by_file_order():
 
 
 def test_method_options_ride_on_the_name():
-    spec = methods.get("ccs:score=forgetting,beta=0.25,strata=10")
-    assert spec.options == {"score": "forgetting", "beta": 0.25, "strata": 10} and not spec.CLASS_WISE
-    assert methods.get("ssp:keep_hard=false").options == {"keep_hard": False}
-    assert methods.get("random").CLASS_WISE and not methods.get("random-sample").CLASS_WISE
-    with pytest.raises(ValueError, match=r"method='ssp:keep_hard=maybe': option keep_hard='maybe' is not a valid bool"):
-        methods.get("ssp:keep_hard=maybe")
-    with pytest.raises(ValueError, match=r"grand has no option 'beta'; expected one of \['epoch', 'runs'\]"):
-        methods.get("grand:beta=0.1")
-    with pytest.raises(ValueError, match="lm has no option 'k'"):
-        methods.get("lm:k=2")
+    spec = methods.parse("ccs:score=forgetting,beta=0.25,strata=10")
+    assert dict(spec.options) == {"score": "forgetting", "beta": 0.25, "strata": 10, "runs": None, "epoch": None}
+    assert spec.given == ("score", "beta", "strata") and not spec.class_wise and spec.unit == "samples"
+    assert dict(methods.parse("ssp:keep_hard=false").options) == {"keep_hard": False, "num_clusters": None}
+    assert methods.parse("random").class_wise and not methods.parse("random-sample").class_wise
+    assert methods.parse("lm:k=2").options["k"] == 2
+    with pytest.raises(ValueError, match=r"method='ssp:keep_hard=maybe': option keep_hard='maybe' is not a bool"):
+        methods.parse("ssp:keep_hard=maybe")
+    with pytest.raises(ValueError, match=r"grand does not use 'beta'; it takes \['epoch', 'runs'\]"):
+        methods.parse("grand:beta=0.1")
     with pytest.raises(ValueError, match="malformed"):
-        methods.get("el2n:runs")
+        methods.parse("el2n:runs")
     with pytest.raises(ValueError, match="method='nope' is unknown"):
-        methods.get("nope")
+        methods.parse("nope")
 
 
 # ---------------------------------------------------------------- GraNd
@@ -325,8 +326,8 @@ def test_ssp_keeps_the_hardest_or_the_easiest():
 
 def test_random_sample_is_uniform_and_seeded():
     view = FakeView(np.zeros(100, dtype=np.int64))
-    a = methods.get("random-sample").select(view, [], keep=30, seed=3)
-    assert torch.equal(a.indices, methods.get("random-sample").select(view, [], keep=30, seed=3).indices)
+    a = methods.parse("random-sample").select(view, [], keep=30, seed=3)
+    assert torch.equal(a.indices, methods.parse("random-sample").select(view, [], keep=30, seed=3).indices)
     assert len(set(a.indices.tolist())) == 30 and a.kept_classes is None
 
 
@@ -370,7 +371,7 @@ def test_every_baseline_end_to_end(real, tmp_path):
         result = prune(real, method, 0.5)
         assert len(result.indices) == 900 and len(torch.unique(result.indices)) == 900, method
         assert torch.equal(result.indices, torch.sort(result.indices).values)
-        assert result.manifest["ratio_meaning"] == "fraction of source samples removed"
+        assert result.unit == "samples" and result.manifest["unit"] == "samples"
         assert result.ratio == 0.5 and result.votes is None
         per_class = result.manifest["selection"]["kept_per_class"]
         assert sum(per_class) == 900 and result.kept_classes.tolist() == [c for c, n in enumerate(per_class) if n]
@@ -434,9 +435,9 @@ def test_training_scores_on_a_partial_reordered_beton(real):
 
 
 def test_errors_name_the_argument(real):
-    with pytest.raises(ValueError, match=r"ratio=1.0 is out of range.*fraction of source samples removed"):
+    with pytest.raises(ValueError, match=r"ratio=1.0 is invalid.*fraction of source samples removed"):
         prune(real, "moderate", 1.0)
-    with pytest.raises(ValueError, match=r"keep=5000 is out of range; expected an integer 1 <= keep <= 1800"):
+    with pytest.raises(ValueError, match=r"keep=5000 is invalid; expected an integer 1 <= keep <= 1800"):
         fastvote.prune(real["source"], real["target"], method="el2n", keep=5000, surrogate=real["surrogate"],
                        workdir=real["root"] / "work", progress=False)
     with pytest.raises(ValueError, match="trains models on the source images, but the source was given as precomputed"):

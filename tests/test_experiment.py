@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("ffcv")
 
 from fastvote.data import missing  # noqa: E402
-from fastvote.experiment import Experiment, ExperimentConfig  # noqa: E402
+from fastvote.experiment import ALL_METHODS, Experiment, ExperimentConfig  # noqa: E402
+from fastvote.report import TIME_NOTE  # noqa: E402
 
 needs_data = pytest.mark.skipif(bool(missing("haystack") or missing("digits")),
                                 reason=f"offline datasets missing: {missing('haystack') or missing('digits')}")
@@ -42,6 +43,11 @@ def test_tiny_experiment_writes_everything_and_resumes(tmp_path):
     assert int(by_method["moderate"]["source_samples"]) == 3000  # sample-wise: 80% of samples removed
     markdown = (out / "results.md").read_text()
     assert "| LM |" in markdown and "| Unpruned |" in markdown and "keep 6 classes" in markdown
+    # Only methods that need the surrogate pay for its training (all of it).
+    trained = json.loads((out / "surrogate.pt.json").read_text())["seconds"]
+    assert {r["method"]: r["surrogate_seconds"] for r in rows} == {"lm": trained, "fm": trained, "moderate": trained,
+                                                                   "random": 0.0, "unpruned": 0.0}
+    assert TIME_NOTE in markdown
 
     # A rerun finds every cell finished and recomputes nothing.
     cells = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
@@ -50,6 +56,13 @@ def test_tiny_experiment_writes_everything_and_resumes(tmp_path):
     assert time.perf_counter() - started < 30
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == cells
     assert json.dumps(again, sort_keys=True) == json.dumps(rows, sort_keys=True)
+
+
+def test_surrogate_is_charged_to_the_methods_that_need_it():
+    config = ExperimentConfig()
+    assert [m for m in ALL_METHODS if not config.spec(m).uses_surrogate] == ["random", "random-sample"]
+    assert config.spec("grand:runs=2").uses_surrogate and config.spec("lm:reverse=true,k=5").uses_surrogate
+    assert not config.spec("random:surrogate_arch=resnet18").uses_surrogate
 
 
 def test_config_from_toml(tmp_path):

@@ -11,6 +11,7 @@ Two kinds of inputs:
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,7 +86,8 @@ def test_compiled_ops_are_under_test():
 
     assert _C.cpu_kernel() in {"avx512", "avx2", "portable"}
     assert ops.fm_vote.__module__ == "fastvote.ops"
-    assert ops._dispatch("fm_vote") is torch.ops.fastvote.fm_vote
+    assert ops._dispatch("fm_vote", torch.zeros(1)) is torch.ops.fastvote.fm_vote
+    assert ops._WITH_CUDA == bool(_C.with_cuda)
 
 
 # ---------------------------------------------------------------- nearest_centroids / fm_vote
@@ -377,6 +379,23 @@ def test_torch_compile_traces_the_ops():
 
 
 # ---------------------------------------------------------------- the fallback
+
+def test_cpu_only_build_sends_cuda_tensors_to_the_references(monkeypatch):
+    # A CPU-only build has no CUDA kernels: on a CUDA machine its ops must run
+    # the references (one warning), not meet a dispatcher error. Objects with
+    # a CUDA device stand in for CUDA tensors on machines without one.
+    monkeypatch.setattr(ops, "_WITH_CUDA", False)
+    monkeypatch.setattr(ops, "_WARNED", set())
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda", 0)), torch.zeros(1)
+    with pytest.warns(RuntimeWarning, match="built without CUDA") as caught:
+        assert ops._dispatch("fm_vote", cuda, cuda) is ops.REFERENCES["fm_vote"]
+        assert ops._dispatch("lm_scores", cuda) is ops.REFERENCES["lm_scores"]
+    assert len(caught) == 1
+    assert ops._dispatch("fm_vote", cpu, cuda) is ops.REFERENCES["fm_vote"]  # it names the device mismatch
+    assert ops._dispatch("fm_vote", cpu, cpu) is torch.ops.fastvote.fm_vote
+    monkeypatch.setattr(ops, "_WITH_CUDA", True)
+    assert ops._backend("cuda") == "compiled" and ops._backend("meta") == "compiled"
+
 
 def test_reference_fallback_warns_once_and_agrees():
     script = (

@@ -149,12 +149,13 @@ def test_prune_result_round_trip(tmp_path):
     target = {"features": centers[[1, 1, 4]]}
     result = fastvote.prune(source, target, method="fm", keep=2, progress=False)
     result.save(tmp_path / "r")
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["classes.json", "indices.npy", "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["classes.json", "indices.npy", "manifest.json",
+                                                                  "votes.png"]
     back = fastvote.PruneResult.load(tmp_path / "r")
     assert torch.equal(back.indices, result.indices) and back.indices.dtype == torch.int64
     assert torch.equal(back.kept_classes, result.kept_classes) and torch.equal(back.votes, result.votes)
     manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
-    assert manifest["method"] == "fm" and manifest["arguments"]["keep"] == 2
+    assert manifest["method"] == "fm" and manifest["arguments"]["keep"] == 2 and manifest["unit"] == "classes"
     assert manifest["source"]["fingerprint"].startswith("sha256:")
     assert {"surrogate", "prune", "total"} <= set(manifest["seconds"])
     assert manifest["versions"]["compiled_ops"] is True

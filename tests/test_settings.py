@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("ffcv")
 
 from fastvote import data as fvdata  # noqa: E402
-from fastvote.experiment import Experiment, ExperimentConfig, split_method  # noqa: E402
+from fastvote.experiment import Experiment, ExperimentConfig  # noqa: E402
 from fastvote.prune import PruneResult  # noqa: E402
 
 needs_data = pytest.mark.skipif(bool(fvdata.missing("haystack") or fvdata.missing("digits")
@@ -42,12 +42,16 @@ def prune_folder(out, method):
     return PruneResult.load(folder)
 
 
-def test_split_method():
-    assert split_method("lm") == ("lm", {})
-    assert split_method("lm:reverse=true,k=5") == ("lm", {"reverse": True, "k": 5})
-    assert split_method("grand:runs=2,surrogate_epochs=1") == ("grand:runs=2", {"surrogate_epochs": 1})
-    with pytest.raises(ValueError, match="option k='x' is not a valid int"):
-        split_method("lm:k=x")
+def test_method_strings_carry_options_and_ablations():
+    spec = ExperimentConfig().spec
+    assert spec("lm").text == "lm" and not spec("lm").extra
+    assert dict(spec("lm:reverse=true,k=5").options, normalize_targets=False) == {
+        "k": 5, "weight": "count", "reverse": True, "normalize_targets": False}
+    grand = spec("grand:runs=2,surrogate_epochs=1")
+    assert grand.options["runs"] == 2 and dict(grand.extra) == {"surrogate_epochs": 1}
+    assert spec("random").options == {}  # the config's k/metric/weight apply only where a method takes them
+    with pytest.raises(ValueError, match="option k='x' is not an int"):
+        spec("lm:k=x")
     with pytest.raises(ValueError, match="surrogate_arch='nope'"):
         ExperimentConfig(methods=("lm:surrogate_arch=nope",)).validate(30)
     with pytest.raises(ValueError, match="pretraining='sim'"):
@@ -70,7 +74,7 @@ def test_ablations_multitask_fewshot_bias_and_feature_plot(source, tmp_path, one
     assert {(r["target"], r["method"]) for r in rows} == {(t, m) for t in ("digits", "animal-mnist")
                                                          for m in config.methods}
     lm = prune_folder(out, "lm")
-    assert len(lm.manifest["targets"]) == 2 and lm.manifest["arguments"]["normalize_targets"]
+    assert len(lm.manifest["targets"]) == 2 and lm.manifest["arguments"]["options"]["normalize_targets"]
     torch.testing.assert_close(lm.votes.sum(), torch.tensor(2.0, dtype=torch.float64))
     # few-shot: 5 shots a class, 2 of them validation, 3 train, for both targets
     for target in exp.targets:
@@ -82,10 +86,10 @@ def test_ablations_multitask_fewshot_bias_and_feature_plot(source, tmp_path, one
     # reverse keeps the least voted classes: none of LM's
     reverse = prune_folder(out, "lm_reverse-true")
     assert not set(lm.kept_classes.tolist()) & set(reverse.kept_classes.tolist())
-    assert reverse.manifest["arguments"]["reverse"] is True
+    assert reverse.manifest["arguments"]["options"]["reverse"] is True
     # k = 3 with rank weights: each target row gives 1 + 1/2 + 1/3 before normalising
     topk = prune_folder(out, "lm_k-3_weight-rank")
-    assert topk.manifest["arguments"]["k"] == 3 and topk.manifest["arguments"]["weight"] == "rank"
+    assert topk.manifest["arguments"]["options"]["k"] == 3 and topk.manifest["arguments"]["options"]["weight"] == "rank"
     # the under-trained surrogate is its own checkpoint, and its prune used it
     under = prune_folder(out, "lm_surrogate_epochs-1")
     assert (out / "surrogate-tiny-e1.pt").is_file()

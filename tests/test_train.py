@@ -5,8 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, TensorDataset
 
+from fastvote import data as fvdata, scores, ssl, train as fvtrain
 from fastvote.models import build_model, load_model
 from fastvote.train import (MODEL_FILE, STATE_FILE, TrainConfig, evaluate, finetune, training_setup,
                             train_classifier)
@@ -236,3 +238,91 @@ def test_cosine_schedule_with_warmup_and_adamw_groups():
                        ({"warmup_epochs": 20}, "warmup_epochs=20")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(epochs=10, **bad)
+
+
+# --------------------------------------------------------------------------
+# One epoch runner: every loop's steps go through train.run_epoch
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+def through_run_epoch(monkeypatch):
+    """``check(loop, epochs, samples)``: runs ``loop()`` with a spy around
+    ``train.run_epoch`` and asserts it was called once an epoch, that the spy's
+    ``on_step`` (chained before the loop's own) saw every sample once an epoch, and
+    that it ran right after each optimizer step torch counted, none taken outside."""
+    counted = []  # one entry per optimizer step, by torch's global hook
+    handle = register_optimizer_step_post_hook(lambda *_: counted.append(1))
+    calls = []
+    real = fvtrain.run_epoch
+
+    def spy(*args, on_step=None, **kwargs):
+        observed = []
+
+        def observe(inputs, logits, labels):
+            observed.append((len(counted), len(labels)))
+            if on_step is not None:
+                on_step(inputs, logits, labels)
+
+        stats = real(*args, on_step=observe, **kwargs)
+        assert stats.steps == len(observed)
+        calls.append(observed)
+        return stats
+
+    monkeypatch.setattr(fvtrain, "run_epoch", spy)
+
+    def check(loop, epochs, samples):
+        calls.clear()
+        first = len(counted) + 1
+        loop()
+        assert len(calls) == epochs
+        assert [sum(n for _, n in epoch) for epoch in calls] == [samples] * epochs
+        assert [k for epoch in calls for k, _ in epoch] == list(range(first, len(counted) + 1))
+
+    yield check
+    handle.remove()
+
+
+def test_supervised_training_and_finetuning_step_through_run_epoch(digits, through_run_epoch):
+    train = loader(digits["train"], 32, shuffle=True, limit=96)
+    attacked = []
+
+    def perturb(model, images, labels):  # a per-batch hook: runs before its batch's step
+        attacked.append(len(images))
+        return images.flip(-1)
+
+    model = build_model("tiny", 10, image_size=SIDE, seed=0)
+    through_run_epoch(lambda: train_classifier(model, train, TrainConfig(epochs=2, batch_size=32),
+                                               device="cpu", progress=False, perturb=perturb),
+                      epochs=2, samples=96)
+    assert sum(attacked) == 2 * 96
+    loaders = (train, loader(digits["val"], 128), loader(digits["test"], 256))
+    through_run_epoch(lambda: finetune(model, *loaders, num_classes=10, mode="full", epochs=1,
+                                       device="cpu", progress=False), epochs=1, samples=96)
+    through_run_epoch(lambda: finetune(model, *loaders, num_classes=10, epochs=2, device="cpu",
+                                       progress=False), epochs=2, samples=96)
+
+
+def test_moco_steps_through_run_epoch(digits, through_run_epoch):
+    images = digits["train"].tensors[0][:32]
+    model = build_model("tiny", 10, image_size=SIDE, seed=0)
+    config = ssl.MocoConfig(epochs=2, batch_size=8, dim=16, queue_size=24, bn_group_size=4)
+    data = DataLoader(TensorDataset(images, torch.zeros(32, dtype=torch.long)), batch_size=8)
+    through_run_epoch(lambda: ssl.pretrain_moco(model, data, config, mean=(0.5,) * 3, std=(0.5,) * 3,
+                                                device="cpu", progress=False),
+                      epochs=2, samples=32)
+
+
+def test_score_runs_step_through_run_epoch(tmp_path, through_run_epoch):
+    pytest.importorskip("ffcv")
+    if fvdata.missing("digits"):
+        pytest.skip(f"offline dataset missing: {fvdata.missing('digits')}")
+    beton = fvdata.write_offline("digits", "train", tmp_path / "digits.beton", progress=False)
+    samples = len(fvdata.read_columns(beton)["labels"])
+    prep = {"resolution": SIDE, "mean": [0.1] * 3, "std": [0.3] * 3}
+    rows = []
+    model = build_model("tiny", 10, image_size=SIDE, seed=0)
+    through_run_epoch(lambda: scores.train_run(
+        model, beton, config=TrainConfig(epochs=2, batch_size=32, lr=0.1), epochs=2, prep=prep, seed=0,
+        device="cpu", rows_of=lambda ids: ids, progress=False,
+        on_batch=lambda r, logits, labels: rows.extend(r.tolist())), epochs=2, samples=samples)
+    assert sorted(rows) == sorted(list(range(samples)) * 2)  # on_batch still sees every sample

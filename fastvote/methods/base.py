@@ -22,41 +22,65 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from fastvote.methods.spec import Option
+
 
 class View(Protocol):
-    """A stream of surrogate outputs over one dataset, in dataset order.
+    """A stream of surrogate outputs over one dataset, in dataset order (what
+    every method reads of its targets, and the voting methods of the source)."""
 
-    ``batches(want, shard=False)`` starts a fresh pass and yields dicts holding
-    the keys in `want` ("logits" [B, K], "features" [B, D], "labels" [B]); every
-    pass gives the same rows in the same order. With ``shard=True`` it gives
-    only this rank's rows (``fastvote.distributed.shard``) under torchrun, so
-    sums over passes are all-reduced (votes, centroid sums, K-means statistics). Source views also carry ``labels`` (int64
-    numpy [N]), ``num_classes`` and ``class_names``.
+    #: N, the rows of every pass.
+    num_rows: int
+    #: the source's int64 [N] labels in stream order (None for targets and unlabelled sources).
+    labels: Optional[np.ndarray]
+    #: K, the number of source classes, and their names (None when unnamed).
+    num_classes: Optional[int]
+    class_names: Optional[List[str]]
+    #: where the surrogate and the ops run.
+    device: torch.device
 
-    Source views also serve the sample-wise baselines (each raises a clear
-    error where the source cannot provide it, e.g. images for a source given
-    as precomputed outputs):
+    def batches(self, want: Sequence[str], shard: bool = False) -> Iterator[Dict[str, Tensor]]:
+        """A fresh pass yielding dicts of the keys in `want` ("logits" [B, K],
+        "features" [B, D], "labels" [B]); every pass gives the same rows in the
+        same order. shard=True: only this rank's rows under torchrun
+        (fastvote.distributed.shard), so sums over passes are all-reduced."""
+        ...
 
-    - ``num_rows``: N, the rows of every pass.
-    - ``array(output)``: the whole column [N, ...] as a numpy array in stream
-      order (computed once, then kept on disk under the prune workdir).
-    - ``samples(batch_size=None)``: one pass of the source images through the
-      surrogate's eval preprocessing: ``(images float [B, 3, H, W] on
-      device, labels int64 [B], rows int64 [B])``, rows = stream rows.
-    - ``train_run(seed, epochs, on_batch=None)``: a fresh model of the
-      surrogate's architecture (head over the source classes, initialised
-      from `seed`) trained from scratch on the source for `epochs` epochs of
-      the source recipe (``recipe``); ``on_batch(rows, logits, labels)`` sees
-      every training minibatch's forward pass (train mode, before the step).
-      Returns the model in eval mode on ``device``.
-    - ``recipe``: a JSON-able dict describing ``train_run`` (arch, epochs,
-      batch size, learning rate, ...), part of every training score's cache key.
-    - ``fingerprint``: {"source": ..., "surrogate": ...} for cache keys.
-    - ``cache_dir``: where scores are cached (None: not cached).
-    - ``device``: where models run.
-    """
 
-    def batches(self, want: Sequence[str], shard: bool = False) -> Iterator[Dict[str, Tensor]]: ...
+class TrainableSource(View, Protocol):
+    """A source view that also serves the sample-wise baselines; each member
+    raises a clear error where the source cannot provide it (images of a
+    source given as precomputed outputs)."""
+
+    #: {"source": ..., "surrogate": ...} fingerprints, for cache keys.
+    fingerprint: Dict[str, Optional[str]]
+    #: where scores are cached (None: not cached).
+    cache_dir: Optional[Path]
+
+    @property
+    def recipe(self) -> dict:
+        """A JSON-able description of train_run (arch, epochs, batch size,
+        learning rate, ...), part of every training score's cache key."""
+        ...
+
+    def array(self, output: str) -> np.ndarray:
+        """The whole column [N, ...] in stream order (computed once, then kept
+        on disk under the prune workdir)."""
+        ...
+
+    def samples(self, batch_size: Optional[int] = None) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+        """One pass of the source images through the surrogate's eval
+        preprocessing: (images float [B, 3, H, W] on device, labels int64 [B],
+        stream rows int64 [B])."""
+        ...
+
+    def train_run(self, seed: int, epochs: int, on_batch: Optional[Callable] = None) -> torch.nn.Module:
+        """A fresh model of the surrogate's architecture (head over the source
+        classes, initialised from `seed`) trained from scratch for `epochs`
+        epochs of the recipe; on_batch(rows, logits, labels) sees every
+        training minibatch's forward pass (train mode, before the step).
+        Returns the model in eval mode on ``device``."""
+        ...
 
 
 @dataclass
@@ -96,27 +120,18 @@ def vote(targets: Sequence[View], make_voter: Callable[[], object], output: str,
     return voters
 
 
+# Options of the voting methods (lm; fm adds its own).
+VOTE_OPTIONS = (
+    Option("k", int, 1, "source classes each target sample votes for", low=1),
+    Option("weight", str, "count", "a vote's weight: count (the paper), rank or soft", choices=("count", "rank", "soft")),
+    Option("reverse", bool, False, "keep the LEAST voted classes (the paper's ablation)"),
+    Option("normalize_targets", bool, False, "multi-task: every target's votes weigh the same"),
+)
+
+
 # --------------------------------------------------------------------------
 # Sample-wise helpers
 # --------------------------------------------------------------------------
-
-def sample_keep_count(num_samples: int, ratio: Optional[float] = None, keep: Optional[int] = None) -> int:
-    """How many SAMPLES a sample-wise method keeps, from exactly one of
-    `ratio` (fraction of source samples removed, 0 <= ratio < 1) and `keep`
-    (1 <= keep <= num_samples). round(N (1 - ratio)), at least one."""
-    if (ratio is None) == (keep is None):
-        raise ValueError(f"give exactly one of ratio= (fraction of source samples removed) and keep= "
-                         f"(samples kept); got ratio={ratio}, keep={keep}")
-    if keep is not None:
-        if int(keep) != keep or not 1 <= int(keep) <= num_samples:
-            raise ValueError(f"keep={keep} is out of range; expected an integer 1 <= keep <= {num_samples} "
-                             "(the number of source samples kept by a sample-wise method)")
-        return int(keep)
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio={ratio} is out of range; expected 0 <= ratio < 1 (the fraction of "
-                         "source samples removed by a sample-wise method)")
-    return max(1, int(round(num_samples * (1.0 - ratio))))
-
 
 def tie_keys(n: int, seed: int) -> np.ndarray:
     """A seeded random permutation used as the last sort key: equal scores are
@@ -152,9 +167,12 @@ def run_seed(seed: int, run: int) -> int:
 
 
 DEFAULT_RUNS = 10  # Paul et al. average GraNd and EL2N over 10 independent runs
+RUNS = Option("runs", int, DEFAULT_RUNS, "independent training runs to average over", low=1)
+EPOCH = Option("epoch", int, None, "epochs of training before scoring; 0 = at initialisation "
+               "(default: 10% of the recipe's epochs)", low=0)
 
 
-def mean_over_runs(source: View, per_batch, *, name: str, seed: int, runs: int, epoch: int,
+def mean_over_runs(source: TrainableSource, per_batch, *, name: str, seed: int, runs: int, epoch: int,
                    progress: bool) -> Tensor:
     """The mean over `runs` training runs (run r from run_seed(seed, r),
     trained `epoch` epochs) of per_batch(model, images, labels) -> [B], over
@@ -184,7 +202,7 @@ def check_int(name: str, value, low: int, what: str) -> int:
 # The score cache
 # --------------------------------------------------------------------------
 
-def cached_scores(view: View, name: str, args: dict,
+def cached_scores(view: TrainableSource, name: str, args: dict,
                   compute: Callable[[], Tensor]) -> Tuple[Tensor, Optional[Path]]:
     """Per-sample scores [N] float64, computed once per (name, source
     fingerprint, surrogate fingerprint, args) and kept as

@@ -26,20 +26,28 @@ of source SAMPLES removed.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from fastvote.methods import el2n, forgetting, grand
-from fastvote.methods.base import Selection, View, check_int, rank, sample_selection
+from fastvote.methods.base import EPOCH, RUNS, Selection, TrainableSource, View, check_int, rank, sample_selection
+from fastvote.methods.spec import Option
 
 CLASS_WISE = False
 NEEDS = {"source": ("images", "labels"), "target": ()}
-OPTIONS = {"score": str, "beta": float, "strata": int, "runs": int, "epoch": int}
 SCORES = {"el2n": el2n, "forgetting": forgetting, "grand": grand}
 DEFAULT_SCORE = "el2n"
 DEFAULT_BETA = 0.1
 DEFAULT_STRATA = 50
+OPTIONS = (
+    Option("score", str, DEFAULT_SCORE, "the difficulty score to stratify", choices=tuple(sorted(SCORES))),
+    Option("beta", float, DEFAULT_BETA, "fraction of the hardest samples dropped first", low=0.0, high=1.0),
+    Option("strata", int, DEFAULT_STRATA, "equal-width score strata", low=1),
+    dataclasses.replace(RUNS, default=None, doc="training runs of the score (default: the score's own)"),
+    EPOCH,
+)
 
 
 def strata_of(scores: np.ndarray, strata: int) -> np.ndarray:
@@ -91,18 +99,22 @@ def ccs_sample(scores, keep: int, *, beta: float = DEFAULT_BETA, strata: int = D
                   "strata_sizes": sizes.tolist(), "strata_budgets": budgets.tolist()}
 
 
-def select(source: View, targets: Sequence[View], *, keep: int, seed: int = 0, score: str = DEFAULT_SCORE,
+def check(method: str, options, given) -> None:
+    if options["score"] not in SCORES:
+        raise ValueError(f"method={method!r}: score={options['score']!r} is unknown; expected one of {sorted(SCORES)}")
+    if "epoch" in given and options["score"] == "forgetting":
+        raise ValueError(f"method={method!r}: epoch={options['epoch']} does not apply to score='forgetting' (it "
+                         "counts over the whole recipe); drop epoch or use score='el2n' or 'grand'")
+
+
+def select(source: TrainableSource, targets: Sequence[View], *, keep: int, seed: int = 0, score: str = DEFAULT_SCORE,
            beta: float = DEFAULT_BETA, strata: int = DEFAULT_STRATA, runs: Optional[int] = None,
-           epoch: Optional[int] = None, progress: bool = True, **_unused) -> Selection:
+           epoch: Optional[int] = None, device=None, progress: bool = True) -> Selection:
     """Keeps `keep` source SAMPLES (prune's ratio: the fraction of samples
     removed) by CCS over the `score` difficulty."""
-    if score not in SCORES:
-        raise ValueError(f"score={score!r} is unknown; expected one of {sorted(SCORES)}")
+    check(f"ccs:score={score}", {"score": score, "epoch": epoch}, ("epoch",) if epoch is not None else ())
     kw = {} if runs is None else {"runs": runs}
     if epoch is not None:
-        if score == "forgetting":
-            raise ValueError(f"epoch={epoch} does not apply to score='forgetting' (it counts over the whole "
-                             "recipe); drop epoch or use score='el2n' or 'grand'")
         kw["epoch"] = epoch
     values, info = SCORES[score].scores(source, seed=seed, progress=progress, **kw)
     rows, facts = ccs_sample(values.numpy(), keep, beta=beta, strata=strata, seed=seed)

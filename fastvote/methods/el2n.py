@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvote.methods.base import (DEFAULT_RUNS, Selection, View, cached_scores, check_int, default_epoch,
+from fastvote.methods.base import (DEFAULT_RUNS, EPOCH, RUNS, Selection, TrainableSource, View, cached_scores, check_int, default_epoch,
                                    keep_top, mean_over_runs, sample_selection)
 
 CLASS_WISE = False
 NEEDS = {"source": ("images", "labels"), "target": ()}
-OPTIONS = {"runs": int, "epoch": int}
+OPTIONS = (RUNS, EPOCH)
 
 
 def el2n(logits: Tensor, labels: Tensor) -> Tensor:
@@ -36,7 +36,7 @@ def el2n(logits: Tensor, labels: Tensor) -> Tensor:
     return (probs - F.one_hot(labels.long(), probs.shape[1]).float()).norm(dim=1)
 
 
-def scores(source: View, *, seed: int = 0, runs: int = DEFAULT_RUNS, epoch: Optional[int] = None,
+def scores(source: TrainableSource, *, seed: int = 0, runs: int = DEFAULT_RUNS, epoch: Optional[int] = None,
            progress: bool = True) -> Tuple[Tensor, dict]:
     """EL2N scores float64 [N] (cached) and what they are."""
     runs = check_int("runs", runs, 1, "independent training runs to average over")
@@ -55,8 +55,8 @@ def scores(source: View, *, seed: int = 0, runs: int = DEFAULT_RUNS, epoch: Opti
                     "scores_file": str(path) if path else None}
 
 
-def select(source: View, targets: Sequence[View], *, keep: int, seed: int = 0, runs: int = DEFAULT_RUNS,
-           epoch: Optional[int] = None, progress: bool = True, **_unused) -> Selection:
+def select(source: TrainableSource, targets: Sequence[View], *, keep: int, seed: int = 0, runs: int = DEFAULT_RUNS,
+           epoch: Optional[int] = None, device=None, progress: bool = True) -> Selection:
     """Keeps the `keep` source SAMPLES (prune's ratio: the fraction of samples
     removed) with the highest EL2N score."""
     values, info = scores(source, seed=seed, runs=runs, epoch=epoch, progress=progress)

@@ -12,15 +12,30 @@ from tqdm import tqdm
 
 from fastvote import distributed, ops
 from fastvote.cluster import kmeans
-from fastvote.methods.base import Selection, View, vote
+from fastvote.methods.base import VOTE_OPTIONS, Selection, View, vote
+from fastvote.methods.spec import Option, only_with
 from fastvote.select import class_indices, select_classes
 from fastvote.voting import FMVoter, combine
 
 CLASS_WISE = True
 NEEDS = {"source": ("features", "labels"), "target": ("features",)}
 CENTROIDS = ("class", "kmeans")
-# "fm:iterations=3": at most this many K-means passes over the source (label-free FM)
-OPTIONS = {"iterations": int}
+OPTIONS = VOTE_OPTIONS + (
+    Option("metric", str, "l2", "distance to the centroids: l2 (the paper) or cosine", choices=("l2", "cosine")),
+    Option("temperature", float, 1.0, "softmax temperature of weight='soft' (> 0)", low=0.0),
+    Option("centroids", str, "class", "source class means, or label-free K-means clusters", choices=CENTROIDS),
+    Option("num_clusters", int, None, "K-means clusters (default: the number of source classes)", low=1),
+    Option("iterations", int, 20, "at most this many K-means passes over the source", low=1),
+)
+
+
+def check(method: str, options, given) -> None:
+    """Options that would be ignored are errors, not silently recorded."""
+    only_with(method, options, given, ("num_clusters", "iterations"), "centroids='kmeans'",
+              options["centroids"] == "kmeans")
+    only_with(method, options, given, ("temperature",), "weight='soft'", options["weight"] == "soft")
+    if options["temperature"] <= 0:
+        raise ValueError(f"method={method!r}: temperature={options['temperature']!r} is invalid; expected > 0")
 
 
 def source_centroids(source: View, progress: bool = True) -> torch.Tensor:
@@ -47,8 +62,8 @@ def source_centroids(source: View, progress: bool = True) -> torch.Tensor:
 def select(source: View, targets: Sequence[View], *, keep: int, k: int = 1, metric: str = "l2",
            weight: str = "count", temperature: float = 1.0, centroids: str = "class",
            num_clusters: Optional[int] = None, reverse: bool = False, normalize_targets: bool = False,
-           iterations: int = 20, seed: int = 0, device: Optional[torch.device] = None, progress: bool = True,
-           **_unused) -> Selection:
+           iterations: int = 20, seed: int = 0, device: Optional[torch.device] = None,
+           progress: bool = True) -> Selection:
     """Keeps `keep` source classes (or clusters) by FM votes."""
     info = {"centroids": centroids}
     if centroids == "class":

@@ -21,17 +21,18 @@ Definition, as implemented:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from fastvote.methods.base import (Selection, View, cached_scores, check_int, keep_top, run_seed,
+from fastvote.methods.base import (RUNS, Selection, TrainableSource, View, cached_scores, check_int, keep_top, run_seed,
                                    sample_selection)
 
 CLASS_WISE = False
 NEEDS = {"source": ("images", "labels"), "target": ()}
-OPTIONS = {"runs": int}
+OPTIONS = (dataclasses.replace(RUNS, default=1),)
 
 
 class ForgettingCounter:
@@ -57,7 +58,7 @@ class ForgettingCounter:
         return torch.where(self.learned, self.events, torch.full_like(self.events, never_learned))
 
 
-def scores(source: View, *, seed: int = 0, runs: int = 1, progress: bool = True) -> Tuple[Tensor, dict]:
+def scores(source: TrainableSource, *, seed: int = 0, runs: int = 1, progress: bool = True) -> Tuple[Tensor, dict]:
     """Forgetting scores float64 [N] (cached) and what they are."""
     runs = check_int("runs", runs, 1, "independent training runs to average over")
     epochs = int(source.recipe["epochs"])
@@ -80,8 +81,8 @@ def scores(source: View, *, seed: int = 0, runs: int = 1, progress: bool = True)
                     "never_learned_score": epochs, "scores_file": str(path) if path else None}
 
 
-def select(source: View, targets: Sequence[View], *, keep: int, seed: int = 0, runs: int = 1,
-           progress: bool = True, **_unused) -> Selection:
+def select(source: TrainableSource, targets: Sequence[View], *, keep: int, seed: int = 0, runs: int = 1,
+           device=None, progress: bool = True) -> Selection:
     """Keeps the `keep` most forgotten source SAMPLES (prune's ratio: the
     fraction of samples removed)."""
     values, info = scores(source, seed=seed, runs=runs, progress=progress)

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from fastvote.methods.base import Selection, View, vote
+from fastvote.methods.base import VOTE_OPTIONS, Selection, View, vote
 from fastvote.select import class_indices, select_classes
 from fastvote.voting import LMVoter, combine
 
 CLASS_WISE = True
 NEEDS = {"source": (), "target": ("logits",)}
+OPTIONS = VOTE_OPTIONS
 
 
 def select(source: View, targets: Sequence[View], *, keep: int, k: int = 1, weight: str = "count",
-           reverse: bool = False, normalize_targets: bool = False, progress: bool = True,
-           **_unused) -> Selection:
+           reverse: bool = False, normalize_targets: bool = False, seed: int = 0, device=None,
+           progress: bool = True) -> Selection:
     """Keeps `keep` source classes by LM votes (see fastvote.prune for the arguments)."""
     voters = vote(targets, lambda: LMVoter(source.num_classes, k, weight), "logits", progress, "LM")
     votes, scores = combine(voters, normalize=normalize_targets)

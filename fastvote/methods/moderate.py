@@ -29,11 +29,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fastvote.methods.base import Selection, View, cached_scores, rank, sample_selection
+from fastvote.methods.base import Selection, TrainableSource, View, cached_scores, rank, sample_selection
 
 CLASS_WISE = False
 NEEDS = {"source": ("features", "labels"), "target": ()}
-OPTIONS: dict = {}
+OPTIONS = ()
 
 
 def median_distances(features, labels, num_classes: int) -> np.ndarray:
@@ -81,8 +81,8 @@ def middle_band(scores, labels, budgets, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(kept)) if kept else np.empty(0, dtype=np.int64)
 
 
-def select(source: View, targets: Sequence[View], *, keep: int, seed: int = 0, progress: bool = True,
-           **_unused) -> Selection:
+def select(source: TrainableSource, targets: Sequence[View], *, keep: int, seed: int = 0, device=None,
+           progress: bool = True) -> Selection:
     """Keeps `keep` source SAMPLES (prune's ratio: the fraction of samples
     removed): the middle band of each class's distances to its feature median."""
     labels = np.asarray(source.labels, dtype=np.int64)

@@ -21,9 +21,11 @@ from fastvote.select import class_indices
 
 CLASS_WISE = True
 NEEDS = {"source": (), "target": ()}
+OPTIONS = ()
 
 
-def select(source: View, targets: Sequence[View], *, keep: int, seed: int = 0, **_unused) -> Selection:
+def select(source: View, targets: Sequence[View], *, keep: int, seed: int = 0, device=None,
+           progress: bool = True) -> Selection:
     """Keeps `keep` classes chosen uniformly at random (numpy Generator(seed))."""
     rng = np.random.default_rng(seed)
     kept = torch.from_numpy(rng.choice(source.num_classes, size=keep, replace=False).astype(np.int64))
@@ -32,7 +34,8 @@ def select(source: View, targets: Sequence[View], *, keep: int, seed: int = 0, *
                      info={"seed": seed})
 
 
-def select_samples(source: View, targets: Sequence[View], *, keep: int, seed: int = 0, **_unused) -> Selection:
+def select_samples(source: View, targets: Sequence[View], *, keep: int, seed: int = 0, device=None,
+                   progress: bool = True) -> Selection:
     """Keeps `keep` SAMPLES (prune's ratio: the fraction of source samples
     removed) drawn uniformly without replacement by numpy Generator(seed).
     Scores: all zero (no sample is preferred)."""
@@ -45,4 +48,4 @@ def select_samples(source: View, targets: Sequence[View], *, keep: int, seed: in
 # The registry's "random-sample": the same interface as a method module.
 sample_wise = SimpleNamespace(
     __name__="fastvote.methods.random.sample_wise", __doc__=select_samples.__doc__,
-    CLASS_WISE=False, NEEDS={"source": (), "target": ()}, OPTIONS={}, select=select_samples)
+    CLASS_WISE=False, NEEDS={"source": (), "target": ()}, OPTIONS=(), select=select_samples)

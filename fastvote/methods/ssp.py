@@ -23,11 +23,15 @@ import torch
 
 from fastvote import ops
 from fastvote.cluster import kmeans
-from fastvote.methods.base import Selection, View, cached_scores, check_int, keep_top, sample_selection
+from fastvote.methods.spec import Option
+from fastvote.methods.base import Selection, TrainableSource, View, cached_scores, check_int, keep_top, sample_selection
 
 CLASS_WISE = False
 NEEDS = {"source": ("features",), "target": ()}
-OPTIONS = {"keep_hard": bool}
+OPTIONS = (
+    Option("keep_hard", bool, True, "keep the samples farthest from their prototype (False: the nearest)"),
+    Option("num_clusters", int, None, "k-means prototypes (default: the number of source classes)", low=1),
+)
 CHUNK = 65536      # rows a distance pass reads at once
 KMEANS_BATCH = 4096  # rows a mini-batch k-means update sees
 
@@ -46,8 +50,8 @@ def prototype_distances(features, centroids: torch.Tensor, device=None) -> torch
     return torch.cat(out)
 
 
-def select(source: View, targets: Sequence[View], *, keep: int, num_clusters: Optional[int] = None,
-           keep_hard: bool = True, seed: int = 0, device=None, progress: bool = True, **_unused) -> Selection:
+def select(source: TrainableSource, targets: Sequence[View], *, keep: int, num_clusters: Optional[int] = None,
+           keep_hard: bool = True, seed: int = 0, device=None, progress: bool = True) -> Selection:
     """Keeps `keep` source SAMPLES (prune's ratio: the fraction of samples
     removed): the farthest from their nearest k-means prototype (keep_hard) or
     the nearest."""

@@ -1,0 +1,256 @@
+"""The surrogate: the small model whose outputs vote. One module for every way
+to get one (trained on the source, a checkpoint, a user's nn.Module), one
+cache key and seeded construction, used by ``fastvote.prune``,
+``fastvote surrogate train`` and the experiment.
+
+:func:`resolve` is cheap: it checks the argument, loads a checkpoint, decides
+the preprocessing and the fingerprint that names the surrogate in every cache
+key. Only :meth:`Surrogate.model` trains (or reads a cached training).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+from fastvote import data as fvdata
+from fastvote import distributed, models
+from fastvote.atomic import write_json
+from fastvote.inputs import Input, fingerprint_file, fingerprint_tensors
+
+DEFAULT_ARCH = "resnet18"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a surrogate is trained on a source; the weights depend on nothing
+    else (with the source), so this and the source fingerprint are the cache key.
+
+    The model is built under `seed` and the loader's order follows it
+    (config.seed seeds each epoch's randomness)."""
+
+    arch: str
+    resolution: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    config: object  # fastvote.train.TrainConfig
+    scale: Tuple[float, float] = (1.0, 1.0)
+    ratio: Tuple[float, float] = (1.0, 1.0)
+    flip: bool = False
+    seed: int = 0
+
+    @classmethod
+    def default(cls, arch: str, resolution: int, mean, std, config, seed: int) -> "Recipe":
+        """prune()'s and the CLI's recipe: the crop fastvote.data.default_crop
+        gives this resolution, no flips (digits and text mirror into other glyphs)."""
+        crop = fvdata.default_crop(resolution)
+        return cls(arch=arch, resolution=int(resolution), mean=tuple(map(float, mean)), std=tuple(map(float, std)),
+                   config=config, scale=tuple(crop["scale"]), ratio=tuple(crop["ratio"]), flip=False, seed=seed)
+
+    @property
+    def prep(self) -> dict:
+        return {"resolution": self.resolution, "mean": list(self.mean), "std": list(self.std)}
+
+    def key(self, source_fingerprint: str) -> str:
+        what = [source_fingerprint, self.arch, self.prep, repr(self.config), list(self.scale), list(self.ratio),
+                self.flip, self.seed]
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+
+def default_config(seed: int):
+    """The surrogate's training recipe when none is given: TrainConfig's
+    defaults (the release's ResNet-18 recipe), seeded."""
+    from fastvote.train import TrainConfig
+
+    return TrainConfig(seed=seed)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock beside `path`: two runs that need the same surrogate
+    train it once (the second waits, then finds it cached)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool = True,
+          threads: Optional[int] = None, announce: bool = True) -> Tuple[Path, dict]:
+    """Trains `recipe` on the source beton into the checkpoint `path` (with
+    `path`.json: seconds, train accuracy, the recipe's key), or reuses it when
+    that json names the same key. Under torchrun: DDP, rank 0 writes.
+    `threads`: torch's CPU thread count once the loader is built (FFCV sets its
+    own). Returns (path, info)."""
+    from fastvote import train as fvtrain
+
+    key = recipe.key(source.fingerprint)
+    info_path = path.with_name(path.name + ".json")
+
+    def cached() -> Optional[dict]:
+        if path.is_file() and info_path.is_file():
+            info = json.loads(info_path.read_text())
+            if info.get("key") == key:
+                return info
+        return None
+
+    lock = _locked(path) if distributed.is_main() else contextlib.nullcontext()
+    with lock:
+        info = distributed.broadcast_object(cached() if distributed.is_main() else None)
+        if info is not None:
+            return path, dict(info, reused_from_cache=True)
+        if announce and distributed.is_main():
+            print(f"[fastvote] training a surrogate: {recipe.arch} for {recipe.config.epochs} epochs on "
+                  f"{source.num_rows} source images at {recipe.resolution} px ({source.description}); "
+                  "cached for later runs", flush=True)
+        started = time.perf_counter()
+        model = models.build_model(recipe.arch, source.num_classes, image_size=recipe.resolution, seed=recipe.seed)
+        loader = fvdata.train_loader(source.beton, recipe.config.batch_size, resolution=recipe.resolution,
+                                     mean=recipe.mean, std=recipe.std, seed=recipe.seed, device=device,
+                                     scale=recipe.scale, ratio=recipe.ratio, flip=recipe.flip,
+                                     distributed=distributed.active())
+        if threads and torch.device(device).type == "cpu":
+            torch.set_num_threads(threads)
+        history = fvtrain.train_classifier(model, loader, recipe.config, device=device, progress=progress,
+                                           checkpoint_dir=path.with_name(path.stem + "-ckpt"))
+        info = {"key": key, "arch": recipe.arch, "epochs": recipe.config.epochs,
+                "seconds": time.perf_counter() - started, "train_acc": history["train_acc"][-1]}
+        if distributed.is_main():
+            models.save_checkpoint(path, model, class_names=source.class_names, **recipe.prep)
+            write_json(info_path, info)
+        distributed.barrier()
+    return path, dict(info, reused_from_cache=False)
+
+
+@dataclass
+class Surrogate:
+    """A surrogate as prune() will use it, decided before anything expensive.
+
+    kind: "trained" (on the source, from `recipe`), "checkpoint" or "module".
+    fingerprint: names it in every cache key; a trained one is named by its
+        recipe and source (known before training), so precomputed outputs
+        recorded with it can be checked up front.
+    prep: the preprocessing its inputs get (resolution, mean, std).
+    num_classes: its head width (None when unknown).
+    """
+
+    kind: str
+    fingerprint: str
+    prep: dict
+    num_classes: Optional[int]
+    entry: dict
+    recipe: Optional[Recipe] = None  # how a "trained" one is trained
+    _load: Optional[Callable[..., torch.nn.Module]] = field(default=None, repr=False)
+    _model: Optional[torch.nn.Module] = field(default=None, repr=False)
+
+    def model(self, device, progress: bool = True) -> torch.nn.Module:
+        """The model in eval mode on `device` (trained or loaded once)."""
+        if self._model is None:
+            started = time.perf_counter()
+            self._model = self._load(device, progress).to(device).eval()
+            self.entry.setdefault("seconds", time.perf_counter() - started)
+        return self._model
+
+
+def _preprocessing(own: dict, source: Input, image_size, mean, std, what: str) -> dict:
+    """Explicit arguments win, then the surrogate's own record, then the
+    source's size and channel statistics (with a warning when a checkpoint or
+    module gets them: its training preprocessing is unknown)."""
+    prep = {"resolution": image_size if image_size is not None else own.get("resolution"),
+            "mean": list(mean) if mean is not None else own.get("mean"),
+            "std": list(std) if std is not None else own.get("std")}
+    guessed = [k for k in ("resolution", "mean") if prep[k] is None]
+    if source.beton is None and guessed:
+        raise ValueError(f"the source is precomputed, so the {what}'s preprocessing cannot be read off it: pass "
+                         "image_size=, mean= and std= (or a checkpoint that records them)")
+    if prep["resolution"] is None:
+        prep["resolution"] = source.image_size
+    if prep["mean"] is None:
+        stats = fvdata.channel_stats(source.beton)
+        prep["mean"], prep["std"] = list(stats[0]), list(stats[1] if prep["std"] is None else prep["std"])
+    elif prep["std"] is None:
+        raise ValueError(f"mean={prep['mean']} is given without std=; give both (per-channel, in 0..1 units)")
+    if guessed and what != "trained surrogate":
+        warnings.warn(f"the {what} records no {' or '.join(guessed)}; using the source's ({prep['resolution']} px, "
+                      f"mean {[round(m, 3) for m in prep['mean']]}). If it was trained otherwise (e.g. 224 px, "
+                      "ImageNet statistics), pass image_size=, mean=, std=", stacklevel=3)
+    for name in ("mean", "std"):
+        if len(prep[name]) != 3 or (name == "std" and min(prep[name]) <= 0):
+            raise ValueError(f"{name}={prep[name]} is invalid; expected 3 per-channel values"
+                             + (" > 0" if name == "std" else ""))
+    if isinstance(prep["resolution"], bool) or not isinstance(prep["resolution"], int) or prep["resolution"] < 1:
+        raise ValueError(f"image_size={prep['resolution']!r} is invalid; expected an integer >= 1 (px)")
+    return prep
+
+
+def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=None,
+            image_size: Optional[int] = None, mean: Optional[Sequence[float]] = None,
+            std: Optional[Sequence[float]] = None, seed: int = 0, workdir: Path,
+            threads: Optional[int] = None) -> Surrogate:
+    """Checks the `surrogate` argument and decides everything but the weights.
+
+    surrogate: None (train `arch` on the source with `train_config`, default
+    TrainConfig(seed=seed)), a checkpoint path (fastvote.models.save_checkpoint),
+    or an nn.Module."""
+    if isinstance(surrogate, torch.nn.Module):
+        model = models.as_classifier(surrogate)
+        prep = _preprocessing({}, source, image_size, mean, std, "module")
+        return Surrogate(kind="module", fingerprint=fingerprint_tensors(dict(model.state_dict())), prep=prep,
+                         num_classes=model.num_classes, entry={"kind": "module", "class": type(surrogate).__name__},
+                         _load=lambda device, progress: model)
+    if isinstance(surrogate, (str, os.PathLike)):
+        path = Path(surrogate)
+        if not path.is_file():
+            raise FileNotFoundError(f"surrogate={str(surrogate)!r}: no such checkpoint file")
+        model, extra = models.load_model(path, with_extra=True)
+        own = {k: extra[k] for k in ("resolution", "mean", "std") if k in extra}
+        own.setdefault("resolution", getattr(model, "image_size", None))
+        prep = _preprocessing(own, source, image_size, mean, std, "checkpoint")
+        return Surrogate(kind="checkpoint", fingerprint=fingerprint_file(path), prep=prep,
+                         num_classes=model.num_classes, entry={"kind": "checkpoint", "path": str(path.resolve())},
+                         _load=lambda device, progress: model)
+    if surrogate is not None:
+        raise TypeError(f"surrogate has type {type(surrogate).__name__}; expected None (train one), a checkpoint "
+                        "path or an nn.Module")
+    if source.beton is None or source.labels is None:
+        raise ValueError("surrogate=None trains one on the source, which needs a labelled source dataset (not "
+                         "precomputed outputs); pass surrogate=<checkpoint or nn.Module>")
+    if arch not in models.ARCHS:
+        raise ValueError(f"arch={arch!r} is unknown; expected one of {list(models.ARCHS)}")
+    from fastvote.train import TrainConfig
+
+    config = train_config if train_config is not None else default_config(seed)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train_config has type {type(config).__name__}; expected fastvote.train.TrainConfig")
+    prep = _preprocessing({}, source, image_size, mean, std, "trained surrogate")
+    recipe = Recipe.default(arch, prep["resolution"], prep["mean"], prep["std"], config, seed)
+    key = recipe.key(source.fingerprint)
+    path = workdir / "surrogates" / f"{arch}-{key}.pt"
+    entry = {"kind": "trained", "arch": arch, "path": str(path.resolve()), "recipe_key": key, "config": repr(config)}
+
+    def load(device, progress):
+        _, info = train(recipe, source, path, device=device, progress=progress, threads=threads)
+        entry.update(seconds=info["seconds"], reused_from_cache=info["reused_from_cache"])
+        # rank 0 reads the file and sends the weights: no shared file system needed
+        model = models.load_model(path) if distributed.is_main() else models.build_model(
+            arch, source.num_classes, image_size=recipe.resolution)
+        return models.load_state_dict_flexible(model, distributed.broadcast_object(
+            model.state_dict() if distributed.is_main() else None))
+
+    return Surrogate(kind="trained", fingerprint=f"recipe:{key}", prep=prep, num_classes=source.num_classes,
+                     entry=entry, recipe=recipe, _load=load)
+
+
+__all__ = ["DEFAULT_ARCH", "Recipe", "Surrogate", "default_config", "resolve", "train"]
