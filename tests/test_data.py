@@ -1,6 +1,8 @@
 """fastvote.data: the offline registry on the real files, the haystack benchmark, and
-the FFCV beton round trip (raw mode is bit exact), loaders, atomic writes."""
+the FFCV beton round trip (raw mode is bit exact, the bytes deterministic), loaders,
+atomic writes and their permissions. Bad inputs: tests/test_data_errors.py."""
 import gc
+import hashlib
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastvote import data
 from fastvote.data import offline
@@ -328,3 +331,84 @@ def test_write_offline_and_jpeg(ffcv, tmp_path):
     np.testing.assert_array_equal(labels, ds.targets)
     error = np.abs(pixels.astype(int) - rgb(ds.images).astype(int)).mean()
     assert 0 < error < 4  # JPEG: close, not exact
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def image_folder(root, dataset, count):
+    """The first `count` images of `dataset` as an ImageFolder tree of PNGs."""
+    for i in range(count):
+        folder = root / dataset.classes[dataset.targets[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(dataset.images[i]).save(folder / f"{i:04d}.png")
+    return root
+
+
+@needs("sklearn-digits")
+@pytest.mark.parametrize("jpeg", [False, True])
+def test_betons_are_byte_deterministic(ffcv, tmp_path, jpeg):
+    # ffcv's own multi-process writer placed pages in completion order: the same input
+    # gave different bytes. Now the same input is the same file, whatever num_workers.
+    ds = data.get("sklearn-digits", "all")
+    a = data.write_offline("sklearn-digits", "all", tmp_path / "a.beton", jpeg=jpeg,
+                           num_workers=2, progress=False)
+    b = data.write_beton(ds, tmp_path / "b.beton", jpeg=jpeg, num_workers=1, progress=False)
+    c = data.write_beton(ds, tmp_path / "c.beton", jpeg=jpeg, num_workers=2, progress=False)
+    assert sha256(a) == sha256(b) == sha256(c)
+    assert sha256(data.classes_path(a)) == sha256(data.classes_path(b))
+    labels = data.read_columns(a)["labels"]
+    np.testing.assert_array_equal(labels, ds.targets)
+
+    root = image_folder(tmp_path / "tree", ds, 300)
+    f = data.write_image_folder(root, tmp_path / "f.beton", jpeg=jpeg, num_workers=2,
+                                progress=False)
+    g = data.write_image_folder(root, tmp_path / "g.beton", jpeg=jpeg, num_workers=1,
+                                progress=False)
+    assert sha256(f) == sha256(g)
+
+
+def dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_npy_writer_removes_dead_writers_partials(tmp_path):
+    from fastvote.data.npy import NpyRows, NpyWriter
+
+    dead = tmp_path / f".features.{dead_pid()}.0123abcd.partial.npy"
+    live = tmp_path / f".features.{os.getpid()}.4567cdef.partial.npy"  # another writer of ours
+    other = tmp_path / "notes.partial.npy"  # not a temporary name: never touched
+    for p in (dead, live, other):
+        p.write_bytes(b"x" * 100)
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    writer = NpyWriter(tmp_path / "features.npy", rows.shape, np.float32)
+    assert not dead.exists() and live.exists() and other.exists()
+    assert writer.partial.name.startswith(f".features.{os.getpid()}.")
+    assert writer.partial.name.endswith(".partial.npy")
+    writer.write(rows)
+    writer.close()
+    np.testing.assert_array_equal(NpyRows(tmp_path / "features.npy").load(), rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["features.npy", live.name, other.name])
+
+
+@needs("sklearn-digits")
+def test_written_files_get_the_umask_permissions(ffcv, tmp_path):
+    from fastvote.data.npy import NpyWriter
+
+    before = os.umask(0o027)
+    try:
+        ds = data.get("sklearn-digits", "test")
+        beton = data.write_beton(ds, tmp_path / "new" / "d.beton", num_workers=2, progress=False)
+        with NpyWriter(tmp_path / "npy" / "f.npy", (2, 2), np.float32) as w:
+            w.write(np.zeros((2, 2), np.float32))
+    finally:
+        os.umask(before)
+    for folder in (tmp_path / "new", tmp_path / "npy"):
+        assert folder.stat().st_mode & 0o777 == 0o750
+    for file in (beton, data.classes_path(beton), tmp_path / "npy" / "f.npy"):
+        assert file.stat().st_mode & 0o777 == 0o640

@@ -40,8 +40,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..atomic import atomic_path
 from .beton import _open, classes_path, read_classes, read_columns, write_beton
-from .registry import atomic_path
 
 TEXT_KEYS = ("label_noise", "imbalance", "classes", "seed")
 

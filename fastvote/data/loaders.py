@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .beton import FIELDS, default_workers, iter_samples, require_ffcv, to_rgb
+from .beton import _open, default_workers, iter_samples, require_ffcv, to_rgb
 
 # torchvision's ImageNet statistics, on the 0..1 scale.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -133,15 +133,11 @@ def _loader(path, batch_size: int, decoder, augment: list, *, mean, std, indices
     """The pipeline both loaders share: decode -> augment -> tensor -> device -> normalise."""
     from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.reader import Reader
     from ffcv.transforms import ModuleWrapper, NormalizeImage, ToDevice, ToTensor, ToTorchImage
 
     _ignore_numba_finalizer_errors()
 
-    reader = Reader(str(path))
-    if set(FIELDS) - set(reader.field_names):
-        raise ValueError(f"{path} has the fields {reader.field_names}; expected {list(FIELDS)} "
-                         f"(write it with fastvote.data.write_beton)")
+    reader, _ = _open(path)  # a file that is not a whole beton: a ValueError naming it
     device = torch.device(device)
     if device.type == "cpu":
         to_device = []

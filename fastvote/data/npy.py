@@ -4,8 +4,10 @@ sources whose outputs do not fit in memory.
 Reads go through ``pread`` into fresh buffers, not a memory map: the pages of
 a mapped file count in the process's resident memory as they are touched, so
 a pass over a 20 GB memmap looks like a 20 GB process; here a pass holds one
-chunk. Writes append rows to ``.<name>.partial.npy`` and rename it into place
-when every row is there, so a reader never sees a half-written file.
+chunk. Writes append rows to a partial file beside the target (named by
+``fastvote.atomic.temp_name``, with the writer's pid) and rename it into place
+when every row is there, so a reader never sees a half-written file; a new
+writer deletes the partial files of writers that died.
 
     rows = NpyRows("features.npy")              # [N, D], header only
     for chunk in rows.chunks(range(len(rows)), 65536):
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Iterator, Sequence, Tuple
 
 import numpy as np
+
+from ..atomic import atomic_path, remove_stale
 
 __all__ = ["NpyRows", "NpyWriter"]
 
@@ -93,8 +97,9 @@ class NpyWriter:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.rows = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = self.path.with_name(f".{self.path.stem}.{os.getpid()}.partial.npy")
+        remove_stale(self.path.parent)  # a killed pass's partial files, never a live writer's
+        self._commit = atomic_path(self.path, kind="partial")
+        self.partial = self._commit.__enter__()
         self._file = open(self.partial, "wb")
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
         np.lib.format.write_array_header_2_0(self._file, header)
@@ -108,17 +113,18 @@ class NpyWriter:
         self.rows += len(block)
 
     def close(self) -> Path:
-        self._file.close()
         if self.rows != self.shape[0]:
-            self.partial.unlink(missing_ok=True)
+            self.abort()
             raise ValueError(f"{self.path}: {self.rows} rows written, expected {self.shape[0]}; nothing was kept")
-        os.replace(self.partial, self.path)
+        self._file.close()
+        self._commit.__exit__(None, None, None)  # fsync, rename into place
         return self.path
 
     def abort(self) -> None:
         """Drops the partial file (a no-op after a successful close)."""
         self._file.close()
-        self.partial.unlink(missing_ok=True)
+        # Ending atomic_path with an error makes it delete the file, not rename it.
+        self._commit.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
     def __enter__(self) -> "NpyWriter":
         return self

@@ -25,17 +25,16 @@ Conventions:
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import inspect
 import os
-import uuid
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_path, remove_stale
 from . import offline
 
 HOLDOUT_FRACTION = 0.2  # test share of every class where a set has no official test split
@@ -136,20 +135,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTVOTE_CACHE") or Path.home() / ".cache" / "fastvote")
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on any
-    error it is removed. Readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 # --- the datasets --------------------------------------------------------------------
 
 def _fashion_mnist(split: str) -> ArrayDataset:
@@ -209,6 +194,7 @@ def _haystack(split: str, size: int = 32, per_class: int = HAYSTACK_PER_CLASS, s
     except (FileNotFoundError, KeyError, ValueError, zipfile.BadZipFile):
         pass  # absent or unreadable: rebuild
     dataset = _build_haystack(size, per_class, seed)
+    remove_stale(path.parent)  # the half-written caches of killed builds
     with atomic_path(path) as temporary, open(temporary, "wb") as f:
         np.savez(f, images=dataset.images, targets=dataset.targets,
                  classes=np.array(dataset.classes))
