@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (two FFCV epochs)
 
+from . import progress as bars
 from .features import resolve_amp, split_batch
 from .models import unwrap_model
 from .train import Perturb
@@ -274,7 +275,7 @@ def robust_accuracy(model: nn.Module, loader: Iterable, attack: Perturb, device,
     seen = 0
     try:
         total = len(loader) if hasattr(loader, "__len__") else None
-        for batch in tqdm(loader, total=total, desc=desc, disable=not progress, unit="batch",
+        for batch in tqdm(loader, total=total, desc=desc, disable=bars.disable(progress), unit="batch",
                           leave=False):
             images, labels, _ = split_batch(batch)
             images = images.to(device, non_blocking=True)

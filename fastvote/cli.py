@@ -5,6 +5,7 @@
     fastvote data write --image-folder ROOT out.beton      # an ImageFolder tree
     fastvote surrogate train --source haystack --arch tiny --epochs 6 --out surrogate.pt
     fastvote prune --source haystack --target digits --method lm --ratio 0.6 --out runs/lm
+    fastvote features digits --source haystack --out runs/digits-outputs   # precomputed outputs to reuse
     fastvote experiment --config exp.toml --out runs/exp   # surrogate -> prune -> pretrain -> transfer
     fastvote demo --out runs/demo                          # the offline benchmark, end to end
 
@@ -157,6 +158,21 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_features(args) -> int:
+    import fastvote
+    from fastvote import distributed
+
+    out = _check_out(args.out)
+    fastvote.export_outputs(args.data, out, source=args.source, surrogate=args.surrogate, arch=args.arch,
+                            train_config=_train_config(args), image_size=args.image_size, mean=args.mean,
+                            std=args.std, device=args.device, batch_size=args.batch_size, seed=args.seed,
+                            workdir=args.workdir, progress=True)
+    if distributed.is_main():
+        print(f"wrote {out}/: features.npy, logits.npy, labels.npy (labelled data), classes.json, surrogate.json; "
+              f"pass {out} as --source or --target of `fastvote prune`")
+    return 0
+
+
 def _settings(pairs: List[str]) -> dict:
     """--set KEY=VALUE pairs; VALUE is read as TOML (1, 0.5, true, ["lm", "fm"]), else as a string."""
     import tomllib
@@ -278,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_options(r)
     _add_surrogate_options(r)
 
+    f = sub.add_parser("features", help="export a surrogate's logits and features over a dataset (precomputed "
+                                        "outputs prune takes back)", parents=[common])
+    f.add_argument("data", help=".beton or registry NAME[:SPLIT] to run the surrogate over")
+    f.add_argument("--source", default=None, help="the source the surrogate is trained on (default: DATA)")
+    f.add_argument("--out", required=True, help="folder to write (replaced as a whole)")
+    f.add_argument("--surrogate", default=None, help="checkpoint to use instead of training one")
+    f.add_argument("--batch-size", type=int, default=prune.__kwdefaults__["batch_size"])
+    _add_surrogate_options(f)
+
     e = sub.add_parser("experiment", help="the paper's protocol: surrogate, prune, pretrain, transfer, table",
                        parents=[common])
     e.add_argument("--config", help="TOML file overriding ExperimentConfig's defaults (fastvote/experiment.py)")
@@ -304,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "data" and args.data_command == "write" and not (args.name or args.image_folder):
         build_parser().error("data write: give a registry NAME[:SPLIT] or --image-folder ROOT")
-    handler = {"data": cmd_data, "surrogate": cmd_surrogate, "prune": cmd_prune,
+    handler = {"data": cmd_data, "surrogate": cmd_surrogate, "prune": cmd_prune, "features": cmd_features,
                "experiment": cmd_experiment, "demo": cmd_demo}[args.command]
     from fastvote import distributed
 

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from fastvote import progress as bars
+
 from fastvote import distributed, ops
 
 Batches = Callable[[], Iterable[Tensor]]  # each call starts a fresh pass over [B, D] batches
@@ -177,4 +179,4 @@ def _reseed_empty(centroids: Tensor, counts: Tensor, sample: Tensor, metric: str
 
 
 def _bar(it: Iterable, progress: bool, desc: str) -> Iterator:
-    return iter(tqdm(it, desc=desc, leave=False, disable=not progress))
+    return iter(tqdm(it, desc=desc, leave=False, disable=bars.disable(progress)))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (two FFCV epochs)
 
+from . import progress as bars
 from .models import as_classifier
 
 __all__ = ["OUTPUTS", "resolve_amp", "split_batch", "iterate_outputs", "collect"]
@@ -81,7 +82,7 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device, want: Sequenc
     model.to(device).eval()
     net.eval()  # a view from as_classifier has its own copies of the modules on its head's path
     try:
-        for batch in tqdm(loader, total=total, desc=desc, disable=not progress, unit="batch",
+        for batch in tqdm(loader, total=total, desc=desc, disable=bars.disable(progress), unit="batch",
                           leave=False):
             images, labels, identifiers = split_batch(batch)
             # inference mode and autocast only around the forward: the caller's code

@@ -88,7 +88,7 @@ def fingerprint_tensors(tensors: Dict[str, Tensor]) -> str:
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         h.update(key.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: BN counters
     return "sha256:" + h.hexdigest()[:32]
 
 
@@ -145,6 +145,8 @@ def _column(value, name: str) -> Column:
         if not str(value).endswith(".npy"):
             raise ValueError(f"{name}={str(value)!r}: expected a path to a .npy file")
         return NpyRows(value)
+    if isinstance(value, np.ndarray) and not value.flags.writeable:  # a read-only memmap: torch wants a copy
+        value = np.array(value)
     try:
         tensor = torch.as_tensor(value)
     except (TypeError, RuntimeError, ValueError):
@@ -186,15 +188,32 @@ def _beton_input(path: Path, description: str) -> Input:
                  image_size=int(max(columns["heights"].max(), columns["widths"].max())) if len(columns["heights"]) else None)
 
 
+def class_names_of(names, role: str) -> Optional[List[str]]:
+    """A list of names, or "imagenet": the 1000 ImageNet-1K names torchvision ships (in class-id order)."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        if names.lower() != "imagenet":
+            raise ValueError(f"{role}: class_names={names!r}; expected a list of names or 'imagenet'")
+        from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+        return list(_IMAGENET_CATEGORIES)
+    names = [str(n) for n in names]
+    if not names:
+        raise ValueError(f"{role}: class_names is empty; expected one name a class")
+    return names
+
+
 def _outputs_input(x: dict, role: str) -> Input:
+    """Precomputed outputs, or a source given by its labels alone (LM needs no
+    source images: the surrogate runs over the targets only)."""
     unknown = set(x) - set(OUTPUT_NAMES) - {"surrogate", "class_names"}
-    if unknown or not ({"logits", "features"} & set(x)):
+    if unknown or not ({"logits", "features", "labels"} & set(x)):
         raise ValueError(f"{role}: precomputed outputs need 'logits' and/or 'features' (and 'labels' for the "
-                         f"source; optionally 'class_names' and 'surrogate'); got keys {sorted(x)}")
+                         "source; or 'labels' alone for a labels-only source; optionally 'class_names' and "
+                         f"'surrogate'); got keys {sorted(x)}")
     surrogate = x.get("surrogate")
-    names = x.get("class_names")
-    if names is not None:
-        names = [str(n) for n in names]
+    names = class_names_of(x.get("class_names"), role)
     outputs = {k: _column(v, f"{role}[{k!r}]") for k, v in x.items() if k in OUTPUT_NAMES}
     n = {len(v) for v in outputs.values()}
     if len(n) != 1:
@@ -205,7 +224,8 @@ def _outputs_input(x: dict, role: str) -> Input:
         labels = check_labels(labels.load() if isinstance(labels, NpyRows) else labels, role,
                               len(names) if names is not None else None)
         outputs["labels"] = torch.from_numpy(labels)
-    return Input(description=f"{role}: precomputed {sorted(outputs)}", fingerprint=_fingerprint_outputs(outputs),
+    what = "labels only" if set(outputs) == {"labels"} else f"precomputed {sorted(outputs)}"
+    return Input(description=f"{role}: {what}", fingerprint=_fingerprint_outputs(outputs),
                  outputs=outputs, labels=labels, identifiers=np.arange(n.pop()), class_names=names,
                  surrogate=None if surrogate is None else str(surrogate))
 
@@ -215,10 +235,11 @@ def _folder_outputs(folder: Path, role: str) -> dict:
     if not x:
         raise ValueError(f"{role}: the folder holds none of {[n + '.npy' for n in OUTPUT_NAMES]}; expected "
                          f"precomputed surrogate outputs in {folder}")
-    for name, key in (("surrogate.json", "surrogate"), ("classes.json", "class_names")):
-        if (folder / name).is_file():
-            value = json.loads((folder / name).read_text())
-            x[key] = value.get("fingerprint") if key == "surrogate" else value
+    if (folder / "surrogate.json").is_file():
+        x["surrogate"] = json.loads((folder / "surrogate.json").read_text()).get("fingerprint")
+    if (folder / "classes.json").is_file():  # a list of names, or {"classes": [...]} as fastvote writes it
+        names = json.loads((folder / "classes.json").read_text())
+        x["class_names"] = names.get("classes") if isinstance(names, dict) else names
     return x
 
 

@@ -29,16 +29,19 @@ def save_figure(fig, path: Union[str, os.PathLike]) -> Path:
 
 def plot_votes(result, path: Union[str, os.PathLike]) -> Path:
     """Bar chart of the votes per source class, kept classes highlighted and
-    class names on the axis. With more than MAX_LABELLED_CLASSES classes only
-    the best-ranked ones are drawn (the title says so)."""
+    class names on the axis. Beyond MAX_LABELLED_CLASSES classes (ImageNet's
+    1000) the bars are the kept classes in rank order, then the other voted ones, at
+    most MAX_LABELLED_CLASSES of them: zero-vote filler is not drawn (the title
+    says what is shown)."""
     votes = (result.votes if result.votes is not None else result.scores).double()
     kept = {int(c) for c in result.kept_classes}
     ids = list(range(len(votes)))
     subset = ""
     if len(ids) > MAX_LABELLED_CLASSES:
-        order = sorted(ids, key=lambda j: (-float(votes[j]), j))
-        ids = sorted(order[:MAX_LABELLED_CLASSES])
-        subset = f" (the {MAX_LABELLED_CLASSES} most voted of {len(votes)})"
+        ranked = [int(c) for c in result.kept_classes]  # the kept ones in rank order, then the other voted ones
+        ranked += [j for j in sorted(ids, key=lambda j: (-float(votes[j]), j)) if float(votes[j]) > 0 and j not in kept]
+        ids = ranked[:MAX_LABELLED_CLASSES]
+        subset = f" (the {len(ids)} most voted of {len(votes)}; zero-vote classes not drawn)"
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(ids) + 2), 4.2))
     colors = ["tab:orange" if j in kept else "tab:gray" for j in ids]
     ax.bar(range(len(ids)), [float(votes[j]) for j in ids], color=colors)

@@ -211,6 +211,22 @@ def _check_outputs(spec, src: inputs.Input, tgts: Sequence[inputs.Input], sur, n
         raise ValueError(f"k={k} is more than the {num_groups} source classes a target sample can vote for")
 
 
+def open_view(data: inputs.Input, src: inputs.Input, sur, model, *, batch_size: int, device, workdir: Path,
+              progress: bool, train_config=None):
+    """What a method reads of `data`: its precomputed outputs, or the
+    surrogate's, computed once and cached per (input, surrogate weights,
+    preprocessing) under workdir/features, so another ratio or method reads
+    them back instead of running the surrogate again."""
+    shared = dict(num_classes=src.num_classes, class_names=src.class_names, device=device, workdir=workdir)
+    if data.outputs is not None:
+        return TensorView(data, PRECOMPUTED_BATCH, **shared)
+    if sur is None:  # random, random-sample: rows and labels only
+        return ModelView(data, None, {}, batch_size=batch_size, progress=progress, **shared)
+    cache = workdir / "features" / f"{data.fingerprint.split(':')[1][:16]}-{sur.outputs_key()}"
+    return ModelView(data, model, sur.prep, batch_size=batch_size, progress=progress, cache=cache,
+                     surrogate_fingerprint=sur.fingerprint, train_config=train_config, **shared)
+
+
 def _per_class(selection, labels: np.ndarray, num_classes: int):
     """A sample-wise selection seen per class: the classes still present and
     the mean per-sample score of each class."""
@@ -294,23 +310,12 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
     t0 = time.perf_counter()
     model = sur.model(device, progress) if sur is not None else None
     surrogate_seconds = time.perf_counter() - t0
-    label_free = spec.name == "fm" and spec.options["centroids"] == "kmeans"
-
-    def view(data: inputs.Input, cache: Optional[Path] = None):
-        shared = dict(num_classes=src.num_classes, class_names=src.class_names, device=device, workdir=workdir)
-        if data.outputs is not None:
-            return TensorView(data, PRECOMPUTED_BATCH, **shared)
-        # without a surrogate (random, random-sample) a view gives rows and labels only
-        return ModelView(data, model, sur.prep if sur else {}, batch_size=batch_size, progress=progress,
-                         cache=cache, surrogate_fingerprint=sur.fingerprint if sur else None,
-                         train_config=train_config, **shared)
-
-    feature_cache = None
-    if label_free and src.outputs is None:  # K-means reads the source several times
-        feature_cache = workdir / "features" / f"{src.fingerprint.split(':')[1]}-{sur.fingerprint.split(':')[1]}"
     t0 = time.perf_counter()
-    selection = spec.select(view(src, feature_cache), [view(t) for t in tgts], keep=n_keep, seed=seed,
-                            device=device, progress=progress)
+    selection = spec.select(open_view(src, src, sur, model, batch_size=batch_size, device=device, workdir=workdir,
+                                      progress=progress, train_config=train_config),
+                            [open_view(t, src, sur, model, batch_size=batch_size, device=device, workdir=workdir,
+                                       progress=progress) for t in tgts],
+                            keep=n_keep, seed=seed, device=device, progress=progress)
     prune_seconds = time.perf_counter() - t0
     # Stream rows -> source positions (a beton may hold its samples in any order).
     indices = torch.from_numpy(np.sort(src.identifiers[selection.indices.numpy()]))

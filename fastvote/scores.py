@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from fastvote import progress as bars
+
 from fastvote import data as fvdata
 from fastvote.features import resolve_amp
 from fastvote.models import Classifier, as_classifier, build_model
@@ -94,7 +96,7 @@ def train_run(model: nn.Module, beton, *, config: TrainConfig, epochs: int, prep
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for epoch in tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=not progress):
+        for epoch in tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=bars.disable(progress)):
             train.set_loader_epoch(loader, epoch)
             batches = iter(loader)
             torch.set_num_threads(threads)

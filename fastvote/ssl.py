@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (two FFCV epochs)
 
-from . import distributed, train
+from . import distributed, progress as bars, train
 from .features import resolve_amp, split_batch
 from .models import as_classifier, atomic_save, save_checkpoint, unwrap_model
 
@@ -670,7 +670,7 @@ def pretrain_moco(model: nn.Module, loader: Iterable, config: MocoConfig, *,
             **_no_forward_buffer_sync())
 
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="moco",
-               unit="epoch", disable=not progress)
+               unit="epoch", disable=bars.disable(progress))
     for epoch in bar:
         train.seed_epoch(config.seed, epoch)
         train.set_loader_epoch(loader, epoch)

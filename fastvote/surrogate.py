@@ -111,12 +111,15 @@ def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool =
         info = distributed.broadcast_object(cached() if distributed.is_main() else None)
         if info is not None:
             return path, dict(info, reused_from_cache=True)
-        if announce and distributed.is_main():
-            print(f"[fastvote] training a surrogate: {recipe.arch} for {recipe.config.epochs} epochs on "
-                  f"{source.num_rows} source images at {recipe.resolution} px ({source.description}); "
-                  "cached for later runs", flush=True)
         started = time.perf_counter()
         model = models.build_model(recipe.arch, source.num_classes, image_size=recipe.resolution, seed=recipe.seed)
+        if announce and distributed.is_main():
+            minutes = _estimate_seconds(model, recipe, source.num_rows, device) / 60
+            print(f"[fastvote] training a surrogate first: {recipe.arch} for {recipe.config.epochs} epochs on "
+                  f"{source.num_rows} source images at {recipe.resolution} px ({source.description}), about "
+                  f"{minutes:.0f} min on {device} (one step timed); cached for later runs. A faster one: arch='tiny' "
+                  "or fewer epochs (train_config=TrainConfig(epochs=...)), or pass surrogate=<checkpoint>",
+                  flush=True)
         loader = fvdata.train_loader(source.beton, recipe.config.batch_size, resolution=recipe.resolution,
                                      mean=recipe.mean, std=recipe.std, seed=recipe.seed, device=device,
                                      scale=recipe.scale, ratio=recipe.ratio, flip=recipe.flip,
@@ -132,6 +135,27 @@ def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool =
             write_json(info_path, info)
         distributed.barrier()
     return path, dict(info, reused_from_cache=False)
+
+
+def _estimate_seconds(model: torch.nn.Module, recipe: Recipe, num_rows: int, device) -> float:
+    """Training time from one timed step on a random batch (after a warm-up
+    step); the weights are left as they were."""
+    device = torch.device(device)
+    batch = min(recipe.config.batch_size, max(num_rows, 1))
+    x = torch.randn(batch, 3, recipe.resolution, recipe.resolution, device=device)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(device).train()
+    timings = []
+    for _ in range(2):
+        started = time.perf_counter()
+        model(x).float().logsumexp(1).mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings.append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)  # BatchNorm statistics moved: put them back
+    steps = -(-num_rows // recipe.config.batch_size) * recipe.config.epochs
+    return timings[-1] * steps
 
 
 @dataclass
@@ -162,6 +186,12 @@ class Surrogate:
             self._model = self._load(device, progress).to(device).eval()
             self.entry.setdefault("seconds", time.perf_counter() - started)
         return self._model
+
+    def outputs_key(self) -> str:
+        """Names this surrogate's outputs in the feature cache: its weights
+        (a trained one's checkpoint file, once trained) and its preprocessing."""
+        weights = fingerprint_file(Path(self.entry["path"])) if self.kind == "trained" else self.fingerprint
+        return hashlib.sha256(json.dumps([weights, self.prep]).encode()).hexdigest()[:24]
 
 
 def _preprocessing(own: dict, source: Input, image_size, mean, std, what: str) -> dict:

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (two FFCV epochs)
 
-from . import distributed
+from . import distributed, progress as bars
 from .features import iterate_outputs, resolve_amp, split_batch
 from .models import (Classifier, as_classifier, atomic_save, load_state_dict_flexible,
                      save_checkpoint, unwrap_model)
@@ -330,7 +330,7 @@ def run_epoch(model: nn.Module, batches: Iterable, forward: Forward,
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen, i, lr = 0, -1, 0.0
-    bar = tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch", leave=False)
+    bar = tqdm(batches, total=total, desc=desc, disable=bars.disable(progress), unit="batch", leave=False)
     for i, batch in enumerate(bar):
         inputs = prepare(batch)
         lr = lr_at(i)
@@ -524,7 +524,7 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
     history = resumed or history
 
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="train",
-               unit="epoch", disable=not progress)
+               unit="epoch", disable=bars.disable(progress))
     for epoch in bar:
         seed_epoch(config.seed, epoch)
         set_loader_epoch(train_loader, epoch)
@@ -733,7 +733,7 @@ def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
                                                 "val_acc")}
     best_acc, best_epoch, best_state = -1.0, -1, None
     for epoch in tqdm(range(epochs), desc=f"finetune ({mode})", unit="epoch",
-                      disable=not progress):
+                      disable=bars.disable(progress)):
         loss, acc, _ = run_epoch(
             trainable, batches(epoch), classification(trainable, criterion), opt, scaler,
             lambda i: lr_at(epoch * steps + i), device=device, amp=train_amp, total=steps,

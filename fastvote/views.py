@@ -192,10 +192,7 @@ class ModelView(_SourceRows):
     # ---- for the sample-wise baselines (fastvote.methods.View) -------------
     def array(self, output: str) -> np.ndarray:
         """The whole `output` column [N, ...] in stream order: one pass, kept
-        on disk (memory-mapped) when there is a workdir."""
-        if self.cache is None and self.workdir is not None and self.surrogate_fingerprint:
-            self.cache = self.workdir / "features" / (
-                f"{self.data.fingerprint.split(':')[1]}-{self.surrogate_fingerprint.split(':')[1]}")
+        on disk (memory-mapped) when the view has a cache folder."""
         if not self._cached((output,)):
             parts = [b[output].cpu().numpy() for b in self.batches((output,))]
             if not self._cached((output,)):

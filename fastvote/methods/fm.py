@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fastvote import progress as bars
+
 from fastvote import distributed, ops
 from fastvote.cluster import kmeans
 from fastvote.methods.base import VOTE_OPTIONS, Selection, View, vote
@@ -43,7 +45,7 @@ def source_centroids(source: View, progress: bool = True) -> torch.Tensor:
     under torchrun): [K, D] float32."""
     sums = counts = None
     for batch in tqdm(source.batches(("features", "labels"), shard=True), desc="source class centroids",
-                      leave=False, disable=not progress):
+                      leave=False, disable=bars.disable(progress)):
         s, c = ops.class_centroids(batch["features"], batch["labels"].to(batch["features"].device),
                                    source.num_classes)
         sums, counts = (s.cpu(), c.cpu()) if sums is None else (sums + s.cpu(), counts + c.cpu())
