@@ -30,7 +30,9 @@ def _add_surrogate_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("surrogate (trained on the source when --surrogate is not given)")
     g.add_argument("--arch", default=DEFAULT_ARCH,
-                   help=f"resnet18|resnet34|resnet50|resnet101|vit_t_16|vit_s_16|vit_b_16|tiny (default: {DEFAULT_ARCH})")
+                   help="what to train, or what a --surrogate state dict belongs to: fastvote's tiny, resnet18..101, "
+                        "vit_t_16/s_16/b_16, any torchvision classification model (efficientnet_b0, convnext_tiny, "
+                        f"...) or timm:<name> (default: {DEFAULT_ARCH})")
     g.add_argument("--epochs", type=int, default=None, help="training epochs (default: TrainConfig's, the release's 16)")
     g.add_argument("--train-batch-size", type=int, default=None, help="training batch (default: TrainConfig's)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: TrainConfig's)")
@@ -67,6 +69,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
             flag = "--" + option.name.replace("_", "-")
             doc = f"{option.doc} (default: {option.default}; methods: " + ", ".join(
                 m for m, mod in METHODS.items() if any(o.name == option.name for o in mod.OPTIONS)) + ")"
+            doc = doc.replace("%", "%%")  # argparse formats help strings with %
             if option.type is bool:
                 g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
             else:
@@ -288,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("--keep", type=int, help="number of source classes (sample-wise: samples) kept")
     r.add_argument("--out", required=True, help="result folder (indices.npy, classes.json, manifest.json, votes.png); "
                                                 "replaced as a whole")
-    r.add_argument("--surrogate", default=None, help="checkpoint to use instead of training one")
+    r.add_argument("--surrogate", default=None,
+                   help="use this instead of training one: a fastvote checkpoint, a state dict of --arch as "
+                        "torchvision/timm ship weights (.pth, .bin, .safetensors), a TorchScript file, a pickled module")
     r.add_argument("--batch-size", type=int, default=prune.__kwdefaults__["batch_size"],
                    help="images a surrogate pass reads at once (default: %(default)s)")
     _add_method_options(r)
@@ -299,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("data", help=".beton or registry NAME[:SPLIT] to run the surrogate over")
     f.add_argument("--source", default=None, help="the source the surrogate is trained on (default: DATA)")
     f.add_argument("--out", required=True, help="folder to write (replaced as a whole)")
-    f.add_argument("--surrogate", default=None, help="checkpoint to use instead of training one")
+    f.add_argument("--surrogate", default=None, help="as for prune: a checkpoint, state dict, TorchScript file")
     f.add_argument("--batch-size", type=int, default=prune.__kwdefaults__["batch_size"])
     _add_surrogate_options(f)
 

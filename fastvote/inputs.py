@@ -103,12 +103,14 @@ def _fingerprint_outputs(outputs: Dict[str, Column]) -> str:
     return "sampled-sha256:" + h.hexdigest()[:32]
 
 
-def _fingerprint_dataset(dataset) -> str:
-    """A dataset has no file to hash: its length, classes and 16 spread samples."""
-    h = hashlib.sha256(f"{type(dataset).__name__}:{len(dataset)}:{getattr(dataset, 'classes', None)}".encode())
+def _fingerprint_dataset(dataset, image_key: str, label_key: str) -> str:
+    """A dataset has no file to hash: its length, classes and 16 spread
+    samples (as fastvote.data.sample_of reads them: any item shape it takes)."""
+    classes = fvdata.dataset_classes(dataset, label_key)
+    h = hashlib.sha256(f"{type(dataset).__name__}:{len(dataset)}:{classes}".encode())
     for i in np.linspace(0, len(dataset) - 1, num=min(16, len(dataset))).astype(int):
-        image, label = dataset[int(i)][:2]
-        h.update(np.asarray(image).tobytes() + str(int(label)).encode())
+        image, label = fvdata.sample_of(dataset[int(i)], image_key=image_key, label_key=label_key)
+        h.update(image.tobytes() + str(label).encode())
     return "sampled-sha256:" + h.hexdigest()[:32]
 
 
@@ -247,8 +249,10 @@ def workdir_path(workdir) -> Path:
     return Path(workdir) if workdir is not None else fvdata.cache_dir() / "prune"
 
 
-def resolve(x, role: str, workdir: Path, progress: bool) -> Input:
-    """Turns any accepted input into an Input (writing a beton if needed)."""
+def resolve(x, role: str, workdir: Path, progress: bool, *, image_key: str = "image",
+            label_key: str = "label") -> Input:
+    """Turns any accepted input into an Input (writing a beton if needed).
+    image_key, label_key: the columns of dict items (Hugging Face datasets)."""
     if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
         x = _folder_outputs(Path(x), role)
     if isinstance(x, dict):
@@ -270,12 +274,15 @@ def resolve(x, role: str, workdir: Path, progress: bool) -> Input:
             fvdata.write_offline(name, split, path, progress=progress)
         return _beton_input(path, f"{role}: registry {name}:{split}")
     if hasattr(x, "__getitem__") and hasattr(x, "__len__"):
-        fp = _fingerprint_dataset(x)
+        if len(x) == 0:
+            raise ValueError(f"{role} is an empty {type(x).__name__}; expected at least one sample")
+        fp = _fingerprint_dataset(x, image_key, label_key)
         path = workdir / "betons" / f"dataset-{fp.split(':')[1][:16]}.beton"
         if not path.is_file():
-            fvdata.write_beton(x, path, progress=progress)
+            fvdata.write_beton(x, path, image_key=image_key, label_key=label_key, progress=progress)
         data = _beton_input(path, f"{role}: {type(x).__name__} of {len(x)} samples")
         data.fingerprint = fp
         return data
-    raise TypeError(f"{role} has type {type(x).__name__}; expected a .beton path, a registry name, a "
-                    "map-style Dataset, a dict of precomputed outputs or a folder of them")
+    raise TypeError(f"{role} has type {type(x).__name__}; expected a .beton path, a registry name, a map-style "
+                    "Dataset (torchvision, Hugging Face, a list of (image, label)), a dict of precomputed outputs "
+                    "or a folder of them")

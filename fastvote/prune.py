@@ -130,7 +130,7 @@ class PruneResult:
         if not beton:
             raise ValueError("this result's source was not a .beton; pass source='path/to/source.beton'")
         prep = self.manifest.get("preprocessing", {})
-        for key in ("resolution", "mean", "std"):
+        for key in ("resolution", "mean", "std") + (() if train else ("crop_ratio",)):
             if key not in kw and key in prep:
                 kw[key] = prep[key]
         make = fvdata.train_loader if train else fvdata.eval_loader
@@ -140,6 +140,18 @@ class PruneResult:
 # --------------------------------------------------------------------------
 # Checks that need the resolved inputs (all before anything expensive)
 # --------------------------------------------------------------------------
+
+def _is_sample(first: Sequence, image_key: str) -> bool:
+    """Whether a list's first element is a dataset item ((image, label) or a dict
+    with an image): then the list is ONE dataset, not a list of targets."""
+    if not first:
+        return False
+    item = first[0]
+    if isinstance(item, dict):
+        return image_key in item
+    return (isinstance(item, (tuple, list)) and len(item) >= 2 and not isinstance(item[1], bool)
+            and isinstance(item[1], (int, np.integer, Tensor)))
+
 
 def _check_int(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
@@ -249,12 +261,15 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
           arch: str = DEFAULT_ARCH, train_config=None, image_size: Optional[int] = None,
           mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
           device: Union[str, torch.device, None] = None, batch_size: int = 256, seed: int = 0,
-          workdir: Union[str, os.PathLike, None] = None, progress: bool = True) -> PruneResult:
+          workdir: Union[str, os.PathLike, None] = None, image_key: str = "image", label_key: str = "label",
+          progress: bool = True) -> PruneResult:
     """Prunes the source for the target(s) by LM or FM voting (SPEC.md).
 
     Args:
-        source, target: see fastvote.inputs; `target` may be a list (multi-task:
-            votes are summed; normalize_targets=True weighs each target equally).
+        source, target: see fastvote.inputs; `target` may be a list of inputs
+            (multi-task: votes are summed; normalize_targets=True weighs each
+            target equally). A list whose items are (image, label) pairs or
+            dicts with an image is one dataset.
         method: "lm" or "fm", or a baseline (fastvote.methods.METHODS), with
             options as "name:key=value,..." or as the arguments below.
         ratio: the fraction of source classes REMOVED (sample-wise baselines:
@@ -272,6 +287,8 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
         device: where the surrogate and the ops run (default: cuda if available).
         seed: seeds the surrogate's construction and training, and the method.
         workdir: cache of betons, surrogates and features (default $FASTVOTE_CACHE/prune).
+        image_key, label_key: the columns of a dataset's dict items (Hugging
+            Face: {"image": PIL, "label": int}; class names from its ClassLabel).
     """
     started = time.perf_counter()
     spec = methods.parse(method, dict(k=k, metric=metric, weight=weight, temperature=temperature, reverse=reverse,
@@ -283,15 +300,16 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
     device = distributed.resolve_device(device)
     progress = progress and distributed.is_main()  # one set of progress bars
     workdir = inputs.workdir_path(workdir)
-    targets_in = list(target) if isinstance(target, (list, tuple)) else [target]
+    targets_in = list(target) if isinstance(target, (list, tuple)) and not _is_sample(target[:1], image_key) else [target]
     if not targets_in:
         raise ValueError("target is an empty list; expected at least one target dataset")
     if isinstance(surrogate, (str, os.PathLike)) and not Path(surrogate).is_file():  # before writing any beton
         raise FileNotFoundError(f"surrogate={str(surrogate)!r}: no such checkpoint file")
 
     with distributed.main_first():  # rank 0 writes the cached betons, the others then read them
-        src = inputs.resolve(source, "source", workdir, progress)
-        tgts = [inputs.resolve(t, f"target {i}" if len(targets_in) > 1 else "target", workdir, progress)
+        keys = dict(image_key=image_key, label_key=label_key)
+        src = inputs.resolve(source, "source", workdir, progress, **keys)
+        tgts = [inputs.resolve(t, f"target {i}" if len(targets_in) > 1 else "target", workdir, progress, **keys)
                 for i, t in enumerate(targets_in)]
     for data in [src, *tgts]:
         if data.num_rows < distributed.world_size():  # every rank reads a non-empty shard

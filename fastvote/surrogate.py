@@ -194,17 +194,20 @@ class Surrogate:
         return hashlib.sha256(json.dumps([weights, self.prep]).encode()).hexdigest()[:24]
 
 
-def _preprocessing(own: dict, source: Input, image_size, mean, std, what: str) -> dict:
-    """Explicit arguments win, then the surrogate's own record, then the
-    source's size and channel statistics (with a warning when a checkpoint or
-    module gets them: its training preprocessing is unknown)."""
+def _preprocessing(own: Optional[dict], source: Input, image_size, mean, std, what: str) -> dict:
+    """Explicit arguments win, then what the weights record or publish (a
+    checkpoint's extras, timm's pretrained_cfg, torchvision's weight
+    transforms: resize + centre crop), then the source's size and channel
+    statistics (with a warning for weights that did not say: a 224-px
+    ImageNet model fed 28-px images with the source's statistics votes noise)."""
+    own = own or {}
     prep = {"resolution": image_size if image_size is not None else own.get("resolution"),
             "mean": list(mean) if mean is not None else own.get("mean"),
             "std": list(std) if std is not None else own.get("std")}
     guessed = [k for k in ("resolution", "mean") if prep[k] is None]
     if source.beton is None and guessed:
-        raise ValueError(f"the source is precomputed, so the {what}'s preprocessing cannot be read off it: pass "
-                         "image_size=, mean= and std= (or a checkpoint that records them)")
+        raise ValueError(f"the source is not images, so the {what}'s preprocessing cannot be read off it and "
+                         "the weights do not record it: pass image_size=, mean= and std=")
     if prep["resolution"] is None:
         prep["resolution"] = source.image_size
     if prep["mean"] is None:
@@ -222,6 +225,9 @@ def _preprocessing(own: dict, source: Input, image_size, mean, std, what: str) -
                              + (" > 0" if name == "std" else ""))
     if isinstance(prep["resolution"], bool) or not isinstance(prep["resolution"], int) or prep["resolution"] < 1:
         raise ValueError(f"image_size={prep['resolution']!r} is invalid; expected an integer >= 1 (px)")
+    # the weights' resize-then-crop, unless the user set the size: the eval loader's centre-crop ratio
+    if image_size is None and own.get("resize"):
+        prep["crop_ratio"] = prep["resolution"] / own["resize"]
     return prep
 
 
@@ -232,11 +238,14 @@ def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=
     """Checks the `surrogate` argument and decides everything but the weights.
 
     surrogate: None (train `arch` on the source with `train_config`, default
-    TrainConfig(seed=seed)), a checkpoint path (fastvote.models.save_checkpoint),
-    or an nn.Module."""
+    TrainConfig(seed=seed)); a file (fastvote.models.load_surrogate: a fastvote
+    checkpoint, a state dict of `arch` as torchvision/timm ship them —
+    .pth/.bin/.safetensors —, TorchScript, a pickled module); or an nn.Module
+    (torchvision, timm, or any whose pooled features feed a final nn.Linear;
+    otherwise wrap it with fastvote.models.as_classifier(module, features=...))."""
     if isinstance(surrogate, torch.nn.Module):
-        model = models.as_classifier(surrogate)
-        prep = _preprocessing({}, source, image_size, mean, std, "module")
+        model = models.as_classifier(surrogate)  # a Classifier passes through: as_classifier(m, features=...) first
+        prep = _preprocessing(models.preprocessing_of(surrogate), source, image_size, mean, std, "module")
         return Surrogate(kind="module", fingerprint=fingerprint_tensors(dict(model.state_dict())), prep=prep,
                          num_classes=model.num_classes, entry={"kind": "module", "class": type(surrogate).__name__},
                          _load=lambda device, progress: model)
@@ -244,21 +253,22 @@ def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=
         path = Path(surrogate)
         if not path.is_file():
             raise FileNotFoundError(f"surrogate={str(surrogate)!r}: no such checkpoint file")
-        model, extra = models.load_model(path, with_extra=True)
-        own = {k: extra[k] for k in ("resolution", "mean", "std") if k in extra}
+        model, info = models.load_surrogate(path, arch=arch)
+        own = {k: info[k] for k in ("resolution", "resize", "mean", "std") if k in info}
         own.setdefault("resolution", getattr(model, "image_size", None))
         prep = _preprocessing(own, source, image_size, mean, std, "checkpoint")
+        entry = {"kind": "checkpoint", "format": info.get("format"), "path": str(path.resolve())}
+        if info.get("format") == "state_dict":
+            entry["arch"] = arch
         return Surrogate(kind="checkpoint", fingerprint=fingerprint_file(path), prep=prep,
-                         num_classes=model.num_classes, entry={"kind": "checkpoint", "path": str(path.resolve())},
-                         _load=lambda device, progress: model)
+                         num_classes=model.num_classes, entry=entry, _load=lambda device, progress: model)
     if surrogate is not None:
         raise TypeError(f"surrogate has type {type(surrogate).__name__}; expected None (train one), a checkpoint "
                         "path or an nn.Module")
     if source.beton is None or source.labels is None:
         raise ValueError("surrogate=None trains one on the source, which needs a labelled source dataset (not "
                          "precomputed outputs); pass surrogate=<checkpoint or nn.Module>")
-    if arch not in models.ARCHS:
-        raise ValueError(f"arch={arch!r} is unknown; expected one of {list(models.ARCHS)}")
+    models.check_arch(arch)
     from fastvote.train import TrainConfig
 
     config = train_config if train_config is not None else default_config(seed)

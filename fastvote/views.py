@@ -169,7 +169,8 @@ class ModelView(_SourceRows):
             return
         positions = None if len(rows) == self.data.num_rows else self.data.identifiers[rows.start:rows.stop]
         loader = _KeepThreads(fvdata.eval_loader(self.data.beton, self.batch_size, resolution=self.prep["resolution"],
-                                                 mean=self.prep["mean"], std=self.prep["std"], indices=positions))
+                                                 mean=self.prep["mean"], std=self.prep["std"], indices=positions,
+                                                 crop_ratio=self.prep.get("crop_ratio", 1.0)))
         outputs = [w for w in want if w != "labels"]
         files = self._cache_files(want, shard) if self.cache is not None else {}
         writers: Dict[str, NpyWriter] = {}
@@ -207,7 +208,8 @@ class ModelView(_SourceRows):
         if batch_size not in loaders:  # one loader a view: each new one costs a numba compile
             loaders[batch_size] = fvdata.eval_loader(
                 self.data.beton, batch_size, resolution=self.prep["resolution"], mean=self.prep["mean"],
-                std=self.prep["std"], with_identifier=True, device=self.device)
+                std=self.prep["std"], crop_ratio=self.prep.get("crop_ratio", 1.0), with_identifier=True,
+                device=self.device)
         for images, labels, identifiers in _KeepThreads(loaders[batch_size]):
             yield images, labels, torch.from_numpy(self._rows(identifiers.cpu().numpy()))
 

@@ -308,7 +308,8 @@ def test_writer_and_loader_errors(ffcv, tmp_path):
         def __getitem__(self, index):
             return self.images[index].astype(np.float32), 0
 
-    with pytest.raises(RuntimeError, match="expected a PIL image or a uint8 array"):
+    with pytest.raises(TypeError, match=r"dataset\[0\]: dataset item of type tuple: image of "
+                                        r"type numpy.ndarray float32 \(8, 8\) is not accepted"):
         data.write_beton(Floats(ds.images, ds.targets, ds.classes), tmp_path / "a.beton",
                          progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,10 @@
 """Architectures, checkpoints, user-module views (fastvote.models) and running a
 model over a loader (fastvote.features)."""
+import sys
+
 import pytest
+import safetensors.torch
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -9,9 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from fastvote.features import collect, iterate_outputs
 from torchvision.models.vision_transformer import VisionTransformer
 
-from fastvote.models import (ARCHS, as_classifier, build_model, load_checkpoint,
-                             load_model, load_state_dict_flexible, save_checkpoint,
-                             vit_patch_size)
+from fastvote.models import (ARCHS, IMAGENET_MEAN, IMAGENET_STD, as_classifier, build_model,
+                             load_checkpoint, load_model, load_state_dict_flexible,
+                             load_surrogate, preprocessing_of, save_checkpoint, vit_patch_size)
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
                 "tiny": 64, "vit_b_16": 768, "vit_s_16": 384, "vit_t_16": 192}
@@ -189,7 +193,7 @@ def test_as_classifier_errors_name_the_problem():
     with pytest.raises(TypeError, match="expected an nn.Module"):
         as_classifier(lambda x: x)
     softmaxed = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.Softmax(dim=1))
-    with pytest.raises(ValueError, match="differs from its last Linear"):
+    with pytest.raises(ValueError, match="differs from its head '1'"):
         as_classifier(softmaxed, example=torch.randn(2, 3, 2, 2))
 
 
@@ -376,3 +380,295 @@ def test_vit_t_16_trains():
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for p in model.backbone.parameters())  # gradients reach the whole backbone
+
+
+# --------------------------------------------------------------------------
+# Surrogates users already have: torchvision / timm archs, load_surrogate,
+# as_classifier(features=), preprocessing_of
+# --------------------------------------------------------------------------
+
+# a few of each family, small enough for 2 cores; timm's test_* models are ~0.1-0.4M
+FOREIGN = {"efficientnet_b0": 64, "mobilenet_v3_small": 64, "timm:test_resnet": 64,
+           "timm:test_vit": 160}  # arch -> input side (test_vit takes only 160)
+
+
+def library_model(arch, num_classes, seed):
+    """``arch`` built by its own library under ``seed``, as build_model should build it."""
+    torch.manual_seed(seed)
+    if arch.startswith("timm:"):
+        return timm.create_model(arch[5:], pretrained=False, num_classes=num_classes)
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+@pytest.mark.parametrize("arch", FOREIGN)
+def test_build_model_builds_torchvision_and_timm_models_as_their_library(arch, tmp_path):
+    side = FOREIGN[arch]
+    model = build_model(arch, 7, image_size=side, seed=0).eval()
+    reference = library_model(arch, 7, seed=0).eval()
+    assert model.arch == arch and model.image_size == side and model.small_images is None
+    assert model.num_classes == 7
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        logits, features = model.forward_both(x)
+        assert torch.equal(logits, reference(x)) and torch.equal(logits, model(x))
+    assert features.shape == (2, model.feature_dim)
+    # the checkpoint rebuilds it from its arch alone
+    loaded = load_model(save_checkpoint(tmp_path / "m.pt", model)).eval()
+    assert loaded.arch == arch and equal_states(model, loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), logits)
+
+
+def test_seeded_foreign_build_is_reproducible_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = build_model("timm:test_resnet", 5, seed=3), build_model("timm:test_resnet", 5, seed=3)
+    assert equal_states(a, b) and torch.equal(torch.get_rng_state(), before)
+    assert not equal_states(a, build_model("timm:test_resnet", 5, seed=4))
+
+
+def test_timm_view_uses_timms_own_features_and_classifier():
+    net = timm.create_model("test_convnext", num_classes=4).eval()
+    view = as_classifier(net, example=torch.randn(2, 3, 64, 64))
+    assert view.head is net.get_classifier()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, features = view.forward_both(x)
+        assert torch.equal(features, net.forward_head(net.forward_features(x), pre_logits=True))
+        assert torch.equal(logits, net(x))
+
+
+@pytest.mark.parametrize("arch, match", [
+    ("resnet9", r"arch='resnet9': expected one of fastvote's .*torchvision.*'timm:<name>'"),
+    ("timm:no_such_model", r"arch='timm:no_such_model': .*timm.list_models"),
+    ("timm:", r"arch='timm:'"),
+])
+def test_unknown_archs_name_the_valid_families(arch, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(arch, 10)
+
+
+def test_timm_archs_without_timm_say_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
+    with pytest.raises(ImportError, match="pip install timm"):
+        build_model("timm:test_resnet", 10)
+    assert build_model("efficientnet_b0", 3).arch == "efficientnet_b0"  # the rest still works
+
+
+def test_foreign_archs_refuse_the_small_image_stem():
+    with pytest.raises(ValueError, match="small_images=True: only fastvote's"):
+        build_model("efficientnet_b0", 10, small_images=True)
+    assert build_model("efficientnet_b0", 10, image_size=32).image_size == 32  # recorded only
+
+
+def _logits(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("name, save", [
+    ("resnet18-f37072fd.pth", lambda s, path: torch.save(s, path)),
+    ("resnet18.safetensors", lambda s, path: safetensors.torch.save_file(s, path)),
+    ("wrapped.pt", lambda s, path: torch.save(
+        {"state_dict": {"module." + k: v for k, v in s.items()}, "epoch": 90}, path)),
+])
+def test_load_surrogate_reads_torchvision_weights_as_shipped(tmp_path, name, save):
+    reference = torchvision.models.resnet18(num_classes=10).eval()
+    save(reference.state_dict(), tmp_path / name)
+    model, info = load_surrogate(tmp_path / name, arch="resnet18")
+    assert model.num_classes == 10 and model.arch == "resnet18"  # read off fc.weight
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(_logits(model, x), _logits(reference, x))
+    assert info["format"] == "state_dict"
+    # torchvision's file name says which weights: IMAGENET1K_V1's 256 -> 224
+    assert (info["resolution"], info["resize"]) == (224, 256)
+
+
+@pytest.mark.parametrize("arch", ["timm:resnet10t", "timm:test_vit", "mobilenet_v3_small"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_load_surrogate_reads_timm_and_other_torchvision_weights(tmp_path, arch, suffix):
+    reference = library_model(arch, 10, seed=0).eval()
+    state = reference.state_dict()
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".safetensors":
+        safetensors.torch.save_file(state, path)
+    else:  # timm's training checkpoints: {"model": ...}, maybe compiled
+        torch.save({"model": {"_orig_mod." + k: v for k, v in state.items()}}, path)
+    model, info = load_surrogate(path, arch=arch)
+    assert model.arch == arch and model.num_classes == 10
+    side = 160 if arch == "timm:test_vit" else 64
+    x = torch.randn(2, 3, side, side)
+    assert torch.equal(_logits(model, x), _logits(reference, x))
+    assert info == {"format": "state_dict", **preprocessing_of(arch=arch)}
+
+
+def test_load_surrogate_reads_a_classifiers_own_state_dict(tmp_path):
+    model = build_model("mobilenet_v3_small", 4, seed=0)
+    torch.save(model.state_dict(), tmp_path / "s.pt")
+    loaded, _ = load_surrogate(tmp_path / "s.pt", arch="mobilenet_v3_small")
+    assert equal_states(loaded, model)
+
+
+def test_load_surrogate_loads_strictly_and_names_what_is_missing(tmp_path):
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match=r"pass arch= \(--arch on the command line\)"):
+        load_surrogate(tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match=r"missing keys \d+ \(backbone\.layer1\.2\.conv1"):
+        load_surrogate(tmp_path / "r18.pth", arch="resnet34")
+    with pytest.raises(ValueError, match=r"missing keys \d+ \(conv1\.0\.weight.*unexpected "
+                                         r"keys \d+ \(conv1\.weight"):
+        load_surrogate(tmp_path / "r18.pth", arch="timm:resnet10t")
+    with pytest.raises(ValueError, match=r"head\.weight: \(10, 512\) in the state, \(5, 512\)"):
+        load_surrogate(tmp_path / "r18.pth", arch="resnet18", num_classes=5)
+    with pytest.raises(ValueError, match=r"fc\.weight: \(10, 512\) in the state, \(3, 512\)"):
+        torch.save(torchvision.models.resnet18(num_classes=10).state_dict(),
+                   tmp_path / "r18b.pth")
+        load_surrogate(tmp_path / "r18b.pth", arch="timm:resnet18", num_classes=3)
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        load_surrogate(tmp_path / "nothing.pt", arch="resnet18")
+
+
+def test_load_surrogate_reads_fastvote_checkpoints_with_their_extra(tmp_path):
+    model = build_model("tiny", 3, seed=0)
+    save_checkpoint(tmp_path / "c.pt", model, resolution=16, mean=[0.5] * 3, std=[0.25] * 3)
+    loaded, info = load_surrogate(tmp_path / "c.pt", arch="resnet50")  # arch: state dicts only
+    assert equal_states(loaded, model) and loaded.arch == "tiny"
+    assert info == {"format": "fastvote", "resolution": 16, "mean": [0.5] * 3, "std": [0.25] * 3}
+    with pytest.raises(ValueError, match="3 classes; expected num_classes=4"):
+        load_surrogate(tmp_path / "c.pt", num_classes=4)
+
+
+def test_load_surrogate_reads_torchscript(tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    net = torchvision.models.resnet18(num_classes=6).eval()
+    torch.jit.save(torch.jit.script(net), tmp_path / "tv.pt")
+    view, info = load_surrogate(tmp_path / "tv.pt")
+    assert info == {"format": "torchscript"} and view.num_classes == 6
+    assert torch.equal(_logits(view, x), _logits(net, x))  # logits: calling it
+    with pytest.raises(ValueError, match="gives logits only"):
+        view.features(x)  # ... and an error only when features are asked for
+    # a scripted Classifier keeps features and forward_both
+    model = build_model("tiny", 4, seed=0).eval()
+    torch.jit.save(torch.jit.script(model), tmp_path / "fv.pt")
+    view, _ = load_surrogate(tmp_path / "fv.pt", num_classes=4)
+    assert (view.num_classes, view.feature_dim) == (4, 64)
+    view.eval()
+    with torch.no_grad():
+        logits, features = view.forward_both(x)
+        assert torch.equal(logits, model(x)) and torch.equal(features, model.features(x))
+        assert torch.equal(view.features(x), features)
+    # a traced one keeps them too (they are @torch.jit.export)
+    torch.jit.save(torch.jit.trace(as_classifier(net), x), tmp_path / "traced.pt")
+    view, _ = load_surrogate(tmp_path / "traced.pt")
+    with torch.no_grad():
+        logits, features = view.eval().forward_both(x)
+        assert torch.allclose(logits, net(x), atol=1e-5)
+        assert torch.allclose(features, as_classifier(net).features(x), atol=1e-5)
+
+
+def test_load_surrogate_unpickles_a_trusted_module(tmp_path):
+    net = torchvision.models.resnet18(num_classes=3).eval()
+    torch.save(net, tmp_path / "net.pt")
+    view, info = load_surrogate(tmp_path / "net.pt")
+    assert info == {"format": "pickle"} and view.num_classes == 3
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(_logits(view, x), _logits(net, x))
+
+
+def test_features_by_submodule_name():
+    net = torchvision.models.resnet18(num_classes=5).eval()
+    default = as_classifier(net)
+    view = as_classifier(net, features="avgpool", example=torch.randn(2, 3, 32, 32))
+    assert view.head is net.fc
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits, features = view.forward_both(x)
+        assert torch.equal(features, default.features(x)) and torch.equal(logits, net(x))
+    assert not net.avgpool._forward_hooks  # the hook is gone after each call
+
+
+class AuxNet(nn.Module):
+    """Returns (logits, auxiliary): the default split cannot see its features."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.body(x)
+        return self.fc(self.pool(x).flatten(1)), x
+
+
+def test_features_for_a_network_returning_a_tuple():
+    net = AuxNet().eval()
+    with pytest.raises(ValueError, match="features on example have shape"):
+        as_classifier(net, example=torch.randn(2, 3, 8, 8))
+    view = as_classifier(net, features="pool", example=torch.randn(2, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(view(x), net(x)[0]) and view.features(x).shape == (2, 8)
+
+
+def test_features_by_callable():
+    net = torchvision.models.resnet18(num_classes=5).eval()
+
+    def pooled(module, x):
+        return torch.flatten(module.avgpool(module.layer4(module.layer3(module.layer2(
+            module.layer1(module.maxpool(module.relu(module.bn1(module.conv1(x))))))))), 1)
+
+    view = as_classifier(net, features=pooled, example=torch.randn(2, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(view.features(x), as_classifier(net).features(x))
+        assert torch.equal(view(x), net(x))
+
+
+def test_features_errors_name_the_problem():
+    net = torchvision.models.resnet18(num_classes=5).eval()
+    with pytest.raises(ValueError, match="features='nope': ResNet has no such submodule"):
+        as_classifier(net, features="nope")
+    with pytest.raises(TypeError, match="features: expected None, a submodule name or a callable"):
+        as_classifier(net, features=3)
+    with pytest.raises(ValueError, match=r"shape \(2, 5\); expected pooled features \[B, 512\]"):
+        as_classifier(net, features="fc", example=torch.randn(2, 3, 32, 32))  # logits, not features
+    with pytest.raises(ValueError, match=r"shape \(2, 2048\); expected pooled features \[B, 512\]"):
+        # 512 x 2 x 2, not pooled
+        as_classifier(net, features="layer4", example=torch.randn(2, 3, 64, 64))
+
+
+def test_preprocessing_of_torchvision_weights():
+    imagenet = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+    assert preprocessing_of(arch="resnet50") == {"resolution": 224, "resize": 232, **imagenet}
+    for weights in ("IMAGENET1K_V1", "resnet50-0676ba61.pth",
+                    torchvision.models.ResNet50_Weights.IMAGENET1K_V1):
+        assert preprocessing_of(arch="resnet50", weights=weights) == {
+            "resolution": 224, "resize": 256, **imagenet}
+    assert preprocessing_of(arch="efficientnet_b3")["resolution"] == 300
+    assert preprocessing_of(build_model("convnext_tiny", 3)) == {
+        "resolution": 224, "resize": 236, **imagenet}
+    with pytest.raises(ValueError, match=r"weights='nope': expected one of resnet50's .*V2"):
+        preprocessing_of(arch="resnet50", weights="nope")
+
+
+def test_preprocessing_of_timm_models():
+    expected = {"resolution": 176, "resize": 201, "mean": list(IMAGENET_MEAN),
+                "std": list(IMAGENET_STD)}  # resnet10t.c3_in1k: 176 px, crop_pct 0.875
+    assert preprocessing_of(arch="timm:resnet10t") == expected
+    assert preprocessing_of(arch="timm:resnet10t", weights="c3_in1k") == expected
+    assert preprocessing_of(build_model("timm:resnet10t", 3)) == expected
+    assert preprocessing_of(timm.create_model("test_resnet")) == {
+        "resolution": 160, "resize": 168, "mean": [0.5] * 3, "std": [0.5] * 3}
+    with pytest.raises(ValueError, match="weights='nope'"):
+        preprocessing_of(arch="timm:resnet10t", weights="nope")
+
+
+def test_preprocessing_of_unknown_weights_is_none():
+    assert preprocessing_of() is None
+    assert preprocessing_of(arch="tiny") is None and preprocessing_of(arch="no_such") is None
+    # fastvote trained ARCHS weights: their checkpoint holds the preprocessing
+    assert preprocessing_of(build_model("resnet18", 3)) is None
+    assert preprocessing_of(nn.Sequential(nn.Flatten(), nn.Linear(12, 2))) is None

@@ -176,7 +176,7 @@ def test_precomputed_outputs_of_the_same_surrogate_mix_with_a_beton(real, tmp_pa
     (dict(keep=3, weight="votes"), "weight='votes' is invalid"),
     (dict(keep=3, method="fm", metric="manhattan"), "metric='manhattan' is invalid"),
     (dict(keep=3, method="lm:bogus=1"), "lm does not use 'bogus'"),
-    (dict(keep=3, arch="resnet9000"), "arch='resnet9000' is unknown"),
+    (dict(keep=3, arch="resnet9000"), "arch='resnet9000': expected one of"),
     (dict(keep=3, image_size=0), "image_size=0 is invalid"),
 ])
 def test_bad_arguments_fail_in_under_two_seconds_with_nothing_written(real, tmp_path, kwargs, match):
@@ -262,6 +262,14 @@ def test_cli_defaults_are_the_apis():
     # every option any method declares has a flag
     flags = {a.dest for a in cli.build_parser()._subparsers._group_actions[0].choices["prune"]._actions}
     assert {o.name for m in methods.METHODS.values() for o in m.OPTIONS} <= flags
+
+
+@pytest.mark.parametrize("command", [["--help"], ["prune", "--help"], ["features", "--help"], ["surrogate", "train", "--help"],
+                                     ["experiment", "--help"], ["demo", "--help"], ["data", "write", "--help"]])
+def test_cli_help_works_for_every_command(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(command)
+    assert done.value.code == 0 and "usage: fastvote" in capsys.readouterr().out
 
 
 def test_cli_common_options_after_the_subcommand():

@@ -123,3 +123,78 @@ def test_progress_bars_stay_out_of_logs(real, tmp_path):
                            "--workdir", tmp_path / "w"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "%|" not in done.stderr and "\x1b[" not in done.stderr
+
+
+def test_hugging_face_and_torchvision_datasets_as_prune_inputs(real, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [np.kron(im, np.ones((2, 2))).astype(np.uint8) * 15 for im in digits.images[:60]]
+    rgb = [np.repeat(im[..., None], 3, axis=2) for im in images]
+    mixed = [im if i % 2 else rgb[i] for i, im in enumerate(images)]  # grayscale and RGB in one dataset
+    features = datasets.Features({"img": datasets.Image(), "digit": datasets.ClassLabel(names=[str(d) for d in range(10)])})
+    hf = datasets.Dataset.from_dict({"img": mixed, "digit": digits.target[:60].tolist()}, features=features)
+    as_hf = fastvote.prune(real["source"], hf, method="lm", keep=3, surrogate=real["surrogate"], image_key="img",
+                           label_key="digit", workdir=tmp_path, progress=False)
+    as_tuples = fastvote.prune(real["source"], [(im, int(y)) for im, y in zip(rgb, digits.target[:60])],
+                               method="lm", keep=3, surrogate=real["surrogate"], workdir=tmp_path, progress=False)
+    as_tensors = fastvote.prune(real["source"], [(torch.from_numpy(im).permute(2, 0, 1).float() / 255, int(y))
+                                                 for im, y in zip(rgb, digits.target[:60])],
+                                method="lm", keep=3, surrogate=real["surrogate"], workdir=tmp_path, progress=False)
+    assert torch.equal(as_hf.votes, as_tuples.votes) and torch.equal(as_tensors.votes, as_tuples.votes)
+    assert int(as_hf.votes.sum()) == 60
+    with pytest.raises(TypeError, match="lacking image_key='image'"):
+        fastvote.prune(real["source"], hf, method="lm", keep=3, surrogate=real["surrogate"], workdir=tmp_path,
+                       progress=False)
+    with pytest.raises(TypeError, match="dataset item of type str is not accepted"):
+        fastvote.prune(real["source"], [("a", "b")], method="lm", keep=3, surrogate=real["surrogate"],
+                       workdir=tmp_path, progress=False)
+
+
+PHOTO_CLASSES = {"orange", "Granny Smith", "monarch", "baboon", "fox squirrel", "lemon"}
+
+
+@pytest.fixture(scope="module")
+def example():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "examples"))
+    import imagenet_photos
+
+    if not all((imagenet_photos.PHOTOS / f"{n}.jpg").is_file() for n in imagenet_photos.NAMES):
+        pytest.skip("Debian's opencv-doc photos are not installed")
+    return imagenet_photos
+
+
+def test_the_imagenet_photos_example_keeps_each_photos_own_class(example, tmp_path):
+    result = example.main(["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "w")])
+    assert set(result.kept_names) == PHOTO_CLASSES
+    assert result.manifest["preprocessing"]["resolution"] == 224
+    assert result.manifest["preprocessing"]["crop_ratio"] == 224 / 256
+    kept = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert {c["name"] for c in kept["classes"] if c["kept"]} == PHOTO_CLASSES
+    assert (tmp_path / "out" / "votes.png").stat().st_size > 0
+
+
+def test_the_cli_prunes_the_imagenet_label_space_with_a_pickled_module(example, tmp_path):
+    import torchvision.transforms as T
+    from PIL import Image
+
+    model = example.efficientnet_lite0()
+    torch.save(model, tmp_path / "lite0.pt")  # a pickled module: load_surrogate reads it (a trusted file)
+    resize = T.Resize(256)
+    photos = [(resize(Image.open(example.PHOTOS / f"{n}.jpg").convert("RGB")), 0) for n in example.NAMES]
+    fvdata.write_beton(photos, tmp_path / "photos.beton", progress=False)
+    labels = tmp_path / "imagenet-labels"
+    labels.mkdir()
+    np.save(labels / "labels.npy", np.arange(1000))
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    (labels / "classes.json").write_text(json.dumps(list(_IMAGENET_CATEGORIES)))
+    done = subprocess.run([sys.executable, "-m", "fastvote.cli", "prune", "--source", labels, "--target",
+                           tmp_path / "photos.beton", "--keep", "6", "--surrogate", tmp_path / "lite0.pt",
+                           "--image-size", "224", "--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224",
+                           "0.225", "--out", tmp_path / "r", "--workdir", tmp_path / "w", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=str(__import__("pathlib").Path(example.__file__).parent))
+    assert done.returncode == 0, done.stderr
+    assert all(name in done.stdout for name in PHOTO_CLASSES), done.stdout

@@ -2,13 +2,16 @@
 (int, the sample's position in the source dataset), and the class names in a sidecar
 ``<file>.classes.json`` (e.g. ``haystack.beton.classes.json``).
 
+Any dataset item ``sample_of`` accepts can be written: (image, label) tuples, Hugging Face
+dicts, PIL images of any mode, uint8 arrays and tensors, ToTensor's floats; all become RGB.
+ImageNet's 1000 WordNet-id folders get readable class names (the ids are kept too).
+
 Images are stored raw by default, so a round trip is bit exact; ``jpeg=True`` trades
-that for size (mean error ~1/255). Grayscale images are replicated to 3 channels. The
-same input gives the same bytes, whatever ``num_workers`` (so a file's fingerprint can
-key a cache). Both files appear whole or not at all: they are written under temporary
-names in the target folder (``fastvote.atomic``) and renamed when complete (the beton
-first, then its sidecar). Readers raise a ValueError naming a file that is not a whole
-beton.
+that for size (mean error ~1/255). The same input gives the same bytes, whatever
+``num_workers`` (so a file's fingerprint can key a cache). Both files appear whole or
+not at all: they are written under temporary names in the target folder
+(``fastvote.atomic``) and renamed when complete (the beton first, then its sidecar).
+Readers raise a ValueError naming a file that is not a whole beton.
 
 FFCV (``pip install ffcv==1.0.2``, which builds against the apt packages pkg-config,
 libopencv-dev and libturbojpeg0-dev) is imported only when a function here is called.
@@ -21,14 +24,18 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import re
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from .. import progress as bars
 from ..atomic import atomic_path, remove_stale
 from .registry import get
 
@@ -61,25 +68,151 @@ def classes_path(path: str | os.PathLike) -> Path:
 
 
 def read_classes(path: str | os.PathLike) -> list[str] | None:
-    """Class names of the beton at ``path`` (None if it was written without names)."""
+    """Class names of the beton at ``path`` (None if it was written without names);
+    readable names for ImageNet's WordNet ids (see ``read_wnids``)."""
     with open(classes_path(path)) as f:
         return json.load(f)["classes"]
 
 
+def read_wnids(path: str | os.PathLike) -> list[str] | None:
+    """The WordNet ids of a beton whose classes are ImageNet's 1000, in label order, else None."""
+    with open(classes_path(path)) as f:
+        return json.load(f).get("wnids")
+
+
+WNID = re.compile(r"n\d{8}")
+
+
+def _imagenet_names() -> list[str] | None:
+    """ImageNet's readable class names in sorted-wnid (label) order, from torchvision."""
+    try:
+        from torchvision.models._meta import _IMAGENET_CATEGORIES  # private: it may move
+    except ImportError:
+        return None
+    return list(_IMAGENET_CATEGORIES) if len(_IMAGENET_CATEGORIES) == 1000 else None
+
+
+def _sidecar(classes: Sequence[str] | None, num_samples: int) -> dict:
+    """The sidecar's record. Exactly 1000 sorted WordNet ids are ImageNet's folders (its
+    label order): store the names people read, and the ids, which name the synsets."""
+    if classes is None:
+        return {"classes": None, "num_samples": num_samples}
+    classes = list(classes)
+    if (len(classes) == 1000 and all(isinstance(c, str) and WNID.fullmatch(c) for c in classes)
+            and classes == sorted(set(classes))):
+        return {"classes": _imagenet_names() or classes, "wnids": classes,
+                "num_samples": num_samples}
+    return {"classes": classes, "num_samples": num_samples}
+
+
+def dataset_classes(dataset, label_key: str = "label") -> list | None:
+    """Class names a dataset carries: a Hugging Face ClassLabel's ``names``
+    (``dataset.features[label_key]``), else ``dataset.classes`` (torchvision), else None."""
+    features = getattr(dataset, "features", None)
+    feature = features.get(label_key) if isinstance(features, Mapping) else None
+    names = getattr(feature, "names", None)
+    names = names if names is not None else getattr(dataset, "classes", None)
+    return None if names is None else list(names)
+
+
+ACCEPTED = ("accepted items: (image, label, ...) tuples or lists, or dicts {image_key: image, "
+            "label_key: label} (Hugging Face); images: PIL (any mode), uint8 arrays or tensors "
+            "(H, W), (H, W, 1|3|4) or (1|3, H, W), float arrays or tensors (1|3, H, W) in 0..1 "
+            "(ToTensor's output); labels: non-negative integers (int, numpy or torch integer "
+            "scalars)")
+
+
+def _describe(x: Any) -> str:
+    """A value's type for messages, with its dtype and shape where it has them."""
+    kind = f"{type(x).__module__}.{type(x).__name__}".removeprefix("builtins.")
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        kind += f" {x.dtype} {tuple(x.shape)}"
+    return kind
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode.startswith("I;16"):  # 16-bit grayscale (PNG, TIFF): convert("RGB") clips at 255
+        return to_rgb(np.round(np.asarray(image) / 257).astype(np.uint8))
+    if image.mode in ("I", "F"):  # 32-bit int / float: the scale is unknown, so 0..255 or an error
+        array = np.asarray(image)
+        if not (array.min() >= 0 and array.max() <= 255):
+            raise ValueError(f"image: a PIL {image.mode!r} image with values {array.min()}.."
+                             f"{array.max()}; expected 0..255, or convert it to 8 bits first")
+        return to_rgb(np.round(array).astype(np.uint8))
+    return np.asarray(image.convert("RGB"))  # L, P, RGBA (alpha dropped), CMYK, ...
+
+
 def to_rgb(image: Any) -> np.ndarray:
-    """A PIL image or a uint8 array (H, W), (H, W, 1) or (H, W, 3) -> uint8 (H, W, 3) contiguous."""
+    """One image as ``sample_of`` accepts it -> uint8 (H, W, 3) contiguous, or a
+    TypeError naming its type and what is accepted."""
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise TypeError(f"image: expected a PIL image or a uint8 array, got {type(image).__name__} "
-                        f"of dtype {array.dtype}; convert it to uint8 0..255 first")
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3):
-        raise ValueError(f"image: expected a uint8 array (H, W), (H, W, 1) or (H, W, 3), "
-                         f"got shape {array.shape}")
-    return np.ascontiguousarray(np.broadcast_to(array, array.shape[:2] + (3,)))
+        return _pil_to_rgb(image)
+    given = _describe(image)
+    tensor = isinstance(image, torch.Tensor)
+    if tensor:
+        image = image.detach().cpu()
+        image = (image.float() if image.is_floating_point() else image).numpy()
+    elif not isinstance(image, np.ndarray):
+        raise TypeError(f"image of type {given} is not accepted; {ACCEPTED}")
+    shape = image.shape
+    # (C, H, W) when the first axis can be channels and the last cannot; where both can
+    # (a 3x3x3 image), torch's convention (torchvision) for tensors, numpy's (H, W, C) else.
+    first = image.ndim == 3 and shape[0] in (1, 3) and (tensor or shape[2] not in (1, 3, 4))
+    if np.issubdtype(image.dtype, np.floating) and first:  # ToTensor's output
+        if not (image.min() >= 0 and image.max() <= 1):  # NaN fails this too
+            raise ValueError(f"image: a float {given} with values {image.min():.4g}.."
+                             f"{image.max():.4g}; expected 0..1 (ToTensor's scale), not clipped "
+                             f"here: undo the normalisation first")
+        image = np.round(image * 255).astype(np.uint8)
+    elif image.dtype != np.uint8 or not (image.ndim == 2 or first or (
+            image.ndim == 3 and shape[2] in (1, 3, 4))):
+        raise TypeError(f"image of type {given} is not accepted; {ACCEPTED}")
+    if first:
+        image = image.transpose(1, 2, 0)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    image = image[:, :, :3]  # RGBA: alpha dropped, as PIL's convert("RGB") does
+    return np.ascontiguousarray(np.broadcast_to(image, shape=image.shape[:2] + (3,)))
+
+
+def _label(label: Any) -> int:
+    value = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    integer = value.dtype != np.bool_ and np.issubdtype(value.dtype, np.integer)
+    if not (integer and value.size == 1 and value.ndim <= 1 and value.item() >= 0):
+        hint = " (Hugging Face marks unlabelled samples -1)" if integer and value.size == 1 else ""
+        raise ValueError(f"label {label!r} ({_describe(label)}): expected a non-negative "
+                         f"integer class id (int, numpy or torch integer scalar){hint}")
+    return int(value.item())
+
+
+def sample_of(item: Any, *, image_key: str = "image",
+              label_key: str = "label") -> tuple[np.ndarray, int]:
+    """Any accepted dataset item -> (uint8 (H, W, 3) RGB image, int label).
+
+    Items: (image, label, ...) tuples or lists (torchvision, ``ArrayDataset``), or dicts
+    ``{image_key: image, label_key: label}`` (Hugging Face). Images: PIL of any mode
+    (16-bit grayscale scaled to 8 bits), uint8 arrays or tensors (H, W), (H, W, 1|3|4) or
+    (1|3, H, W), float arrays or tensors (1|3, H, W) in 0..1 (after ToTensor). Grayscale
+    is replicated to 3 channels, alpha dropped. A label is a non-negative integer.
+
+    Raises a TypeError naming the item's (and image's) type and what is accepted; a
+    ValueError for a float image outside 0..1 or a label that is no class id.
+    """
+    if isinstance(item, Mapping):
+        if image_key not in item or label_key not in item:
+            raise TypeError(f"dataset item of type {_describe(item)} has keys "
+                            f"{sorted(map(str, item))}, lacking image_key={image_key!r} or "
+                            f"label_key={label_key!r} (pass the right ones); {ACCEPTED}")
+        image, label = item[image_key], item[label_key]
+    elif isinstance(item, (tuple, list)) and len(item) >= 2:
+        image, label = item[:2]
+    else:
+        raise TypeError(f"dataset item of type {_describe(item)} is not accepted; {ACCEPTED}")
+    try:
+        rgb = to_rgb(image)
+    except TypeError as e:
+        raise TypeError(f"dataset item of type {_describe(item)}: {e}") from None
+    return rgb, _label(label)
 
 
 class _Samples:
@@ -87,10 +220,11 @@ class _Samples:
     its stored bytes, label, i), encoded by ffcv's own ``image`` field (resize, JPEG),
     so that all the costly work happens there and the writer only places bytes."""
 
-    def __init__(self, dataset, field, page_size: int):
+    def __init__(self, dataset, field, page_size: int, image_key: str, label_key: str):
         self.dataset = dataset
         self.field = field
         self.page_size = page_size
+        self.keys = {"image_key": image_key, "label_key": label_key}
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, int, int]:
         stored = []
@@ -99,20 +233,27 @@ class _Samples:
             stored.append(np.empty(size, np.uint8))
             return 0, stored[-1]  # the pointer is set where the writer places the bytes
 
-        row = np.zeros(1, self.field.metadata_type)
         try:
-            image, label = self.dataset[index][:2]
-            self.field.encode(row, to_rgb(image), malloc)
+            item = self.dataset[index]
         except ValueError:
-            raise  # bad input, already saying what was expected
+            raise  # the dataset's own word on bad input (_ImageFolder's unreadable file)
         except Exception as e:
             raise RuntimeError(f"dataset[{index}] failed: {e!r}") from e
+        try:
+            image, label = sample_of(item, **self.keys)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"dataset[{index}]: {e}") from None
+        row = np.zeros(1, self.field.metadata_type)
+        try:
+            self.field.encode(row, image, malloc)
+        except Exception as e:
+            raise RuntimeError(f"dataset[{index}]: encoding its image failed: {e!r}") from e
         (data,) = stored
         if data.nbytes > self.page_size:
             raise ValueError(f"image {index} is {row['height'][0]}x{row['width'][0]} stored in "
                              f"{data.nbytes} bytes, more than a page ({self.page_size}); pass "
                              f"a smaller max_resolution= or jpeg=True")
-        return row, data, int(label), int(index)
+        return row, data, label, int(index)
 
 
 def _page_size(max_resolution: int | None) -> int:
@@ -177,13 +318,13 @@ def _fill(writer, samples: _Samples, order: np.ndarray, num_workers: int, desc: 
                     allocator:
                 for position, (row, data, label, index) in enumerate(tqdm(
                         loaded, total=len(order), unit="img", desc=f"writing {desc}",
-                        disable=not progress)):
+                        disable=bars.disable(progress))):
                     allocator.set_current_sample(position)
                     row["data_ptr"], page = allocator.malloc(data.nbytes)
                     page[:] = data
                     images[position], labels[position], identifiers[position] = row[0], label, index
-        except (ValueError, RuntimeError) as e:
-            kind = ValueError if isinstance(e, ValueError) else RuntimeError
+        except (TypeError, ValueError, RuntimeError) as e:
+            kind = type(e) if isinstance(e, (TypeError, ValueError)) else RuntimeError
             raise kind(f"writing {desc} failed, nothing was written: {e}") from e
         finally:
             del metadata, images, labels, identifiers  # views that keep the shared memory open
@@ -196,25 +337,35 @@ def _fill(writer, samples: _Samples, order: np.ndarray, num_workers: int, desc: 
 def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | None = None,
                 classes: Sequence[str] | None = None, max_resolution: int | None = None,
                 jpeg: bool = False, jpeg_quality: int = JPEG_QUALITY,
-                num_workers: int | None = None, progress: bool = True) -> Path:
-    """Write a map-style dataset of (PIL image or uint8 array, label) to an FFCV beton.
+                num_workers: int | None = None, progress: bool = True,
+                image_key: str = "image", label_key: str = "label") -> Path:
+    """Write a map-style dataset to an FFCV beton: a Hugging Face ``datasets.Dataset``, a
+    torchvision dataset, or anything with ``len()`` and ``dataset[i]`` -> an item
+    ``sample_of`` accepts.
 
     Args:
-        dataset: ``dataset[i]`` -> (image, label, ...); images PIL or uint8 (H, W[, 1|3]).
+        dataset: ``dataset[i]`` -> (image, label, ...) or {image_key: image, label_key: label}.
         path: the .beton to write (replaced whole if it exists).
         indices: positions in ``dataset`` to write, in this order (default: all). Each
             sample's position is stored as its ``identifier``.
-        classes: class names for the sidecar (default: ``dataset.classes`` if any).
+        classes: class names for the sidecar (default: ``dataset_classes(dataset,
+            label_key)``: a Hugging Face ClassLabel's names, or ``dataset.classes``).
         max_resolution: shrink images whose long side is larger (cv2 INTER_AREA).
         jpeg: store JPEG (quality ``jpeg_quality``) instead of raw pixels.
         num_workers: processes that read and encode the samples (default: all usable
             cores); the bytes written do not depend on it.
         progress: show a tqdm bar.
+        image_key, label_key: the keys of dict items (Hugging Face's are "image", "label").
 
     Returns:
         ``path``. Its sidecar ``classes_path(path)`` holds {"classes": [...] or null,
-        "num_samples": N}.
+        "num_samples": N}; for ImageNet's 1000 sorted WordNet ids, "classes" holds the
+        readable names (torchvision's, where it has them) and "wnids" the ids.
     """
+    if isinstance(dataset, Mapping):  # e.g. a Hugging Face DatasetDict: one split is wanted
+        raise TypeError(f"dataset: a {type(dataset).__name__} with keys "
+                        f"{sorted(map(str, dataset))}; expected one map-style dataset, e.g. "
+                        f"dataset[{next(iter(dataset), 'train')!r}]")
     require_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -230,7 +381,7 @@ def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | No
         raise ValueError(f"indices: expected positions 0 <= i < {len(dataset)} (the dataset's "
                          f"length), got min {order.min()} and max {order.max()}")
     if classes is None:
-        classes = getattr(dataset, "classes", None)
+        classes = dataset_classes(dataset, label_key)
     page_size = _page_size(max_resolution)
     num_workers = max(1, min(num_workers or default_workers(), -(-len(order) // CHUNK)))
     fields = {
@@ -239,8 +390,8 @@ def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | No
         "label": IntField(),
         "identifier": IntField(),
     }
-    samples = _Samples(dataset, fields["image"], page_size)
-    sidecar = {"classes": None if classes is None else list(classes), "num_samples": len(order)}
+    samples = _Samples(dataset, fields["image"], page_size, image_key, label_key)
+    sidecar = _sidecar(classes, len(order))
     remove_stale(path.parent)  # the half-written betons of killed writers
     # The inner manager renames first: the beton, then its sidecar.
     with atomic_path(classes_path(path)) as sidecar_tmp, atomic_path(path) as beton_tmp:
@@ -276,7 +427,8 @@ class _ImageFolder:
 
 def write_image_folder(root: str | os.PathLike, path: str | os.PathLike, **kw) -> Path:
     """Write an ImageFolder tree (``root/<class>/<image>``) to a beton; class names are
-    the folder names, sorted (torchvision's rule). ``kw`` as for ``write_beton``."""
+    the folder names, sorted (torchvision's rule; ImageNet's wnids get readable names).
+    ``kw`` as for ``write_beton``."""
     return write_beton(_ImageFolder(root), path, **kw)
 
 

@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from ..atomic import atomic_path
-from .beton import _open, classes_path, read_classes, read_columns, write_beton
+from .beton import _open, classes_path, read_classes, read_columns, read_wnids, write_beton
 
 TEXT_KEYS = ("label_noise", "imbalance", "classes", "seed")
 
@@ -305,6 +305,8 @@ def write_biased(source_beton: str | os.PathLike, spec: BiasSpec | str, out_beto
     largest = int(max(columns["heights"].max(), columns["widths"].max()))
     with atomic_path(bias_path(out)) as staged:
         staged.write_text(json.dumps(record, indent=1))
-        write_beton(_BetonRows(source, plan.positions, plan.labels), out, classes=names,
+        # the source's wnids (ImageNet), where it has them, so that the copy keeps them too
+        write_beton(_BetonRows(source, plan.positions, plan.labels), out,
+                    classes=names and (read_wnids(source) or names),
                     max_resolution=largest, num_workers=num_workers, progress=progress)
     return record

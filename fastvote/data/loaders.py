@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .beton import _open, default_workers, iter_samples, require_ffcv, to_rgb
+from .beton import _open, default_workers, iter_samples, require_ffcv, sample_of
 
 # torchvision's ImageNet statistics, on the 0..1 scale.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -168,9 +168,9 @@ def eval_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
                 mean: Sequence[float], std: Sequence[float], indices: Sequence[int] | None = None,
                 order: str = "sequential", distributed: bool = False, device="cpu",
                 num_workers: int | None = None, drop_last: bool = False,
-                with_identifier: bool = False, seed: int = 0):
-    """Evaluation loader: centre square crop (the short side), resize to ``resolution``,
-    normalise. No randomness.
+                with_identifier: bool = False, seed: int = 0, crop_ratio: float = 1.0):
+    """Evaluation loader: centre square crop (``crop_ratio`` of the short side), resize
+    to ``resolution``, normalise. No randomness.
 
     Args:
         path: a beton written by ``write_beton``.
@@ -184,12 +184,17 @@ def eval_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
         num_workers: decoding threads (default: all usable cores).
         drop_last: drop the last, partial batch.
         with_identifier: also yield the int64 (B,) identifiers.
+        crop_ratio: the crop's side over the image's short side; 1 keeps the whole
+            short side, 224 / 256 = 0.875 is ImageNet's "resize 256, centre crop 224".
     """
     _check(resolution, mean, std, order)
+    if not 0 < crop_ratio <= 1:  # NaN fails this too
+        raise ValueError(f"crop_ratio={crop_ratio!r}: expected 0 < crop_ratio <= 1, the centre "
+                         f"crop's side over the short side (0.875 = ImageNet's 224 of 256)")
     require_ffcv()
     from ffcv.fields.decoders import CenterCropRGBImageDecoder
 
-    decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=1.0)
+    decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=float(crop_ratio))
     return _loader(path, batch_size, decoder, [], mean=mean, std=std, indices=indices,
                    order=order, distributed=distributed, device=device,
                    num_workers=num_workers, drop_last=drop_last,
@@ -222,16 +227,18 @@ def train_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
                    with_identifier=with_identifier, seed=seed)
 
 
-def channel_stats(source) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+def channel_stats(source, *, image_key: str = "image", label_key: str = "label"
+                  ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Per-channel mean and std of all pixels, on the 0..1 scale: ``(mean, std)``.
 
     ``source`` is a beton path (read back without a loader) or a map-style dataset of
-    (image, label); grayscale counts as 3 equal channels.
+    items ``sample_of`` accepts (keys as there); grayscale counts as 3 equal channels.
     """
     if isinstance(source, (str, os.PathLike)):
         images = (image for image, _, _ in iter_samples(source))
     else:
-        images = (to_rgb(source[i][0]) for i in range(len(source)))
+        images = (sample_of(source[i], image_key=image_key, label_key=label_key)[0]
+                  for i in range(len(source)))
     total = np.zeros(3)
     squares = np.zeros(3)
     count = 0
