@@ -33,7 +33,8 @@ def _add_surrogate_options(p: argparse.ArgumentParser) -> None:
                    help="what to train, or what a --surrogate state dict belongs to: fastvote's tiny, resnet18..101, "
                         "vit_t_16/s_16/b_16, any torchvision classification model (efficientnet_b0, convnext_tiny, "
                         f"...) or timm:<name> (default: {DEFAULT_ARCH})")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs (default: TrainConfig's, the release's 16)")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default: TrainConfig's, the release's 16)")
     g.add_argument("--train-batch-size", type=int, default=None, help="training batch (default: TrainConfig's)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: TrainConfig's)")
     g.add_argument("--image-size", type=int, default=None,
@@ -287,13 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm|fm|random (class-wise: --ratio removes classes) or random-sample|moderate|grand|el2n|"
                         "forgetting|ccs|ssp (sample-wise: --ratio removes samples); options as NAME:key=value,...")
     keep = r.add_mutually_exclusive_group(required=True)
-    keep.add_argument("--ratio", type=float, help="fraction of source classes (sample-wise: samples) REMOVED, 0 <= r < 1")
+    keep.add_argument("--ratio", type=float,
+                      help="fraction of source classes (sample-wise: samples) REMOVED, 0 <= r < 1")
     keep.add_argument("--keep", type=int, help="number of source classes (sample-wise: samples) kept")
     r.add_argument("--out", required=True, help="result folder (indices.npy, classes.json, manifest.json, votes.png); "
                                                 "replaced as a whole")
     r.add_argument("--surrogate", default=None,
                    help="use this instead of training one: a fastvote checkpoint, a state dict of --arch as "
-                        "torchvision/timm ship weights (.pth, .bin, .safetensors), a TorchScript file, a pickled module")
+                        "torchvision/timm ship weights (.pth, .bin, .safetensors), a TorchScript file, a "
+                        "pickled module")
     r.add_argument("--batch-size", type=int, default=prune.__kwdefaults__["batch_size"],
                    help="images a surrogate pass reads at once (default: %(default)s)")
     _add_method_options(r)

@@ -166,7 +166,8 @@ def _check_outputs(outputs: Dict[str, Column], role: str) -> None:
             continue
         shape = tuple(column.shape)
         if len(shape) != 2 or shape[1] < 1:
-            raise ValueError(f"{role}[{name!r}] has shape {list(shape)}; expected [N, {'K' if name == 'logits' else 'D'}]")
+            width = "K" if name == "logits" else "D"
+            raise ValueError(f"{role}[{name!r}] has shape {list(shape)}; expected [N, {width}]")
         dtype = column.dtype if isinstance(column, Tensor) else torch.from_numpy(np.empty(0, column.dtype)).dtype
         if not dtype.is_floating_point:
             raise ValueError(f"{role}[{name!r}] has dtype {dtype}; expected floating point")
@@ -187,7 +188,8 @@ def _beton_input(path: Path, description: str) -> Input:
     labels = check_labels(columns["labels"], description, len(names) if names is not None else None)
     return Input(description=description, fingerprint=fingerprint_file(path), beton=path.resolve(),
                  labels=labels, identifiers=columns["identifiers"], class_names=names,
-                 image_size=int(max(columns["heights"].max(), columns["widths"].max())) if len(columns["heights"]) else None)
+                 image_size=int(max(columns["heights"].max(), columns["widths"].max()))
+                 if len(columns["heights"]) else None)
 
 
 def class_names_of(names, role: str) -> Optional[List[str]]:

@@ -57,6 +57,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer
 
+from .atomic import atomic_path
 from .data.loaders import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -570,18 +571,9 @@ def _check_view(module: nn.Module, classifier: Classifier, example: Tensor, path
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary name beside ``path``, fsync, then rename over
     it: readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> Path:

@@ -166,7 +166,8 @@ def _groups(spec: methods.MethodSpec, src: inputs.Input) -> List[str]:
         if not count:
             raise ValueError("centroids='kmeans' on an unlabelled source needs num_clusters=")
         if count > src.num_rows:
-            raise ValueError(f"num_clusters={count} exceeds the {src.num_rows} source samples (one cluster needs one sample)")
+            raise ValueError(f"num_clusters={count} exceeds the {src.num_rows} source samples "
+                             "(one cluster needs one sample)")
         return [f"cluster {j}" for j in range(count)]
     needs_labels = spec.class_wise or "labels" in spec.needs["source"]
     if src.labels is None:
@@ -300,11 +301,11 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
     device = distributed.resolve_device(device)
     progress = progress and distributed.is_main()  # one set of progress bars
     workdir = inputs.workdir_path(workdir)
-    targets_in = list(target) if isinstance(target, (list, tuple)) and not _is_sample(target[:1], image_key) else [target]
+    several = isinstance(target, (list, tuple)) and not _is_sample(target[:1], image_key)
+    targets_in = list(target) if several else [target]
     if not targets_in:
         raise ValueError("target is an empty list; expected at least one target dataset")
-    if isinstance(surrogate, (str, os.PathLike)) and not Path(surrogate).is_file():  # before writing any beton
-        raise FileNotFoundError(f"surrogate={str(surrogate)!r}: no such checkpoint file")
+    surrogates.check_arguments(surrogate, arch, image_size, mean, std)  # before writing any beton
 
     with distributed.main_first():  # rank 0 writes the cached betons, the others then read them
         keys = dict(image_key=image_key, label_key=label_key)
@@ -314,7 +315,8 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
     for data in [src, *tgts]:
         if data.num_rows < distributed.world_size():  # every rank reads a non-empty shard
             raise ValueError(f"{data.description} has {data.num_rows} samples; expected at least one"
-                             + (f" a process ({distributed.world_size()} under torchrun)" if distributed.active() else ""))
+                             + (f" a process ({distributed.world_size()} under torchrun)"
+                                if distributed.active() else ""))
     groups = _groups(spec, src)
     n_total = len(groups) if spec.class_wise else src.num_rows
     n_keep = keep_count(n_total, ratio=ratio, keep=keep, unit=spec.unit)

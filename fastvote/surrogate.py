@@ -79,7 +79,7 @@ def _locked(path: Path):
     """An exclusive lock beside `path`: two runs that need the same surrogate
     train it once (the second waits, then finds it cached)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as handle:
+    with open(path.with_name(f".{path.name}.lock"), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -231,6 +231,23 @@ def _preprocessing(own: Optional[dict], source: Input, image_size, mean, std, wh
     return prep
 
 
+def check_arguments(surrogate, arch: str, image_size, mean, std) -> None:
+    """The checks that need no input: run before any beton is written."""
+    if isinstance(surrogate, (str, os.PathLike)):
+        if not Path(surrogate).is_file():
+            raise FileNotFoundError(f"surrogate={str(surrogate)!r}: no such checkpoint file")
+    elif surrogate is not None and not isinstance(surrogate, torch.nn.Module):
+        raise TypeError(f"surrogate has type {type(surrogate).__name__}; expected None (train one), a checkpoint "
+                        "path or an nn.Module")
+    models.check_arch(arch)
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size={image_size!r} is invalid; expected an integer >= 1 (px)")
+    for name, value in (("mean", mean), ("std", std)):
+        if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
+            raise ValueError(f"{name}={list(value)} is invalid; expected 3 per-channel values"
+                             + (" > 0" if name == "std" else ""))
+
+
 def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=None,
             image_size: Optional[int] = None, mean: Optional[Sequence[float]] = None,
             std: Optional[Sequence[float]] = None, seed: int = 0, workdir: Path,
@@ -293,4 +310,4 @@ def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=
                      entry=entry, recipe=recipe, _load=load)
 
 
-__all__ = ["DEFAULT_ARCH", "Recipe", "Surrogate", "default_config", "resolve", "train"]
+__all__ = ["DEFAULT_ARCH", "Recipe", "Surrogate", "check_arguments", "default_config", "resolve", "train"]

@@ -198,3 +198,19 @@ def test_the_cli_prunes_the_imagenet_label_space_with_a_pickled_module(example, 
                           capture_output=True, text=True, cwd=str(__import__("pathlib").Path(example.__file__).parent))
     assert done.returncode == 0, done.stderr
     assert all(name in done.stdout for name in PHOTO_CLASSES), done.stdout
+
+
+def test_a_torchvision_weight_file_is_loaded_into_its_arch_with_its_preprocessing(tmp_path):
+    net = torchvision.models.resnet18()  # 1000 classes, random weights saved as torchvision names its file
+    torch.save(net.state_dict(), tmp_path / "resnet18-f37072fd.pth")
+    photos = [(np.full((300, 260, 3), 40 * i, dtype=np.uint8), 0) for i in range(3)]
+    result = fastvote.prune({"labels": np.arange(1000), "class_names": "imagenet"}, photos, method="lm", keep=2,
+                            surrogate=tmp_path / "resnet18-f37072fd.pth", arch="resnet18", workdir=tmp_path / "w",
+                            progress=False)
+    prep = result.manifest["preprocessing"]
+    assert prep["resolution"] == 224 and prep["crop_ratio"] == 224 / 256 and prep["mean"][0] == 0.485
+    assert result.manifest["surrogate"]["format"] == "state_dict"
+    with pytest.raises(ValueError, match="arch"):  # a resnet18 file read as resnet50: named, not garbage
+        fastvote.prune({"labels": np.arange(1000), "class_names": "imagenet"}, photos, method="lm", keep=2,
+                       surrogate=tmp_path / "resnet18-f37072fd.pth", arch="resnet50", workdir=tmp_path / "w",
+                       progress=False)

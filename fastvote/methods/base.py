@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple)
@@ -23,6 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from fastvote import progress as bars
+from fastvote.atomic import atomic_path, write_json
 
 from fastvote.methods.spec import Option
 
@@ -125,7 +125,8 @@ def vote(targets: Sequence[View], make_voter: Callable[[], object], output: str,
 # Options of the voting methods (lm; fm adds its own).
 VOTE_OPTIONS = (
     Option("k", int, 1, "source classes each target sample votes for", low=1),
-    Option("weight", str, "count", "a vote's weight: count (the paper), rank or soft", choices=("count", "rank", "soft")),
+    Option("weight", str, "count", "a vote's weight: count (the paper), rank or soft",
+           choices=("count", "rank", "soft")),
     Option("reverse", bool, False, "keep the LEAST voted classes (the paper's ablation)"),
     Option("normalize_targets", bool, False, "multi-task: every target's votes weigh the same"),
 )
@@ -224,9 +225,7 @@ def cached_scores(view: TrainableSource, name: str, args: dict,
         if len(scores) == view.num_rows:
             return scores, path
     scores = compute().double()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, scores.numpy())
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(what, indent=1, default=str))
+    with atomic_path(path) as tmp:
+        np.save(tmp, scores.numpy())
+    write_json(path.with_suffix(".json"), what, default=str)
     return scores, path

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvote.methods.base import (DEFAULT_RUNS, EPOCH, RUNS, Selection, TrainableSource, View, cached_scores, check_int, default_epoch,
-                                   keep_top, mean_over_runs, sample_selection)
+from fastvote.methods.base import (DEFAULT_RUNS, EPOCH, RUNS, Selection, TrainableSource, View, cached_scores,
+                                   check_int, default_epoch, keep_top, mean_over_runs, sample_selection)
 
 CLASS_WISE = False
 NEEDS = {"source": ("images", "labels"), "target": ()}

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fastvote.methods.base import (DEFAULT_RUNS, EPOCH, RUNS, Selection, TrainableSource, View, cached_scores, check_int, default_epoch,
-                                   keep_top, mean_over_runs, sample_selection)
+from fastvote.methods.base import (DEFAULT_RUNS, EPOCH, RUNS, Selection, TrainableSource, View, cached_scores,
+                                   check_int, default_epoch, keep_top, mean_over_runs, sample_selection)
 
 CLASS_WISE = False
 NEEDS = {"source": ("images", "labels"), "target": ()}

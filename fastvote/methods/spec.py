@@ -40,7 +40,8 @@ class Option:
             return f"one of {list(self.choices)}"
         bounds = ([f">= {self.low:g}"] if self.low is not None else []) + (
             [f"< {self.high:g}"] if self.high is not None else [])
-        return f"{'an' if self.type is int else 'a'} {self.type.__name__}" + (f" {' and '.join(bounds)}" if bounds else "")
+        kind = f"{'an' if self.type is int else 'a'} {self.type.__name__}"
+        return kind + (f" {' and '.join(bounds)}" if bounds else "")
 
     def check(self, method: str, value: Any) -> Any:
         """`value` as this option's type, or ValueError naming method, option, value and what is expected."""
