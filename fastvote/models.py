@@ -585,7 +585,12 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
             keys carry no prefix) or any nn.Module (then :func:`load_model` cannot
             rebuild it; read it back with :func:`load_checkpoint`).
         extra: more entries to store (plain Python values and tensors), returned
-            under ``"extra"`` by :func:`load_checkpoint`.
+            under ``"extra"`` by :func:`load_checkpoint`. These keys mean
+            something to fastvote.prune: ``resolution`` (input side in px),
+            ``mean`` and ``std`` (per-channel, 0..1 scale; the preprocessing
+            the weights expect, used instead of the source's) and
+            ``class_names``. Without them a checkpoint's surrogate gets the
+            source's size and statistics, with a warning.
     """
     model = unwrap_model(model)
     payload = {

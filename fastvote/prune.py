@@ -297,7 +297,7 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
                                       normalize_targets=normalize_targets))
     batch_size, seed = _check_int("batch_size", batch_size, 1), _check_int("seed", seed, 0)
     if ratio is not None or keep is not None:  # the range of keep needs the source; the rest is checked now
-        keep_count(1 << 62, ratio=ratio, keep=keep, unit=spec.unit)
+        keep_count(None, ratio=ratio, keep=keep, unit=spec.unit)
     device = distributed.resolve_device(device)
     progress = progress and distributed.is_main()  # one set of progress bars
     workdir = inputs.workdir_path(workdir)

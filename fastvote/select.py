@@ -14,23 +14,26 @@ import torch
 from torch import Tensor
 
 
-def keep_count(total: int, ratio: Optional[float] = None, keep: Optional[int] = None,
+def keep_count(total: Optional[int], ratio: Optional[float] = None, keep: Optional[int] = None,
                unit: str = "classes") -> int:
     """How many of `total` classes (or samples: `unit`) to keep, from exactly
     one of `ratio` (the fraction removed, 0 <= ratio < 1; rounds to nearest,
-    keeps at least one) and `keep` (an integer 1 <= keep <= total)."""
+    keeps at least one) and `keep` (an integer 1 <= keep <= total). total=None
+    (not known yet) checks everything but keep's upper bound."""
     if (ratio is None) == (keep is None):
         raise ValueError(f"give exactly one of ratio= (fraction of source {unit} removed) and keep= "
                          f"(source {unit} kept); got ratio={ratio!r}, keep={keep!r}")
     if keep is not None:
-        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 1 <= keep <= total:
-            raise ValueError(f"keep={keep!r} is invalid; expected an integer 1 <= keep <= {total} (the number "
-                             f"of source {unit} kept)")
+        high = keep if total is None else total
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 1 <= keep <= high:
+            bound = "" if total is None else f" <= {total}"
+            raise ValueError(f"keep={keep!r} is invalid; expected an integer 1 <= keep{bound} (the number of source "
+                             f"{unit} kept)")
         return int(keep)
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio={ratio!r} is invalid; expected a number 0 <= ratio < 1 (the fraction of "
                          f"source {unit} removed)")
-    return max(1, int(round(total * (1.0 - float(ratio)))))
+    return max(1, int(round((1 if total is None else total) * (1.0 - float(ratio)))))
 
 
 def rank_classes(votes: Tensor, scores: Tensor, higher_score_first: bool) -> Tensor:
