@@ -30,7 +30,8 @@ def export_outputs(data, out: Union[str, os.PathLike], *, source=None, surrogate
                    arch: str = surrogates.DEFAULT_ARCH, train_config=None, image_size: Optional[int] = None,
                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                    device=None, batch_size: int = 256, seed: int = 0,
-                   workdir: Union[str, os.PathLike, None] = None, progress: bool = True) -> Path:
+                   workdir: Union[str, os.PathLike, None] = None, image_key: str = "image",
+                   label_key: str = "label", progress: bool = True) -> Path:
     """Runs the surrogate over `data` and writes the folder `out` (whole or not at all).
 
     data: any input fastvote.prune takes as a dataset (beton, registry name, Dataset).
@@ -41,11 +42,13 @@ def export_outputs(data, out: Union[str, os.PathLike], *, source=None, surrogate
     from fastvote.prune import open_view
 
     device = distributed.resolve_device(device)
+    surrogates.check_arguments(surrogate, arch, image_size, mean, std)  # before writing any beton
     workdir = inputs.workdir_path(workdir)
     progress = progress and distributed.is_main()
     with distributed.main_first():
-        target = inputs.resolve(data, "data", workdir, progress)
-        src = target if source is None else inputs.resolve(source, "source", workdir, progress)
+        keys = dict(image_key=image_key, label_key=label_key)
+        target = inputs.resolve(data, "data", workdir, progress, **keys)
+        src = target if source is None else inputs.resolve(source, "source", workdir, progress, **keys)
     if target.outputs is not None:
         raise ValueError(f"{target.description}: already precomputed outputs; expected images (a .beton, a "
                          "registry name or a Dataset)")
