@@ -169,7 +169,7 @@ def parse(method, given: Optional[Mapping[str, Any]] = None, *, defaults: Option
         raise TypeError(f"method={method!r} has type {type(method).__name__}; expected a method name such as "
                         f"'lm' or 'fm:metric=cosine' (one of {sorted(registry)})")
     base, colon, body = method.partition(":")
-    base = base.strip()
+    base = base.strip().lower()  # "LM" is lm
     if base not in registry:
         raise ValueError(f"method={method!r} is unknown; expected one of {sorted(registry)}, optionally with "
                          "options as 'name:key=value,...'")
