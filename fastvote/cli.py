@@ -47,11 +47,13 @@ def _add_surrogate_options(p: argparse.ArgumentParser) -> None:
 
 def _train_config(args):
     """A TrainConfig when a training option was given, else None (the API's default, TrainConfig(seed=seed))."""
-    from fastvote.train import TrainConfig
-
     given = {name: value for name, value in (("epochs", args.epochs), ("batch_size", args.train_batch_size),
                                              ("lr", args.lr)) if value is not None}
-    return TrainConfig(seed=args.seed, **given) if given else None
+    if not given:
+        return None
+    from fastvote.train import TrainConfig  # torchvision comes with it: seconds, so only when needed
+
+    return TrainConfig(seed=args.seed, **given)
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:

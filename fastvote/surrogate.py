@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 from fastvote import data as fvdata
-from fastvote import distributed, models
+from fastvote import distributed
 from fastvote.atomic import write_json
 from fastvote.inputs import Input, fingerprint_file, fingerprint_tensors
 
@@ -94,7 +94,7 @@ def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool =
     that json names the same key. Under torchrun: DDP, rank 0 writes.
     `threads`: torch's CPU thread count once the loader is built (FFCV sets its
     own). Returns (path, info)."""
-    from fastvote import train as fvtrain
+    from fastvote import models, train as fvtrain
 
     key = recipe.key(source.fingerprint)
     info_path = path.with_name(path.name + ".json")
@@ -219,16 +219,20 @@ def _preprocessing(own: Optional[dict], source: Input, image_size, mean, std, wh
         warnings.warn(f"the {what} records no {' or '.join(guessed)}; using the source's ({prep['resolution']} px, "
                       f"mean {[round(m, 3) for m in prep['mean']]}). If it was trained otherwise (e.g. 224 px, "
                       "ImageNet statistics), pass image_size=, mean=, std=", stacklevel=3)
-    for name in ("mean", "std"):
-        if len(prep[name]) != 3 or (name == "std" and min(prep[name]) <= 0):
-            raise ValueError(f"{name}={prep[name]} is invalid; expected 3 per-channel values"
-                             + (" > 0" if name == "std" else ""))
-    if isinstance(prep["resolution"], bool) or not isinstance(prep["resolution"], int) or prep["resolution"] < 1:
-        raise ValueError(f"image_size={prep['resolution']!r} is invalid; expected an integer >= 1 (px)")
+    _check_prep(prep["resolution"], prep["mean"], prep["std"])  # what the weights or the source gave, too
     # the weights' resize-then-crop, unless the user set the size: the eval loader's centre-crop ratio
     if image_size is None and own.get("resize"):
         prep["crop_ratio"] = prep["resolution"] / own["resize"]
     return prep
+
+
+def _check_prep(image_size, mean, std) -> None:
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size={image_size!r} is invalid; expected an integer >= 1 (px)")
+    for name, value in (("mean", mean), ("std", std)):
+        if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
+            raise ValueError(f"{name}={list(value)} is invalid; expected 3 per-channel values"
+                             + (" > 0" if name == "std" else ""))
 
 
 def check_arguments(surrogate, arch: str, image_size, mean, std) -> None:
@@ -239,13 +243,10 @@ def check_arguments(surrogate, arch: str, image_size, mean, std) -> None:
     elif surrogate is not None and not isinstance(surrogate, torch.nn.Module):
         raise TypeError(f"surrogate has type {type(surrogate).__name__}; expected None (train one), a checkpoint "
                         "path or an nn.Module")
+    from fastvote import models
+
     models.check_arch(arch)
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"image_size={image_size!r} is invalid; expected an integer >= 1 (px)")
-    for name, value in (("mean", mean), ("std", std)):
-        if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
-            raise ValueError(f"{name}={list(value)} is invalid; expected 3 per-channel values"
-                             + (" > 0" if name == "std" else ""))
+    _check_prep(image_size, mean, std)
 
 
 def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=None,
@@ -260,6 +261,7 @@ def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=
     .pth/.bin/.safetensors —, TorchScript, a pickled module); or an nn.Module
     (torchvision, timm, or any whose pooled features feed a final nn.Linear;
     otherwise wrap it with fastvote.models.as_classifier(module, features=...))."""
+    from fastvote import models  # here, not at the top: torchvision's import is seconds a bad argument need not pay
     if isinstance(surrogate, torch.nn.Module):
         model = models.as_classifier(surrogate)  # a Classifier passes through: as_classifier(m, features=...) first
         prep = _preprocessing(models.preprocessing_of(surrogate), source, image_size, mean, std, "module")

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_PIN="torch==2.14.1 torchvision==0.29.1"
-APT_PACKAGES="pkg-config libopencv-dev libturbojpeg0-dev ninja-build cmake g++ dataset-fashion-mnist"
+APT_PACKAGES="pkg-config libopencv-dev libturbojpeg0-dev ninja-build cmake g++ dataset-fashion-mnist opencv-doc"  # opencv-doc: real photos for the pretrained-surrogate example and tests
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # 1. System packages (FFCV needs the first three to build and to run).
