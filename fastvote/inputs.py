@@ -159,7 +159,7 @@ def _column(value, name: str) -> Column:
     return tensor
 
 
-def _check_outputs(outputs: Dict[str, Column], role: str) -> None:
+def _check_columns(outputs: Dict[str, Column], role: str) -> None:
     for name in ("logits", "features"):
         column = outputs.get(name)
         if column is None:
@@ -222,7 +222,7 @@ def _outputs_input(x: dict, role: str) -> Input:
     n = {len(v) for v in outputs.values()}
     if len(n) != 1:
         raise ValueError(f"{role}: the outputs have different row counts {({k: len(v) for k, v in outputs.items()})}")
-    _check_outputs(outputs, role)
+    _check_columns(outputs, role)
     labels = outputs.pop("labels", None)
     if labels is not None:
         labels = check_labels(labels.load() if isinstance(labels, NpyRows) else labels, role,
