@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/bench_pipeline")
     p.add_argument("--method", default="lm")
-    p.add_argument("--arch", default="tiny", help="the pretrained model (default: tiny)")
+    p.add_argument("--arch", default="small", help="the pretrained model (default: small, 16x the surrogate)")
     p.add_argument("--surrogate-arch", default="tiny")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--surrogate-epochs", type=int, default=6)

@@ -105,6 +105,9 @@ def _check_out(path: str, what: str = "--out") -> Path:
     return out
 
 
+DEFAULT_MAX_SIDE = 512  # px, ffcv-imagenet's long side for its ResNet-50 betons
+
+
 def cmd_data(args) -> int:
     from fastvote import data
 
@@ -114,14 +117,29 @@ def cmd_data(args) -> int:
             print(f"{name:16s} splits {', '.join(data.splits(name)):22s} "
                   f"{'ready' if lacking is None else 'missing: ' + lacking}")
         return 0
-    if args.image_folder:
-        path = data.write_image_folder(args.image_folder, args.out, max_resolution=args.max_resolution,
-                                       jpeg=args.jpeg)
+    folder = args.image_folder is not None
+    # An ImageFolder is photos: ffcv-imagenet's settings (JPEG, quality 90, long side
+    # at most 512). Registry datasets are small images: raw, exact pixels.
+    fmt = args.format or ("jpeg" if folder else "raw")
+    max_side = args.max_resolution if args.max_resolution is not None else (DEFAULT_MAX_SIDE if folder else None)
+    for flag, value, low, high in (("--max-resolution", max_side, 1, None), ("--jpeg-quality", args.jpeg_quality, 1, 100),
+                                   ("--workers", args.workers, 1, None)):
+        if value is not None and (value < low or (high is not None and value > high)):
+            raise ValueError(f"{flag}={value}: expected an integer >= {low}"
+                             + (f" and <= {high}" if high else ""))
+    options = dict(max_resolution=max_side, jpeg=fmt == "jpeg", jpeg_quality=args.jpeg_quality,
+                   num_workers=args.workers, progress=True)
+    if folder:
+        path = data.write_image_folder(args.image_folder, args.out, **options)
     else:
         name, _, split = args.name.partition(":")
-        path = data.write_offline(name, split or "train", args.out, max_resolution=args.max_resolution,
-                                  jpeg=args.jpeg)
-    print(f"wrote {path} (class names in {data.classes_path(path)})")
+        path = data.write_beton(data.get(name, split or "train"), args.out, **options)
+    names = data.read_classes(path) or []
+    shown = ", ".join(map(str, names[:5])) + (", ..." if len(names) > 5 else "")
+    print(f"wrote {path}: {data.read_columns(path)['labels'].size} images, {fmt}"
+          f"{f' (quality {args.jpeg_quality})' if fmt == 'jpeg' else ''}, long side <= {max_side or 'as given'}, "
+          f"{os.path.getsize(path) / 2**20:.1f} MiB; {len(names)} class names in {data.classes_path(path)}"
+          f"{f' ({shown})' if names else ''}")
     return 0
 
 
@@ -207,12 +225,16 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from fastvote.experiment import DEMO_METHODS, ExperimentConfig
+    from fastvote.experiment import DEMO, ExperimentConfig
 
-    print("[demo] haystack (30 source classes: Fashion-MNIST, MNIST digits, Animal-MNIST) -> sklearn digits "
-          "(10-shot); LM, FM and Random keeping 15, 10 and 6 classes, and the unpruned source; "
-          "tiny CNNs, linear probe. All data through FFCV.", flush=True)
-    return _run_experiment(ExperimentConfig(methods=DEMO_METHODS, device=args.device), args.out)
+    config = ExperimentConfig(**DEMO, device=args.device)
+    keeps = " and ".join(str(30 - round(30 * r)) for r in config.ratios)
+    print(f"[demo] haystack (30 source classes: Fashion-MNIST, MNIST digits, Animal-MNIST) -> sklearn digits "
+          f"(10-shot); {', '.join(m.upper() if len(m) == 2 else m.title() for m in config.methods)} keeping {keeps} "
+          f"classes, and the unpruned source; a {config.surrogate_arch} surrogate ({config.surrogate_epochs} epochs), "
+          f"a {config.arch} pretrained CNN ({config.epochs} epochs, 16x the surrogate's parameters), linear probe, "
+          f"{len(config.seeds)} seeds.", flush=True)
+    return _run_experiment(config, args.out)
 
 
 def _run_experiment(config, out) -> int:
@@ -268,9 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     w = dsub.add_parser("write", help="write a registry dataset or an ImageFolder tree to a .beton")
     w.add_argument("name", nargs="?", help="registry NAME[:SPLIT] (see `fastvote data list`)")
     w.add_argument("out", help="the .beton to write")
-    w.add_argument("--image-folder", help="write this ImageFolder tree instead of a registry dataset")
-    w.add_argument("--max-resolution", type=int, default=None)
-    w.add_argument("--jpeg", action="store_true", help="store JPEG instead of raw pixels (smaller, lossy)")
+    w.add_argument("--image-folder", metavar="ROOT",
+                   help="write this ImageFolder tree (ROOT/<class>/<image>) instead of a registry dataset")
+    w.add_argument("--format", choices=("jpeg", "raw"), default=None,
+                   help="how images are stored (default: jpeg for --image-folder, as ffcv-imagenet; raw, "
+                        "bit-exact, for registry datasets)")
+    w.add_argument("--max-resolution", type=int, default=None, metavar="PX",
+                   help=f"shrink images whose long side is larger (default: {DEFAULT_MAX_SIDE} for --image-folder, "
+                        "as ffcv-imagenet's ResNet-50 betons; none for registry datasets)")
+    w.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (default 90, ffcv-imagenet's)")
+    w.add_argument("--workers", type=int, default=None,
+                   help="processes reading and encoding images (default: all usable cores; the bytes do not depend on it)")
 
     s = sub.add_parser("surrogate", help="train a surrogate on a source")
     ssub = s.add_subparsers(dest="surrogate_command", required=True)
@@ -337,8 +367,9 @@ USER_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES)
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "data" and args.data_command == "write" and not (args.name or args.image_folder):
-        build_parser().error("data write: give a registry NAME[:SPLIT] or --image-folder ROOT")
+    if args.command == "data" and args.data_command == "write" and bool(args.name) == bool(args.image_folder):
+        build_parser().error(f"data write: give a registry NAME[:SPLIT] or --image-folder ROOT, not "
+                             f"{'both' if args.name else 'neither'}")
     handler = {"data": cmd_data, "surrogate": cmd_surrogate, "prune": cmd_prune, "features": cmd_features,
                "experiment": cmd_experiment, "demo": cmd_demo}[args.command]
     from fastvote import distributed

@@ -18,7 +18,7 @@ from fastvote.models import (ARCHS, IMAGENET_MEAN, IMAGENET_STD, as_classifier, 
                              load_surrogate, preprocessing_of, save_checkpoint, vit_patch_size)
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
-                "tiny": 64, "vit_b_16": 768, "vit_s_16": 384, "vit_t_16": 192}
+                "tiny": 64, "small": 256, "vit_b_16": 768, "vit_s_16": 384, "vit_t_16": 192}
 VITS = ("vit_b_16", "vit_s_16", "vit_t_16")
 
 
