@@ -106,7 +106,8 @@ def test_ffcv_reads_our_betons(tmp_path, jpeg):
     for (image, label, identifier), (want, want_label), i in zip(ours, items, range(99)):
         assert (label, identifier) == (want_label, i) and image.shape == want.shape
         if jpeg:
-            assert np.abs(image.astype(int) - want).mean() < 8  # JPEG q90 of small detailed photos (another photo: > 30)
+            # JPEG q90 of small detailed photos
+            assert np.abs(image.astype(int) - want).mean() < 8
         else:
             assert np.array_equal(image, want)
     loader = Loader(str(path), batch_size=3, num_workers=1, order=OrderOption.SEQUENTIAL,

@@ -15,7 +15,8 @@ __all__ = [
     "ArrayDataset", "get", "names", "options", "splits", "missing", "split_indices", "cache_dir",
     "write_beton", "write_image_folder", "write_offline", "read_classes", "read_wnids",
     "classes_path", "sample_of", "dataset_classes", "iter_samples", "read_columns",
-    "eval_loader", "train_loader", "set_resolution", "backend", "default_crop", "channel_stats", "IMAGENET_MEAN", "IMAGENET_STD",
+    "eval_loader", "train_loader", "set_resolution", "backend", "default_crop", "channel_stats",
+    "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 
 from .bias import BiasPlan, BiasSpec, bias_path, plan_bias, read_bias, write_biased  # noqa: E402

@@ -218,22 +218,24 @@ def _cache_ffcv_compiles() -> None:
     FFCV compiles its pipeline with numba when a loader is built and on its first batch,
     without numba's cache: every process paid it again (measured on this 2-core VM
     under load: 39-45 s). numba keys a cached closure by its code and captured values, so
-    a changed pipeline compiles anew; only the image decoder cannot be cached (it holds
-    ctypes pointers), so a later process pays ~5 s. FFCV has no option for it: its
+    a changed pipeline compiles anew; only the image decoder and its C calls cannot be cached
+    (they hold ctypes pointers), so a later process pays ~5 s. FFCV has no option for it: its
     compiler module's ``njit`` is swapped for one with ``cache=True``.
     """
     global _caching
+    import numba
+
+    # each time: pytest restores the filters after every test
+    warnings.filterwarnings("ignore", message=r"Cannot cache compiled function",
+                            category=numba.NumbaWarning)
     if _caching:
         return
     _caching = True
     import functools
 
-    import numba
     from ffcv.pipeline import compiler
 
     compiler.njit = functools.partial(numba.njit, cache=True)
-    warnings.filterwarnings("ignore", message=r"Cannot cache compiled function",
-                            category=numba.NumbaWarning)
     log.info("compiling FFCV's pipeline with numba: ~40 s on a 2-core CPU in the first "
              "process, ~5 s in later ones (numba's cache; the decoder is compiled each time)")
 
@@ -308,8 +310,8 @@ def eval_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
         raise ValueError(f"crop_ratio={crop_ratio!r}: expected 0 < crop_ratio <= 1, the centre "
                          f"crop's side over the short side (0.875 = ImageNet's 224 of 256)")
     return _loader(path, batch_size, ("center", {"ratio": float(crop_ratio)}), resolution,
-                   mean=mean, std=std, indices=indices,
-                   order=order, distributed=distributed, device=device,
+                   mean=mean, std=std, indices=indices, order=order,
+                   distributed=distributed, device=device,
                    num_workers=num_workers, drop_last=drop_last,
                    with_identifier=with_identifier, seed=seed)
 
@@ -330,8 +332,9 @@ def train_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
     """
     _check(resolution, mean, std, order)
     crop = ("random", {"scale": tuple(scale), "ratio": tuple(ratio), "flip": bool(flip)})
-    return _loader(path, batch_size, crop, resolution, mean=mean, std=std, indices=indices, order=order, distributed=distributed,
-                   device=device, num_workers=num_workers, drop_last=drop_last,
+    return _loader(path, batch_size, crop, resolution, mean=mean, std=std, indices=indices,
+                   order=order, distributed=distributed, device=device,
+                   num_workers=num_workers, drop_last=drop_last,
                    with_identifier=with_identifier, seed=seed)
 
 
