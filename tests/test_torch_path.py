@@ -170,6 +170,24 @@ def test_page_size_fits_the_largest_sample(tmp_path):
             zip(data.iter_samples(path), [small, big, tiny])] == [True] * 3
 
 
+@needs_photos
+def test_without_cv2_pil_resizes_and_codes_as_cv2_up_to_rounding(monkeypatch):
+    cv2 = pytest.importorskip("cv2")
+    image = photo_items(1)[0][0]
+    with_cv2 = (beton_format.resize(image, 100), torch_loaders.resize_to(image[:90, :90], 40),
+                torch_loaders.resize_to(image[:30, :30], 40))
+    monkeypatch.setattr(beton_format, "_cv2", lambda: None)
+    with_pil = (beton_format.resize(image, 100), torch_loaders.resize_to(image[:90, :90], 40),
+                torch_loaders.resize_to(image[:30, :30], 40))
+    for ours, theirs in zip(with_pil, with_cv2):  # BOX = INTER_AREA shrinking; bilinear growing
+        difference = np.abs(ours.astype(int) - theirs)
+        assert ours.shape == theirs.shape and difference.mean() < 2.5, difference.mean()
+    coded = beton_format.encode(image, jpeg=True, quality=90, max_resolution=None)[3]
+    assert bytes(coded[:2]) == b"\xff\xd8"  # a JPEG, PIL's
+    decoded = beton_format.decode_jpeg(coded)  # by PIL too
+    assert decoded.shape == image.shape and np.abs(decoded.astype(int) - image).mean() < 3
+
+
 # --- (c) the torch loaders: FFCV's order and batches --------------------------------------
 
 def test_random_crop_is_ffcvs_rule():
