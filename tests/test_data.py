@@ -176,9 +176,9 @@ def test_import_does_not_need_ffcv(monkeypatch):
     root = str(Path(__file__).resolve().parents[1])
     subprocess.run([sys.executable, "-c", code], check=True,
                    env={**os.environ, "PYTHONPATH": root})
+    monkeypatch.delenv("FASTVOTE_LOADER", raising=False)
     monkeypatch.setitem(sys.modules, "ffcv", None)  # as if it were not installed
-    with pytest.raises(ImportError, match=r"pip install ffcv==1\.0\.2"):
-        data.eval_loader("x.beton", 8, resolution=8, mean=(0, 0, 0), std=(1, 1, 1))
+    assert data.backend() == "torch"  # the loaders fall back (tests/test_torch_path.py)
 
 
 # --- betons and loaders ---------------------------------------------------------------

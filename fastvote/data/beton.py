@@ -13,8 +13,10 @@ not at all: they are written under temporary names in the target folder
 (``fastvote.atomic``) and renamed when complete (the beton first, then its sidecar).
 Readers raise a ValueError naming a file that is not a whole beton.
 
-FFCV (``pip install ffcv==1.0.2``, which builds against the apt packages pkg-config,
-libopencv-dev and libturbojpeg0-dev) is imported only when a function here is called.
+Betons are FFCV 1.0.2's format, written and read by ``format`` with numpy alone, so
+writing and reading need no FFCV (``pip install ffcv==1.0.2``, which builds against the
+apt packages pkg-config, libopencv-dev and libturbojpeg0-dev); FFCV's loaders read them.
+Resizing and JPEG use cv2 where it is installed (FFCV's bytes), PIL otherwise.
 """
 from __future__ import annotations
 
@@ -37,12 +39,12 @@ from tqdm import tqdm
 
 from .. import progress as bars
 from ..atomic import atomic_path, remove_stale
+from . import format as beton_format
 from .registry import get
 
 FFCV_INSTALL = ("pip install ffcv==1.0.2 (it builds from source and needs "
                 "apt-get install -y pkg-config libopencv-dev libturbojpeg0-dev)")
 JPEG_QUALITY = 90
-MIN_PAGE_SIZE = 8 << 20  # ffcv's default page; a raw sample must fit in one page
 CHUNK = 100              # samples handed to a reading process at a time
 FIELDS = ("image", "label", "identifier")
 
@@ -216,23 +218,17 @@ def sample_of(item: Any, *, image_key: str = "image",
 
 
 class _Samples:
-    """What the reading processes produce: ``samples[i]`` -> (the image's metadata row,
-    its stored bytes, label, i), encoded by ffcv's own ``image`` field (resize, JPEG),
-    so that all the costly work happens there and the writer only places bytes."""
+    """What the reading processes produce: ``samples[i]`` -> (mode, height, width, stored
+    bytes, label, i), encoded as FFCV's ``image`` field stores it (``format.encode``:
+    resize, JPEG), so that all the costly work happens there and the writer only places
+    bytes."""
 
-    def __init__(self, dataset, field, page_size: int, image_key: str, label_key: str):
+    def __init__(self, dataset, encoding: dict, image_key: str, label_key: str):
         self.dataset = dataset
-        self.field = field
-        self.page_size = page_size
+        self.encoding = encoding
         self.keys = {"image_key": image_key, "label_key": label_key}
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-        stored = []
-
-        def malloc(size: int):
-            stored.append(np.empty(size, np.uint8))
-            return 0, stored[-1]  # the pointer is set where the writer places the bytes
-
+    def __getitem__(self, index: int) -> tuple[int, int, int, np.ndarray, int, int]:
         try:
             item = self.dataset[index]
         except ValueError:
@@ -243,24 +239,13 @@ class _Samples:
             image, label = sample_of(item, **self.keys)
         except (TypeError, ValueError) as e:
             raise type(e)(f"dataset[{index}]: {e}") from None
-        row = np.zeros(1, self.field.metadata_type)
         try:
-            self.field.encode(row, image, malloc)
+            mode, height, width, data = beton_format.encode(image, **self.encoding)
+        except ValueError as e:
+            raise ValueError(f"dataset[{index}]: {e}") from None
         except Exception as e:
             raise RuntimeError(f"dataset[{index}]: encoding its image failed: {e!r}") from e
-        (data,) = stored
-        if data.nbytes > self.page_size:
-            raise ValueError(f"image {index} is {row['height'][0]}x{row['width'][0]} stored in "
-                             f"{data.nbytes} bytes, more than a page ({self.page_size}); pass "
-                             f"a smaller max_resolution= or jpeg=True")
-        return row, data, label, int(index)
-
-
-def _page_size(max_resolution: int | None) -> int:
-    """A power of two that holds the largest raw image ``max_resolution`` allows."""
-    if not max_resolution:
-        return MIN_PAGE_SIZE
-    return max(MIN_PAGE_SIZE, 1 << (3 * max_resolution ** 2 - 1).bit_length())
+        return mode, height, width, data, label, int(index)
 
 
 _READING: _Samples | None = None  # a reading process's samples, inherited through fork
@@ -295,9 +280,9 @@ def _read_ahead(samples: _Samples, order: np.ndarray, num_workers: int) -> Itera
             yield from chunk
 
 
-def _fill(writer, samples: _Samples, order: np.ndarray, num_workers: int, desc: str,
+def _fill(path: Path, samples: _Samples, order: np.ndarray, num_workers: int, desc: str,
           progress: bool) -> None:
-    """Write every sample of ``order`` into the beton that ``writer`` names.
+    """Write every sample of ``order`` into the beton at ``path``.
 
     ffcv's own writer lets each of its processes book the next free page whenever its
     own is full and collects their allocation tables in the order they finish, so the
@@ -305,33 +290,19 @@ def _fill(writer, samples: _Samples, order: np.ndarray, num_workers: int, desc: 
     read and encode the samples, and this one places them in file order, page after
     page, as ffcv does with one worker: the file is a function of the input.
     """
-    from ffcv.memory_allocator import MemoryAllocator
-
-    writer.num_samples = len(order)
-    writer.prepare()  # writes the header, creates the metadata block in shared memory
+    writer = beton_format.Writer(path)
     try:
-        allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
-        metadata = np.frombuffer(writer.metadata_sm.buf, dtype=writer.metadata_type)
-        images, labels, identifiers = (metadata[name] for name in writer.metadata_type.names)
-        try:
-            with contextlib.closing(_read_ahead(samples, order, num_workers)) as loaded, \
-                    allocator:
-                for position, (row, data, label, index) in enumerate(tqdm(
-                        loaded, total=len(order), unit="img", desc=f"writing {desc}",
-                        disable=bars.disable(progress))):
-                    allocator.set_current_sample(position)
-                    row["data_ptr"], page = allocator.malloc(data.nbytes)
-                    page[:] = data
-                    images[position], labels[position], identifiers[position] = row[0], label, index
-        except (TypeError, ValueError, RuntimeError) as e:
-            kind = type(e) if isinstance(e, (TypeError, ValueError)) else RuntimeError
-            raise kind(f"writing {desc} failed, nothing was written: {e}") from e
-        finally:
-            del metadata, images, labels, identifiers  # views that keep the shared memory open
-        writer.finalize(allocator.allocations)  # the metadata and the allocation table
+        with contextlib.closing(_read_ahead(samples, order, num_workers)) as loaded:
+            for mode, height, width, data, label, index in tqdm(
+                    loaded, total=len(order), unit="img", desc=f"writing {desc}",
+                    disable=bars.disable(progress)):
+                writer.add(mode, height, width, data, label, index)
+        writer.finish()
+    except (TypeError, ValueError, RuntimeError) as e:
+        kind = type(e) if isinstance(e, (TypeError, ValueError)) else RuntimeError
+        raise kind(f"writing {desc} failed, nothing was written: {e}") from e
     finally:
-        writer.metadata_sm.close()
-        writer.metadata_sm.unlink()
+        writer.close()  # the spool file
 
 
 def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | None = None,
@@ -350,7 +321,8 @@ def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | No
             sample's position is stored as its ``identifier``.
         classes: class names for the sidecar (default: ``dataset_classes(dataset,
             label_key)``: a Hugging Face ClassLabel's names, or ``dataset.classes``).
-        max_resolution: shrink images whose long side is larger (cv2 INTER_AREA).
+        max_resolution: shrink images whose long side is larger (cv2's INTER_AREA, or
+            PIL's BOX without cv2).
         jpeg: store JPEG (quality ``jpeg_quality``) instead of raw pixels.
         num_workers: processes that read and encode the samples (default: all usable
             cores); the bytes written do not depend on it.
@@ -366,10 +338,6 @@ def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | No
         raise TypeError(f"dataset: a {type(dataset).__name__} with keys "
                         f"{sorted(map(str, dataset))}; expected one map-style dataset, e.g. "
                         f"dataset[{next(iter(dataset), 'train')!r}]")
-    require_ffcv()
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
     path = Path(path)
     if len(dataset) == 0:
         raise ValueError(f"dataset is empty: nothing to write to {path}")
@@ -382,21 +350,15 @@ def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | No
                          f"length), got min {order.min()} and max {order.max()}")
     if classes is None:
         classes = dataset_classes(dataset, label_key)
-    page_size = _page_size(max_resolution)
     num_workers = max(1, min(num_workers or default_workers(), -(-len(order) // CHUNK)))
-    fields = {
-        "image": RGBImageField(write_mode="jpg" if jpeg else "raw", max_resolution=max_resolution,
-                               jpeg_quality=jpeg_quality),
-        "label": IntField(),
-        "identifier": IntField(),
-    }
-    samples = _Samples(dataset, fields["image"], page_size, image_key, label_key)
+    encoding = {"jpeg": bool(jpeg), "quality": int(jpeg_quality),
+                "max_resolution": max_resolution}
+    samples = _Samples(dataset, encoding, image_key, label_key)
     sidecar = _sidecar(classes, len(order))
     remove_stale(path.parent)  # the half-written betons of killed writers
     # The inner manager renames first: the beton, then its sidecar.
     with atomic_path(classes_path(path)) as sidecar_tmp, atomic_path(path) as beton_tmp:
-        writer = DatasetWriter(str(beton_tmp), fields, page_size=page_size, num_workers=num_workers)
-        _fill(writer, samples, order, num_workers, path.name, progress)
+        _fill(beton_tmp, samples, order, num_workers, path.name, progress)
         sidecar_tmp.write_text(json.dumps(sidecar, indent=1))
     return path
 
@@ -442,65 +404,20 @@ def write_offline(name: str, split: str, path: str | os.PathLike, *,
                        progress=progress)
 
 
-def _check_whole(path: Path) -> None:
-    """Raise a ValueError naming ``path`` unless it starts with a beton header and ends
-    with the allocation table where that header puts it (``_open`` then checks every
-    image against the table). On such files ffcv raises an AssertionError ("file format
-    mismatch"), an IndexError or "negative dimensions are not allowed"."""
-    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
-
-    expected = "expected a .beton written by fastvote.data.write_beton"
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError(f"{path} is empty (0 bytes); {expected}")
-    header = np.fromfile(path, dtype=HeaderType, count=1)
-    if len(header) == 0 or header[0]["version"] != CURRENT_VERSION:
-        raise ValueError(f"{path} is not an FFCV .beton (its first bytes are no format "
-                         f"{CURRENT_VERSION} beton header); {expected}")
-    table = int(header[0]["alloc_table_ptr"])
-    data_start = HeaderType.itemsize + int(header[0]["num_fields"]) * FieldDescType.itemsize
-    if not data_start <= table <= size or (size - table) % ALLOC_TABLE_TYPE.itemsize:
-        raise ValueError(f"{path} is truncated or damaged: it has {size} bytes and its header "
-                         f"puts the allocation table at byte {table}; {expected}, whole")
-
-
-def _open(path: str | os.PathLike):
+def _open(path: str | os.PathLike) -> tuple[beton_format.Reader, dict]:
     """A beton's reader and its metadata columns by field name, checking the file and
-    its fields."""
-    require_ffcv()
-    from ffcv.reader import Reader
-
-    _check_whole(Path(path))
-    reader = Reader(str(path))
-    missing = set(FIELDS) - set(reader.field_names)
-    if missing:
-        raise ValueError(f"{path} lacks the field(s) {sorted(missing)}; expected {list(FIELDS)} "
-                         f"(write it with fastvote.data.write_beton)")
-    column = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
-    images = column["image"]["data_ptr"]
-    if len(images) != reader.num_samples or not np.isin(images, reader.alloc_table["ptr"]).all():
-        raise ValueError(f"{path} is truncated or damaged: its metadata or allocation table "
-                         f"lacks samples; expected a .beton written by "
-                         f"fastvote.data.write_beton, whole")
-    return reader, column
+    its fields (a ValueError naming a file that is not a whole beton of fastvote's)."""
+    reader = beton_format.Reader(path)
+    return reader, reader.columns
 
 
 def iter_samples(path: str | os.PathLike) -> Iterator[tuple[np.ndarray, int, int]]:
     """Read a beton back in file order without a loader: (uint8 (H, W, 3), label, identifier)."""
-    import cv2
-
     reader, column = _open(path)
-    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    for image, label, identifier in zip(column["image"], column["label"], column["identifier"]):
-        start = int(image["data_ptr"])
-        stored = data[start:start + sizes[start]]
-        height, width = int(image["height"]), int(image["width"])
-        if image["mode"] == 0:  # jpg
-            pixels = cv2.cvtColor(cv2.imdecode(stored, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        else:
-            pixels = np.array(stored).reshape(height, width, 3)
-        yield pixels, int(label), int(identifier)
+    images = beton_format.Images(reader)
+    for i, (label, identifier) in enumerate(zip(column["label"].tolist(),
+                                                column["identifier"].tolist())):
+        yield np.array(images[i]), int(label), int(identifier)
 
 
 def read_columns(path: str | os.PathLike) -> dict:

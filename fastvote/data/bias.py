@@ -42,6 +42,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from .beton import _open, classes_path, read_classes, read_columns, read_wnids, write_beton
+from .format import Images
 
 TEXT_KEYS = ("label_noise", "imbalance", "classes", "seed")
 
@@ -208,33 +209,16 @@ class _BetonRows:
     process maps its own."""
 
     def __init__(self, path: Path, positions: np.ndarray, labels: np.ndarray):
-        reader, column = _open(path)
-        images = column["image"][positions]
-        table = np.sort(reader.alloc_table, order="ptr")
-        slot = np.searchsorted(table["ptr"], images["data_ptr"])
-        self.path = path
+        reader, _ = _open(path)
+        self.images = Images(reader)
+        self.positions = positions
         self.labels = labels
-        self.starts = images["data_ptr"].astype(np.int64)
-        self.sizes = table["size"][slot].astype(np.int64)
-        self.shapes = np.stack([images["height"], images["width"]], 1).astype(np.int64)
-        self.jpeg = images["mode"] == 0
-        self._data = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        import cv2
-
-        if self._data is None:
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
-        start = self.starts[index]
-        stored = self._data[start:start + self.sizes[index]]
-        if self.jpeg[index]:
-            pixels = cv2.cvtColor(cv2.imdecode(stored, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        else:
-            pixels = np.array(stored).reshape(*self.shapes[index], 3)
-        return pixels, int(self.labels[index])
+        return np.array(self.images[int(self.positions[index])]), int(self.labels[index])
 
 
 def bias_path(path: str | os.PathLike) -> Path:

@@ -1,4 +1,5 @@
-"""FFCV loader pipelines over the betons of ``beton.py``.
+"""Train and eval loaders over the betons of ``beton.py``: FFCV pipelines, or torch
+DataLoaders (``torch_loaders.py``) where FFCV is not installed (``backend()``).
 
 Both loaders yield ``(images, labels)`` — or ``(images, labels, identifiers)`` with
 ``with_identifier=True`` — where ``images`` is float32 (B, 3, resolution, resolution),
@@ -11,19 +12,25 @@ batch buffers, which it reuses a few batches later: ``.clone()`` the ones you ke
 ``indices=`` are sample positions in the SOURCE dataset, i.e. the ``identifier`` field,
 so a subset means the same samples whether the beton holds the whole source or a part.
 
-The result is an ``ffcv.loader.Loader``: ``len()``, iteration, one epoch per ``for``.
-Building one sets numba's AND torch's thread counts to ``num_workers`` (ffcv does so).
+The result is an ``ffcv.loader.Loader``, or a ``torch_loaders.BetonLoader`` that yields
+the same batches in the same order: ``len()``, ``batch_size``, ``next_epoch``, iteration,
+one epoch per ``for``; ``set_resolution`` changes its output side between epochs.
+Building an FFCV one sets numba's AND torch's thread counts to ``num_workers`` (ffcv does so).
+The environment variable FASTVOTE_LOADER=torch picks the torch loaders even with FFCV.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
+import warnings
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .beton import _open, default_workers, iter_samples, require_ffcv, sample_of
+from .beton import FFCV_INSTALL, _open, default_workers, iter_samples, require_ffcv, sample_of
 
 # torchvision's ImageNet statistics, on the 0..1 scale.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,6 +50,58 @@ def default_crop(resolution: int) -> dict:
         return {"scale": (1.0, 1.0), "ratio": (1.0, 1.0)}
     return {"scale": CROP_SCALE, "ratio": CROP_RATIO}
 ORDERS = ("sequential", "random")
+BACKENDS = ("ffcv", "torch")
+_warned = False  # the torch path's warning: once a process
+log = logging.getLogger(__name__)
+
+
+def backend() -> str:
+    """The loaders' backend: "ffcv" where ``import ffcv`` works, else "torch" (which the
+    environment variable FASTVOTE_LOADER=torch also picks; =ffcv insists on FFCV)."""
+    forced = os.environ.get("FASTVOTE_LOADER", "")
+    if forced not in ("", *BACKENDS):
+        raise ValueError(f"FASTVOTE_LOADER={forced!r}: expected one of {list(BACKENDS)} or unset")
+    if forced == "torch":
+        return "torch"
+    if forced == "ffcv":
+        require_ffcv()
+        return "ffcv"
+    try:
+        import ffcv  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "ffcv"
+
+
+def _announce_torch() -> None:
+    """Warn, once a process, that the loaders run without FFCV and what that costs."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    why = ("FASTVOTE_LOADER=torch" if os.environ.get("FASTVOTE_LOADER") == "torch"
+           else "FFCV is not installed")
+    warnings.warn(f"{why}: fastvote's loaders read the betons with torch DataLoaders, several "
+                  f"times slower than FFCV at decoding, cropping and normalising images "
+                  f"(writing betons and everything else are unchanged); for the fast path: "
+                  f"{FFCV_INSTALL}", stacklevel=4)  # the caller of train_loader / eval_loader
+
+
+def set_resolution(loader, resolution: int) -> None:
+    """Make ``loader`` (``train_loader`` / ``eval_loader``'s) crop to ``resolution`` px
+    from its next epoch on (progressive resolution). Call it between epochs."""
+    if not isinstance(resolution, (int, np.integer)) or resolution < 1:
+        raise ValueError(f"resolution={resolution!r}: expected an int >= 1 (output side in px)")
+    decoder = getattr(loader, "_fastvote_decoder", None)
+    if decoder is not None:
+        # As ffcv-imagenet's train_imagenet.py: each epoch allocates its buffers from the
+        # decoder's output_size, and the compiled code takes any size (no recompiling).
+        decoder.output_size = (int(resolution), int(resolution))
+    elif hasattr(loader, "resolution") and hasattr(loader, "crop"):
+        loader.resolution = int(resolution)
+    else:
+        raise TypeError(f"loader: a {type(loader).__name__}; expected one made by "
+                        f"fastvote.data.train_loader or eval_loader")
 
 
 class _Normalize(torch.nn.Module):
@@ -127,15 +186,73 @@ def _ignore_numba_finalizer_errors() -> None:
     sys.unraisablehook = hook
 
 
-def _loader(path, batch_size: int, decoder, augment: list, *, mean, std, indices,
-            order: str, distributed: bool, device, num_workers: int | None, drop_last: bool,
-            with_identifier: bool, seed: int):
+def _loader(path, batch_size: int, crop: tuple[str, dict], resolution: int, **kw):
+    """The loader for the backend: FFCV's pipeline or the torch DataLoader."""
+    if backend() == "torch":
+        _announce_torch()
+        from .torch_loaders import BetonLoader
+
+        reader, _ = _open(path)  # a file that is not a whole beton: a ValueError naming it
+        kw["positions"] = _positions(reader, kw.pop("indices"))
+        kw["num_workers"] = kw["num_workers"] or default_workers()
+        return BetonLoader(path, batch_size, crop=crop, resolution=resolution, **kw)
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.transforms import RandomHorizontalFlip
+
+    kind, options = crop
+    size = (resolution, resolution)
+    if kind == "center":
+        decoder, augment = CenterCropRGBImageDecoder(size, ratio=options["ratio"]), []
+    else:
+        decoder = RandomResizedCropRGBImageDecoder(size, scale=options["scale"],
+                                                   ratio=options["ratio"])
+        augment = [RandomHorizontalFlip()] if options["flip"] else []
+    loader = _ffcv_loader(path, batch_size, decoder, augment, **kw)
+    loader._fastvote_decoder = decoder  # for set_resolution
+    return loader
+
+
+def _cache_ffcv_compiles() -> None:
+    """Let numba cache FFCV's compiled pipeline functions on disk, once a process.
+
+    FFCV compiles its pipeline with numba when a loader is built and on its first batch,
+    without numba's cache: every process paid it again (measured on this 2-core VM
+    under load: 39-45 s). numba keys a cached closure by its code and captured values, so
+    a changed pipeline compiles anew; only the image decoder and its C calls cannot be cached
+    (they hold ctypes pointers), so a later process pays ~5 s. FFCV has no option for it: its
+    compiler module's ``njit`` is swapped for one with ``cache=True``.
+    """
+    global _caching
+    import numba
+
+    # each time: pytest restores the filters after every test
+    warnings.filterwarnings("ignore", message=r"Cannot cache compiled function",
+                            category=numba.NumbaWarning)
+    if _caching:
+        return
+    _caching = True
+    import functools
+
+    from ffcv.pipeline import compiler
+
+    compiler.njit = functools.partial(numba.njit, cache=True)
+    log.info("compiling FFCV's pipeline with numba: ~40 s on a 2-core CPU in the first "
+             "process, ~5 s in later ones (numba's cache; the decoder is compiled each time)")
+
+
+_caching = False  # whether _cache_ffcv_compiles has run in this process
+
+
+def _ffcv_loader(path, batch_size: int, decoder, augment: list, *, mean, std, indices,
+                 order: str, distributed: bool, device, num_workers: int | None,
+                 drop_last: bool, with_identifier: bool, seed: int):
     """The pipeline both loaders share: decode -> augment -> tensor -> device -> normalise."""
     from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ModuleWrapper, NormalizeImage, ToDevice, ToTensor, ToTorchImage
 
     _ignore_numba_finalizer_errors()
+    _cache_ffcv_compiles()
 
     reader, _ = _open(path)  # a file that is not a whole beton: a ValueError naming it
     device = torch.device(device)
@@ -181,7 +298,8 @@ def eval_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
         order: "sequential" or "random" (seeded by ``seed``).
         distributed: shard over the torch.distributed ranks (it must be initialised).
         device: where batches end up ("cpu", "cuda", "cuda:1", ...).
-        num_workers: decoding threads (default: all usable cores).
+        num_workers: decoding threads (FFCV) or processes (torch; 1: this one); default:
+            all usable cores.
         drop_last: drop the last, partial batch.
         with_identifier: also yield the int64 (B,) identifiers.
         crop_ratio: the crop's side over the image's short side; 1 keeps the whole
@@ -191,12 +309,9 @@ def eval_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
     if not 0 < crop_ratio <= 1:  # NaN fails this too
         raise ValueError(f"crop_ratio={crop_ratio!r}: expected 0 < crop_ratio <= 1, the centre "
                          f"crop's side over the short side (0.875 = ImageNet's 224 of 256)")
-    require_ffcv()
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder
-
-    decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=float(crop_ratio))
-    return _loader(path, batch_size, decoder, [], mean=mean, std=std, indices=indices,
-                   order=order, distributed=distributed, device=device,
+    return _loader(path, batch_size, ("center", {"ratio": float(crop_ratio)}), resolution,
+                   mean=mean, std=std, indices=indices, order=order,
+                   distributed=distributed, device=device,
                    num_workers=num_workers, drop_last=drop_last,
                    with_identifier=with_identifier, seed=seed)
 
@@ -212,18 +327,14 @@ def train_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
     random horizontal flip (``flip``; turn it off for digits and text, whose mirror
     images are other glyphs), normalise. Arguments as for ``eval_loader``.
 
-    ``seed`` fixes the sample order; the crops and flips come from numba's generator,
-    which ffcv does not seed.
+    ``seed`` fixes the sample order; with FFCV the crops and flips come from numba's
+    generator, which ffcv does not seed; the torch loaders seed them by (seed, epoch, batch).
     """
     _check(resolution, mean, std, order)
-    require_ffcv()
-    from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
-    from ffcv.transforms import RandomHorizontalFlip
-
-    decoder = RandomResizedCropRGBImageDecoder((resolution, resolution), scale=scale, ratio=ratio)
-    return _loader(path, batch_size, decoder, [RandomHorizontalFlip()] if flip else [],
-                   mean=mean, std=std, indices=indices, order=order, distributed=distributed,
-                   device=device, num_workers=num_workers, drop_last=drop_last,
+    crop = ("random", {"scale": tuple(scale), "ratio": tuple(ratio), "flip": bool(flip)})
+    return _loader(path, batch_size, crop, resolution, mean=mean, std=std, indices=indices,
+                   order=order, distributed=distributed, device=device,
+                   num_workers=num_workers, drop_last=drop_last,
                    with_identifier=with_identifier, seed=seed)
 
 
