@@ -92,7 +92,6 @@ __host__ __device__ constexpr size_t smem_bytes(int k, int hist_bins) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 2) fused_kernel(const Args<scalar_t> a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  unsigned long long* hist = reinterpret_cast<unsigned long long*>(smem);
   float* scratch = reinterpret_cast<float*>(smem + hist_bytes(a.hist_bins));
   float* list_keys = scratch + kScratchFloats;
   int* list_idx = reinterpret_cast<int*>(list_keys + kBM * a.k);
@@ -107,9 +106,9 @@ __global__ void __launch_bounds__(kThreads, 2) fused_kernel(const Args<scalar_t>
   const int tx = tid % (kBN / kTN);  // centroids tx*4 + [0,4) and 64 + tx*4 + [0,4)
   const int k = a.k;
   const bool cosine = a.metric == Metric::Cosine;
-  const VoteSink sink{a.hist_bins > 0 ? hist : nullptr, a.votes};
+  const VoteSink sink = make_sink(smem, a.hist_bins, a.votes);
 
-  hist_clear(hist, a.hist_bins);
+  hist_clear(sink, a.hist_bins);
 
   for (int64_t item = blockIdx.x; item < a.items; item += gridDim.x) {
     const int64_t tile = item / a.splits;
@@ -329,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_kernel(const Args<scalar_t>
     }
     __syncthreads();
   }
-  if (a.hist_bins > 0) hist_flush(hist, a.hist_bins, a.votes);
+  hist_flush(sink, a.hist_bins);
 }
 
 }  // namespace fm
