@@ -196,6 +196,36 @@ std::pair<int64_t, int64_t> choose_splits(int64_t row_tiles, int64_t col_tiles, 
   return best;
 }
 
+// How the fused kernel reads the operands (fm_kernel.cuh, Layout): vector
+// loads when both the feature rows and the centroid rows are 4-element
+// aligned runs along D (16-bit and 32-bit inputs), row-fastest reads for a
+// transposed feature matrix.
+fm::Layout fused_layout(const at::Tensor& features, const Centroids& c) {
+  const int64_t n = features.size(0);
+  const int64_t bytes = static_cast<int64_t>(features.element_size());
+  const bool x_vec = features.stride(1) == 1 &&
+                     reinterpret_cast<uintptr_t>(features.const_data_ptr()) % (4 * bytes) == 0 &&
+                     (n <= 1 || features.stride(0) % 4 == 0);
+  const bool c_vec = c.storage.stride(1) == 1 &&
+                     reinterpret_cast<uintptr_t>(c.storage.const_data_ptr()) % 16 == 0 &&
+                     (c.count() <= 1 || c.storage.stride(0) % 4 == 0);
+  if (bytes <= 4 && c.dim() % 4 == 0 && x_vec && c_vec) return fm::Layout::Rows4;
+  if (features.stride(0) == 1 && features.stride(1) != 1) return fm::Layout::Cols;
+  return fm::Layout::Rows;
+}
+
+template <typename scalar_t>
+auto fused_kernel_for(fm::Layout layout) {
+  switch (layout) {
+    case fm::Layout::Rows4:
+      // 4 elements of at most 16 bytes (not float64, which fused_layout never reads so).
+      if constexpr (sizeof(scalar_t) <= 4) return fm::fused_kernel<scalar_t, fm::Layout::Rows4>;
+      return fm::fused_kernel<scalar_t, fm::Layout::Rows>;
+    case fm::Layout::Cols: return fm::fused_kernel<scalar_t, fm::Layout::Cols>;
+    default: return fm::fused_kernel<scalar_t, fm::Layout::Rows>;
+  }
+}
+
 // What one fused launch writes, by mode.
 struct FusedOut {
   unsigned long long* votes = nullptr;  // Vote: [K] counts or fixed-point units
@@ -220,7 +250,7 @@ void run_fused(fm::Mode mode, const at::Tensor& features, int64_t row_offset, co
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "fastvote_fused", [&] {
-    const auto kernel = fm::fused_kernel<scalar_t>;
+    const auto kernel = fused_kernel_for<scalar_t>(fused_layout(features, c));
     const auto [hist_bins, smem] = choose_hist(
         kernel, fm::kThreads, base_smem, mode == fm::Mode::Vote ? static_cast<int>(num_c) : 0, dev);
     const int64_t resident = resident_blocks(kernel, fm::kThreads, smem, dev);
@@ -243,7 +273,6 @@ void run_fused(fm::Mode mode, const at::Tensor& features, int64_t row_offset, co
     a.n = n;
     a.row_offset = row_offset;
     a.dim = static_cast<int>(c.dim());
-    a.x_rows_unit_stride = features.stride(0) == 1 && features.stride(1) != 1;
     a.c = c.storage.const_data_ptr<float>();
     a.ldc = c.storage.stride(0);
     a.num_c = static_cast<int>(num_c);
