@@ -16,6 +16,9 @@ allocator's peak on GPU).
     python benchmarks/bench_vote.py --device cuda --json out.json --markdown out.md
     python benchmarks/bench_vote.py --quick              # small shapes, a smoke run
     python benchmarks/bench_vote.py --results benchmarks/RESULTS.md   # append the table
+    python benchmarks/bench_vote.py --weights            # fused votes only, each weight
+                                                         # (count, rank, soft): the cost of
+                                                         # the fixed-point float votes
 """
 from __future__ import annotations
 
@@ -216,6 +219,31 @@ def bench_lm(device, shapes, repeats):
     return rows
 
 
+def bench_weights(device, fm_shapes, lm_shapes, metric, repeats):
+    """The fused ops alone with each vote weight: what "rank" and "soft" cost
+    over "count" (their fixed-point accumulation and softmax weights)."""
+    rows = []
+    for n, num, dim, k in fm_shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n, dim, device=device, generator=g)
+        c = torch.randn(num, dim, device=device, generator=g)
+        for weight in ops.WEIGHTS:
+            r = timed(lambda: ops.fm_vote(x, c, k, metric, weight), device, repeats)
+            rows.append({"op": "fm_vote", "metric": metric, "N": n, "K": num, "D": dim, "k": k,
+                         "method": f"fused {weight}", "seconds": r["seconds"], "rows_per_s": n / r["seconds"],
+                         "gflops": 2.0 * n * num * dim / r["seconds"] / 1e9,
+                         "peak_extra_mb": r["peak_extra_bytes"] / 2**20})
+    for n, num, k in lm_shapes:
+        logits = torch.randn(n, num, device=device, generator=torch.Generator(device=device).manual_seed(1))
+        for weight in ops.WEIGHTS:
+            r = timed(lambda: ops.lm_vote(logits, k, weight), device, repeats)
+            rows.append({"op": "lm_vote", "metric": "-", "N": n, "K": num, "D": "-", "k": k,
+                         "method": f"fused {weight}", "seconds": r["seconds"], "rows_per_s": n / r["seconds"],
+                         "gb_per_s": logits.numel() * logits.element_size() / r["seconds"] / 1e9,
+                         "peak_extra_mb": r["peak_extra_bytes"] / 2**20})
+    return rows
+
+
 def bench_cuda_memory(device):
     """Peak extra GPU memory of fm_vote at N = 10M rows (K = 1000, D = 512)."""
     n = CUDA_MEMORY_ROWS
@@ -292,6 +320,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--metric", default="l2", choices=list(ops.METRICS))
     p.add_argument("--quick", action="store_true", help="small shapes: a smoke run in seconds")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--weights", action="store_true",
+                   help="time the fused ops alone with each vote weight instead of the contenders")
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--markdown", help="write the table as Markdown here")
     p.add_argument("--results", help="append the table to this Markdown file (e.g. benchmarks/RESULTS.md)")
@@ -312,9 +342,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     skip_naive_above = 5e8 if device.type == "cpu" else 1.2e10
 
     started = time.time()
-    rows = bench_fm(device, fm_shapes, args.metric, args.repeats, skip_naive_above)
-    rows += bench_lm(device, lm_shapes, args.repeats)
-    if device.type == "cuda" and not args.quick:
+    if args.weights:
+        rows = bench_weights(device, fm_shapes, lm_shapes, args.metric, args.repeats)
+    else:
+        rows = bench_fm(device, fm_shapes, args.metric, args.repeats, skip_naive_above)
+        rows += bench_lm(device, lm_shapes, args.repeats)
+    if device.type == "cuda" and not args.quick and not args.weights:
         rows += bench_cuda_memory(device)
 
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))

@@ -3,13 +3,15 @@
 # 2.11 cu130 installed, nvcc, no network). It builds fastvote's extension with
 # its CUDA kernels in place against the installed torch, runs the op tests, the
 # CUDA paths of MoCo / PGD / ViT / K-means (tests/test_gpu_settings.py) and
-# the CUDA tests, then the CUDA benchmark, and writes under $OUT (default
-# ./gpu_out):
+# the CUDA tests (tests/test_cuda.py first), compute-sanitizer's memcheck and
+# racecheck over benchmarks/sanitize_ops.py, then the CUDA benchmark, and
+# writes under $OUT (default ./gpu_out):
 #   summary.txt                      one line per step (status, seconds), the test tally
 #   log.txt                          versions, nvidia-smi, the build
 #   tests.txt                        pytest's output
+#   memcheck.txt, racecheck.txt      compute-sanitizer's reports
 #   bench.txt, bench_cuda.json, bench_cuda.md   the benchmark
-# Every step runs under `timeout` within one budget (BUDGET_S, default 450 s,
+# Every step runs under `timeout` within one budget (BUDGET_S, default 420 s,
 # so a failed run leaves time for a second inside 15 minutes); a failed step
 # does not stop the next. Exit status: 0 when every step passed.
 #
@@ -30,13 +32,16 @@ esac
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-BUDGET_S="${BUDGET_S:-450}"
+BUDGET_S="${BUDGET_S:-420}"
 START=$(date +%s)
 PY="${PYTHON:-}"
 if [[ -z "$PY" ]]; then
   if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY="$(command -v python3 || command -v python)"; fi
 fi
 export PY
+# The interpreter's bin holds ninja (torch's extension build needs it) and friends.
+PY_BIN="$(dirname "$(command -v "$PY")")"
+export PATH="$PY_BIN:$PATH"
 # The in-place build is imported from the checkout (no pip install needed).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS="${MAX_JOBS:-16}"
@@ -84,9 +89,12 @@ versions() {
   nvidia-smi || echo "nvidia-smi: not found"
   "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version || echo "nvcc: not found"
   "$PY" - <<'EOF'
-import platform, torch
+import os, platform, shutil, sysconfig, torch
+header = os.path.join(sysconfig.get_paths()["include"], "Python.h")
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| cuda available", torch.cuda.is_available())
+print("Python.h:", header if os.path.exists(header) else f"MISSING (looked for {header})",
+      "| ninja:", shutil.which("ninja") or "not on PATH")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device", p.name, "| sm", f"{p.major}.{p.minor}", "| SMs", p.multi_processor_count,
@@ -98,8 +106,15 @@ build() {
   FASTVOTE_CUDA=1 "$PY" setup.py build_ext --inplace
 }
 
+# compute-sanitizer TOOL: one small pass over every kernel (benchmarks/sanitize_ops.py).
+sanitize() {
+  local tool=$1 cs="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
+  [[ -x "$cs" ]] || cs="$(command -v compute-sanitizer)" || { echo "compute-sanitizer: not found"; return 1; }
+  "$cs" --tool "$tool" --error-exitcode 1 "$PY" benchmarks/sanitize_ops.py
+}
+
 # Steps that are shell functions run in a child bash (timeout needs a program).
-export -f versions build
+export -f versions build sanitize
 
 {
   echo "fastvote GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -116,8 +131,11 @@ if ((DRY_RUN)); then
     --json "$OUT/bench_cpu.json" --markdown "$OUT/bench_cpu.md"
 else
   # Not -x: on a first GPU run, every failure is worth seeing (bounded by --maxfail).
+  # test_cuda.py first: --maxfail is not spent on test_ops' CUDA cases.
   step tests 240 "$OUT/tests.txt" "$PY" -m pytest -q -rs --maxfail=25 --durations=10 \
-    tests/test_ops.py tests/test_cuda.py tests/test_gpu_settings.py
+    tests/test_cuda.py tests/test_ops.py tests/test_gpu_settings.py
+  step memcheck 90 "$OUT/memcheck.txt" bash -c "sanitize memcheck"
+  step racecheck 90 "$OUT/racecheck.txt" bash -c "sanitize racecheck"
   step bench 200 "$OUT/bench.txt" "$PY" benchmarks/bench_vote.py --device cuda \
     --json "$OUT/bench_cuda.json" --markdown "$OUT/bench_cuda.md"
 fi

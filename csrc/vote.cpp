@@ -53,6 +53,12 @@ void check_k(const char* op, int64_t k, int64_t num_classes, const char* what) {
                     what, ")");
 }
 
+void check_weighted_rows(const char* op, int64_t rows, Weight weight) {
+  TORCH_CHECK_VALUE(weight == Weight::Count || rows < kMaxWeightedRows, "fastvote.", op, ": N=",
+                    rows, " rows is above the limit of 2^31 rows for float weights (the votes are "
+                    "64-bit fixed point); vote in batches and add the votes");
+}
+
 void check_logits(const char* op, const at::Tensor& logits) {
   check_matrix(op, logits, "logits", "[N, K]");
   TORCH_CHECK_VALUE(logits.size(1) >= 1, "fastvote.", op, ": logits has K=0 classes (shape ",

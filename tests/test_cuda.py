@@ -4,7 +4,8 @@ CPU tensors) and the float64 references (fastvote.ops.*_reference).
 tests/test_ops.py already runs every op on CUDA with the shapes and errors of
 the foundation issue; this file covers what is specific to the GPU kernels:
 row tiles x centroid tiles, centroids split across blocks and merged, shared
-vs global vote histograms, the sorted path for k > 64, K > 65,535, N * K >
+vs global vote histograms, the sorted path for k > 64, float votes equal to
+the CPU's bit for bit (one 32.32 fixed point), deterministic scores, K > 65,535, N * K >
 2^31 (64-bit indexing), low-precision and strided inputs, determinism, the
 current stream, and the errors raised after the kernels (NaN/Inf rows).
 
@@ -453,6 +454,79 @@ def test_votes_are_deterministic():
         assert all(torch.equal(runs[0], r) for r in runs[1:]), weight
         runs = [ops.lm_vote(logits, 5, weight) for _ in range(3)]
         assert all(torch.equal(runs[0], r) for r in runs[1:]), weight
+
+
+# ---------------------------------------------------------------- issue 16: one fixed point
+
+FIXED_ONE = 2.0 ** 32
+
+
+def fm_cases():
+    """(features, centroids) on the CPU for each loader layout of the fused
+    kernel: vector loads (D % 4 == 0), scalar rows (D = 67), transposed."""
+    g = gen(16)
+    yield "rows4", torch.randn(3000, 64, generator=g), torch.randn(300, 64, generator=g)
+    yield "rows", torch.randn(3000, 67, generator=g), torch.randn(300, 67, generator=g)
+    yield "cols", torch.randn(67, 3000, generator=g).t(), torch.randn(300, 67, generator=g)
+    x, c = integer_inputs(1000, 500, 13, seed=16)
+    yield "integer", x, c
+
+
+@pytest.mark.parametrize("k", [1, 5, 64, 100])
+@pytest.mark.parametrize("weight", ["rank", "soft"])
+def test_float_votes_equal_the_cpu_bitwise(k, weight):
+    # Same keys (one fmaf chain in d order), same weights (topk.h's row_weights
+    # and vote_exp), same 32.32 fixed point and conversion: the same bits.
+    for name, x, c in fm_cases():
+        for metric in ("l2", "cosine"):
+            votes = ops.fm_vote(*cuda(x, c), k, metric, weight, 0.5).cpu()
+            expected = cpu_op("fm_vote", x, c, k, metric, weight, 0.5)
+            assert torch.equal(votes, expected), (name, metric)
+    logits = torch.randn(2000, 700, generator=gen(17)) * 3
+    for layout in (logits, logits.t().contiguous().t()):
+        assert torch.equal(ops.lm_vote(layout.cuda(), k, weight).cpu(), cpu_op("lm_vote", layout, k, weight))
+
+
+@pytest.mark.parametrize("k", [5, 100])
+def test_float_votes_are_fixed_point_and_repeatable(k):
+    # k > 64 (the sorted path) uses the fused path's fixed point too.
+    x, c = (t.cuda() for t in integer_inputs(5000, 400, 12, seed=k))
+    for weight in ("rank", "soft"):
+        runs = [ops.fm_vote(x, c, k, "l2", weight) for _ in range(3)]
+        assert all(torch.equal(runs[0], r) for r in runs[1:]), weight
+        assert torch.equal(runs[0] * FIXED_ONE, torch.round(runs[0] * FIXED_ONE)), weight
+
+
+@pytest.mark.parametrize("num,k", [(6144, 30), (6144, 64), (6145, 5), (1000, 40)])
+@pytest.mark.parametrize("weight", ["count", "soft"])
+def test_shared_or_global_histogram_gives_the_cpu_votes(num, k, weight):
+    # The launcher keeps a shared histogram only where it costs no resident blocks.
+    x, c = integer_inputs(20_000, num, 8, seed=num + k, low=-4, high=5)
+    votes = ops.fm_vote(*cuda(x, c), k, "l2", weight).cpu()
+    assert torch.equal(votes, cpu_op("fm_vote", x, c, k, "l2", weight, 1.0))
+    logits = torch.randint(-50, 50, (3000, num), generator=gen(num)).float()
+    assert torch.equal(ops.lm_vote(logits.cuda(), k, weight).cpu(), cpu_op("lm_vote", logits, k, weight))
+
+
+def test_scores_are_deterministic():
+    # Per-block partials added in block order: no float64 atomics.
+    g = gen(18)
+    x = torch.randn(50_000, 40, generator=g).cuda()
+    c = torch.randn(300, 40, generator=g).cuda()
+    logits = torch.randn(50_000, 300, generator=g).cuda()
+    for metric in ("l2", "cosine"):
+        runs = [ops.fm_scores(x, c, metric) for _ in range(3)]
+        assert all(torch.equal(runs[0], r) for r in runs[1:]), metric
+    runs = [ops.lm_scores(logits) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_class_centroids_with_no_feature_columns():
+    # D = 0, N > 0: counts only, no empty grid launched.
+    labels = torch.tensor([0, 2, 2, 1, 2]).cuda()
+    sums, counts = ops.class_centroids(torch.zeros(5, 0).cuda(), labels, 4)
+    assert sums.shape == (4, 0) and sums.dtype == torch.float64
+    assert counts.cpu().tolist() == [1, 1, 3, 0]
 
 
 def test_runs_on_the_current_stream():

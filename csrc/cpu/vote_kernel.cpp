@@ -187,44 +187,67 @@ void for_each_tile(const char* op, const at::Tensor& features, const Centroids& 
   if (bad.any()) fail_non_finite(op, "features", bad.row.load());
 }
 
-// Per-thread histograms, merged once at the end.
-template <typename T>
-at::Tensor merge_histograms(const std::vector<T>& hist, int64_t num_classes, at::ScalarType dtype) {
-  at::Tensor out = at::zeros({num_classes}, at::TensorOptions().dtype(dtype));
-  T* o = out.mutable_data_ptr<T>();
+// Per-thread float64 sums, merged once at the end.
+at::Tensor merge_histograms(const std::vector<double>& hist, int64_t num_classes) {
+  at::Tensor out = at::zeros({num_classes}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.mutable_data_ptr<double>();
   for (size_t i = 0; i < hist.size(); ++i) o[i % num_classes] += hist[i];
   return out;
 }
 
-// Adds one row's k picks (keys sorted best first) to a histogram.
-template <typename T>
-void add_votes(T* hist, const float* keys, const int64_t* indices, int k, Weight weight,
+// Per-thread vote histograms: counts, or the fixed-point units of float
+// votes (fastvote/topk.h, as the CUDA kernels). Integer sums: the votes do
+// not depend on the thread count or on which thread took which rows.
+at::Tensor merge_votes(const std::vector<uint64_t>& hist, int64_t num_classes, Weight weight) {
+  std::vector<uint64_t> total(num_classes, 0);
+  for (size_t i = 0; i < hist.size(); ++i) total[i % num_classes] += hist[i];
+  if (weight == Weight::Count) {
+    at::Tensor out = at::empty({num_classes}, at::TensorOptions().dtype(at::kLong));
+    std::copy(total.begin(), total.end(), out.mutable_data_ptr<int64_t>());
+    return out;
+  }
+  at::Tensor out = at::empty({num_classes}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.mutable_data_ptr<double>();
+  for (int64_t j = 0; j < num_classes; ++j) o[j] = fixed_to_double(total[j]);
+  return out;
+}
+
+// The float votes of one row. Cloned for CPUs with FMA, where vote_exp's
+// fmaf is one instruction rather than a libm call; fmaf is correctly rounded
+// either way, so the votes do not depend on the clone.
+__attribute__((target_clones("fma", "default"))) void add_weighted_votes(
+    uint64_t* hist, const float* keys, const int64_t* indices, int k, Weight weight,
+    float inv_temperature, float* scratch) {
+  row_weights(keys, k, weight, inv_temperature, scratch);
+  for (int i = 0; i < k; ++i) hist[indices[i]] += fixed_units(scratch[i]);
+}
+
+// Adds one row's k picks (keys sorted best first) to a vote histogram.
+void add_votes(uint64_t* hist, const float* keys, const int64_t* indices, int k, Weight weight,
                float inv_temperature, float* scratch) {
   if (weight == Weight::Count) {
     for (int i = 0; i < k; ++i) hist[indices[i]] += 1;
     return;
   }
-  row_weights(keys, k, weight, inv_temperature, scratch);
-  for (int i = 0; i < k; ++i) hist[indices[i]] += scratch[i];
+  add_weighted_votes(hist, keys, indices, k, weight, inv_temperature, scratch);
 }
 
-template <typename T>
 at::Tensor fm_vote_impl(const at::Tensor& features, const Centroids& c, Metric metric, int k,
-                        Weight weight, float inv_temperature, at::ScalarType dtype) {
+                        Weight weight, float inv_temperature) {
   const int64_t tiles = (features.size(0) + tile_rows(c.dim) - 1) / tile_rows(c.dim);
   const int workers = num_workers(tiles);
-  std::vector<T> hist(static_cast<size_t>(workers) * c.count, T(0));
+  std::vector<uint64_t> hist(static_cast<size_t>(workers) * c.count, 0);
   for_each_tile("fm_vote", features, c, metric, k, workers,
                 [&](int thread, int64_t, int64_t rows, const float* keys, const int64_t* idx,
                     const float*) {
                   std::vector<float> scratch(k);
-                  T* h = hist.data() + static_cast<size_t>(thread) * c.count;
+                  uint64_t* h = hist.data() + static_cast<size_t>(thread) * c.count;
                   for (int64_t r = 0; r < rows; ++r) {
                     add_votes(h, keys + r * k, idx + r * k, k, weight, inv_temperature,
                               scratch.data());
                   }
                 });
-  return merge_histograms(hist, c.count, dtype);
+  return merge_votes(hist, c.count, weight);
 }
 
 at::Tensor fm_vote_cpu(const at::Tensor& features, const at::Tensor& centroids, int64_t k,
@@ -235,11 +258,9 @@ at::Tensor fm_vote_cpu(const at::Tensor& features, const at::Tensor& centroids, 
   const Metric metric = parse_metric("fm_vote", metric_name);
   const Weight weight = parse_weight("fm_vote", weight_name);
   const float inv_t = inverse_temperature("fm_vote", temperature);
+  check_weighted_rows("fm_vote", features.size(0), weight);
   const Centroids c = prepare_centroids("fm_vote", centroids, metric);
-  if (weight == Weight::Count) {
-    return fm_vote_impl<int64_t>(features, c, metric, k, weight, inv_t, at::kLong);
-  }
-  return fm_vote_impl<double>(features, c, metric, k, weight, inv_t, at::kDouble);
+  return fm_vote_impl(features, c, metric, static_cast<int>(k), weight, inv_t);
 }
 
 std::tuple<at::Tensor, at::Tensor> nearest_centroids_cpu(const at::Tensor& features,
@@ -271,20 +292,19 @@ std::tuple<at::Tensor, at::Tensor> nearest_centroids_cpu(const at::Tensor& featu
   return {values, indices};
 }
 
-template <typename T>
-at::Tensor lm_vote_impl(const at::Tensor& logits, int k, Weight weight, at::ScalarType dtype) {
+at::Tensor lm_vote_impl(const at::Tensor& logits, int k, Weight weight) {
   const int64_t n = logits.size(0);
   const int64_t num_classes = logits.size(1);
   const int64_t tasks = (n + kLogitRowsPerTask - 1) / kLogitRowsPerTask;
   const int workers = num_workers(tasks);
-  std::vector<T> hist(static_cast<size_t>(workers) * num_classes, T(0));
+  std::vector<uint64_t> hist(static_cast<size_t>(workers) * num_classes, 0);
   FirstBadRow bad;
   dispatch_float(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const Matrix<scalar_t> x(logits);
 #pragma omp parallel num_threads(workers)
     {
-      T* h = hist.data() + static_cast<size_t>(omp_get_thread_num()) * num_classes;
+      uint64_t* h = hist.data() + static_cast<size_t>(omp_get_thread_num()) * num_classes;
       std::vector<float> keys(k), scratch(k), row(num_classes);
       std::vector<int64_t> idx(k);
       const bool direct = std::is_same_v<scalar_t, float> && logits.stride(1) == 1;
@@ -309,15 +329,15 @@ at::Tensor lm_vote_impl(const at::Tensor& logits, int k, Weight weight, at::Scal
     }
   });
   if (bad.any()) fail_non_finite("lm_vote", "logits", bad.row.load());
-  return merge_histograms(hist, num_classes, dtype);
+  return merge_votes(hist, num_classes, weight);
 }
 
 at::Tensor lm_vote_cpu(const at::Tensor& logits, int64_t k, c10::string_view weight_name) {
   check_logits("lm_vote", logits);
   check_k("lm_vote", k, logits.size(1), "source classes, the logits' columns");
   const Weight weight = parse_weight("lm_vote", weight_name);
-  if (weight == Weight::Count) return lm_vote_impl<int64_t>(logits, k, weight, at::kLong);
-  return lm_vote_impl<double>(logits, k, weight, at::kDouble);
+  check_weighted_rows("lm_vote", logits.size(0), weight);
+  return lm_vote_impl(logits, static_cast<int>(k), weight);
 }
 
 at::Tensor lm_scores_cpu(const at::Tensor& logits) {
@@ -362,7 +382,7 @@ at::Tensor lm_scores_cpu(const at::Tensor& logits) {
     }
   });
   if (bad.any()) fail_non_finite("lm_scores", "logits", bad.row.load());
-  at::Tensor out = merge_histograms(hist, num_classes, at::kDouble);
+  at::Tensor out = merge_histograms(hist, num_classes);
   return n > 0 ? out.div_(static_cast<double>(n)) : out;
 }
 

@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "fastvote/topk.h"
 
@@ -21,16 +22,14 @@ constexpr float kNormEps = 1e-12f;  // as torch.nn.functional.normalize and the 
 constexpr int kMaxListK = 64;
 // Empty list slots: every real candidate (index < K < INT_MAX) ranks before it.
 constexpr int kSentinelIndex = INT_MAX;
-// Vote histograms of up to this many bins (48 KB of uint64) live in shared
-// memory; larger ones take one global atomic per vote (spread over >= 6144
-// bins, so there is little contention).
+// Vote histograms of up to this many bins (48 KB) may live in shared memory,
+// when that costs no resident blocks (the launcher checks the occupancy);
+// otherwise votes take one global atomic each (spread over many bins, so
+// there is little contention).
 constexpr int kSharedHistBins = 6144;
-// Float vote weights (in [0, 1]) are accumulated as fixed point with 32
-// fractional bits in uint64: integer sums are exact, so "rank" and "soft"
-// votes are as deterministic as "count" votes. N < 2^31 rows keeps every bin
-// below 2^63.
-constexpr float kFixedOne = 4294967296.0f;
-constexpr double kFixedToDouble = 1.0 / 4294967296.0;
+// Float vote weights are accumulated as the 32.32 fixed point of
+// fastvote/topk.h (fixed_units), as on the CPU: "rank" and "soft" votes are
+// as deterministic as "count" votes, and equal to the CPU's.
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
@@ -56,40 +55,61 @@ __device__ __forceinline__ float inverse_norm(float sq) {
   return __fdiv_rn(1.0f, fmaxf(__fsqrt_rn(sq), kNormEps));
 }
 
-__device__ __forceinline__ unsigned long long fixed_units(float weight) {
-  return __float2ull_rn(weight * kFixedOne);
-}
-
-// Adds to a shared-memory histogram when the kernel has one, else to global.
+// A vote histogram: in shared memory when the launch gave the kernel one,
+// else straight into the global uint64 bins. A shared bin is two 32-bit
+// words, low and high, updated with 32-bit atomics only (64-bit shared
+// atomics are CAS loops on sm_90): the low word's atomicAdd returns the old
+// value, so each wrap-around is seen exactly once and carried into the high
+// word. hi * 2^32 + lo is then the exact integer sum of the bin's units.
+// Counts add 1, so the high word is touched once per 2^32 votes; a float
+// vote's units are < 2^32 unless its weight is 1.0.
 struct VoteSink {
-  unsigned long long* shared;  // nullptr: no shared histogram
+  unsigned* lo;  // shared [bins]; nullptr: no shared histogram
+  unsigned* hi;  // shared [bins]
   unsigned long long* global;
-  __device__ __forceinline__ void add(int bin, unsigned long long v) const {
-    if (shared != nullptr) {
-      atomicAdd(shared + bin, v);
-    } else {
-      atomicAdd(global + bin, v);
+  __device__ __forceinline__ void add(int bin, unsigned long long units) const {
+    if (lo == nullptr) {
+      atomicAdd(global + bin, units);
+      return;
     }
+    const unsigned low = static_cast<unsigned>(units);
+    unsigned high = static_cast<unsigned>(units >> 32);
+    if (low != 0) {
+      const unsigned old = atomicAdd(lo + bin, low);
+      high += old > 0xffffffffu - low;  // the carry out of the low word
+    }
+    if (high != 0) atomicAdd(hi + bin, high);
   }
 };
 
-// Bytes of dynamic shared memory for a histogram, rounded to keep what
-// follows it 16-byte aligned.
+// Bytes of dynamic shared memory for a histogram (two words a bin), rounded
+// to keep what follows it 16-byte aligned.
 __host__ __device__ constexpr size_t hist_bytes(int bins) {
-  return (static_cast<size_t>(bins) * sizeof(unsigned long long) + 15) / 16 * 16;
+  return (static_cast<size_t>(bins) * 2 * sizeof(unsigned) + 15) / 16 * 16;
+}
+
+// The sink of a kernel whose dynamic shared memory starts with a histogram
+// of `bins` bins (0: none).
+__device__ __forceinline__ VoteSink make_sink(unsigned char* smem, int bins,
+                                              unsigned long long* global) {
+  unsigned* words = reinterpret_cast<unsigned*>(smem);
+  return bins > 0 ? VoteSink{words, words + bins, global} : VoteSink{nullptr, nullptr, global};
 }
 
 // Block-wide: zero the shared histogram (callers sync before first use).
-__device__ __forceinline__ void hist_clear(unsigned long long* hist, int bins) {
-  for (int i = threadIdx.x; i < bins; i += blockDim.x) hist[i] = 0;
+__device__ __forceinline__ void hist_clear(const VoteSink& sink, int bins) {
+  if (sink.lo == nullptr) return;
+  for (int i = threadIdx.x; i < bins; i += blockDim.x) sink.lo[i] = sink.hi[i] = 0;
 }
 
 // Block-wide: one global atomic per touched bin.
-__device__ __forceinline__ void hist_flush(const unsigned long long* hist, int bins,
-                                           unsigned long long* global) {
+__device__ __forceinline__ void hist_flush(const VoteSink& sink, int bins) {
+  if (sink.lo == nullptr) return;
   __syncthreads();
   for (int i = threadIdx.x; i < bins; i += blockDim.x) {
-    if (hist[i] != 0) atomicAdd(global + i, hist[i]);
+    const unsigned long long v =
+        (static_cast<unsigned long long>(sink.hi[i]) << 32) + sink.lo[i];
+    if (v != 0) atomicAdd(sink.global + i, v);
   }
 }
 

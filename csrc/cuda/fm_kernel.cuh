@@ -26,7 +26,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBM = 128;  // feature rows per tile
 constexpr int kBN = 128;  // centroids per tile
-constexpr int kBK = 8;    // feature dimensions per shared-memory stage
+constexpr int kBK = 16;   // feature dimensions per shared-memory stage
 constexpr int kTM = 8;    // accumulators per thread: kTM rows x kTN centroids
 constexpr int kTN = 8;
 constexpr int kHalf = kBN / 2;  // the epilogue ranks 64 centroids at a time
@@ -41,8 +41,18 @@ constexpr int kKeyTileFloats = kBM * kPitchKeys;
 constexpr int kScratchFloats = kStageFloats > kKeyTileFloats ? kStageFloats : kKeyTileFloats;
 constexpr int kRowsPerWarp = kBM / kWarps;
 static_assert(kScratchFloats >= kBM * kMaxListK, "row weights must fit the scratch region");
-static_assert(kBM * kBK == 4 * kThreads && kBN * kBK == 4 * kThreads, "4 loads per thread per stage");
+constexpr int kStageLoads = kBM * kBK / kThreads;  // elements of A (and of B) per thread per stage
+static_assert(kBM == kBN && kStageLoads == 8, "the loaders below assume square 128 x 16 stages");
 static_assert((kBM / kTM) * (kBN / kTN) == kThreads, "one accumulator block per thread");
+
+// How a thread reads its share of a [128 rows x kBK dims] stage of an
+// operand (features: A; centroids: B):
+//   Rows:  along D, one element per load (any strides);
+//   Cols:  along the rows, one element per load (features with stride(0) == 1);
+//   Rows4: along D, 4 elements per vector load (unit stride along D, D % 4 == 0,
+//          rows aligned to 4 elements: ld.global.v4 for float32).
+// Centroids are read Rows4 when features are, else Rows.
+enum class Layout : int { Rows = 0, Cols = 1, Rows4 = 2 };
 
 enum class Mode : int {
   Vote = 0,     // votes into a histogram
@@ -57,8 +67,7 @@ struct Args {
   int64_t n;
   int64_t row_offset;  // added to row numbers in error reports (chunked callers)
   int dim;
-  bool x_rows_unit_stride;  // stride(0) == 1: load the A tile row-fastest
-  const float* c;           // centroids fp32 [num_c, dim], unit stride along dim
+  const float* c;  // centroids fp32 [num_c, dim], unit stride along dim
   int64_t ldc;
   int num_c;
   const float* bias;   // key = bias[j] + scale[j] * dot(x, c_j), smaller is better
@@ -89,10 +98,89 @@ __host__ __device__ constexpr size_t smem_bytes(int k, int hist_bins) {
          (sizeof(float) + sizeof(int)) * kBM * static_cast<size_t>(k) + 2 * sizeof(float) * kBM + 16;
 }
 
-template <typename scalar_t>
+// One thread's loads of a stage. Load q (q < Q) covers tile row m0 + q * kDM,
+// dims kk0 + q * kDK + [0, W) of the stage. The base pointer is computed once
+// per tile and advanced by kBK dims per stage, so the loop does no 64-bit
+// index arithmetic per element: one pointer add per load.
+// kUnit: the matrix has unit stride along D (always so for the centroids, and
+// for Rows4), which frees two registers.
+template <typename T, Layout L, bool kUnit = L == Layout::Rows4>
+struct StageLoader {
+  static constexpr int W = L == Layout::Rows4 ? 4 : 1;
+  static constexpr int Q = kStageLoads / W;
+  static constexpr int kDM = L == Layout::Cols ? 0 : kThreads * W / kBK;
+  static constexpr int kDK = L == Layout::Cols ? kThreads / kBM : 0;
+  // W elements of T in one load: float4 for float32, 8 bytes for 16-bit types.
+  using Raw = std::conditional_t<sizeof(T) == 4, float4, uint2>;
+  static_assert(W == 1 || sizeof(Raw) == W * sizeof(T), "Rows4 reads 16- and 32-bit types");
+
+  const T* p;     // load 0 of the current stage
+  int64_t step;   // from load q to load q + 1
+  int64_t along;  // one dim further
+  int m0, kk0;
+  int rows;       // valid rows of the tile
+  int dim;
+
+  // Tile rows [row0, row0 + rows) of a matrix with strides (s0, s1).
+  __device__ __forceinline__ StageLoader(const T* base, int64_t s0, int64_t s1, int64_t row0,
+                                         int rows_, int dim_) {
+    const int tid = threadIdx.x;
+    m0 = L == Layout::Cols ? tid % kBM : tid / (kBK / W);
+    kk0 = L == Layout::Cols ? tid / kBM : (tid % (kBK / W)) * W;
+    rows = rows_;
+    dim = dim_;
+    along = kUnit ? 1 : s1;
+    step = L == Layout::Cols ? kDK * s1 : kDM * s0;
+    // Rows past the tile's valid ones are never read; point them at row0.
+    p = base + (row0 + (m0 < rows ? m0 : 0)) * s0 + kk0 * along;
+  }
+
+  __device__ __forceinline__ bool valid(int q, int d0) const {
+    return m0 + q * kDM < rows && d0 + kk0 + q * kDK < dim;
+  }
+
+  // Global -> registers: stage d0 (p points at it).
+  __device__ __forceinline__ void load(float (&r)[kStageLoads], int d0) const {
+    const T* src = p;
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      if constexpr (W == 1) {
+        r[q] = valid(q, d0) ? to_float(*src) : 0.0f;
+      } else {
+        // D % 4 == 0: the 4 dims are all inside or all outside the matrix.
+        Raw raw;
+        memset(&raw, 0, sizeof(raw));
+        if (valid(q, d0)) raw = *reinterpret_cast<const Raw*>(src);
+        T vals[W];
+        memcpy(vals, &raw, sizeof(raw));
+#pragma unroll
+        for (int i = 0; i < W; ++i) r[q * W + i] = to_float(vals[i]);
+      }
+      if (q + 1 < Q) src += step;
+    }
+  }
+
+  __device__ __forceinline__ void next_stage() { p += kUnit ? kBK : kBK * along; }
+
+  // Registers -> shared [kBK][pitch], transposed; row_scale: cosine's 1 / ||x|| (or null).
+  __device__ __forceinline__ void store(const float (&r)[kStageLoads], float* dst, int pitch,
+                                        const float* row_scale) const {
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      const int m = m0 + q * kDM;
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        const float v = r[q * W + i];
+        dst[(kk0 + q * kDK + i) * pitch + m] = row_scale != nullptr ? __fmul_rn(v, row_scale[m]) : v;
+      }
+    }
+  }
+};
+
+template <typename scalar_t, Layout LA>
 __global__ void __launch_bounds__(kThreads, 2) fused_kernel(const Args<scalar_t> a) {
+  constexpr Layout LB = LA == Layout::Rows4 ? Layout::Rows4 : Layout::Rows;
   extern __shared__ __align__(16) unsigned char smem[];
-  unsigned long long* hist = reinterpret_cast<unsigned long long*>(smem);
   float* scratch = reinterpret_cast<float*>(smem + hist_bytes(a.hist_bins));
   float* list_keys = scratch + kScratchFloats;
   int* list_idx = reinterpret_cast<int*>(list_keys + kBM * a.k);
@@ -107,9 +195,9 @@ __global__ void __launch_bounds__(kThreads, 2) fused_kernel(const Args<scalar_t>
   const int tx = tid % (kBN / kTN);  // centroids tx*4 + [0,4) and 64 + tx*4 + [0,4)
   const int k = a.k;
   const bool cosine = a.metric == Metric::Cosine;
-  const VoteSink sink{a.hist_bins > 0 ? hist : nullptr, a.votes};
+  const VoteSink sink = make_sink(smem, a.hist_bins, a.votes);
 
-  hist_clear(hist, a.hist_bins);
+  hist_clear(sink, a.hist_bins);
 
   for (int64_t item = blockIdx.x; item < a.items; item += gridDim.x) {
     const int64_t tile = item / a.splits;
@@ -137,35 +225,13 @@ __global__ void __launch_bounds__(kThreads, 2) fused_kernel(const Args<scalar_t>
     __syncthreads();
 
     for (int j0 = c_begin; j0 < c_end; j0 += kBN) {
-      // Global -> registers for one kBK stage; 4 elements of A and of B per thread.
-      float ra[4], rb[4];
-      auto load_stage = [&](int d0) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int e = tid + q * kThreads;
-          const int m = a.x_rows_unit_stride ? e % kBM : e / kBK;
-          const int kk = a.x_rows_unit_stride ? e / kBM : e % kBK;
-          const int64_t row = row0 + m;
-          const int d = d0 + kk;
-          ra[q] = row < a.n && d < a.dim ? to_float(a.x[row * a.xs0 + d * a.xs1]) : 0.0f;
-          const int col = j0 + e / kBK;
-          const int dc = d0 + e % kBK;
-          rb[q] = col < c_end && dc < a.dim ? a.c[col * a.ldc + dc] : 0.0f;
-        }
-      };
-      // Registers -> shared, transposed to [kk][row] and [kk][centroid].
-      auto store_stage = [&](int buf) {
-        float* as = scratch + buf * kBK * kPitchA;
-        float* bs = scratch + 2 * kBK * kPitchA + buf * kBK * kPitchB;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int e = tid + q * kThreads;
-          const int m = a.x_rows_unit_stride ? e % kBM : e / kBK;
-          const int kk = a.x_rows_unit_stride ? e / kBM : e % kBK;
-          as[kk * kPitchA + m] = cosine ? __fmul_rn(ra[q], row_inv[m]) : ra[q];
-          bs[(e % kBK) * kPitchB + e / kBK] = rb[q];
-        }
-      };
+      const int tile_rows = static_cast<int>(min(static_cast<int64_t>(kBM), a.n - row0));
+      StageLoader<scalar_t, LA> la(a.x, a.xs0, a.xs1, row0, tile_rows, a.dim);
+      StageLoader<float, LB, true> lb(a.c, a.ldc, 1, j0, min(kBN, c_end - j0), a.dim);
+      const float* a_scale = cosine ? row_inv : nullptr;
+      float* const as_base = scratch;
+      float* const bs_base = scratch + 2 * kBK * kPitchA;
+      float ra[kStageLoads], rb[kStageLoads];
 
       float acc[kTM][kTN];
 #pragma unroll
@@ -173,21 +239,29 @@ __global__ void __launch_bounds__(kThreads, 2) fused_kernel(const Args<scalar_t>
 #pragma unroll
         for (int j = 0; j < kTN; ++j) acc[i][j] = 0.0f;
 
-      load_stage(0);
-      store_stage(0);
+      la.load(ra, 0);
+      lb.load(rb, 0);
+      la.store(ra, as_base, kPitchA, a_scale);
+      lb.store(rb, bs_base, kPitchB, nullptr);
       __syncthreads();
       int buf = 0;
       for (int d0 = 0; d0 < a.dim; d0 += kBK) {
         const bool more = d0 + kBK < a.dim;
-        if (more) load_stage(d0 + kBK);  // in flight during the products below
-        const float* as = scratch + buf * kBK * kPitchA;
-        const float* bs = scratch + 2 * kBK * kPitchA + buf * kBK * kPitchB;
+        if (more) {  // in flight during the products below
+          la.next_stage();
+          lb.next_stage();
+          la.load(ra, d0 + kBK);
+          lb.load(rb, d0 + kBK);
+        }
+        // This thread's rows ty*4 + [0,4), 64 + ty*4 + [0,4) and centroids alike.
+        const float* as = as_base + buf * kBK * kPitchA + ty * 4;
+        const float* bs = bs_base + buf * kBK * kPitchB + tx * 4;
 #pragma unroll
         for (int kk = 0; kk < kBK; ++kk) {
-          const float4 a0 = *reinterpret_cast<const float4*>(as + kk * kPitchA + ty * 4);
-          const float4 a1 = *reinterpret_cast<const float4*>(as + kk * kPitchA + kBM / 2 + ty * 4);
-          const float4 b0 = *reinterpret_cast<const float4*>(bs + kk * kPitchB + tx * 4);
-          const float4 b1 = *reinterpret_cast<const float4*>(bs + kk * kPitchB + kBN / 2 + tx * 4);
+          const float4 a0 = *reinterpret_cast<const float4*>(as + kk * kPitchA);
+          const float4 a1 = *reinterpret_cast<const float4*>(as + kk * kPitchA + kBM / 2);
+          const float4 b0 = *reinterpret_cast<const float4*>(bs + kk * kPitchB);
+          const float4 b1 = *reinterpret_cast<const float4*>(bs + kk * kPitchB + kBN / 2);
           const float av[kTM] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
           const float bv[kTN] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
@@ -195,7 +269,10 @@ __global__ void __launch_bounds__(kThreads, 2) fused_kernel(const Args<scalar_t>
 #pragma unroll
             for (int j = 0; j < kTN; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
         }
-        if (more) store_stage(buf ^ 1);
+        if (more) {
+          la.store(ra, as_base + (buf ^ 1) * kBK * kPitchA, kPitchA, a_scale);
+          lb.store(rb, bs_base + (buf ^ 1) * kBK * kPitchB, kPitchB, nullptr);
+        }
         __syncthreads();
         buf ^= 1;
       }
@@ -329,7 +406,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_kernel(const Args<scalar_t>
     }
     __syncthreads();
   }
-  if (a.hist_bins > 0) hist_flush(hist, a.hist_bins, a.votes);
+  hist_flush(sink, a.hist_bins);
 }
 
 }  // namespace fm

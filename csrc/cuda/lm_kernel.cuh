@@ -70,7 +70,6 @@ __device__ __forceinline__ void load_chunk(const scalar_t* row, int64_t stride, 
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads) vote_kernel(const Args<scalar_t> a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  unsigned long long* hist = reinterpret_cast<unsigned long long*>(smem);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int k = a.k;
@@ -78,9 +77,9 @@ __global__ void __launch_bounds__(kThreads) vote_kernel(const Args<scalar_t> a) 
   float* list_keys = lists + warp * k;
   int* list_idx = reinterpret_cast<int*>(lists + kWarps * k) + warp * k;
   float* weights = lists + 2 * kWarps * k + warp * k;
-  const VoteSink sink{a.hist_bins > 0 ? hist : nullptr, a.votes};
+  const VoteSink sink = make_sink(smem, a.hist_bins, a.votes);
 
-  hist_clear(hist, a.hist_bins);
+  hist_clear(sink, a.hist_bins);
   __syncthreads();
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < a.n;
@@ -141,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) vote_kernel(const Args<scalar_t> a) 
     }
     __syncwarp();
   }
-  if (a.hist_bins > 0) hist_flush(hist, a.hist_bins, a.votes);
+  hist_flush(sink, a.hist_bins);
 }
 
 }  // namespace lm

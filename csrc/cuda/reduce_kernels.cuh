@@ -1,6 +1,10 @@
 // The smaller CUDA kernels: centroid preparation (shared by the fm ops) and
-// the dense reductions behind lm_scores, fm_scores and class_centroids. All
-// are memory-bound passes; sums are float64 as on the CPU.
+// the dense reductions behind lm_scores, fm_scores and class_centroids, and
+// the votes of the large-k path. All are memory-bound passes; sums are
+// float64 as on the CPU. The score reductions are deterministic: each block
+// writes its partial sums, and sum_partials_kernel adds them in block order
+// (float64 atomics would add them in arrival order, which changes the last
+// bits from run to run, and the scores break ties between equal votes).
 #pragma once
 
 #include "device_common.cuh"
@@ -53,13 +57,26 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- fm_scores -------------------------------------------------------------
 
+// Fixed-order sums of per-block partials: out[j] = sum over g of
+// partial[g * cols + j], g ascending; a thread per column.
+__global__ void __launch_bounds__(kThreads)
+    sum_partials_kernel(const double* partial, int64_t groups, int64_t cols, double* out) {
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < cols;
+       j += static_cast<int64_t>(gridDim.x) * kThreads) {
+    double total = 0.0;
+    for (int64_t g = 0; g < groups; ++g) total += partial[g * cols + j];
+    out[j] = total;
+  }
+}
+
 // Thread per row: squared norm, NaN/Inf check, the row's scale for the column
-// sums (1 / ||x|| for cosine), and the block's sum of squared norms.
+// sums (1 / ||x|| for cosine), and the block's sum of squared norms
+// (partial[blockIdx.x]).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     feature_rows_kernel(const scalar_t* x, int64_t s0, int64_t s1, int64_t n, int dim, Metric metric,
-                        float* row_scale, double* total_sq, long long* bad) {
-  __shared__ double partial[kWarps];
+                        float* row_scale, double* partial, long long* bad) {
+  __shared__ double warp_partial[kWarps];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   double sq_sum = 0.0;
   if (row < n) {
@@ -69,21 +86,21 @@ __global__ void __launch_bounds__(kThreads)
     sq_sum = sq;
   }
   sq_sum = warp_sum(sq_sum);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sq_sum;
+  if (threadIdx.x % 32 == 0) warp_partial[threadIdx.x / 32] = sq_sum;
   __syncthreads();
   if (threadIdx.x == 0) {
     double total = 0.0;
-    for (int w = 0; w < kWarps; ++w) total += partial[w];
-    atomicAdd(total_sq, total);
+    for (int w = 0; w < kWarps; ++w) total += warp_partial[w];
+    partial[blockIdx.x] = total;
   }
 }
 
 // Block = 32 columns x 8 row lanes, per (column chunk, row group): column sums
-// of x * row_scale in float64, one atomic per column per block.
+// of x * row_scale in float64, into partial[row group][dim].
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     column_sums_kernel(const scalar_t* x, int64_t s0, int64_t s1, int64_t n, int dim,
-                       const float* row_scale, int64_t rows_per_group, double* sums) {
+                       const float* row_scale, int64_t rows_per_group, double* partial_out) {
   __shared__ double partial[kWarps][32];
   const int lane = threadIdx.x % 32;
   const int row_lane = threadIdx.x / 32;
@@ -101,7 +118,7 @@ __global__ void __launch_bounds__(kThreads)
   if (row_lane == 0 && d < dim) {
     double total = 0.0;
     for (int w = 0; w < kWarps; ++w) total += partial[w][lane];
-    atomicAdd(sums + d, total);
+    partial_out[static_cast<int64_t>(blockIdx.y) * dim + d] = total;
   }
 }
 
@@ -165,12 +182,12 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Thread per class, block per (256 classes, row group): sums of the softmax
-// probabilities in float64, one atomic per class per block.
+// probabilities in float64, into partial[row group][num_c].
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     class_probs_kernel(const scalar_t* x, int64_t s0, int64_t s1, int64_t n, int num_c,
                        const float* row_max, const double* row_inv_sum, int64_t rows_per_group,
-                       double* out) {
+                       double* partial) {
   const int j = blockIdx.x * kThreads + threadIdx.x;
   if (j >= num_c) return;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_group;
@@ -179,7 +196,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t r = r0; r < r1; ++r) {
     acc += static_cast<double>(expf(to_float(x[r * s0 + j * s1]) - row_max[r])) * row_inv_sum[r];
   }
-  atomicAdd(out + j, acc);
+  partial[static_cast<int64_t>(blockIdx.y) * num_c + j] = acc;
 }
 
 // ---- class_centroids -------------------------------------------------------
@@ -190,9 +207,8 @@ __global__ void __launch_bounds__(kThreads)
     label_counts_kernel(const int64_t* labels, int64_t n, int num_classes, int hist_bins,
                         unsigned long long* counts, long long* bad) {
   extern __shared__ __align__(16) unsigned char smem[];
-  unsigned long long* hist = reinterpret_cast<unsigned long long*>(smem);
-  const VoteSink sink{hist_bins > 0 ? hist : nullptr, counts};
-  hist_clear(hist, hist_bins);
+  const VoteSink sink = make_sink(smem, hist_bins, counts);
+  hist_clear(sink, hist_bins);
   __syncthreads();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -203,7 +219,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     sink.add(static_cast<int>(label), 1ull);
   }
-  if (hist_bins > 0) hist_flush(hist, hist_bins, counts);
+  hist_flush(sink, hist_bins);
 }
 
 // Warp per (32 columns, run of rows); a lane per column. Sums per label in
@@ -233,6 +249,26 @@ __global__ void __launch_bounds__(kThreads)
     acc += v;
   }
   if (current >= 0) atomicAdd(sums + current * dim + d, acc);
+}
+
+// ---- votes of the large-k path ---------------------------------------------
+
+// Thread per row of sorted picks (keys best first; row r at keys + r * ldk and
+// indices + r * ldi): the weights of fastvote/topk.h into weights[r * k ..],
+// then one integer atomic per pick, in the fixed point of the fused kernels.
+// The votes are deterministic and equal the CPU's.
+__global__ void __launch_bounds__(kThreads)
+    sorted_votes_kernel(const float* keys, int64_t ldk, const int64_t* indices, int64_t ldi,
+                        int64_t rows, int k, Weight weight, float inv_temperature, float* weights,
+                        unsigned long long* votes) {
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float* w = weights + r * k;
+    if (weight != Weight::Count) row_weights(keys + r * ldk, k, weight, inv_temperature, w);
+    for (int i = 0; i < k; ++i) {
+      atomicAdd(votes + indices[r * ldi + i], weight == Weight::Count ? 1ull : fixed_units(w[i]));
+    }
+  }
 }
 
 }  // namespace reduce

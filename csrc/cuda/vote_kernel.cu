@@ -38,13 +38,15 @@ namespace {
 constexpr int64_t kNoRow = std::numeric_limits<int64_t>::max();
 // Class and centroid indices are int32 on the device.
 constexpr int64_t kMaxClasses = int64_t{1} << 30;
-// Float votes are fixed point (device_common.cuh): at most 2^31 rows per call.
-constexpr int64_t kMaxWeightedRows = int64_t{1} << 31;
 // k above kMaxListK: keys are materialised for this many (row, class) pairs
 // at a time (64 MB of float32) and sorted.
 constexpr int64_t kSortChunk = int64_t{1} << 24;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+unsigned grid_for(int64_t items, int64_t per_block) {
+  return static_cast<unsigned>(std::clamp<int64_t>(ceil_div(items, per_block), 1, INT_MAX));
+}
 
 struct Device {
   int sms;
@@ -69,6 +71,31 @@ int64_t resident_blocks(Kernel kernel, int threads, size_t smem, const Device& d
   TORCH_CHECK(per_sm > 0, "fastvote: a kernel needing ", smem,
               " bytes of shared memory cannot run on this GPU");
   return static_cast<int64_t>(per_sm) * dev.sms;
+}
+
+// Whether a launch of `kernel` should keep its vote histogram of `bins` bins
+// in shared memory: only when the histogram fits the opt-in limit and costs
+// no resident blocks per SM (a 48 KB histogram beside a large k would halve
+// them). Sets the kernel's dynamic shared-memory limit for the chosen layout
+// and returns the bins to pass (0: global atomics) and the bytes to launch with.
+template <typename Kernel>
+std::pair<int, size_t> choose_hist(Kernel kernel, int threads, size_t smem_without, int bins,
+                                   const Device& dev) {
+  auto per_sm = [&](size_t smem) {
+    if (smem > static_cast<size_t>(dev.smem_optin)) return 0;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+    return blocks;
+  };
+  const size_t smem_with = smem_without + hist_bytes(bins);
+  if (bins > 0 && bins <= kSharedHistBins && per_sm(smem_with) >= per_sm(smem_without)) {
+    per_sm(smem_with);
+    return {bins, smem_with};
+  }
+  per_sm(smem_without);
+  return {0, smem_without};
 }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
@@ -105,14 +132,9 @@ void check_limits(const char* op, int64_t num_classes, int64_t dim) {
                     " is above the CUDA backend's limit of 2^31 - 1 feature dimensions");
 }
 
-void check_weighted_rows(const char* op, int64_t rows, Weight weight) {
-  TORCH_CHECK_VALUE(weight == Weight::Count || rows < kMaxWeightedRows, "fastvote.", op, ": N=",
-                    rows, " rows is above the CUDA backend's limit of 2^31 rows for float "
-                    "weights; vote in batches and add the votes");
-}
-
-// Fixed-point vote sums (device_common.cuh) -> float64 votes.
-at::Tensor fixed_to_double(const at::Tensor& units) {
+// Fixed-point vote sums -> float64 votes: the conversion of
+// fastvote::fixed_to_double (int64 -> double, then an exact scaling).
+at::Tensor votes_from_units(const at::Tensor& units) {
   return units.to(at::kDouble).mul_(kFixedToDouble);
 }
 
@@ -174,6 +196,36 @@ std::pair<int64_t, int64_t> choose_splits(int64_t row_tiles, int64_t col_tiles, 
   return best;
 }
 
+// How the fused kernel reads the operands (fm_kernel.cuh, Layout): vector
+// loads when both the feature rows and the centroid rows are 4-element
+// aligned runs along D (16-bit and 32-bit inputs), row-fastest reads for a
+// transposed feature matrix.
+fm::Layout fused_layout(const at::Tensor& features, const Centroids& c) {
+  const int64_t n = features.size(0);
+  const int64_t bytes = static_cast<int64_t>(features.element_size());
+  const bool x_vec = features.stride(1) == 1 &&
+                     reinterpret_cast<uintptr_t>(features.const_data_ptr()) % (4 * bytes) == 0 &&
+                     (n <= 1 || features.stride(0) % 4 == 0);
+  const bool c_vec = c.storage.stride(1) == 1 &&
+                     reinterpret_cast<uintptr_t>(c.storage.const_data_ptr()) % 16 == 0 &&
+                     (c.count() <= 1 || c.storage.stride(0) % 4 == 0);
+  if (bytes <= 4 && c.dim() % 4 == 0 && x_vec && c_vec) return fm::Layout::Rows4;
+  if (features.stride(0) == 1 && features.stride(1) != 1) return fm::Layout::Cols;
+  return fm::Layout::Rows;
+}
+
+template <typename scalar_t>
+auto fused_kernel_for(fm::Layout layout) {
+  switch (layout) {
+    case fm::Layout::Rows4:
+      // 4 elements of at most 16 bytes (not float64, which fused_layout never reads so).
+      if constexpr (sizeof(scalar_t) <= 4) return fm::fused_kernel<scalar_t, fm::Layout::Rows4>;
+      return fm::fused_kernel<scalar_t, fm::Layout::Rows>;
+    case fm::Layout::Cols: return fm::fused_kernel<scalar_t, fm::Layout::Cols>;
+    default: return fm::fused_kernel<scalar_t, fm::Layout::Rows>;
+  }
+}
+
 // What one fused launch writes, by mode.
 struct FusedOut {
   unsigned long long* votes = nullptr;  // Vote: [K] counts or fixed-point units
@@ -192,18 +244,15 @@ void run_fused(fm::Mode mode, const at::Tensor& features, int64_t row_offset, co
   const Device dev = device_info(features);
   const int64_t row_tiles = ceil_div(n, fm::kBM);
   const int64_t col_tiles = ceil_div(num_c, fm::kBN);
-  int hist_bins = mode == fm::Mode::Vote && num_c <= kSharedHistBins ? static_cast<int>(num_c) : 0;
-  size_t smem = fm::smem_bytes(k, hist_bins);
-  if (smem > static_cast<size_t>(dev.smem_optin) && hist_bins > 0) {
-    hist_bins = 0;  // global atomics instead
-    smem = fm::smem_bytes(k, 0);
-  }
-  TORCH_CHECK(smem <= static_cast<size_t>(dev.smem_optin), "fastvote: k=", k, " needs ", smem,
-              " bytes of shared memory per block; this GPU allows ", dev.smem_optin);
+  const size_t base_smem = fm::smem_bytes(k, 0);
+  TORCH_CHECK(base_smem <= static_cast<size_t>(dev.smem_optin), "fastvote: k=", k, " needs ",
+              base_smem, " bytes of shared memory per block; this GPU allows ", dev.smem_optin);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "fastvote_fused", [&] {
-    const auto kernel = fm::fused_kernel<scalar_t>;
+    const auto kernel = fused_kernel_for<scalar_t>(fused_layout(features, c));
+    const auto [hist_bins, smem] = choose_hist(
+        kernel, fm::kThreads, base_smem, mode == fm::Mode::Vote ? static_cast<int>(num_c) : 0, dev);
     const int64_t resident = resident_blocks(kernel, fm::kThreads, smem, dev);
     const auto [splits, tiles_per_split] = choose_splits(row_tiles, col_tiles, resident);
     const int64_t items = row_tiles * splits;
@@ -224,7 +273,6 @@ void run_fused(fm::Mode mode, const at::Tensor& features, int64_t row_offset, co
     a.n = n;
     a.row_offset = row_offset;
     a.dim = static_cast<int>(c.dim());
-    a.x_rows_unit_stride = features.stride(0) == 1 && features.stride(1) != 1;
     a.c = c.storage.const_data_ptr<float>();
     a.ldc = c.storage.stride(0);
     a.num_c = static_cast<int>(num_c);
@@ -273,19 +321,22 @@ std::tuple<at::Tensor, at::Tensor> sorted_topk(const at::Tensor& keys, int64_t k
   return {std::get<0>(sorted).narrow(1, 0, k), std::get<1>(sorted).narrow(1, 0, k)};
 }
 
-// Adds the votes of rows' sorted picks (the large-k path) to `votes`.
+// Adds the votes of rows' sorted picks (the large-k path) to the fixed-point
+// `units`, with the fused kernels' weights and arithmetic.
 void add_sorted_votes(const at::Tensor& top_keys, const at::Tensor& top_idx, Weight weight,
-                      float inv_temperature, at::Tensor& votes) {
-  const at::Tensor bins = top_idx.reshape({-1});
-  if (weight == Weight::Count) {
-    votes.index_add_(0, bins, at::ones_like(bins));
-    return;
-  }
+                      float inv_temperature, at::Tensor& units) {
+  const int64_t rows = top_keys.size(0);
   const int64_t k = top_keys.size(1);
-  at::Tensor w = weight == Weight::Rank
-                     ? at::arange(1, k + 1, top_keys.options()).reciprocal_().expand_as(top_keys)
-                     : at::softmax(top_keys.sub(top_keys.narrow(1, 0, 1)).mul_(-inv_temperature), 1);
-  votes.index_add_(0, bins, w.reshape({-1}).to(at::kDouble));
+  if (rows == 0) return;
+  TORCH_INTERNAL_ASSERT(top_keys.stride(1) == 1 && top_idx.stride(1) == 1);
+  at::Tensor weights = at::empty({weight == Weight::Count ? 0 : rows * k},
+                                 top_keys.options().dtype(at::kFloat));
+  reduce::sorted_votes_kernel<<<grid_for(rows, reduce::kThreads), reduce::kThreads, 0,
+                                current_stream()>>>(
+      top_keys.const_data_ptr<float>(), top_keys.stride(0), top_idx.const_data_ptr<int64_t>(),
+      top_idx.stride(0), rows, static_cast<int>(k), weight, inv_temperature,
+      weights.mutable_data_ptr<float>(), as_u64(units));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 int64_t sort_chunk_rows(int64_t num_classes) { return std::max<int64_t>(1, kSortChunk / num_classes); }
@@ -306,27 +357,23 @@ at::Tensor fm_vote_cuda(const at::Tensor& features, const at::Tensor& centroids,
   const Centroids c = prepare_centroids(centroids, metric, flags);
   const int64_t n = features.size(0);
   const int64_t num_c = c.count();
-  at::Tensor votes;
+  at::Tensor units = at::zeros({num_c}, features.options().dtype(at::kLong));
   if (k <= kMaxListK) {
-    at::Tensor units = at::zeros({num_c}, features.options().dtype(at::kLong));
     FusedOut out;
     out.votes = as_u64(units);
     run_fused(fm::Mode::Vote, features, 0, c, metric, static_cast<int>(k), weight, inv_t,
               flags.row(), out);
-    votes = weight == Weight::Count ? units : fixed_to_double(units);
   } else {
-    votes = at::zeros({num_c}, features.options().dtype(weight == Weight::Count ? at::kLong
-                                                                                 : at::kDouble));
     const int64_t chunk = sort_chunk_rows(num_c);
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
       const int64_t rows = std::min(chunk, n - r0);
       const auto keys = fused_keys(features, r0, rows, c, metric, flags.row());
       const auto top = sorted_topk(std::get<0>(keys), k);
-      add_sorted_votes(std::get<0>(top), std::get<1>(top), weight, inv_t, votes);
+      add_sorted_votes(std::get<0>(top), std::get<1>(top), weight, inv_t, units);
     }
   }
   flags.raise_non_finite("fm_vote", "centroids", "features");
-  return votes;
+  return weight == Weight::Count ? units : votes_from_units(units);
 }
 
 std::tuple<at::Tensor, at::Tensor> nearest_centroids_cuda(const at::Tensor& features,
@@ -374,13 +421,9 @@ void launch_lm_vote(const at::Tensor& logits, int k, Weight weight, at::Tensor& 
                     long long* bad_row) {
   const int64_t num_c = logits.size(1);
   const Device dev = device_info(logits);
-  int hist_bins = num_c <= kSharedHistBins ? static_cast<int>(num_c) : 0;
-  size_t smem = lm::smem_bytes(k, hist_bins);
-  if (smem > static_cast<size_t>(dev.smem_optin)) {
-    hist_bins = 0;
-    smem = lm::smem_bytes(k, 0);
-  }
   const auto kernel = lm::vote_kernel<scalar_t, V>;
+  const auto [hist_bins, smem] =
+      choose_hist(kernel, lm::kThreads, lm::smem_bytes(k, 0), static_cast<int>(num_c), dev);
   const int64_t resident = resident_blocks(kernel, lm::kThreads, smem, dev);
   lm::Args<scalar_t> a{};
   a.x = logits.const_data_ptr<scalar_t>();
@@ -416,9 +459,8 @@ at::Tensor lm_vote_cuda(const at::Tensor& logits, int64_t k, c10::string_view we
   ErrorFlags flags(logits);
   const int64_t n = logits.size(0);
   const int64_t num_c = logits.size(1);
-  at::Tensor votes;
+  at::Tensor units = at::zeros({num_c}, logits.options().dtype(at::kLong));
   if (k <= kMaxListK) {
-    at::Tensor units = at::zeros({num_c}, logits.options().dtype(at::kLong));
     if (n > 0) {
       const bool vectorized = rows_vectorizable(logits);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
@@ -431,10 +473,7 @@ at::Tensor lm_vote_cuda(const at::Tensor& logits, int64_t k, c10::string_view we
         }
       });
     }
-    votes = weight == Weight::Count ? units : fixed_to_double(units);
   } else {
-    votes = at::zeros({num_c}, logits.options().dtype(weight == Weight::Count ? at::kLong
-                                                                               : at::kDouble));
     const int64_t chunk = sort_chunk_rows(num_c);
     at::Tensor bad_slot = flags.row_slot();
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
@@ -446,11 +485,11 @@ at::Tensor lm_vote_cuda(const at::Tensor& logits, int64_t k, c10::string_view we
           at::where(at::isfinite(keys).all(1), kNoRow, row_ids).min().reshape({1});
       bad_slot.copy_(at::minimum(bad_slot, first_bad));
       const auto top = sorted_topk(keys, k);
-      add_sorted_votes(std::get<0>(top), std::get<1>(top), weight, 1.0f, votes);
+      add_sorted_votes(std::get<0>(top), std::get<1>(top), weight, 1.0f, units);
     }
   }
   flags.raise_non_finite("lm_vote", "logits", "logits");
-  return votes;
+  return weight == Weight::Count ? units : votes_from_units(units);
 }
 
 // ---- lm_scores, fm_scores, class_centroids ----------------------------------
@@ -461,8 +500,14 @@ int64_t rows_per_group(int64_t n, int64_t col_blocks, const Device& dev) {
   return std::max<int64_t>(ceil_div(n, groups), 1);
 }
 
-unsigned grid_for(int64_t items, int64_t per_block) {
-  return static_cast<unsigned>(std::clamp<int64_t>(ceil_div(items, per_block), 1, INT_MAX));
+// out[j] = sum of partial[:, j] in row-group order (deterministic; see reduce_kernels.cuh).
+void sum_partials(const at::Tensor& partial, at::Tensor& out) {
+  const int64_t cols = partial.size(1);
+  reduce::sum_partials_kernel<<<grid_for(cols, reduce::kThreads), reduce::kThreads, 0,
+                                current_stream()>>>(partial.const_data_ptr<double>(),
+                                                    partial.size(0), cols,
+                                                    out.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor lm_scores_cuda(const at::Tensor& logits) {
@@ -479,7 +524,9 @@ at::Tensor lm_scores_cuda(const at::Tensor& logits) {
     at::Tensor row_inv_sum = at::empty({n}, logits.options().dtype(at::kDouble));
     const int64_t col_blocks = ceil_div(num_c, reduce::kThreads);
     const int64_t group = rows_per_group(n, col_blocks, dev);
-    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(ceil_div(n, group)));
+    const int64_t groups = ceil_div(n, group);
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(groups));
+    at::Tensor partial = at::empty({groups, num_c}, logits.options().dtype(at::kDouble));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                     "fastvote_lm_scores", [&] {
       const scalar_t* x = logits.const_data_ptr<scalar_t>();
@@ -491,9 +538,10 @@ at::Tensor lm_scores_cuda(const at::Tensor& logits) {
       reduce::class_probs_kernel<scalar_t><<<grid, reduce::kThreads, 0, current_stream()>>>(
           x, logits.stride(0), logits.stride(1), n, static_cast<int>(num_c),
           row_max.const_data_ptr<float>(), row_inv_sum.const_data_ptr<double>(), group,
-          out.mutable_data_ptr<double>());
+          partial.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    sum_partials(partial, out);
     out.div_(static_cast<double>(n));
   }
   flags.raise_non_finite("lm_scores", "logits", "logits");
@@ -514,25 +562,32 @@ at::Tensor fm_scores_cuda(const at::Tensor& features, const at::Tensor& centroid
   if (n > 0) {
     const Device dev = device_info(features);
     at::Tensor row_scale = at::empty({n}, features.options().dtype(at::kFloat));
+    const at::TensorOptions f64 = features.options().dtype(at::kDouble);
     // Column sums of x (scaled to unit norm for cosine), then the sum of ||x||^2.
-    at::Tensor sums = at::zeros({dim + 1}, features.options().dtype(at::kDouble));
-    double* sums_ptr = sums.mutable_data_ptr<double>();
+    at::Tensor sums = at::empty({dim + 1}, f64);
     const int64_t col_blocks = ceil_div(dim, 32);
     const int64_t group = rows_per_group(n, col_blocks, dev);
-    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(ceil_div(n, group)));
+    const int64_t groups = ceil_div(n, group);
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(groups));
+    const unsigned row_blocks = grid_for(n, reduce::kThreads);
+    at::Tensor col_partial = at::empty({groups, dim}, f64);
+    at::Tensor sq_partial = at::empty({static_cast<int64_t>(row_blocks), 1}, f64);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                     "fastvote_fm_scores", [&] {
       const scalar_t* x = features.const_data_ptr<scalar_t>();
-      reduce::feature_rows_kernel<scalar_t>
-          <<<grid_for(n, reduce::kThreads), reduce::kThreads, 0, current_stream()>>>(
-              x, features.stride(0), features.stride(1), n, static_cast<int>(dim), metric,
-              row_scale.mutable_data_ptr<float>(), sums_ptr + dim, flags.row());
+      reduce::feature_rows_kernel<scalar_t><<<row_blocks, reduce::kThreads, 0, current_stream()>>>(
+          x, features.stride(0), features.stride(1), n, static_cast<int>(dim), metric,
+          row_scale.mutable_data_ptr<float>(), sq_partial.mutable_data_ptr<double>(), flags.row());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       reduce::column_sums_kernel<scalar_t><<<grid, reduce::kThreads, 0, current_stream()>>>(
           x, features.stride(0), features.stride(1), n, static_cast<int>(dim),
-          row_scale.const_data_ptr<float>(), group, sums_ptr);
+          row_scale.const_data_ptr<float>(), group, col_partial.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    at::Tensor col_sums = sums.narrow(0, 0, dim);
+    at::Tensor sq_sum = sums.narrow(0, dim, 1);
+    sum_partials(col_partial, col_sums);
+    sum_partials(sq_partial, sq_sum);
     const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(c.count(), reduce::kWarps), 65535));
     reduce::fm_scores_kernel<<<blocks, reduce::kThreads, 0, current_stream()>>>(
         c.storage.const_data_ptr<float>(), c.storage.stride(0), static_cast<int>(c.count()),
@@ -559,15 +614,18 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_cuda(const at::Tensor& featur
   ErrorFlags flags(features);
   if (n > 0) {
     const Device dev = device_info(features);
-    const int hist_bins = num_classes <= kSharedHistBins ? static_cast<int>(num_classes) : 0;
-    const size_t smem = hist_bytes(hist_bins);
+    const auto [hist_bins, smem] = choose_hist(reduce::label_counts_kernel, reduce::kThreads, 0,
+                                               static_cast<int>(num_classes), dev);
     const int64_t resident = resident_blocks(reduce::label_counts_kernel, reduce::kThreads, smem, dev);
     reduce::label_counts_kernel<<<static_cast<unsigned>(std::min(ceil_div(n, reduce::kThreads), resident)),
                                   reduce::kThreads, smem, current_stream()>>>(
         lab.const_data_ptr<int64_t>(), n, static_cast<int>(num_classes), hist_bins,
         as_u64(counts), flags.centroid());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-
+  }
+  // D = 0: counts only (a grid of zero column blocks is an invalid launch).
+  if (n > 0 && dim > 0) {
+    const Device dev = device_info(features);
     // Aim at ~64 warps per SM; each warp sums a contiguous run of rows.
     const int64_t col_blocks = ceil_div(dim, 32);
     int64_t rows_per_warp = std::max<int64_t>(16, ceil_div(n * col_blocks, 64 * int64_t{dev.sms}));

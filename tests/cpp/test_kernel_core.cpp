@@ -102,6 +102,42 @@ void test_weights() {
   CHECK(w[0] == 1.0f && w[1] == 0.0f, "soft weights of huge keys %g %g", w[0], w[1]);
 }
 
+// vote_exp against double exp: within 1 ulp over [-80, 0] (every 61st float of
+// the range; all of them were checked once: at most 0.94 ulp), and 0 below.
+void test_vote_exp() {
+  double worst = 0;
+  int steps = 0;
+  for (float x = -80.0f; x <= 0.0f; ++steps) {
+    const float got = fastvote::vote_exp(x);
+    const float ref = static_cast<float>(std::exp(static_cast<double>(x)));
+    const double ulp = std::nextafter(ref, INFINITY) - ref;
+    worst = std::max(worst, std::fabs(got - std::exp(static_cast<double>(x))) / ulp);
+    for (int i = 0; i < 61; ++i) x = std::nextafter(x, 1.0f);
+  }
+  CHECK(worst <= 1.0, "vote_exp: %.3f ulp from exp over %d points", worst, steps);
+  CHECK(fastvote::vote_exp(0.0f) == 1.0f, "vote_exp(0) = %a", fastvote::vote_exp(0.0f));
+  CHECK(fastvote::vote_exp(-80.5f) == 0.0f && fastvote::vote_exp(-1e30f) == 0.0f &&
+            fastvote::vote_exp(-INFINITY) == 0.0f && fastvote::vote_exp(NAN) == 0.0f,
+        "vote_exp below -80 / NaN is 0");
+}
+
+// The 32.32 fixed point: weights rounded half to even, 1.0 = 2^32.
+void test_fixed_point() {
+  CHECK(fastvote::fixed_units(1.0f) == (uint64_t{1} << 32), "1.0 -> 2^32");
+  CHECK(fastvote::fixed_units(0.0f) == 0, "0 -> 0");
+  CHECK(fastvote::fixed_units(0.5f) == (uint64_t{1} << 31), "0.5 -> 2^31");
+  CHECK(fastvote::fixed_units(std::ldexp(1.0f, -33)) == 0, "half a unit rounds to even (0)");
+  CHECK(fastvote::fixed_units(std::ldexp(3.0f, -33)) == 2, "1.5 units round to even (2)");
+  CHECK(fastvote::fixed_units(std::ldexp(1.0f, -40)) == 0, "far below a unit -> 0");
+  const float third = 1.0f / 3.0f;
+  CHECK(fastvote::fixed_units(third) == static_cast<uint64_t>(std::nearbyint(double(third) * 4294967296.0)),
+        "1/3 -> nearest unit");
+  CHECK(fastvote::fixed_to_double(uint64_t{3} << 31) == 1.5, "units -> double");
+  // A full bin: 2^31 - 1 rows of weight 1 stay below 2^63 and convert exactly.
+  const uint64_t most = ((uint64_t{1} << 31) - 1) << 32;
+  CHECK(fastvote::fixed_to_double(most) == 2147483647.0, "the largest bin converts exactly");
+}
+
 // One tile through a micro-kernel variant, integer inputs so float32 is exact.
 void test_tile_variant(const char* name) {
   setenv("FASTVOTE_CPU_KERNEL", name, 1);
@@ -176,6 +212,8 @@ int main() {
   test_insert_matches_stable_sort();
   test_threshold_semantics();
   test_weights();
+  test_vote_exp();
+  test_fixed_point();
   for (const char* name : {"avx512", "avx2", "portable"}) test_tile_variant(name);
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);

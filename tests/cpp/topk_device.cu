@@ -3,7 +3,7 @@
 #include "fastvote/topk.h"
 
 __global__ void topk_device_check(const float* keys_in, int n, int k, float* keys_out,
-                                  int64_t* idx_out, float* weights_out) {
+                                  int64_t* idx_out, float* weights_out, uint64_t* units_out) {
   float keys[8];
   int64_t idx[8];
   int count = 0;
@@ -18,5 +18,6 @@ __global__ void topk_device_check(const float* keys_in, int n, int k, float* key
   for (int r = 0; r < count; ++r) {
     keys_out[r] = keys[r];
     idx_out[r] = idx[r];
+    units_out[r] = fastvote::fixed_units(weights_out[r]);
   }
 }

@@ -19,6 +19,8 @@ float inverse_temperature(const char* op, double temperature);
 // logits [N, K] floating point, K >= 1, 1 <= k <= K.
 void check_logits(const char* op, const at::Tensor& logits);
 void check_k(const char* op, int64_t k, int64_t num_classes, const char* what);
+// Float ("rank", "soft") votes are fixed point: at most kMaxWeightedRows rows a call.
+void check_weighted_rows(const char* op, int64_t rows, Weight weight);
 // features [N, D] and centroids [K, D], floating point, same device, K >= 1.
 void check_features_centroids(const char* op, const at::Tensor& features,
                               const at::Tensor& centroids);

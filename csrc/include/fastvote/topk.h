@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define FV_HOST_DEVICE __host__ __device__ __forceinline__
@@ -56,11 +57,44 @@ FV_HOST_DEVICE int topk_insert(float* keys, Index* idx, int count, int k,
   return count < k ? count + 1 : k;
 }
 
+// exp(x) for x <= 0, the same bits on every backend. The CPU's libm expf and
+// CUDA's expf differ in the last place, which would make soft votes differ
+// between devices. This one uses only explicit fmaf (one rounding on host
+// and device alike, whatever the contraction flags), rintf and exponent bit
+// arithmetic, and never a multiply whose result an add consumes, so no
+// compiler can fuse a step differently. Cody-Waite reduction x = n ln2 + r,
+// |r| <= ln2/2, then the degree-7 Taylor polynomial (truncation < 6e-9
+// relative); error about 1 ulp. Below -80 (e^-80 ~ 2e-35, far under the
+// fixed-point resolution of the votes) it returns 0, which keeps 2^n normal.
+FV_HOST_DEVICE float vote_exp(float x) {
+  if (!(x >= -80.0f)) return 0.0f;  // also NaN
+  const float n = rintf(x * 1.44269504f);
+  float r = fmaf(-n, 0.693145752f, x);  // ln2 split: the high part has 16 bits, so n * hi is exact
+  r = fmaf(-n, 1.42860677e-06f, r);
+  float p = 1.98412698e-04f;  // 1/7!
+  p = fmaf(p, r, 1.38888889e-03f);
+  p = fmaf(p, r, 8.33333333e-03f);
+  p = fmaf(p, r, 4.16666667e-02f);
+  p = fmaf(p, r, 1.66666667e-01f);
+  p = fmaf(p, r, 0.5f);
+  p = fmaf(p, r, 1.0f);
+  p = fmaf(p, r, 1.0f);
+  // p * 2^n by adding n to the exponent field: p is in [0.7, 1.5] and
+  // n >= -116, so the result is normal and the addition exact.
+  uint32_t bits;
+  memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<uint32_t>(static_cast<int32_t>(n)) << 23;
+  memcpy(&p, &bits, sizeof(p));
+  return p;
+}
+
 // Weights of a row's k picks (keys sorted best first):
 //   count -> 1 each; rank -> 1/(r+1); soft -> softmax(-key * inv_temperature).
 // For LM the key is -logit (inv_temperature 1), for FM/l2 the squared
 // distance, for FM/cosine the negated similarity. The softmax is shift
 // invariant, so the per-row ||x||^2 that l2 keys omit does not change it.
+// Every step is IEEE-rounded in a fixed order: equal keys give equal weights
+// on the CPU and on CUDA.
 FV_HOST_DEVICE void row_weights(const float* keys, int k, Weight weight,
                                 float inv_temperature, float* out) {
   if (weight == Weight::Count) {
@@ -71,11 +105,33 @@ FV_HOST_DEVICE void row_weights(const float* keys, int k, Weight weight,
     // keys[0] is the smallest key, so every exponent is <= 0: no overflow.
     float total = 0.0f;
     for (int r = 0; r < k; ++r) {
-      out[r] = expf(-(keys[r] - keys[0]) * inv_temperature);
+      out[r] = vote_exp(-(keys[r] - keys[0]) * inv_temperature);
       total += out[r];
     }
     for (int r = 0; r < k; ++r) out[r] /= total;
   }
+}
+
+// Float votes are summed as unsigned 32.32 fixed point on every backend:
+// integer addition is associative, so the sum does not depend on the thread
+// count, the schedule or the device, and CPU and CUDA votes are bit-equal
+// whenever their picks and keys are. Resolution: each weight (in [0, 1]) is
+// rounded to a multiple of 2^-32, an error <= 2^-33 per vote, so a bin that
+// received m votes is within m * 2^-33 of the exact sum of its float32
+// weights (plus the final conversion to float64, exact below 2^21 votes of
+// weight). Overflow: a row adds at most 1.0 = 2^32 units to a bin, so
+// kMaxWeightedRows = 2^31 rows keeps every bin below 2^63 (an int64 tensor).
+constexpr int64_t kMaxWeightedRows = int64_t{1} << 31;
+constexpr double kFixedToDouble = 1.0 / 4294967296.0;
+
+// w * 2^32 is exact in float (w <= 1); rintf rounds half to even on host
+// (default rounding mode) and device alike.
+FV_HOST_DEVICE uint64_t fixed_units(float weight) {
+  return static_cast<uint64_t>(rintf(weight * 4294967296.0f));
+}
+
+FV_HOST_DEVICE double fixed_to_double(uint64_t units) {
+  return static_cast<double>(static_cast<int64_t>(units)) * kFixedToDouble;
 }
 
 }  // namespace fastvote
