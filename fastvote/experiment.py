@@ -293,7 +293,8 @@ class Experiment:
         c = self.config
         return self._threads(fvdata.eval_loader(beton, c.batch_size, resolution=c.image_size, mean=self.mean,
                                                 std=self.std, indices=indices, device=self.device,
-                                                distributed=sharded))
+                                                distributed=sharded,
+                                                crop_ratio=fvdata.default_crop_ratio(c.image_size)))
 
     def _train_loader(self, indices, seed: int, augment: bool = True):
         """The source's training loader over `indices` (all when None), sharded

@@ -7,7 +7,7 @@ default, and show a tqdm progress bar.
 
 A loader is any iterable of ``(images, labels)`` or ``(images, labels,
 identifiers)`` batches: images float [B, 3, H, W], labels and identifiers int64
-[B] — a torch DataLoader or one of ``fastvote.data``'s FFCV loaders.
+[B] — a torch DataLoader or one of ``fastvote.data``'s loaders (FFCV, or torch without it).
 """
 from __future__ import annotations
 

@@ -122,7 +122,7 @@ class PruneResult:
                    manifest=manifest)
 
     def loader(self, batch_size: int = 256, *, train: bool = True, source: Optional[str] = None, **kw):
-        """An FFCV loader over the kept samples of the source beton (train
+        """A loader (fastvote.data: FFCV, or torch without it) over the kept samples of the source beton (train
         pipeline by default, eval with train=False). `kw` go to
         fastvote.data.train_loader / eval_loader (resolution, mean, std, ...);
         resolution, mean and std default to the surrogate's preprocessing."""

@@ -223,6 +223,8 @@ def _preprocessing(own: Optional[dict], source: Input, image_size, mean, std, wh
     # the weights' resize-then-crop, unless the user set the size: the eval loader's centre-crop ratio
     if image_size is None and own.get("resize"):
         prep["crop_ratio"] = prep["resolution"] / own["resize"]
+    else:
+        prep["crop_ratio"] = fvdata.default_crop_ratio(prep["resolution"])
     return prep
 
 

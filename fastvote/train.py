@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (two FFCV epochs)
 
-from . import distributed, progress as bars
+from . import data as fvdata, distributed, progress as bars
 from .features import iterate_outputs, resolve_amp, split_batch
 from .models import (Classifier, as_classifier, atomic_save, load_state_dict_flexible,
                      save_checkpoint, unwrap_model)
@@ -120,9 +120,10 @@ class TrainConfig:
         seed: seeds every epoch's randomness together with the epoch index.
         log_every: iterations between progress-bar updates (each one syncs the device).
         min_resolution, max_resolution, start_ramp, end_ramp: progressive resolution
-            (the release: 160, 192, 11, 13 for 16 epochs); all None -> off. The loop
-            does not resize anything: the caller's ``on_epoch_start`` reads
-            :meth:`resolution_at` and sets its loader's output size.
+            (the release: 160, 192, 11, 13 for 16 epochs); all None -> off. Before
+            each epoch :func:`train_classifier` sets its loader's crop side to
+            :meth:`resolution_at` (``fastvote.data.set_resolution``: loaders of
+            ``fastvote.data`` only).
     """
 
     epochs: int = 16
@@ -528,6 +529,9 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
     for epoch in bar:
         seed_epoch(config.seed, epoch)
         set_loader_epoch(train_loader, epoch)
+        resolution = config.resolution_at(epoch)
+        if resolution is not None:
+            fvdata.set_resolution(train_loader, resolution)
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         began = time.perf_counter()

@@ -55,6 +55,16 @@ _warned = False  # the torch path's warning: once a process
 log = logging.getLogger(__name__)
 
 
+IMAGENET_CROP_RATIO = 224 / 256  # ImageNet's eval: resize the short side to 256, centre crop 224
+
+
+def default_crop_ratio(resolution: int) -> float:
+    """The eval loader's centre-crop ratio for images of this size: ImageNet's
+    224/256 above 64 px (photos, where the object fills the middle), the whole
+    image up to 64 px (digits and glyphs fill the frame)."""
+    return 1.0 if resolution <= SMALL_IMAGE_MAX else IMAGENET_CROP_RATIO
+
+
 def backend() -> str:
     """The loaders' backend: "ffcv" where ``import ffcv`` works, else "torch" (which the
     environment variable FASTVOTE_LOADER=torch also picks; =ffcv insists on FFCV)."""
