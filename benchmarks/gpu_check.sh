@@ -10,7 +10,8 @@
 #   log.txt                          versions, nvidia-smi, the build
 #   tests.txt                        pytest's output
 #   memcheck.txt, racecheck.txt      compute-sanitizer's reports
-#   bench.txt, bench_cuda.json, bench_cuda.md   the benchmark
+#   bench.txt, bench_cuda.json, bench_cuda.md   the vote benchmark
+#   loaders.txt, loaders.json        bench_loaders.py: torch loaders at 224 px into a ResNet-50
 # Every step runs under `timeout` within one budget (BUDGET_S, default 420 s,
 # so a failed run leaves time for a second inside 15 minutes); a failed step
 # does not stop the next. Exit status: 0 when every step passed.
@@ -138,6 +139,10 @@ else
   step racecheck 90 "$OUT/racecheck.txt" bash -c "sanitize racecheck"
   step bench 200 "$OUT/bench.txt" "$PY" benchmarks/bench_vote.py --device cuda \
     --json "$OUT/bench_cuda.json" --markdown "$OUT/bench_cuda.md"
+  # Loaders at 224 px into a ResNet-50 (no ffcv on the GPU machine: the torch path vs torchvision)
+  step loaders 100 "$OUT/loaders.txt" "$PY" benchmarks/bench_loaders.py --device cuda --arch resnet50 \
+    --loaders torchvision,fastvote-torch --images 1024 --batch 128 --workers 16 --out "${TMPDIR:-/tmp}/fastvote-loaders" \
+    --json "$OUT/loaders.json"
 fi
 if [[ -s "$OUT/tests.txt" ]]; then
   echo "pytest: $(grep -E '(passed|failed|skipped|error)' "$OUT/tests.txt" | tail -n 1)" | tee -a "$SUMMARY"
