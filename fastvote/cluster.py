@@ -51,6 +51,7 @@ MAX_ROWS_PER_CLUSTER = 256  # fitting rows a cluster (faiss's default cap)
 SEED_ROWS_PER_CLUSTER = 16  # seeding sample rows a cluster
 _BLOCK = 1 << 24  # elements of one rows x K distance block
 _SLACK = 1e-5  # relative float32 error allowed for in the bounds
+_OVERSAMPLE = 8  # candidates a round draws per center it adds
 
 
 @dataclass
@@ -196,7 +197,7 @@ def _seed(sample: Tensor, num_clusters: int, rng: np.random.Generator, progress:
     """k-means++ in rounds on the seeding sample [S, D] float32 (rows already
     unit-normalised for cosine): [K, D] float32 on the sample's device.
 
-    A round with C centers draws 4 b candidates by D^2 sampling (b = min(C,
+    A round with C centers draws 8 b candidates by D^2 sampling (b = min(C,
     1024, K - C) new centers), then picks b of them one at a time, each with
     probability proportional to its distance to the nearest center so far
     divided by the distance it was drawn with (resampling the candidates
@@ -228,23 +229,31 @@ def _seed(sample: Tensor, num_clusters: int, rng: np.random.Generator, progress:
 
 
 def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, rng: np.random.Generator) -> List[int]:
-    """b rows: 4 b candidates by D^2 sampling, then b of them by k-means++
-    over the candidates (see :func:`_seed`)."""
-    candidates = rng.choice(len(x), size=4 * b, p=weights / weights.sum())
+    """b rows: 8 b candidates by D^2 sampling, then b of them by greedy
+    k-means++ over the candidates (see :func:`_seed`): each pick draws
+    2 + log(b) trials by the resampling weights and keeps the one that lowers
+    the candidates' importance-weighted potential (sum of now / drawn, an
+    estimate of the sample's total squared distance) most, as scikit-learn's
+    greedy k-means++ does over the whole sample."""
+    candidates = rng.choice(len(x), size=_OVERSAMPLE * b, p=weights / weights.sum())
     c = x[torch.from_numpy(candidates).to(x.device)]
     drawn = torch.from_numpy(weights[candidates])
     now = drawn.clone()
     c_sq = c.pow(2).sum(1)
+    trials = 2 + int(np.log(b + 1))
     picked = []
     for _ in range(b):
         ratio = (now / drawn).numpy()
         total = ratio.sum()
         if total <= 1e-12:  # every candidate is covered: the next round draws fresh ones
             break
-        j = int(rng.choice(len(ratio), p=ratio / total))
+        tries = rng.choice(len(ratio), size=trials, p=ratio / total)
+        d = (c_sq[:, None] + c_sq[tries][None] - 2 * (c @ c[tries].T)).clamp_(min=0).double().cpu()
+        d = torch.minimum(now[:, None], d)
+        best = int((d / drawn[:, None]).sum(0).argmin())
+        j = int(tries[best])
         picked.append(int(candidates[j]))
-        d = (c_sq + c_sq[j] - 2 * (c @ c[j])).clamp_(min=0).double().cpu()
-        now = torch.minimum(now, d)
+        now = d[:, best]
         now[torch.from_numpy(candidates == candidates[j])] = 0
     return picked
 
