@@ -52,6 +52,7 @@ SEED_ROWS_PER_CLUSTER = 16  # seeding sample rows a cluster
 _BLOCK = 1 << 24  # elements of one rows x K distance block
 _SLACK = 1e-5  # relative float32 error allowed for in the bounds
 _OVERSAMPLE = 8  # candidates a round draws per center it adds
+_POOL = 2048  # at most this many candidates a round (their distance matrix: 16 MB)
 
 
 @dataclass
@@ -197,7 +198,7 @@ def _seed(sample: Tensor, num_clusters: int, rng: np.random.Generator, progress:
     """k-means++ in rounds on the seeding sample [S, D] float32 (rows already
     unit-normalised for cosine): [K, D] float32 on the sample's device.
 
-    A round with C centers draws 8 b candidates by D^2 sampling (b = min(C,
+    A round with C centers draws 8 b candidates (at most 2048) by D^2 sampling (b = min(C,
     1024, K - C) new centers), then picks b of them one at a time, each with
     probability proportional to its distance to the nearest center so far
     divided by the distance it was drawn with (resampling the candidates
@@ -229,32 +230,34 @@ def _seed(sample: Tensor, num_clusters: int, rng: np.random.Generator, progress:
 
 
 def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, rng: np.random.Generator) -> List[int]:
-    """b rows: 8 b candidates by D^2 sampling, then b of them by greedy
-    k-means++ over the candidates (see :func:`_seed`): each pick draws
-    2 + log(b) trials by the resampling weights and keeps the one that lowers
-    the candidates' importance-weighted potential (sum of now / drawn, an
-    estimate of the sample's total squared distance) most, as scikit-learn's
-    greedy k-means++ does over the whole sample."""
-    candidates = rng.choice(len(x), size=_OVERSAMPLE * b, p=weights / weights.sum())
+    """b rows: up to 8 b candidates (at most _POOL) by D^2 sampling, then b of
+    them by greedy k-means++ over the candidates (see :func:`_seed`): each
+    pick draws 2 + log(b) trials by the resampling weights and keeps the one
+    that lowers the candidates' importance-weighted potential (sum of now /
+    drawn, an estimate of the sample's total squared distance) most, as
+    scikit-learn's greedy k-means++ does over the whole sample. The picks run
+    in numpy on one candidate-distance matrix (one GEMM a round): a pick is a
+    few small array operations, not thread-pool calls."""
+    candidates = rng.choice(len(x), size=min(_OVERSAMPLE * b, _POOL), p=weights / weights.sum())
     c = x[torch.from_numpy(candidates).to(x.device)]
-    drawn = torch.from_numpy(weights[candidates])
-    now = drawn.clone()
     c_sq = c.pow(2).sum(1)
+    between = torch.addmm(c_sq[:, None] + c_sq[None], c, c.T, alpha=-2).clamp_(min=0).cpu().numpy()
+    drawn = weights[candidates]
+    now = drawn.copy()
     trials = 2 + int(np.log(b + 1))
     picked = []
     for _ in range(b):
-        ratio = (now / drawn).numpy()
+        ratio = now / drawn
         total = ratio.sum()
         if total <= 1e-12:  # every candidate is covered: the next round draws fresh ones
             break
         tries = rng.choice(len(ratio), size=trials, p=ratio / total)
-        d = (c_sq[:, None] + c_sq[tries][None] - 2 * (c @ c[tries].T)).clamp_(min=0).double().cpu()
-        d = torch.minimum(now[:, None], d)
-        best = int((d / drawn[:, None]).sum(0).argmin())
+        d = np.minimum(now[None], between[tries])  # rows, not columns: the matrix is symmetric
+        best = int((d / drawn[None]).sum(1).argmin())
         j = int(tries[best])
         picked.append(int(candidates[j]))
-        now = d[:, best]
-        now[torch.from_numpy(candidates == candidates[j])] = 0
+        now = d[best]
+        now[candidates == candidates[j]] = 0
     return picked
 
 
