@@ -32,7 +32,6 @@ so a folder without it is incomplete):
 from __future__ import annotations
 
 import glob as globbing
-import json
 import numbers
 import os
 import shutil
@@ -150,9 +149,9 @@ class ShardSource:
             raise ValueError(f"{self.what} shard {shard.path} gave {row} rows; expected {shard.rows}")
 
     def batches(self, shards: Sequence[Shard]) -> cluster.Batches:
-        """The rows of `shards` in order as float32 tensors, a fresh pass a call (for fastvote.cluster)."""
-        return lambda: (torch.from_numpy(block.astype(np.float32, copy=False))
-                        for shard in shards for block in self.chunks(shard))
+        """The rows of `shards` in order as tensors of the shards' dtype, a fresh
+        pass a call (for fastvote.cluster, which converts only the rows it uses)."""
+        return lambda: (torch.from_numpy(block) for shard in shards for block in self.chunks(shard))
 
     def ids(self, shard: Shard) -> Optional[np.ndarray]:
         """The shard's identifier array (None when it has none)."""
