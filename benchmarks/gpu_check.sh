@@ -144,6 +144,14 @@ else
     --loaders torchvision,fastvote-torch --images 1024 --batch 128 --workers 16 --out "${TMPDIR:-/tmp}/fastvote-loaders" \
     --json "$OUT/loaders.json"
 fi
+# Issue 15, DataComp-small shape on one GPU: 12.8M x 768 float16 generated on the GPU (200 random centres
+# + noise), K = 100,000, seeding and one k-means pass (fused nearest-centroid op); DataComp: ~10 min on 8 GPUs.
+((DRY_RUN)) || step kmeans-datacomp-small 180 "$OUT/kmeans_datacomp.txt" "$PY" -c "
+import torch; from fastvote import cluster; g = torch.Generator('cuda').manual_seed(0); n = 12_800_000
+c = torch.randn(200, 768, device='cuda', generator=g)
+x = torch.cat([(c[torch.randint(0, 200, (b,), device='cuda', generator=g)] + 0.5 * torch.randn(b, 768, device='cuda', generator=g)).half() for b in [n // 50] * 50])
+f = cluster.fit(lambda: x.split(1 << 18), 100_000, rows=range(n), num_rows=n, iterations=1, device='cuda', progress=False)
+print(f'12.8M x 768, K=100000: seeding {f.seeding_seconds:.1f} s, pass {f.pass_seconds[0]:.1f} s ({f.fit_rows} rows)')"
 if [[ -s "$OUT/tests.txt" ]]; then
   echo "pytest: $(grep -E '(passed|failed|skipped|error)' "$OUT/tests.txt" | tail -n 1)" | tee -a "$SUMMARY"
 fi

@@ -197,6 +197,23 @@ def cmd_features(args) -> int:
     return 0
 
 
+def cmd_cluster_prune(args) -> int:
+    from fastvote import distributed
+    from fastvote.data.shards import cluster_prune
+
+    keep_clusters = args.keep_clusters if args.keep_clusters in (None, "voted") else int(args.keep_clusters)
+    result = cluster_prune(args.source, args.target, _check_out(args.out), clusters=args.clusters, keep=args.keep,
+                           ratio=args.ratio, keep_clusters=keep_clusters, k=args.k, metric=args.metric,
+                           iterations=args.iterations, max_rows_per_cluster=args.max_rows_per_cluster or None,
+                           seed=args.seed, embeddings_key=args.embeddings_key, ids_key=args.ids_key,
+                           device=args.device, progress=True)
+    if distributed.is_main():
+        print(f"kept {result.kept_rows} of {result.num_rows} source rows from {len(result.kept_clusters)} of "
+              f"{args.clusters} clusters (seeding {result.fit.seeding_seconds:.1f} s, {result.fit.passes} passes); "
+              f"wrote {result.out}/kept/<shard>.npy (rows), manifest.json, centroids.npy, votes.npy")
+    return 0
+
+
 def _settings(pairs: List[str]) -> dict:
     """--set KEY=VALUE pairs; VALUE is read as TOML (1, 0.5, true, ["lm", "fm"]), else as a string."""
     import tomllib
@@ -343,6 +360,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=prune.__kwdefaults__["batch_size"])
     _add_surrogate_options(f)
 
+    c = sub.add_parser("cluster-prune", help="label-free FM over embedding shards: K-means the source, the target "
+                                             "votes for clusters, kept rows written per shard", parents=[common])
+    c.add_argument("--source", required=True, help="folder, glob or file of .npy/.npz [rows, D] embedding shards")
+    c.add_argument("--target", required=True, help="the target's embeddings: .npy/.npz file, folder or glob")
+    c.add_argument("--clusters", type=int, required=True, help="K, the number of k-means clusters")
+    c.add_argument("--out", required=True, help="output folder (kept/<shard>.npy, assignments/, manifest.json)")
+    keep = c.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--keep-clusters", help="clusters kept whole: an integer, or 'voted' (every cluster nearest "
+                                              "to a target row: DataComp's image-based filter)")
+    keep.add_argument("--keep", type=int, help="source rows kept (a sample budget)")
+    keep.add_argument("--ratio", type=float, help="fraction of source rows REMOVED, 0 <= r < 1")
+    c.add_argument("--k", type=int, default=1, help="clusters each target row votes for (default: 1)")
+    c.add_argument("--metric", default="l2", choices=("l2", "cosine"))
+    c.add_argument("--iterations", type=int, default=20, help="at most this many k-means passes (default: 20)")
+    c.add_argument("--max-rows-per-cluster", type=int, default=256,
+                   help="passes run over a sample of this many rows a cluster; 0: over every row (default: 256)")
+    c.add_argument("--embeddings-key", help="the .npz member holding the embeddings (default: the only 2-D float one)")
+    c.add_argument("--ids-key", help="the .npz member holding identifiers (default: uid/id/key if present)")
+
     e = sub.add_parser("experiment", help="the paper's protocol: surrogate, prune, pretrain, transfer, table",
                        parents=[common])
     e.add_argument("--config", help="TOML file overriding ExperimentConfig's defaults (fastvote/experiment.py)")
@@ -371,7 +407,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         build_parser().error(f"data write: give a registry NAME[:SPLIT] or --image-folder ROOT, not "
                              f"{'both' if args.name else 'neither'}")
     handler = {"data": cmd_data, "surrogate": cmd_surrogate, "prune": cmd_prune, "features": cmd_features,
-               "experiment": cmd_experiment, "demo": cmd_demo}[args.command]
+               "experiment": cmd_experiment, "demo": cmd_demo, "cluster-prune": cmd_cluster_prune}[args.command]
     from fastvote import distributed
 
     try:

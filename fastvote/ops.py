@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "HAS_EXTENSION", "METRICS", "WEIGHTS",
+    "HAS_EXTENSION", "METRICS", "WEIGHTS", "cpu_kernel",
     "lm_vote", "fm_vote", "nearest_centroids", "class_centroids", "lm_scores", "fm_scores",
     "lm_vote_reference", "fm_vote_reference", "nearest_centroids_reference",
     "class_centroids_reference", "lm_scores_reference", "fm_scores_reference",
@@ -212,6 +212,11 @@ if HAS_EXTENSION:
 # --------------------------------------------------------------------------
 # References: float64, written for clarity; the same checks as the kernels
 # --------------------------------------------------------------------------
+
+def cpu_kernel() -> Optional[str]:
+    """The instruction set of the compiled CPU kernels ("avx512", "avx2", ...), or None without the extension."""
+    return str(_C.cpu_kernel()) if HAS_EXTENSION else None
+
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
