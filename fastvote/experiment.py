@@ -237,6 +237,9 @@ class Experiment:
     def prepare(self) -> None:
         """Resolves (and biases) the source, writes the target betons, carves validation."""
         c = self.config
+        # Picks the loader back end, importing ffcv (7 s on a 2-core CPU): process start-up,
+        # not the first timed phase's (the surrogate's) cost.
+        fvdata.backend()
         with distributed.main_first():  # rank 0 writes the betons
             self.source = resolve_input(c.source, "source", self.work, self.progress)
             if self.source.labels is None:
