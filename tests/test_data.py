@@ -16,7 +16,7 @@ from PIL import Image
 
 from fastvote import data
 from fastvote.data import offline
-from fastvote.data.loaders import _Normalize
+from fastvote.data.torch_loaders import Normalize
 from fastvote.data.registry import split_indices
 
 
@@ -257,7 +257,7 @@ def test_colour_images_and_train_loader(ffcv, tmp_path):
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
     # The GPU path's normaliser computes the same (ffcv's own needs cupy).
     as_uint8 = torch.from_numpy(ds.images[ids]).permute(0, 3, 1, 2)
-    torch.testing.assert_close(_Normalize(mean, std, torch.device("cpu"))(as_uint8), expected,
+    torch.testing.assert_close(Normalize(mean, std, torch.device("cpu"))(as_uint8), expected,
                                rtol=0, atol=1e-5)
     # With flips (the default): the seed fixes the order; each image is as is or mirrored.
     flipped, _, _, flipped_ids = collect(data.train_loader(

@@ -76,6 +76,23 @@ def resize_to(image: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((side, side), resample))
 
 
+class Normalize(torch.nn.Module):
+    """uint8 (B, 3, H, W) -> float32 (B, 3, H, W), (x / 255 - mean) / std per channel.
+
+    For GPU batches; on the CPU ffcv's numba lookup table is 5-20x faster than torch.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device):
+        super().__init__()
+        shape = (1, 3, 1, 1)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape) * 255)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape) * 255)
+        self.to(device)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+
 class _Batches(Dataset):
     """One epoch's batches: ``batches[b]`` -> (images, labels[, identifiers]) as tensors;
     images float32 normalised (channels-last (B, 3, S, S)), or uint8 for a GPU to normalise."""
@@ -138,8 +155,7 @@ class BetonLoader:
         self.table = normalize_table(mean, std)
         self.device = torch.device(device)
         if self.device.type != "cpu":
-            from .loaders import _Normalize
-            self.normalize = _Normalize(mean, std, self.device)
+            self.normalize = Normalize(mean, std, self.device)
         self.indices = (np.arange(reader.num_samples, dtype=np.uint64) if positions is None
                         else np.asarray(positions))
         self.order = order
