@@ -21,7 +21,16 @@ The recipe, each step chosen to scale in K and N:
   lower bound on the distance to any other; a row whose bounds prove that its
   centroid cannot change skips the distance computation. Same result as plain
   Lloyd (up to float32 rounding on exact near-ties), and after the first few
-  passes most rows skip.
+  passes most rows skip. The few centroids that move far in a pass (which
+  would loosen every row's lower bound) are computed for every row instead
+  (:class:`_Bounds`).
+- the seeds then take 3 Lloyd passes over the seeding sample alone
+  (:func:`_refine`, 1/16 of a pass's work each; skipped when the sample is
+  over a quarter of the fitting rows): a seed is a data row, a
+  cluster's radius from its mean, so the first pass over the fitting rows
+  would move every centroid that far, loosen every bound past use, and make
+  the second pass compute everything again; from the sample's means the
+  centroids move about a quarter of that, and most rows skip from pass 2.
 - empty clusters restart at random rows of the seeding sample.
 
 Full-batch passes, not mini-batch updates, so that a pass is a sum over rows:
@@ -49,7 +58,8 @@ from fastvote import progress as bars
 Batches = Callable[[], Iterable[Tensor]]  # each call starts a fresh pass over [B, D] batches
 MAX_ROWS_PER_CLUSTER = 256  # fitting rows a cluster (faiss's default cap)
 SEED_ROWS_PER_CLUSTER = 16  # seeding sample rows a cluster
-_BLOCK = 1 << 24  # elements of one rows x K distance block
+SAMPLE_PASSES = 3  # Lloyd passes over the seeding sample before the passes over the fitting rows
+_BLOCK = 1 << 22  # elements of one rows x K distance block (16 MB: the min/top-2 reads it from cache)
 _SLACK = 1e-5  # relative float32 error allowed for in the bounds
 _OVERSAMPLE = 8  # candidates a round draws per center it adds
 _POOL = 2048  # at most this many candidates a round (their distance matrix: 16 MB)
@@ -65,7 +75,8 @@ class Fit:
     passes: int  # Lloyd passes run (<= iterations; fewer when converged)
     seeding_seconds: float = 0.0
     pass_seconds: List[float] = field(default_factory=list)
-    computed: List[float] = field(default_factory=list)  # per pass: fraction of rows whose distances were computed
+    computed: List[float] = field(default_factory=list)  # per pass: distance work done, in full passes' worth
+    movers: List[int] = field(default_factory=list)  # per pass: centroids every row computed (_Bounds.moved)
     restarts: int = 0  # empty clusters restarted
 
 
@@ -131,46 +142,57 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
     sample = _gather(batches, rows, np.sort(rng.choice(num_rows, size=size, replace=False)), sharded, metric)
     sample = sample.to(device)
     centroids = _seed(sample, num_clusters, rng, progress)
+    cap = None if max_rows_per_cluster is None else max_rows_per_cluster * num_clusters
+    fit_rows = num_rows if cap is None else min(cap, num_rows)
+    if 4 * len(sample) <= fit_rows:  # (a sample near the fitting rows' size: its passes would cost as much)
+        centroids = _refine(sample, centroids, metric)
     seeding = time.perf_counter() - started
     # Scale of the tolerance: the mean per-dimension variance of the data (the sample's).
     tol = tol * float(sample.double().var(0).mean()) if len(sample) > 1 else 0.0
-    cap = None if max_rows_per_cluster is None else max_rows_per_cluster * num_clusters
     picks = None if cap is None or cap >= num_rows else np.sort(rng.choice(num_rows, size=cap, replace=False))
     lo, hi = (0, len(rows)) if picks is None else np.searchsorted(picks, [rows.start, rows.stop])
     bounds = _Bounds(int(hi - lo), device)
+    geometry = _Geometry(centroids)
     result = Fit(centroids, torch.zeros(num_clusters, dtype=torch.float64), num_rows if picks is None else len(picks),
                  len(sample), 0, seeding)
+    # This rank's per-cluster sums and counts, kept across passes: after the first pass only the rows that
+    # changed cluster update them (a few percent of the rows once converging; float64, so exactly enough).
+    sums = torch.zeros(num_clusters, centroids.shape[1], dtype=torch.float64)
+    counts = torch.zeros(num_clusters, dtype=torch.float64)
     for it in range(iterations):
         started = time.perf_counter()
-        sums = torch.zeros(num_clusters, centroids.shape[1], dtype=torch.float64)
-        counts = torch.zeros(num_clusters, dtype=torch.float64)
         computed = torch.zeros(1, dtype=torch.float64)
-        geometry = _Geometry(centroids)
+        result.movers.append(len(bounds.movers))
         done = 0
         for x, at in _fitting_rows(batches, rows, picks, metric, device, progress,
                                    f"k-means pass {it + 1}/{iterations}"):
+            before = bounds.assigned[at].clone() if it else None
             assigned, n = bounds.update(x, at, geometry)
-            s, c = ops.class_centroids(x, assigned, num_clusters)
-            sums += s.cpu()
-            counts += c.cpu().double()
+            if before is None:
+                s, c = ops.class_centroids(x, assigned, num_clusters)
+                sums += s.cpu()
+                counts += c.cpu().double()
+            else:
+                _move_rows(sums, counts, x, before, assigned)
             computed += n
             done += len(x)
         _check_replay(done, len(bounds.assigned))
         packed = torch.cat([sums, counts[:, None], computed[:, None].expand(num_clusters, 1)], 1)
         packed = distributed.all_reduce_(packed) if sharded else packed
-        sums, counts = packed[:, :-2], packed[:, -2]
-        updated = torch.where((counts > 0)[:, None], sums / counts.clamp(min=1)[:, None], centroids.cpu().double())
+        total, members = packed[:, :-2], packed[:, -2]
+        updated = torch.where((members > 0)[:, None], total / members.clamp(min=1)[:, None], centroids.cpu().double())
         if metric == "cosine":
             updated = torch.nn.functional.normalize(updated, dim=1)
         updated = updated.float().to(device)
-        result.restarts += _restart_empty(updated, counts, sample, rng)
+        result.restarts += _restart_empty(updated, members, sample, rng)
         drift = (updated.double() - centroids.double()).pow(2).sum(1)
-        bounds.moved(drift.sqrt().float())
+        geometry = _Geometry(updated)
+        bounds.moved(drift.sqrt().float(), geometry, sharded)
         centroids = updated
-        result.passes, result.counts = it + 1, counts
+        result.passes, result.counts = it + 1, members
         result.pass_seconds.append(time.perf_counter() - started)
         result.computed.append(float(packed[0, -1]) / max(result.fit_rows, 1))
-        if float(drift.max()) <= tol and bool((counts > 0).all()):
+        if float(drift.max()) <= tol and bool((members > 0).all()):
             break
     result.centroids = centroids.cpu()
     return result
@@ -261,6 +283,19 @@ def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, rng: np.random.Genera
     return picked
 
 
+def _refine(sample: Tensor, centroids: Tensor, metric: str) -> Tensor:
+    """SAMPLE_PASSES plain Lloyd passes over the seeding sample (in memory,
+    the same on every rank); a centroid no sample row chose stays where it is."""
+    for _ in range(SAMPLE_PASSES):
+        _, idx = _Geometry(centroids).nearest(sample, 1)
+        sums, counts = ops.class_centroids(sample, idx[:, 0], len(centroids))
+        means = (sums / counts.clamp(min=1).to(sums)[:, None]).to(centroids)
+        if metric == "cosine":
+            means = torch.nn.functional.normalize(means, dim=1)
+        centroids = torch.where((counts > 0).to(centroids.device)[:, None], means, centroids)
+    return centroids
+
+
 # ---------------------------------------------------------------- passes
 
 class _Geometry:
@@ -272,17 +307,19 @@ class _Geometry:
         self.sq = centroids.pow(2).sum(1)
         self._half_gap: Optional[Tensor] = None
 
-    def nearest(self, x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-        """Squared distances [B, k] (ascending) and indices [B, k] of the k nearest centroids."""
+    def nearest(self, x: Tensor, k: int, x_sq: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Squared distances [B, k] (ascending) and indices [B, k] of the k
+        nearest centroids (x_sq: the rows' squared norms, if known)."""
         if not _gemm_is_faster(x.device):
             return ops.nearest_centroids(x, self.centroids, k, "l2")
-        x_sq = x.pow(2).sum(1, keepdim=True)
+        x_sq = _sq_norms(x) if x_sq is None else x_sq
         values, indices = [], []
         step = max(1, _BLOCK // len(self.centroids))
         for lo in range(0, len(x), step):
-            d2 = torch.addmm(self.sq[None], x[lo:lo + step], self.centroids.T, alpha=-2).add_(x_sq[lo:lo + step])
-            v, i = (d2.min(1, keepdim=True) if k == 1 else d2.topk(k, 1, largest=False))
-            values.append(v.clamp_(min=0))
+            # |c|^2 - 2 x.c ranks the centroids of a row as its distances do: |x|^2 is added to the k kept only
+            part = torch.addmm(self.sq[None], x[lo:lo + step], self.centroids.T, alpha=-2)
+            v, i = (part.min(1, keepdim=True) if k == 1 else part.topk(k, 1, largest=False))
+            values.append(v.add_(x_sq[lo:lo + step, None]).clamp_(min=0))
             indices.append(i)
         return torch.cat(values), torch.cat(indices)
 
@@ -302,18 +339,39 @@ class _Geometry:
 class _Bounds:
     """Hamerly's bounds for this rank's fitting rows: their centroid, an upper
     bound on the distance to it and a lower bound on the distance to any other
-    (float32, on the device)."""
+    (float32, on the device).
+
+    Hamerly loosens every lower bound by the largest drift of any other
+    centroid, so a few big movers (a restarted centroid, two centroids
+    splitting a blob) make most rows recompute. Here the m biggest movers of
+    a pass (m chosen by :meth:`moved`, often 0) are left out of that maximum,
+    and every row's next update computes its distances to those m centroids
+    exactly instead: m / K of a full pass, for bounds as tight as the rest's
+    drift allows."""
 
     def __init__(self, rows: int, device: torch.device):
         self.assigned = torch.zeros(rows, dtype=torch.int64, device=device)
         self.upper = torch.full((rows,), float("inf"), device=device)
         self.lower = torch.zeros(rows, device=device)
+        self.movers = torch.zeros(0, dtype=torch.int64, device=device)  # [m]: distances computed next update
 
-    def update(self, x: Tensor, at: slice, geometry: _Geometry) -> Tuple[Tensor, int]:
+    def update(self, x: Tensor, at: slice, geometry: _Geometry) -> Tuple[Tensor, float]:
         """The nearest centroid of the rows x (fitting rows `at`), computing
         distances only for the rows whose bounds do not prove it; returns
-        (assigned [B] int64, how many rows were computed)."""
-        assigned, upper, lower = self.assigned[at], self.upper[at], self.lower[at]
+        (assigned [B] int64, the distance work done in rows of all K)."""
+        assigned, upper, lower = self.assigned[at], self.upper[at], self.lower[at]  # views: updated in place
+        x_sq = _sq_norms(x)
+        slack = _SLACK * (x_sq + geometry.sq.max())
+        work = 0.0
+        if len(self.movers):  # the movers' exact distances complete the lower bound (and tighten own upper)
+            d2 = torch.addmm(geometry.sq[self.movers][None], x, geometry.centroids[self.movers].T, alpha=-2)
+            d2.add_(x_sq[:, None]).clamp_(min=0)
+            own = self.movers[None] == assigned[:, None]
+            mine = own.any(1)
+            upper[mine] = torch.minimum(upper[mine], (d2[own] + slack[mine]).sqrt())
+            others = d2.masked_fill_(own, float("inf")).min(1).values
+            torch.minimum(lower, (others - slack).clamp_(min=0).sqrt(), out=lower)
+            work += len(x) * len(self.movers) / len(geometry.centroids)
         bound = torch.maximum(geometry.half_gap()[assigned], lower)
         need = (upper > bound).nonzero()[:, 0]
         if 0 < len(need) < len(x) // 2:  # few rows: tighten their upper bound with the exact distance first
@@ -321,22 +379,38 @@ class _Bounds:
             need = need[upper[need] > bound[need]]
         if len(need):
             k = min(2, len(geometry.centroids))
-            rows = x if len(need) == len(x) else x[need]  # (no copy when every row is computed)
-            d2, idx = geometry.nearest(rows, k)
-            slack = _SLACK * (rows.pow(2).sum(1) + geometry.sq.max())
+            every = len(need) == len(x)
+            rows = x if every else x[need]  # (no copy when every row is computed)
+            d2, idx = geometry.nearest(rows, k, x_sq if every else x_sq[need])
+            s = slack if every else slack[need]
             assigned[need] = idx[:, 0]
-            upper[need] = (d2[:, 0] + slack).sqrt()
-            lower[need] = (d2[:, 1] - slack).clamp(min=0).sqrt() if k == 2 else float("inf")
-        return assigned, len(need)
+            upper[need] = (d2[:, 0] + s).sqrt()
+            lower[need] = (d2[:, 1] - s).clamp(min=0).sqrt() if k == 2 else float("inf")
+            work += len(need)
+        return assigned, work
 
-    def moved(self, drift: Tensor) -> None:
-        """Centroid j moved by drift[j] (a distance): the bounds loosen by it."""
-        if len(drift) == 1:
+    def moved(self, drift: Tensor, geometry: _Geometry, sharded: bool) -> None:
+        """Centroid j moved by drift[j] (a distance) to the centroids of
+        `geometry`: the bounds loosen by it. Picks the movers m for the next
+        update from m in {0, K/256, K/64, K/16}: the m whose estimated work
+        (rows the loosened bounds will fail, by Hamerly's test on the new
+        centroids, plus m/K of every row) is least, summed over ranks when
+        sharded so that every rank picks the same m."""
+        k = len(drift)
+        if k == 1:
             self.upper += drift[0]
             return
-        top = drift.topk(2)
+        top = drift.topk(min(k, k // 16 + 2))
         self.upper += drift[self.assigned]
-        self.lower -= torch.where(self.assigned == top.indices[0], top.values[1], top.values[0])
+        gap = geometry.half_gap()[self.assigned]
+        choices = sorted({0} | {m for m in (k // 256, k // 64, k // 16) if 0 < m <= k - 2})
+        rest = [torch.where(self.assigned == top.indices[m], top.values[m + 1], top.values[m]) for m in choices]
+        fails = [float((self.upper > torch.maximum(gap, self.lower - r)).sum()) for r in rest]
+        cost = torch.tensor([f + len(self.upper) * m / k for f, m in zip(fails, choices)], dtype=torch.float64)
+        cost = distributed.all_reduce_(cost) if sharded else cost
+        best = int(cost.argmin())
+        self.lower -= rest[best]
+        self.movers = top.indices[:choices[best]]
 
 
 def _fitting_rows(batches: Batches, rows: range, picks: Optional[np.ndarray], metric: str, device: torch.device,
@@ -354,6 +428,18 @@ def _fitting_rows(batches: Batches, rows: range, picks: Optional[np.ndarray], me
                 yield _rows(batch[local], metric, device), slice(int(lo) - first, int(hi) - first)
         start += len(batch)
     _check_replay(start - rows.start, len(rows))
+
+
+def _move_rows(sums: Tensor, counts: Tensor, x: Tensor, before: Tensor, after: Tensor) -> None:
+    """The rows of x whose cluster changed from `before` to `after` move
+    their features and counts between the per-cluster sums (CPU float64, in place)."""
+    changed = (before != after).nonzero()[:, 0]
+    if len(changed):
+        rows = x[changed].double().cpu()
+        old, new = before[changed].cpu(), after[changed].cpu()
+        sums.index_add_(0, new, rows).index_add_(0, old, rows, alpha=-1)
+        one = torch.ones(len(changed), dtype=torch.float64)
+        counts.index_add_(0, new, one).index_add_(0, old, one, alpha=-1)
 
 
 def _restart_empty(centroids: Tensor, counts: Tensor, sample: Tensor, rng: np.random.Generator) -> int:
@@ -416,7 +502,12 @@ def _rows(batch: Tensor, metric: str, device: torch.device) -> Tensor:
 
 def _exact_d2(x: Tensor, centroids: Tensor, assigned: Tensor) -> Tensor:
     """Squared distances of rows to their given centroids, from the differences (no cancellation)."""
-    return (x - centroids[assigned]).pow(2).sum(1)
+    return _sq_norms(x - centroids[assigned])
+
+
+def _sq_norms(x: Tensor) -> Tensor:
+    """Squared row norms [B] (a norm reduction: x.pow(2).sum(1) writes a B x D temporary, 10x slower)."""
+    return torch.linalg.vector_norm(x, dim=1).square_()
 
 
 def _gemm_is_faster(device: torch.device) -> bool:

@@ -62,9 +62,46 @@ def test_bounded_passes_equal_plain_lloyd_in_float64(n, d, k):
 
 
 def test_bounds_skip_most_rows_once_converging():
-    x, _, _ = blobs(4000, 16, 30, seed=1, spread=10.0)  # 30 blobs, 20 clusters: several passes to converge
-    result = fit(x, 20, batch=512, iterations=8, tol=0.0, seed=0)
-    assert result.passes >= 3 and result.computed[0] == 1.0 and min(result.computed[1:]) < 0.1, result.computed
+    x, _, _ = blobs(4000, 16, 30, seed=1, spread=3.0)  # 30 touching blobs, 20 clusters: several passes to converge
+    # seeds refined on a 320-row sample (16 a cluster): from pass 2 the bounds skip most rows
+    result = fit(x, 20, batch=512, iterations=8, tol=0.0, seed=0, sample_size=320)
+    assert result.passes == 8 and result.computed[0] == 1.0, result.computed
+    assert result.computed[1] < 0.3 and np.mean(result.computed[1:]) < 0.3, result.computed
+    # a sample as large as half the rows is not refined (its passes would cost as much as the real ones):
+    # pass 2 starts from the seeds themselves, which move a blob's radius and loosen every bound
+    result = fit(x, 20, batch=512, iterations=8, tol=0.0, seed=0, sample_size=2000)
+    assert result.computed[:2] == [1.0, pytest.approx(1.0, abs=0.01)] and result.computed[-1] < 0.1, result.computed
+
+
+def test_bounds_stay_valid_when_a_few_centroids_jump():
+    """A few centroids jump far each step (as restarted ones do), the rest
+    drift a little: the movers the bounds pick are computed for every row,
+    and after every update each row holds its nearest centroid, an upper bound
+    on that distance and a lower bound on every other (float64 check)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 19, generator=g) * 3
+    c = x[:300] + 0.5 * torch.randn(300, 19, generator=g)
+    bounds = cluster._Bounds(len(x), torch.device("cpu"))
+    geometry = cluster._Geometry(c)
+    bounds.update(x, slice(0, len(x)), geometry)
+    picked, works = [], []
+    for _ in range(6):
+        new = c + 0.02 * torch.randn(c.shape, generator=g)
+        jump = torch.randperm(300, generator=g)[:3]
+        new[jump] = x[torch.randperm(len(x), generator=g)[:3]]
+        geometry = cluster._Geometry(new)
+        bounds.moved((new.double() - c.double()).norm(dim=1).float(), geometry, False)
+        picked.append(len(bounds.movers))
+        work = sum(bounds.update(x[lo:lo + 700], slice(lo, lo + 700), geometry)[1] for lo in range(0, len(x), 700))
+        works.append(work / len(x))
+        d = torch.cdist(x.double(), new.double())
+        own = d.gather(1, bounds.assigned[:, None])[:, 0]
+        assert bool((own <= d.min(1).values + 1e-5).all())
+        assert bool((bounds.upper.double() >= own * (1 - 1e-5)).all())
+        others = d.scatter(1, bounds.assigned[:, None], float("inf")).min(1).values
+        assert bool((bounds.lower.double() <= others * (1 + 1e-5)).all())
+        c = new
+    assert max(picked) > 0 and max(works) < 0.5, (picked, works)
 
 
 def test_seeding_finds_well_separated_blobs_and_is_not_quadratic_in_steps():
