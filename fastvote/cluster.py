@@ -59,7 +59,8 @@ Batches = Callable[[], Iterable[Tensor]]  # each call starts a fresh pass over [
 MAX_ROWS_PER_CLUSTER = 256  # fitting rows a cluster (faiss's default cap)
 SEED_ROWS_PER_CLUSTER = 16  # seeding sample rows a cluster
 SAMPLE_PASSES = 3  # Lloyd passes over the seeding sample before the passes over the fitting rows
-_BLOCK = 1 << 22  # elements of one rows x K distance block (16 MB: the min/top-2 reads it from cache)
+_BLOCK = 1 << 22  # elements of one rows x K distance block (16 MB: the min/top-2 reads it from cache) ...
+_BLOCK_ROWS = 4096  # ... but at least this many rows (up to 2^26 elements): at K = 20,000 a 209-row GEMM is 1.7x slower
 _SLACK = 1e-5  # relative float32 error allowed for in the bounds
 _OVERSAMPLE = 8  # candidates a round draws per center it adds
 _POOL = 2048  # at most this many candidates a round (their distance matrix: 16 MB)
@@ -185,14 +186,15 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
             updated = torch.nn.functional.normalize(updated, dim=1)
         updated = updated.float().to(device)
         result.restarts += _restart_empty(updated, members, sample, rng)
-        drift = (updated.double() - centroids.double()).pow(2).sum(1)
-        geometry = _Geometry(updated)
-        bounds.moved(drift.sqrt().float(), geometry, sharded)
+        drift = (updated.double() - centroids.double()).pow(2).sum(1).sqrt().float()
+        # Few rows a cluster: the exact centroid gaps (K x K) would cost more than 2% of a pass; bound them
+        geometry = _Geometry(updated, geometry, drift) if 50 * num_clusters > result.fit_rows else _Geometry(updated)
+        bounds.moved(drift, geometry, sharded)
         centroids = updated
         result.passes, result.counts = it + 1, members
         result.pass_seconds.append(time.perf_counter() - started)
         result.computed.append(float(packed[0, -1]) / max(result.fit_rows, 1))
-        if float(drift.max()) <= tol and bool((members > 0).all()):
+        if float(drift.max()) ** 2 <= tol and bool((members > 0).all()):
             break
     result.centroids = centroids.cpu()
     return result
@@ -300,12 +302,15 @@ def _refine(sample: Tensor, centroids: Tensor, metric: str) -> Tensor:
 
 class _Geometry:
     """The centroids of one pass and what the bounds need of them: squared
-    norms, and half the distance from each centroid to its nearest other."""
+    norms, and half the distance from each centroid to its nearest other
+    (a lower bound on it when derived from the previous pass's, see
+    :meth:`half_gap`)."""
 
-    def __init__(self, centroids: Tensor):
+    def __init__(self, centroids: Tensor, previous: Optional["_Geometry"] = None, drift: Optional[Tensor] = None):
         self.centroids = centroids
         self.sq = centroids.pow(2).sum(1)
         self._half_gap: Optional[Tensor] = None
+        self._previous, self._drift = previous, drift
 
     def nearest(self, x: Tensor, k: int, x_sq: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Squared distances [B, k] (ascending) and indices [B, k] of the k
@@ -314,7 +319,8 @@ class _Geometry:
             return ops.nearest_centroids(x, self.centroids, k, "l2")
         x_sq = _sq_norms(x) if x_sq is None else x_sq
         values, indices = [], []
-        step = max(1, _BLOCK // len(self.centroids))
+        width = len(self.centroids)
+        step = max(1, _BLOCK // width, min(_BLOCK_ROWS, (_BLOCK << 4) // width))
         for lo in range(0, len(x), step):
             # |c|^2 - 2 x.c ranks the centroids of a row as its distances do: |x|^2 is added to the k kept only
             part = torch.addmm(self.sq[None], x[lo:lo + step], self.centroids.T, alpha=-2)
@@ -324,16 +330,41 @@ class _Geometry:
         return torch.cat(values), torch.cat(indices)
 
     def half_gap(self) -> Tensor:
-        """[K] float32: half the distance from each centroid to its nearest other (inf for K = 1)."""
+        """[K] float32: half the distance from each centroid to its nearest
+        other (inf for K = 1), exact (a K x K product), or, given the previous
+        pass's geometry and the drifts, a lower bound from them, which is all
+        Hamerly's test needs: centroid i is at least gap_old(j) - drift(j) -
+        drift(i) from j, except the K/16 biggest movers, whose distances are
+        computed (K x K/16). fit() takes the bound when K x K is over 2% of a
+        pass (few rows a cluster, e.g. 10 at K = 20,000)."""
         if self._half_gap is None:
             k = len(self.centroids)
             if k == 1:
                 self._half_gap = torch.full((1,), float("inf"), device=self.centroids.device)
-            else:
+            elif self._previous is None:
                 d2, idx = self.nearest(self.centroids, 2)
                 slack = _SLACK * (self.sq + self.sq.max())
                 self._half_gap = 0.5 * (d2[:, 1] - slack).clamp(min=0).sqrt()
+            else:
+                self._half_gap = 0.5 * self._bounded_gap(self._previous.half_gap() * 2, self._drift)
+                self._previous = None  # (the chain of geometries is not kept)
         return self._half_gap
+
+    def _bounded_gap(self, gap: Tensor, drift: Tensor) -> Tensor:
+        k = len(drift)
+        m = min(k // 16, k - 2)
+        top = drift.topk(m + 2)
+        movers = top.indices[:m]
+        who = torch.arange(k, device=drift.device)
+        rest = torch.where(who == top.indices[m], top.values[m + 1], top.values[m])  # largest other non-mover drift
+        bound = ((gap - drift - rest) * (1 - _SLACK)).clamp(min=0)  # (float32 rounding of the subtraction)
+        if m:
+            c = self.centroids
+            d2 = torch.addmm(self.sq[:, None] + self.sq[movers][None], c, c[movers].T, alpha=-2)
+            d2[movers, torch.arange(m, device=c.device)] = float("inf")  # a mover is not its own neighbour
+            slack = _SLACK * (self.sq + self.sq.max())
+            bound = torch.minimum(bound, (d2.min(1).values - slack).clamp(min=0).sqrt())
+        return bound
 
 
 class _Bounds:

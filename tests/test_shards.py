@@ -85,12 +85,16 @@ def test_bounds_stay_valid_when_a_few_centroids_jump():
     geometry = cluster._Geometry(c)
     bounds.update(x, slice(0, len(x)), geometry)
     picked, works = [], []
-    for _ in range(6):
+    for step in range(6):
         new = c + 0.02 * torch.randn(c.shape, generator=g)
         jump = torch.randperm(300, generator=g)[:3]
         new[jump] = x[torch.randperm(len(x), generator=g)[:3]]
-        geometry = cluster._Geometry(new)
-        bounds.moved((new.double() - c.double()).norm(dim=1).float(), geometry, False)
+        drift = (new.double() - c.double()).norm(dim=1).float()
+        # the centroid gaps exact, or bounded from the previous ones (as fit() does at few rows a cluster)
+        geometry = cluster._Geometry(new, geometry, drift) if step % 2 else cluster._Geometry(new)
+        gaps = torch.cdist(new.double(), new.double()).fill_diagonal_(float("inf")).min(1).values
+        assert bool((2 * geometry.half_gap().double() <= gaps * (1 + 1e-6)).all())
+        bounds.moved(drift, geometry, False)
         picked.append(len(bounds.movers))
         work = sum(bounds.update(x[lo:lo + 700], slice(lo, lo + 700), geometry)[1] for lo in range(0, len(x), 700))
         works.append(work / len(x))
@@ -267,6 +271,28 @@ def test_shard_split_does_not_change_the_clusters(pool, tmp_path):
     b = cluster_prune(one, target, tmp_path / "b", clusters=12, keep=50, device="cpu", progress=False)
     torch.testing.assert_close(a.centroids, b.centroids, rtol=0, atol=1e-5)
     assert torch.equal(a.votes, b.votes)
+
+
+def test_cli_cluster_prune_under_torchrun_matches_one_process(pool, tmp_path):
+    """Two gloo ranks (each its own shards, rows 251 / 513) write the same
+    per-shard outputs as one process: clusters, assignments, kept rows and ids."""
+    from test_distributed import torchrun
+
+    folder, target, _ = pool
+    args = ["cluster-prune", "--source", folder, "--target", target, "--clusters", "12", "--keep", "100"]
+    cli_main(["--device", "cpu", *map(str, args), "--out", str(tmp_path / "one")])
+    torchrun("-m", "fastvote.cli", "--device", "cpu", *args, "--out", tmp_path / "two")
+    one, two = tmp_path / "one", tmp_path / "two"
+    np.testing.assert_allclose(np.load(two / "centroids.npy"), np.load(one / "centroids.npy"), rtol=0, atol=1e-5)
+    for name in ("votes.npy", "sizes.npy", "kept_clusters.npy"):
+        assert np.array_equal(np.load(one / name), np.load(two / name)), name
+    for sub in ("assignments", "kept"):
+        files = sorted(p.name for p in (one / sub).iterdir())
+        assert files == sorted(p.name for p in (two / sub).iterdir()) and files, sub
+        for f in files:
+            assert np.array_equal(np.load(one / sub / f), np.load(two / sub / f)), f"{sub}/{f}"
+    manifest = [json.loads((d / "manifest.json").read_text()) for d in (one, two)]
+    assert manifest[0]["kept_rows"] == manifest[1]["kept_rows"] == 100
 
 
 def test_a_glob_and_a_rerun_replace_the_outputs(pool, tmp_path):
