@@ -59,8 +59,8 @@ Batches = Callable[[], Iterable[Tensor]]  # each call starts a fresh pass over [
 MAX_ROWS_PER_CLUSTER = 256  # fitting rows a cluster (faiss's default cap)
 SEED_ROWS_PER_CLUSTER = 16  # seeding sample rows a cluster
 SAMPLE_PASSES = 3  # Lloyd passes over the seeding sample before the passes over the fitting rows
-_BLOCK = 1 << 22  # elements of one rows x K distance block (16 MB: the min/top-2 reads it from cache) ...
-_BLOCK_ROWS = 4096  # ... but at least this many rows (up to 2^26 elements): at K = 20,000 a 209-row GEMM is 1.7x slower
+_BLOCK = 1 << 24  # elements of one seeding distance block
+_TILE_ROWS, _TILE_COLUMNS = 4096, 1024  # a 16 MB rows x centroids distance tile (GEMM efficient, min read from cache)
 _SLACK = 1e-5  # relative float32 error allowed for in the bounds
 _OVERSAMPLE = 8  # candidates a round draws per center it adds
 _POOL = 2048  # at most this many candidates a round (their distance matrix: 16 MB)
@@ -319,14 +319,21 @@ class _Geometry:
             return ops.nearest_centroids(x, self.centroids, k, "l2")
         x_sq = _sq_norms(x) if x_sq is None else x_sq
         values, indices = [], []
-        width = len(self.centroids)
-        step = max(1, _BLOCK // width, min(_BLOCK_ROWS, (_BLOCK << 4) // width))
-        for lo in range(0, len(x), step):
-            # |c|^2 - 2 x.c ranks the centroids of a row as its distances do: |x|^2 is added to the k kept only
-            part = torch.addmm(self.sq[None], x[lo:lo + step], self.centroids.T, alpha=-2)
-            v, i = (part.min(1, keepdim=True) if k == 1 else part.topk(k, 1, largest=False))
-            values.append(v.add_(x_sq[lo:lo + step, None]).clamp_(min=0))
-            indices.append(i)
+        for lo in range(0, len(x), _TILE_ROWS):
+            rows, best, where = x[lo:lo + _TILE_ROWS], None, None
+            for c0 in range(0, len(self.centroids), _TILE_COLUMNS):
+                # |c|^2 - 2 x.c ranks a row's centroids as its distances do (|x|^2 is added to the k kept);
+                # a 16 MB tile: its k smallest are read from cache, as faiss's exhaustive search does
+                part = torch.addmm(self.sq[None, c0:c0 + _TILE_COLUMNS], rows,
+                                   self.centroids[c0:c0 + _TILE_COLUMNS].T, alpha=-2)
+                v, i = part.min(1, keepdim=True) if k == 1 else part.topk(min(k, part.shape[1]), 1, largest=False)
+                i += c0
+                if best is not None:  # merge with the earlier tiles' k smallest
+                    v, at = torch.cat([best, v], 1).topk(k, 1, largest=False)
+                    i = torch.cat([where, i], 1).gather(1, at)
+                best, where = v, i
+            values.append(best.add_(x_sq[lo:lo + _TILE_ROWS, None]).clamp_(min=0))
+            indices.append(where)
         return torch.cat(values), torch.cat(indices)
 
     def half_gap(self) -> Tensor:
