@@ -11,6 +11,13 @@ The recipe, each step chosen to scale in K and N:
   greedy one-center-a-step k-means++ read the whole sample K times: 140 min
   projected at K = 20,000), and quality stays k-means++'s (faiss's random
   init leaves blobs without a center on well-separated data).
+- refining: the seeds then take 3 Lloyd passes over the seeding sample
+  alone (:func:`_refine`, 1/16 of a pass's work each; skipped when the
+  sample is over a quarter of the fitting rows). A seed is a data row, a
+  cluster's radius from its mean, so the first pass over the fitting rows
+  would move every centroid that far, loosen every bound past use and make
+  the second pass compute everything again; from the sample's means the
+  centroids move about a quarter of that, and most rows skip from pass 2.
 - fitting rows: Lloyd passes run over a uniform sample of at most
   ``max_rows_per_cluster`` (256, faiss's default) rows a cluster; one more
   pass assigns every row. Centroids from 256 rows have a standard error of
@@ -23,14 +30,10 @@ The recipe, each step chosen to scale in K and N:
   Lloyd (up to float32 rounding on exact near-ties), and after the first few
   passes most rows skip. The few centroids that move far in a pass (which
   would loosen every row's lower bound) are computed for every row instead
-  (:class:`_Bounds`).
-- the seeds then take 3 Lloyd passes over the seeding sample alone
-  (:func:`_refine`, 1/16 of a pass's work each; skipped when the sample is
-  over a quarter of the fitting rows): a seed is a data row, a
-  cluster's radius from its mean, so the first pass over the fitting rows
-  would move every centroid that far, loosen every bound past use, and make
-  the second pass compute everything again; from the sample's means the
-  centroids move about a quarter of that, and most rows skip from pass 2.
+  (:class:`_Bounds`). The per-cluster sums carry over between passes: only
+  the rows that changed cluster update them.
+- distances: the fused op (ops.nearest_centroids), or on AVX2-only CPUs a
+  GEMM in 4096 x 1024 tiles whose k smallest are taken while in cache.
 - empty clusters restart at random rows of the seeding sample.
 
 Full-batch passes, not mini-batch updates, so that a pass is a sum over rows:
