@@ -157,8 +157,7 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
     lo, hi = (0, len(rows)) if picks is None else np.searchsorted(picks, [rows.start, rows.stop])
     bounds = _Bounds(int(hi - lo), device)
     geometry = _Geometry(centroids)
-    result = Fit(centroids, torch.zeros(num_clusters, dtype=torch.float64), num_rows if picks is None else len(picks),
-                 len(sample), 0, seeding)
+    result = Fit(centroids, torch.zeros(num_clusters, dtype=torch.float64), fit_rows, len(sample), 0, seeding)
     # This rank's per-cluster sums and counts, kept across passes: after the first pass only the rows that
     # changed cluster update them (a few percent of the rows once converging; float64, so exactly enough).
     sums = torch.zeros(num_clusters, centroids.shape[1], dtype=torch.float64)
@@ -365,8 +364,7 @@ class _Geometry:
         m = min(k // 16, k - 2)
         top = drift.topk(m + 2)
         movers = top.indices[:m]
-        who = torch.arange(k, device=drift.device)
-        rest = torch.where(who == top.indices[m], top.values[m + 1], top.values[m])  # largest other non-mover drift
+        rest = _other_drift(top, m, torch.arange(k, device=drift.device))
         bound = ((gap - drift - rest) * (1 - _SLACK)).clamp(min=0)  # (float32 rounding of the subtraction)
         if m:
             c = self.centroids
@@ -445,13 +443,19 @@ class _Bounds:
         self.upper += drift[self.assigned]
         gap = geometry.half_gap()[self.assigned]
         choices = sorted({0} | {m for m in (k // 256, k // 64, k // 16) if 0 < m <= k - 2})
-        rest = [torch.where(self.assigned == top.indices[m], top.values[m + 1], top.values[m]) for m in choices]
+        rest = [_other_drift(top, m, self.assigned) for m in choices]
         fails = [float((self.upper > torch.maximum(gap, self.lower - r)).sum()) for r in rest]
         cost = torch.tensor([f + len(self.upper) * m / k for f, m in zip(fails, choices)], dtype=torch.float64)
         cost = distributed.all_reduce_(cost) if sharded else cost
         best = int(cost.argmin())
         self.lower -= rest[best]
         self.movers = top.indices[:choices[best]]
+
+
+def _other_drift(top, m: int, owner: Tensor) -> Tensor:
+    """The largest drift among the centroids other than `owner` (per entry)
+    and other than the m biggest movers, from drift.topk(m + 2) (`top`)."""
+    return torch.where(owner == top.indices[m], top.values[m + 1], top.values[m])
 
 
 def _fitting_rows(batches: Batches, rows: range, picks: Optional[np.ndarray], metric: str, device: torch.device,
