@@ -15,3 +15,21 @@ from fastvote.export import export_outputs  # noqa: E402
 from fastvote.prune import PruneResult, prune  # noqa: E402
 
 __all__ = ["ops", "prune", "PruneResult", "export_outputs", "__version__"]
+
+# The public submodules, reachable as attributes (fastvote.train.TrainConfig)
+# without importing them all up front: `import fastvote` stays fast.
+SUBMODULES = ("adversarial", "analysis", "atomic", "cli", "cluster", "data", "distributed", "experiment", "export",
+              "features", "inputs", "methods", "models", "plots", "report", "scores", "select", "ssl", "surrogate",
+              "train", "views", "voting")
+
+
+def __getattr__(name: str):
+    if name in SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"fastvote.{name}")
+    raise AttributeError(f"module 'fastvote' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(SUBMODULES))

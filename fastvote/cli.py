@@ -93,19 +93,20 @@ def _device(args):
     return distributed.resolve_device(args.device)
 
 
-def _check_out(path: str, what: str = "--out") -> Path:
-    """Fails before any compute when `path` cannot be written."""
-    out = Path(path)
-    if out.exists() and not out.is_dir() and what == "--out":
-        raise NotADirectoryError(f"{what}={path!r} is a file; expected a folder (it is written whole)")
-    parent = out.parent if not out.exists() else out
-    existing = next(p for p in [parent, *parent.parents] if p.exists())
+def _check_writable(path: Path, what: str) -> None:
+    existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"{what}={path!r}: {existing} is not a writable folder")
+        raise PermissionError(f"{what}={str(path)!r}: {existing} is not a writable folder")
+
+
+def _out_folder(args, kind: str) -> Path:
+    """The output folder, checked before any compute: writable, and new, empty
+    or an earlier `kind` output unless --overwrite (fastvote.atomic's rule)."""
+    from fastvote.atomic import check_output_folder
+
+    out = check_output_folder(args.out, kind, overwrite=args.overwrite, what="--out")
+    _check_writable(out, "--out")
     return out
-
-
-DEFAULT_MAX_SIDE = 512  # px, ffcv-imagenet's long side for its ResNet-50 betons
 
 
 def cmd_data(args) -> int:
@@ -121,7 +122,7 @@ def cmd_data(args) -> int:
     # An ImageFolder is photos: ffcv-imagenet's settings (JPEG, quality 90, long side
     # at most 512). Registry datasets are small images: raw, exact pixels.
     fmt = args.format or ("jpeg" if folder else "raw")
-    max_side = args.max_resolution if args.max_resolution is not None else (DEFAULT_MAX_SIDE if folder else None)
+    max_side = args.max_resolution if args.max_resolution is not None else (data.IMAGE_FOLDER_MAX_SIDE if folder else None)
     for flag, value, low, high in (("--max-resolution", max_side, 1, None), ("--jpeg-quality", args.jpeg_quality, 1, 100),
                                    ("--workers", args.workers, 1, None)):
         if value is not None and (value < low or (high is not None and value > high)):
@@ -146,9 +147,10 @@ def cmd_data(args) -> int:
 def cmd_surrogate(args) -> int:
     from fastvote import distributed, inputs, surrogate
 
-    out = _check_out(args.out, "--out")
+    out = Path(args.out)
     if out.is_dir():
         raise IsADirectoryError(f"--out={args.out!r} is a folder; expected a checkpoint file (.pt)")
+    _check_writable(out.parent, "--out")
     device = _device(args)
     with distributed.main_first():
         src = inputs.resolve(args.source, "source", inputs.workdir_path(args.workdir), distributed.is_main())
@@ -165,7 +167,7 @@ def cmd_prune(args) -> int:
     import fastvote
     from fastvote import distributed
 
-    out = _check_out(args.out)
+    out = _out_folder(args, "prune")
     result = fastvote.prune(
         args.source, args.target if len(args.target) > 1 else args.target[0], method=args.method,
         ratio=args.ratio, keep=args.keep, surrogate=args.surrogate, arch=args.arch,
@@ -174,7 +176,7 @@ def cmd_prune(args) -> int:
         **method_options(args))
     if not distributed.is_main():  # every rank holds the same result; rank 0 writes it
         return 0
-    result.save(out)
+    result.save(out, overwrite=args.overwrite)
     print(summary_table(result))
     print(f"\nkept {len(result.indices)} samples from {len(result.kept_classes)} of {len(result.class_names)} "
           f"classes (fraction of source {result.unit} removed: {result.ratio:.3f}); wrote {out}/indices.npy, "
@@ -186,11 +188,11 @@ def cmd_features(args) -> int:
     import fastvote
     from fastvote import distributed
 
-    out = _check_out(args.out)
+    out = _out_folder(args, "features")
     fastvote.export_outputs(args.data, out, source=args.source, surrogate=args.surrogate, arch=args.arch,
                             train_config=_train_config(args), image_size=args.image_size, mean=args.mean,
                             std=args.std, device=args.device, batch_size=args.batch_size, seed=args.seed,
-                            workdir=args.workdir, progress=True)
+                            workdir=args.workdir, progress=True, overwrite=args.overwrite)
     if distributed.is_main():
         print(f"wrote {out}/: features.npy, logits.npy, labels.npy (labelled data), classes.json, surrogate.json; "
               f"pass {out} as --source or --target of `fastvote prune`")
@@ -202,7 +204,8 @@ def cmd_cluster_prune(args) -> int:
     from fastvote.data.shards import cluster_prune
 
     keep_clusters = args.keep_clusters if args.keep_clusters in (None, "voted") else int(args.keep_clusters)
-    result = cluster_prune(args.source, args.target, _check_out(args.out), clusters=args.clusters, keep=args.keep,
+    result = cluster_prune(args.source, args.target, _out_folder(args, "cluster-prune"), clusters=args.clusters,
+                           keep=args.keep, overwrite=args.overwrite,
                            ratio=args.ratio, keep_clusters=keep_clusters, k=args.k, metric=args.metric,
                            iterations=args.iterations, max_rows_per_cluster=args.max_rows_per_cluster or None,
                            seed=args.seed, embeddings_key=args.embeddings_key, ids_key=args.ids_key,
@@ -238,7 +241,7 @@ def cmd_experiment(args) -> int:
         overrides["device"] = args.device
     config = (ExperimentConfig.from_toml(args.config, **overrides) if args.config
               else ExperimentConfig.from_dict(overrides, origin="--set"))
-    return _run_experiment(config, args.out)
+    return _run_experiment(config, args)
 
 
 def cmd_demo(args) -> int:
@@ -251,17 +254,17 @@ def cmd_demo(args) -> int:
           f"classes, and the unpruned source; a {config.surrogate_arch} surrogate ({config.surrogate_epochs} epochs), "
           f"a {config.arch} pretrained CNN ({config.epochs} epochs, 16x the surrogate's parameters), linear probe, "
           f"{len(config.seeds)} seeds.", flush=True)
-    return _run_experiment(config, args.out)
+    return _run_experiment(config, args)
 
 
-def _run_experiment(config, out) -> int:
+def _run_experiment(config, args) -> int:
     import time
 
     from fastvote.experiment import Experiment
 
     started = time.perf_counter()
-    Experiment(config, out).run()
-    out = Path(out)
+    out = _out_folder(args, "experiment")
+    Experiment(config, out, overwrite=args.overwrite).run()
     print((out / "results.md").read_text())
     print(f"[done] {time.perf_counter() - started:.0f} s. Results in {out}/: results.md (the table), results.csv "
           f"(every cell), accuracy_vs_ratio.png, time_vs_ratio.png, prune/*/ (kept classes, votes.png), "
@@ -293,11 +296,18 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     return p
 
 
+OVERWRITE_HELP = ("write into an --out folder that holds other files: fastvote's own files are replaced, the "
+                  "folder's other files are kept (without it, such a folder is refused)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import fastvote
+    from fastvote.data.beton import IMAGE_FOLDER_MAX_SIDE
     from fastvote.prune import prune
 
     p = argparse.ArgumentParser(prog="fastvote", description="Target-aware source pruning by voting (DP4TL).",
                                 parents=[_common(False)])
+    p.add_argument("--version", action="version", version=f"fastvote {fastvote.__version__}")
     common = _common(True)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -313,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how images are stored (default: jpeg for --image-folder, as ffcv-imagenet; raw, "
                         "bit-exact, for registry datasets)")
     w.add_argument("--max-resolution", type=int, default=None, metavar="PX",
-                   help=f"shrink images whose long side is larger (default: {DEFAULT_MAX_SIDE} for --image-folder, "
+                   help=f"shrink images whose long side is larger (default: {IMAGE_FOLDER_MAX_SIDE} for --image-folder, "
                         "as ffcv-imagenet's ResNet-50 betons; none for registry datasets)")
     w.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (default 90, ffcv-imagenet's)")
     w.add_argument("--workers", type=int, default=None,
@@ -340,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("--ratio", type=float,
                       help="fraction of source classes (sample-wise: samples) REMOVED, 0 <= r < 1")
     keep.add_argument("--keep", type=int, help="number of source classes (sample-wise: samples) kept")
-    r.add_argument("--out", required=True, help="result folder (indices.npy, classes.json, manifest.json, votes.png); "
-                                                "replaced as a whole")
+    r.add_argument("--out", required=True, help="result folder (indices.npy, classes.json, manifest.json, votes.png): "
+                                                "new, empty or an earlier prune result, replaced as a whole")
+    r.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     r.add_argument("--surrogate", default=None,
                    help="use this instead of training one: a fastvote checkpoint, a state dict of --arch as "
                         "torchvision/timm ship weights (.pth, .bin, .safetensors), a TorchScript file, a "
@@ -355,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "outputs prune takes back)", parents=[common])
     f.add_argument("data", help=".beton or registry NAME[:SPLIT] to run the surrogate over")
     f.add_argument("--source", default=None, help="the source the surrogate is trained on (default: DATA)")
-    f.add_argument("--out", required=True, help="folder to write (replaced as a whole)")
+    f.add_argument("--out", required=True, help="folder to write: new, empty or an earlier features output, "
+                                                "replaced as a whole")
+    f.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     f.add_argument("--surrogate", default=None, help="as for prune: a checkpoint, state dict, TorchScript file")
     f.add_argument("--batch-size", type=int, default=prune.__kwdefaults__["batch_size"])
     _add_surrogate_options(f)
@@ -366,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", required=True, help="the target's embeddings: .npy/.npz file, folder or glob")
     c.add_argument("--clusters", type=int, required=True, help="K, the number of k-means clusters")
     c.add_argument("--out", required=True, help="output folder (kept/<shard>.npy, assignments/, manifest.json)")
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     keep = c.add_mutually_exclusive_group(required=True)
     keep.add_argument("--keep-clusters", help="clusters kept whole: an integer, or 'voted' (every cluster nearest "
                                               "to a target row: DataComp's image-based filter)")
@@ -386,10 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one setting (repeatable; TOML values): --set pretraining=moco "
                         "--set 'methods=[\"fm\",\"random\"]' --set centroids=kmeans --set source_bias=label_noise=0.4")
     e.add_argument("--out", required=True, help="run folder (rerun to resume)")
+    e.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     m = sub.add_parser("demo", help="the offline benchmark end to end (haystack -> digits), ~10 min on 2 cores",
                        parents=[common])
     m.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    m.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return p
 
 

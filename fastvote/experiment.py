@@ -46,7 +46,7 @@ import torch
 
 from fastvote import data as fvdata
 from fastvote import distributed, methods, models, train
-from fastvote.atomic import write_json
+from fastvote.atomic import check_output_folder, claim, owner, write_json
 from fastvote import surrogate as surrogates
 from fastvote.inputs import resolve as resolve_input
 from fastvote.prune import PruneResult, prune as prune_source
@@ -221,9 +221,12 @@ class _Target:
 # --------------------------------------------------------------------------
 
 class Experiment:
-    def __init__(self, config: ExperimentConfig, out: os.PathLike, progress: bool = True):
+    def __init__(self, config: ExperimentConfig, out: os.PathLike, progress: bool = True, overwrite: bool = False):
+        """out: the run folder, new or empty or an earlier run's (rerun to
+        resume); a folder holding anything else is refused before any compute
+        unless overwrite=True (then the run writes into it, keeping its files)."""
         self.config = config
-        self.out = Path(out)
+        self.out = check_output_folder(out, "experiment", overwrite=overwrite)
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         distributed.init_from_env(self.device)  # under torchrun: join the group
         self.device = distributed.local_device(self.device)
@@ -231,7 +234,8 @@ class Experiment:
         self.work = self.out / "work"
         self._features = None
         if distributed.is_main():
-            (self.out / "cells").mkdir(parents=True, exist_ok=True)
+            claim(self.out, "experiment", overwrite=overwrite)
+            (self.out / "cells").mkdir(exist_ok=True)
 
     # ---- data -------------------------------------------------------------
     def prepare(self) -> None:
@@ -493,6 +497,8 @@ class Experiment:
             write_reports(rows, self.out, bias=self.bias)
             plot_accuracy(rows, self.out / "accuracy_vs_ratio.png")
             plot_time(rows, self.out / "time_vs_ratio.png")
+            write_json(self.out / "manifest.json", dict(owner("experiment"), complete=True, cells=len(cells),
+                                                        seconds=time.perf_counter() - started))
         distributed.barrier()
         if self.progress:
             print(f"[experiment] done in {time.perf_counter() - started:.0f} s", flush=True)

@@ -4,7 +4,8 @@ logits and pooled features over a dataset, written as a folder that
 
     features.npy [N, D] float32, logits.npy [N, K] float32, labels.npy [N]
     int64 (labelled inputs), classes.json (the source's class names),
-    surrogate.json (the surrogate's fingerprint, entry and preprocessing).
+    surrogate.json (the surrogate's fingerprint, entry and preprocessing),
+    manifest.json (fastvote's mark and the files written).
 
 surrogate.json's fingerprint lets the folder be mixed with inputs the same
 surrogate runs over (fastvote.prune refuses outputs of another surrogate).
@@ -21,7 +22,7 @@ from typing import Optional, Sequence, Union
 
 from fastvote import distributed, inputs
 from fastvote import surrogate as surrogates
-from fastvote.atomic import atomic_dir
+from fastvote.atomic import atomic_dir, check_output_folder
 
 OUTPUTS = ("features", "logits")
 
@@ -31,16 +32,21 @@ def export_outputs(data, out: Union[str, os.PathLike], *, source=None, surrogate
                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                    device=None, batch_size: int = 256, seed: int = 0,
                    workdir: Union[str, os.PathLike, None] = None, image_key: str = "image",
-                   label_key: str = "label", progress: bool = True) -> Path:
+                   label_key: str = "label", progress: bool = True, overwrite: bool = False) -> Path:
     """Runs the surrogate over `data` and writes the folder `out` (whole or not at all).
 
     data: any input fastvote.prune takes as a dataset (beton, registry name, Dataset).
     source: the source the surrogate belongs to (default: `data` itself);
         with surrogate=None the surrogate is trained on it, as prune() would.
-    Other arguments as for fastvote.prune. Returns `out`.
+    out: the folder to write; a new or empty one, or an earlier features
+        output (replaced whole). A folder holding anything else is refused
+        before any compute, unless overwrite=True: then the files are written
+        into it and its other files are kept (fastvote.atomic).
+    Other arguments as for fastvote.prune. Returns `out` (absolute).
     """
     from fastvote.prune import open_view
 
+    out = check_output_folder(out, "features", overwrite=overwrite)
     device = distributed.resolve_device(device)
     surrogates.check_arguments(surrogate, arch, image_size, mean, std)  # before writing any beton
     workdir = inputs.workdir_path(workdir)
@@ -60,9 +66,8 @@ def export_outputs(data, out: Union[str, os.PathLike], *, source=None, surrogate
     want = OUTPUTS + (("labels",) if target.labels is not None else ())
     for _ in view.batches(want):  # one pass fills the cache (or reads it back)
         pass
-    out = Path(out)
     if distributed.is_main():
-        with atomic_dir(out) as staging:
+        with atomic_dir(out, "features", overwrite=overwrite) as staging:
             for name in want:
                 try:  # a hard link costs nothing; across file systems, a copy
                     os.link(view.cache / f"{name}.npy", staging / f"{name}.npy")

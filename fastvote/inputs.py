@@ -237,14 +237,53 @@ def _outputs_input(x: dict, role: str) -> Input:
 def _folder_outputs(folder: Path, role: str) -> dict:
     x = {name: folder / f"{name}.npy" for name in OUTPUT_NAMES if (folder / f"{name}.npy").is_file()}
     if not x:
-        raise ValueError(f"{role}: the folder holds none of {[n + '.npy' for n in OUTPUT_NAMES]}; expected "
-                         f"precomputed surrogate outputs in {folder}")
+        raise ValueError(f"{role}: the folder {folder} holds none of {[n + '.npy' for n in OUTPUT_NAMES]} and no "
+                         "class folders; expected precomputed surrogate outputs, or an image folder tree "
+                         "(ROOT/<class>/<image>)")
     if (folder / "surrogate.json").is_file():
         x["surrogate"] = json.loads((folder / "surrogate.json").read_text()).get("fingerprint")
     if (folder / "classes.json").is_file():  # a list of names, or {"classes": [...]} as fastvote writes it
         names = json.loads((folder / "classes.json").read_text())
         x["class_names"] = names.get("classes") if isinstance(names, dict) else names
     return x
+
+
+def _is_image_folder(folder: Path) -> bool:
+    """An ImageFolder tree (ROOT/<class>/<image>): class folders and none of
+    the precomputed outputs' files."""
+    if any((folder / f"{name}.npy").is_file() for name in OUTPUT_NAMES):
+        return False
+    return any(entry.is_dir() and not entry.name.startswith(".") for entry in folder.iterdir())
+
+
+def _fingerprint_image_folder(root: Path) -> str:
+    """Every file's relative path, size and modification time (a stat each,
+    no image read): an added, removed or rewritten image changes it."""
+    h = hashlib.sha256(b"image-folder")
+    for folder, subfolders, files in os.walk(root, followlinks=True):  # as torchvision's ImageFolder walks
+        subfolders.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            h.update(f"{os.path.relpath(os.path.join(folder, name), root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                     .encode())
+    return "stat-sha256:" + h.hexdigest()[:32]
+
+
+def _image_folder_input(root: Path, role: str, workdir: Path, progress: bool) -> Input:
+    """An image folder is written once to a beton in the workdir, as
+    `fastvote data write --image-folder` writes it (JPEG quality 90, long
+    side <= 512 px), and read from there by every later run."""
+    fp = _fingerprint_image_folder(root)
+    path = workdir / "betons" / f"folder-{fp.split(':')[1][:16]}.beton"
+    if not path.is_file():
+        if progress:
+            print(f"[fastvote] {role}: writing the image folder {root} to {path} once (later runs read it)",
+                  flush=True)
+        fvdata.write_image_folder(root, path, jpeg=True, max_resolution=fvdata.IMAGE_FOLDER_MAX_SIDE,
+                                  progress=progress)
+    data = _beton_input(path, f"{role}: image folder {root}")
+    data.fingerprint = fp
+    return data
 
 
 def workdir_path(workdir) -> Path:
@@ -256,6 +295,8 @@ def resolve(x, role: str, workdir: Path, progress: bool, *, image_key: str = "im
     """Turns any accepted input into an Input (writing a beton if needed).
     image_key, label_key: the columns of dict items (Hugging Face datasets)."""
     if isinstance(x, (str, os.PathLike)) and Path(x).is_dir():
+        if _is_image_folder(Path(x)):
+            return _image_folder_input(Path(x), role, workdir, progress)
         x = _folder_outputs(Path(x), role)
     if isinstance(x, dict):
         return _outputs_input(x, role)

@@ -31,8 +31,8 @@ import fastvote
 from fastvote import data as fvdata
 from fastvote import distributed, inputs, methods
 from fastvote import surrogate as surrogates
-from fastvote.atomic import atomic_dir
-from fastvote.select import keep_count
+from fastvote.atomic import atomic_dir, check_output_folder
+from fastvote.select import keep_count, present_classes
 from fastvote.views import ModelView, TensorView
 
 OUTPUT_FILES = ("indices.npy", "classes.json", "manifest.json", "votes.png")
@@ -73,17 +73,21 @@ class PruneResult:
     def kept_names(self) -> List[str]:
         return [self.class_names[int(c)] for c in self.kept_classes]
 
-    def save(self, directory: Union[str, os.PathLike]) -> Path:
+    def save(self, directory: Union[str, os.PathLike], *, overwrite: bool = False) -> Path:
         """Writes indices.npy, classes.json, manifest.json and votes.png into
         `directory`, which appears whole or not at all: the files are staged
-        beside it and the folder is renamed in, replacing an earlier result as
-        a whole. Under torchrun only rank 0 writes (every rank holds the same result)."""
+        beside it and the folder is renamed in, replacing an earlier prune
+        result as a whole. A folder holding anything else is refused
+        (FileExistsError), unless overwrite=True: then the four files are
+        written into it and its other files are kept (fastvote.atomic).
+        Returns the folder (absolute). Under torchrun only rank 0 writes
+        (every rank holds the same result)."""
         from fastvote.plots import plot_votes
 
-        directory = Path(directory)
+        directory = check_output_folder(directory, "prune", overwrite=overwrite, what="directory")
         if not distributed.is_main():
             return directory
-        with atomic_dir(directory) as staging:
+        with atomic_dir(directory, "prune", overwrite=overwrite, what="directory") as staging:
             np.save(staging / "indices.npy", self.indices.numpy().astype(np.int64))
             rank = {int(c): r for r, c in enumerate(self.kept_classes)}
             classes = {
@@ -103,6 +107,7 @@ class PruneResult:
 
     @classmethod
     def load(cls, directory: Union[str, os.PathLike]) -> "PruneResult":
+        """Reads back a result that save() wrote into `directory`."""
         directory = Path(directory)
         absent = [n for n in OUTPUT_FILES[:3] if not (directory / n).is_file()]
         if absent:
@@ -124,8 +129,13 @@ class PruneResult:
     def loader(self, batch_size: int = 256, *, train: bool = True, source: Optional[str] = None, **kw):
         """A loader (fastvote.data: FFCV, or torch without it) over the kept samples of the source beton (train
         pipeline by default, eval with train=False). `kw` go to
-        fastvote.data.train_loader / eval_loader (resolution, mean, std, ...);
-        resolution, mean and std default to the surrogate's preprocessing."""
+        fastvote.data.train_loader / eval_loader (resolution, mean, std, drop_last, ...);
+        resolution, mean and std default to the surrogate's preprocessing.
+
+        Each epoch (one ``for``) yields every kept sample once, the last batch partial;
+        ``drop_last=True`` leaves that batch out (a ``batch_size`` above the kept samples
+        is then a ValueError). Building and iterating it leave the caller's torch and
+        numba thread counts as they were."""
         beton = source or self.manifest.get("source", {}).get("beton")
         if not beton:
             raise ValueError("this result's source was not a .beton; pass source='path/to/source.beton'")
@@ -175,13 +185,22 @@ def _groups(spec: methods.MethodSpec, src: inputs.Input) -> List[str]:
             raise ValueError(f"method={spec.text!r} needs source labels; give 'labels' with the precomputed source "
                              "outputs, or use method='fm', centroids='kmeans' (label-free)")
         return []
-    names = src.class_names or [str(j) for j in range(src.num_classes)]
-    empty = np.flatnonzero(np.bincount(src.labels, minlength=len(names)) == 0)
-    if needs_labels and len(empty):
-        raise ValueError(f"{src.description}: source classes {[names[j] for j in empty[:10]]} have no samples "
-                         f"({len(empty)} of {len(names)}); every class id 0..K-1 must occur (relabel with "
-                         "np.unique(labels, return_inverse=True))")
-    return names
+    return src.class_names or [str(j) for j in range(src.num_classes)]
+
+
+def _absent(spec: methods.MethodSpec, src: inputs.Input, groups: List[str]) -> np.ndarray:
+    """The classes of the label space (the class names, the logits' width)
+    with no source sample: a partial download or a filtered copy. Class-wise
+    methods rank them but cannot keep them; the sample-wise methods that read
+    labels refuse them."""
+    if src.labels is None or not groups or (spec.name == "fm" and spec.options["centroids"] == "kmeans"):
+        return np.zeros(0, dtype=np.int64)
+    absent = np.flatnonzero(~present_classes(src.labels, len(groups)))
+    if len(absent) and not spec.class_wise and "labels" in spec.needs["source"]:
+        raise ValueError(f"{src.description}: source classes {[groups[j] for j in absent[:10]]} have no samples "
+                         f"({len(absent)} of {len(groups)}); method={spec.text!r} needs samples in every class "
+                         "(lm, fm and random accept classes without samples)")
+    return absent
 
 
 def _check_outputs(spec, src: inputs.Input, tgts: Sequence[inputs.Input], sur, num_groups: int) -> None:
@@ -240,6 +259,27 @@ def open_view(data: inputs.Input, src: inputs.Input, sur, model, *, batch_size: 
                      surrogate_fingerprint=sur.fingerprint, train_config=train_config, **shared)
 
 
+def _tie_rule(spec: methods.MethodSpec) -> str:
+    """The rule that orders classes with equal votes (docs/SELECTION.md)."""
+    if spec.name == "lm":
+        return "the highest mean softmax probability over the target rows"
+    if spec.options.get("metric") == "cosine":
+        return "the highest mean cosine similarity of the centroid to the target rows"
+    return "the lowest mean squared distance of the centroid to the target rows"
+
+
+def _warn_absent(src: inputs.Input, groups: List[str], absent: np.ndarray, votes: Optional[Tensor]) -> None:
+    names = [groups[j] for j in absent[:5]] + (["..."] if len(absent) > 5 else [])
+    text = f"{src.description}: {len(absent)} of {len(groups)} source classes have no samples ({names}) and cannot be kept"
+    if votes is not None:
+        voted = {groups[j]: votes[j].item() for j in absent if votes[j] > 0}
+        if voted:
+            shown = dict(list(voted.items())[:5])
+            text += (f"; {len(voted)} of them got target votes ({shown}{', ...' if len(voted) > 5 else ''}), so the "
+                     "next-ranked classes with samples take their places")
+    warnings.warn(text, stacklevel=3)
+
+
 def _per_class(selection, labels: np.ndarray, num_classes: int):
     """A sample-wise selection seen per class: the classes still present and
     the mean per-sample score of each class."""
@@ -264,7 +304,7 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
           device: Union[str, torch.device, None] = None, batch_size: int = 256, seed: int = 0,
           workdir: Union[str, os.PathLike, None] = None, image_key: str = "image", label_key: str = "label",
           progress: bool = True) -> PruneResult:
-    """Prunes the source for the target(s) by LM or FM voting (SPEC.md).
+    """Prunes the source for the target(s) by LM or FM voting, or a baseline.
 
     Args:
         source, target: see fastvote.inputs; `target` may be a list of inputs
@@ -279,6 +319,10 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
         surrogate: None (train `arch` on the source with `train_config`,
             default TrainConfig(seed=seed)), a checkpoint path
             (fastvote.models.save_checkpoint) or an nn.Module.
+        arch: the architecture trained when surrogate=None (default the
+            paper's ResNet-18; "tiny" trains in seconds on a CPU).
+        train_config: the surrogate's training recipe (fastvote.train.TrainConfig)
+            when surrogate=None.
         k, weight, reverse, normalize_targets (lm, fm), metric, temperature,
             centroids, num_clusters (fm): the method's options
             (fastvote.methods.parse); an option the method does not use is
@@ -286,10 +330,18 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
         image_size, mean, std: the surrogate's preprocessing (defaults: the
             checkpoint's, else the source's image size and channel statistics).
         device: where the surrogate and the ops run (default: cuda if available).
+        batch_size: images a surrogate pass reads at once (its memory, not
+            its result).
         seed: seeds the surrogate's construction and training, and the method.
         workdir: cache of betons, surrogates and features (default $FASTVOTE_CACHE/prune).
         image_key, label_key: the columns of a dataset's dict items (Hugging
             Face: {"image": PIL, "label": int}; class names from its ClassLabel).
+        progress: progress bars for the long passes (on a terminal only; under
+            torchrun on rank 0 only).
+
+    Returns a PruneResult (kept classes, indices, votes, manifest). The
+    selection rules (votes, ties, classes without samples) are stated in
+    docs/SELECTION.md.
     """
     started = time.perf_counter()
     spec = methods.parse(method, dict(k=k, metric=metric, weight=weight, temperature=temperature, reverse=reverse,
@@ -318,13 +370,21 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
                              + (f" a process ({distributed.world_size()} under torchrun)"
                                 if distributed.active() else ""))
     groups = _groups(spec, src)
+    absent = _absent(spec, src, groups)
     n_total = len(groups) if spec.class_wise else src.num_rows
     n_keep = keep_count(n_total, ratio=ratio, keep=keep, unit=spec.unit)
+    if len(absent):  # keep counts classes that can contribute samples
+        present = n_total - len(absent)
+        if keep is not None and keep > present:
+            raise ValueError(f"keep={keep} exceeds the {present} source classes that have samples ({len(absent)} of "
+                             f"the {n_total} classes have none: {[groups[j] for j in absent[:5]]})")
+        n_keep = min(n_keep, present)
     needs_model = ((src.outputs is None and bool(spec.needs["source"]))
                    or (bool(spec.needs["target"]) and any(t.outputs is None for t in tgts)))
     sur = surrogates.resolve(surrogate, src, arch=arch, train_config=train_config, image_size=image_size,
                              mean=mean, std=std, seed=seed, workdir=workdir) if needs_model else None
-    _check_outputs(spec, src, tgts, sur, len(groups))
+    # FM has no centroid for a class without samples: it cannot be voted for.
+    _check_outputs(spec, src, tgts, sur, len(groups) - (len(absent) if spec.name == "fm" else 0))
 
     # ---- the expensive part ----------------------------------------------
     t0 = time.perf_counter()
@@ -346,8 +406,11 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
     if spec.class_wise and selection.votes is not None:
         voted = int((selection.votes > 0).sum())
         if n_keep > 2 * max(voted, 1):
-            warnings.warn(f"keep={n_keep}, but only {voted} of {len(groups)} {spec.unit} got any vote: "
-                          f"{n_keep - voted} kept {spec.unit} are tie-breaks, not the target's choice", stacklevel=2)
+            warnings.warn(f"keep={n_keep}, but only {voted} of {len(groups)} {spec.unit} got any vote: the other "
+                          f"{n_keep - voted} kept {spec.unit} were picked by the tie score, {_tie_rule(spec)} "
+                          "(docs/SELECTION.md, 'Ties')", stacklevel=2)
+    if len(absent):
+        _warn_absent(src, groups, absent, selection.votes)
 
     describe = lambda d: {"description": d.description, "fingerprint": d.fingerprint,  # noqa: E731
                           "beton": str(d.beton) if d.beton else None, "num_samples": d.num_rows}

@@ -1,5 +1,5 @@
-"""From votes to a kept subset: rank source classes by votes with SPEC.md's tie
-rules, keep N of them (or a ratio), and map kept classes to sample indices.
+"""From votes to a kept subset: rank source classes by votes with the tie
+rules of docs/SELECTION.md, keep N of them (or a ratio), and map kept classes to sample indices.
 
 Names used everywhere: ``ratio`` is the fraction of source classes REMOVED;
 ``keep`` the number kept; ``indices`` sorted int64 positions in the source.
@@ -49,11 +49,21 @@ def rank_classes(votes: Tensor, scores: Tensor, higher_score_first: bool) -> Ten
     return torch.from_numpy(order.astype(np.int64))
 
 
+def present_classes(labels, num_classes: int) -> np.ndarray:
+    """[num_classes] bool: the classes with at least one sample in `labels`
+    (a class of the label space may have none: a partial or filtered copy)."""
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes] > 0
+
+
 def select_classes(votes: Tensor, scores: Tensor, keep: int, higher_score_first: bool,
-                   reverse: bool = False) -> Tensor:
+                   reverse: bool = False, present: Optional[np.ndarray] = None) -> Tensor:
     """The `keep` best-ranked class ids (in rank order), or with reverse=True
-    the `keep` worst-ranked (the paper's reverse-order ablation)."""
+    the `keep` worst-ranked (the paper's reverse-order ablation). present:
+    [K] bool, the classes with source samples; the others are ranked but
+    never kept (they would keep nothing), so the next-ranked take their places."""
     order = rank_classes(votes, scores, higher_score_first)
+    if present is not None:
+        order = order[torch.from_numpy(np.asarray(present, dtype=bool))[order]]
     return order[-keep:].flip(0) if reverse else order[:keep]
 
 

@@ -27,7 +27,7 @@ def units(out: Path, data: Path) -> dict:
         voter.update(torch.from_numpy(arrays["target_logits"][start:min(start + 7, rows.stop)]))
     voter.all_reduce()
     view = ArrayView(arrays["source_features"], arrays["source_labels"])
-    centroids = source_centroids(view, progress=False)
+    centroids, _ = source_centroids(view, progress=False)
     clusters, assignments = kmeans(lambda: (b["features"] for b in view.batches(("features",), shard=True)), 6,
                                    num_rows=view.num_rows, sharded=True, seed=3, progress=False)
     folder = data.parent / "outputs"

@@ -4,7 +4,7 @@
 FFCV is optional: the loaders are FFCV pipelines where ``import ffcv`` works and torch
 DataLoaders over the same betons otherwise (``backend()``; one warning a process says so).
 """
-from .beton import (classes_path, dataset_classes, iter_samples, read_classes, read_columns,
+from .beton import (IMAGE_FOLDER_MAX_SIDE, classes_path, dataset_classes, iter_samples, read_classes, read_columns,
                     read_wnids, sample_of, write_beton, write_image_folder, write_offline)
 from .loaders import (IMAGENET_MEAN, IMAGENET_STD, backend, channel_stats, default_crop, default_crop_ratio,
                       eval_loader, set_resolution, train_loader)
@@ -12,7 +12,7 @@ from .registry import (ArrayDataset, cache_dir, get, missing, names, options, sp
                        splits)
 
 __all__ = [
-    "ArrayDataset", "get", "names", "options", "splits", "missing", "split_indices", "cache_dir",
+    "IMAGE_FOLDER_MAX_SIDE", "ArrayDataset", "get", "names", "options", "splits", "missing", "split_indices", "cache_dir",
     "write_beton", "write_image_folder", "write_offline", "read_classes", "read_wnids",
     "classes_path", "sample_of", "dataset_classes", "iter_samples", "read_columns",
     "eval_loader", "train_loader", "set_resolution", "backend", "default_crop", "default_crop_ratio", "channel_stats",

@@ -45,6 +45,7 @@ from .registry import get
 FFCV_INSTALL = ("pip install ffcv==1.0.2 (it builds from source and needs "
                 "apt-get install -y pkg-config libopencv-dev libturbojpeg0-dev)")
 JPEG_QUALITY = 90
+IMAGE_FOLDER_MAX_SIDE = 512  # px: photos are stored as ffcv-imagenet's ResNet-50 betons, long side <= 512
 CHUNK = 100              # samples handed to a reading process at a time
 FIELDS = ("image", "label", "identifier")
 

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence, Tuple
 
 import numpy as np
 
-from ..atomic import atomic_path, remove_stale
+from ..atomic import atomic_path, naming, remove_stale
 
 __all__ = ["NpyRows", "NpyWriter"]
 
@@ -109,7 +109,8 @@ class NpyWriter:
         if block.shape[1:] != self.shape[1:] or self.rows + len(block) > self.shape[0]:
             raise ValueError(f"{self.path}: a block of shape {block.shape} does not fit after {self.rows} rows "
                              f"of shape {self.shape}")
-        self._file.write(block.tobytes())
+        with naming(self.path):  # a full disk names the file
+            self._file.write(block.tobytes())
         self.rows += len(block)
 
     def close(self) -> Path:

@@ -13,8 +13,8 @@ npz shard is read whole, one shard at a time: size npz shards to fit memory.
 Under torchrun each rank takes a contiguous run of shards (balanced by rows),
 clusters with the others (fastvote.cluster: per-cluster sums all-reduced, the
 clusters of one process), and writes its own shards' outputs; nothing of size
-N is held anywhere. Outputs (each file written atomically; manifest.json last,
-so a folder without it is incomplete):
+N is held anywhere. Outputs (each file written atomically; manifest.json says
+"complete": false until the last file is in place):
 
     OUT/centroids.npy           [K, D] float32
     OUT/votes.npy, scores.npy   [K] the target's votes and FM tie-break scores
@@ -24,7 +24,7 @@ so a folder without it is incomplete):
     OUT/distances/NAME.npy      [rows] float32 squared distance to it, per shard
     OUT/kept/NAME.npy           int64 rows of shard NAME kept (ascending)
     OUT/kept/NAME.ids.npy       their identifiers (shards with identifiers)
-    OUT/manifest.json           shards, rows, settings, totals
+    OUT/manifest.json           fastvote's mark, shards, rows, settings, totals
 
     result = cluster_prune("pool/", "imagenet_train.npy", "out/", clusters=100_000,
                            keep_clusters="voted")       # DataComp's image-based filter
@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from .. import cluster, distributed
 from .. import progress as bars
-from ..atomic import atomic_path, write_json
+from ..atomic import atomic_path, check_output_folder, claim, owner, write_json
 from ..select import keep_count, rank_classes
 from ..voting import FMVoter
 from .npy import NpyRows, NpyWriter
@@ -184,7 +184,8 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
                   weight: str = "count", temperature: float = 1.0, iterations: int = 20,
                   max_rows_per_cluster: Optional[int] = cluster.MAX_ROWS_PER_CLUSTER, seed: int = 0,
                   embeddings_key: Optional[str] = None, ids_key: Optional[str] = None,
-                  chunk_rows: int = CHUNK_ROWS, device=None, progress: bool = True) -> ClusterPrune:
+                  chunk_rows: int = CHUNK_ROWS, device=None, progress: bool = True,
+                  overwrite: bool = False) -> ClusterPrune:
     """Label-free FM over embedding shards: K-means on the source's
     embeddings, the target's embeddings vote for their k nearest clusters
     (fastvote.voting.FMVoter: weights, metric, tie-break scores as FM's), and
@@ -199,7 +200,28 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
     With a sample budget clusters are taken whole in vote order (ties by the
     FM score) while they fit; the first that does not fit gives its rows
     nearest to its centroid (ties by position), so exactly `keep` rows are
-    kept. Other arguments as fastvote.cluster.kmeans (``clusters`` is K).
+    kept.
+
+    Args:
+        source, target: the embedding shards (a folder, a glob, a file or a
+            list of files; see the module docstring), of one width D.
+        out: a new or empty folder or an earlier cluster-prune output (its
+            files above are replaced); a folder holding anything else is
+            refused before any compute, unless overwrite=True (then the files
+            above are written into it and its other files are kept).
+        clusters: K, the number of k-means clusters.
+        k, metric, weight, temperature: the target's vote, as FM's
+            (docs/SELECTION.md): each target row votes for its k nearest
+            clusters, "l2" or "cosine", weighted "count", "rank" or "soft"
+            (softmax at `temperature`).
+        iterations, max_rows_per_cluster, seed: k-means' (fastvote.cluster.kmeans):
+            at most this many Lloyd passes, over a seeded sample of at most this
+            many rows a cluster (None: every row).
+        embeddings_key, ids_key: the .npz members holding the embeddings and
+            the identifiers (default: the only 2-D float member; uid/id/key).
+        chunk_rows: rows read at once (memory, not the result).
+        device: where the distances run (default: cuda if available).
+        progress: progress bars (on a terminal, rank 0 only).
     """
     src = ShardSource(source, embeddings_key=embeddings_key, ids_key=ids_key, chunk_rows=chunk_rows)
     tgt = ShardSource(target, embeddings_key=embeddings_key, chunk_rows=chunk_rows, what="target")
@@ -215,13 +237,11 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
                          f"{len(src.shards)} shards ({src.shards[0].path.parent}); expected K <= rows")
     if isinstance(keep_clusters, numbers.Integral) and keep_clusters > clusters:
         raise ValueError(f"keep_clusters={keep_clusters} exceeds clusters={clusters}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"out={str(out)!r} is a file; expected a folder")
+    out = check_output_folder(out, "cluster-prune", overwrite=overwrite)
     device = distributed.resolve_device(device)
     sharded = distributed.active()
     if distributed.is_main():  # an earlier run's outputs go first: no stale shard file survives
-        (out / "manifest.json").unlink(missing_ok=True)
+        claim(out, "cluster-prune", overwrite=overwrite)  # an unfinished mark, replaced by the final manifest
         for folder in ("assignments", "distances", "kept"):
             shutil.rmtree(out / folder, ignore_errors=True)
     distributed.barrier()
@@ -265,6 +285,7 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
     kept_rows = int(distributed.all_reduce_(torch.tensor([kept_rows]))) if sharded else kept_rows
     kept_ids = torch.cat([kept, torch.tensor([partial[0]])]) if partial else kept
     manifest = {
+        **owner("cluster-prune"), "complete": True,
         "source": [{"path": str(s.path), "rows": s.rows, "start": s.start} for s in src.shards],
         "target": [str(s.path) for s in tgt.shards], "rows": src.num_rows, "dim": src.dim, "dtype": str(src.dtype),
         "clusters": clusters, "metric": metric, "k": k, "weight": weight, "iterations": iterations,

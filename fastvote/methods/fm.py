@@ -4,7 +4,7 @@ source features); each target sample votes for its nearest centroid(s); the
 most-voted classes/clusters are kept with all their samples."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,9 +40,10 @@ def check(method: str, options, given) -> None:
         raise ValueError(f"method={method!r}: temperature={options['temperature']!r} is invalid; expected > 0")
 
 
-def source_centroids(source: View, progress: bool = True) -> torch.Tensor:
+def source_centroids(source: View, progress: bool = True) -> Tuple[torch.Tensor, np.ndarray]:
     """Class means of the source features, streamed (each rank sums its shard
-    under torchrun): [K, D] float32."""
+    under torchrun): ([P, D] float32 centroids, [K] bool mask of the P classes
+    that have samples; a class without any has no centroid)."""
     sums = counts = None
     for batch in tqdm(source.batches(("features", "labels"), shard=True), desc="source class centroids",
                       leave=False, disable=bars.disable(progress)):
@@ -54,11 +55,15 @@ def source_centroids(source: View, progress: bool = True) -> torch.Tensor:
     if distributed.active():  # float64 sums, integer counts: the centroids of one process
         packed = distributed.all_reduce_(torch.cat([sums, counts[:, None].double()], 1))
         sums, counts = packed[:, :-1], packed[:, -1].long()
-    empty = (counts == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"source classes {empty[:10]} have no samples, so they have no centroid; "
-                         "drop them from the source or use centroids='kmeans'")
-    return (sums / counts[:, None]).float()
+    present = (counts > 0).numpy()
+    return (sums[present] / counts[present, None]).float(), present
+
+
+def _to_label_space(values: torch.Tensor, present: np.ndarray) -> torch.Tensor:
+    """[P] values of the classes with a centroid -> [K], zero for the others."""
+    full = torch.zeros(len(present), dtype=values.dtype)
+    full[torch.from_numpy(present)] = values.cpu()
+    return full
 
 
 def select(source: View, targets: Sequence[View], *, keep: int, k: int = 1, metric: str = "l2",
@@ -68,8 +73,9 @@ def select(source: View, targets: Sequence[View], *, keep: int, k: int = 1, metr
            progress: bool = True) -> Selection:
     """Keeps `keep` source classes (or clusters) by FM votes."""
     info = {"centroids": centroids}
+    present = None
     if centroids == "class":
-        centers = source_centroids(source, progress)
+        centers, present = source_centroids(source, progress)
         groups = source.labels
     elif centroids == "kmeans":
         num_clusters = num_clusters or source.num_classes
@@ -81,7 +87,9 @@ def select(source: View, targets: Sequence[View], *, keep: int, k: int = 1, metr
         raise ValueError(f"centroids='{centroids}' is unknown; expected one of {CENTROIDS}")
     voters = vote(targets, lambda: FMVoter(centers, k, metric, weight, temperature), "features", progress, "FM")
     votes, scores = combine(voters, normalize=normalize_targets)
+    if present is not None and not present.all():  # back to the label space: no centroid, no vote
+        votes, scores = _to_label_space(votes, present), _to_label_space(scores, present)
     higher_first = voters[0].higher_score_first
-    kept = select_classes(votes, scores, keep, higher_score_first=higher_first, reverse=reverse)
+    kept = select_classes(votes, scores, keep, higher_score_first=higher_first, reverse=reverse, present=present)
     return Selection(indices=class_indices(groups, kept), kept_classes=kept, votes=votes, scores=scores,
                      groups=np.asarray(groups), info=info)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from fastvote.methods.base import VOTE_OPTIONS, Selection, View, vote
-from fastvote.select import class_indices, select_classes
+from fastvote.select import class_indices, present_classes, select_classes
 from fastvote.voting import LMVoter, combine
 
 CLASS_WISE = True
@@ -20,6 +20,7 @@ def select(source: View, targets: Sequence[View], *, keep: int, k: int = 1, weig
     """Keeps `keep` source classes by LM votes (see fastvote.prune for the arguments)."""
     voters = vote(targets, lambda: LMVoter(source.num_classes, k, weight), "logits", progress, "LM")
     votes, scores = combine(voters, normalize=normalize_targets)
-    kept = select_classes(votes, scores, keep, higher_score_first=LMVoter.higher_score_first, reverse=reverse)
+    kept = select_classes(votes, scores, keep, higher_score_first=LMVoter.higher_score_first, reverse=reverse,
+                          present=present_classes(source.labels, source.num_classes))
     return Selection(indices=class_indices(source.labels, kept), kept_classes=kept, votes=votes,
                      scores=scores, groups=source.labels)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fastvote.methods.base import Selection, View, sample_selection
-from fastvote.select import class_indices
+from fastvote.select import class_indices, present_classes
 
 CLASS_WISE = True
 NEEDS = {"source": (), "target": ()}
@@ -26,9 +26,11 @@ OPTIONS = ()
 
 def select(source: View, targets: Sequence[View], *, keep: int, seed: int = 0, device=None,
            progress: bool = True) -> Selection:
-    """Keeps `keep` classes chosen uniformly at random (numpy Generator(seed))."""
+    """Keeps `keep` classes chosen uniformly at random (numpy Generator(seed))
+    among the classes with source samples."""
     rng = np.random.default_rng(seed)
-    kept = torch.from_numpy(rng.choice(source.num_classes, size=keep, replace=False).astype(np.int64))
+    present = np.flatnonzero(present_classes(source.labels, source.num_classes))
+    kept = torch.from_numpy(rng.choice(present, size=keep, replace=False).astype(np.int64))
     return Selection(indices=class_indices(source.labels, kept), kept_classes=kept, votes=None,
                      scores=torch.zeros(source.num_classes, dtype=torch.float64), groups=source.labels,
                      info={"seed": seed})
