@@ -99,6 +99,17 @@ def _check_writable(path: Path, what: str) -> None:
         raise PermissionError(f"{what}={str(path)!r}: {existing} is not a writable folder")
 
 
+def _check_checkpoint(path: Path) -> None:
+    """A surrogate replaces a fastvote checkpoint, never a user's other file."""
+    from fastvote import models
+
+    try:
+        models.load_checkpoint(path)
+    except Exception:  # any unreadable file: not ours to replace
+        raise FileExistsError(f"--out={str(path)!r} exists and is not a fastvote checkpoint; choose another path, "
+                              "or pass --overwrite to replace it") from None
+
+
 def _out_folder(args, kind: str) -> Path:
     """The output folder, checked before any compute: writable, and new, empty
     or an earlier `kind` output unless --overwrite (fastvote.atomic's rule)."""
@@ -129,7 +140,7 @@ def cmd_data(args) -> int:
             raise ValueError(f"{flag}={value}: expected an integer >= {low}"
                              + (f" and <= {high}" if high else ""))
     options = dict(max_resolution=max_side, jpeg=fmt == "jpeg", jpeg_quality=args.jpeg_quality,
-                   num_workers=args.workers, progress=True)
+                   num_workers=args.workers, progress=True, overwrite=args.overwrite)
     if folder:
         path = data.write_image_folder(args.image_folder, args.out, **options)
     else:
@@ -150,6 +161,8 @@ def cmd_surrogate(args) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise IsADirectoryError(f"--out={args.out!r} is a folder; expected a checkpoint file (.pt)")
+    if out.exists() and not args.overwrite:
+        _check_checkpoint(out)
     _check_writable(out.parent, "--out")
     device = _device(args)
     with distributed.main_first():
@@ -326,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"shrink images whose long side is larger (default: {IMAGE_FOLDER_MAX_SIDE} for --image-folder, "
                         "as ffcv-imagenet's ResNet-50 betons; none for registry datasets)")
     w.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (default 90, ffcv-imagenet's)")
+    w.add_argument("--overwrite", action="store_true",
+                   help="replace an existing file at OUT that is not a beton (a beton there is always replaced)")
     w.add_argument("--workers", type=int, default=None,
                    help="processes reading and encoding images (default: all usable cores; the bytes do not depend on it)")
 
@@ -335,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                         parents=[common])
     t.add_argument("--source", required=True, help=".beton, registry NAME[:SPLIT]")
     t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file that is not a fastvote checkpoint")
     t.add_argument("--flip", action="store_true", help="random horizontal flips (off by default: digits, text)")
     _add_surrogate_options(t)
 

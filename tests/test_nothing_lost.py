@@ -356,3 +356,16 @@ def test_an_image_folder_is_a_source(tmp_path):
     with pytest.raises(ValueError, match="no class folders; expected precomputed surrogate outputs, or an image "
                                          "folder tree"):
         fastvote.prune(str(empty), target(), method="lm", keep=2, progress=False)
+
+
+def test_data_write_and_surrogate_train_never_replace_a_users_file(tmp_path, capsys):
+    notes = tmp_path / "notes.beton"
+    notes.write_text("my notes, not a beton")
+    assert cli.main(["data", "write", "digits", str(notes)]) == 2
+    assert "exists and is not a beton" in capsys.readouterr().err
+    assert notes.read_text() == "my notes, not a beton"
+    checkpoint = tmp_path / "s.pt"
+    checkpoint.write_text("my file")
+    assert cli.main(["surrogate", "train", "--source", "digits", "--out", str(checkpoint), "--arch", "tiny"]) == 2
+    assert "exists and is not a fastvote checkpoint" in capsys.readouterr().err
+    assert checkpoint.read_text() == "my file"

@@ -310,14 +310,15 @@ def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | No
                 classes: Sequence[str] | None = None, max_resolution: int | None = None,
                 jpeg: bool = False, jpeg_quality: int = JPEG_QUALITY,
                 num_workers: int | None = None, progress: bool = True,
-                image_key: str = "image", label_key: str = "label") -> Path:
+                image_key: str = "image", label_key: str = "label", overwrite: bool = False) -> Path:
     """Write a map-style dataset to an FFCV beton: a Hugging Face ``datasets.Dataset``, a
     torchvision dataset, or anything with ``len()`` and ``dataset[i]`` -> an item
     ``sample_of`` accepts.
 
     Args:
         dataset: ``dataset[i]`` -> (image, label, ...) or {image_key: image, label_key: label}.
-        path: the .beton to write (replaced whole if it exists).
+        path: the .beton to write; an existing beton there is replaced whole, any
+            other existing file is refused (FileExistsError) unless ``overwrite=True``.
         indices: positions in ``dataset`` to write, in this order (default: all). Each
             sample's position is stored as its ``identifier``.
         classes: class names for the sidecar (default: ``dataset_classes(dataset,
@@ -329,6 +330,7 @@ def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | No
             cores); the bytes written do not depend on it.
         progress: show a tqdm bar.
         image_key, label_key: the keys of dict items (Hugging Face's are "image", "label").
+        overwrite: replace an existing file at ``path`` that is not a beton.
 
     Returns:
         ``path``. Its sidecar ``classes_path(path)`` holds {"classes": [...] or null,
@@ -340,6 +342,7 @@ def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | No
                         f"{sorted(map(str, dataset))}; expected one map-style dataset, e.g. "
                         f"dataset[{next(iter(dataset), 'train')!r}]")
     path = Path(path)
+    _check_destination(path, overwrite)
     if len(dataset) == 0:
         raise ValueError(f"dataset is empty: nothing to write to {path}")
     order = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -362,6 +365,20 @@ def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | No
         _fill(beton_tmp, samples, order, num_workers, path.name, progress)
         sidecar_tmp.write_text(json.dumps(sidecar, indent=1))
     return path
+
+
+def _check_destination(path: Path, overwrite: bool) -> None:
+    """A beton replaces a beton, never a user's other file (a mistyped path)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"path={str(path)!r} is a folder; expected a .beton file to write")
+    if overwrite or not path.exists():
+        return
+    try:
+        beton_format.Reader(path)
+    except ValueError:
+        raise FileExistsError(f"path={str(path)!r} exists and is not a beton ({path.stat().st_size} bytes); "
+                              "fastvote replaces only a beton there. Choose another path, or pass overwrite=True "
+                              "(--overwrite) to replace it") from None
 
 
 class _ImageFolder:
@@ -392,6 +409,7 @@ def write_image_folder(root: str | os.PathLike, path: str | os.PathLike, **kw) -
     """Write an ImageFolder tree (``root/<class>/<image>``) to a beton; class names are
     the folder names, sorted (torchvision's rule; ImageNet's wnids get readable names).
     ``kw`` as for ``write_beton``."""
+    _check_destination(Path(path), kw.get("overwrite", False))  # before scanning the folder
     return write_beton(_ImageFolder(root), path, **kw)
 
 
