@@ -201,7 +201,9 @@ def test_save_replaces_an_earlier_result_whole_and_leaves_nothing_on_failure(tmp
     result = fastvote.prune(outputs(), target(), method="lm", keep=2, progress=False)
     out = tmp_path / "r"
     result.save(out)
-    (out / "stale.npy").write_text("a file of the earlier result's")
+    (out / "features.png").write_text("a file of the earlier result's")  # listed in its manifest: fastvote's
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, files=manifest["files"] + ["features.png"])))
     old_umask = os.umask(0o022)
     try:
         result.save(out)

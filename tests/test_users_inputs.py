@@ -83,7 +83,7 @@ def test_exported_outputs_mix_with_a_beton_of_the_same_surrogate(real, tmp_path)
     out = fastvote.export_outputs(real["target"], tmp_path / "digits-outputs", source=real["source"],
                                   surrogate=real["surrogate"], workdir=tmp_path / "w", progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["classes.json", "features.npy", "labels.npy", "logits.npy",
-                                                     "surrogate.json"]
+                                                     "manifest.json", "surrogate.json"]
     assert np.load(out / "logits.npy").shape == (len(fvdata.read_columns(real["target"])["labels"]), 30)
     whole = fastvote.prune(real["source"], real["target"], method="fm", keep=4, surrogate=real["surrogate"],
                            workdir=tmp_path / "w2", progress=False)
