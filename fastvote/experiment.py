@@ -305,14 +305,16 @@ class Experiment:
 
     def _train_loader(self, indices, seed: int, augment: bool = True):
         """The source's training loader over `indices` (all when None), sharded
-        under torchrun; augment=False: no crop, no flip (MoCo augments itself)."""
+        under torchrun; augment=False: no crop, no flip (MoCo augments itself).
+        drop_last=True, the release's pretraining recipe (a subset smaller than
+        one batch is a ValueError naming both numbers)."""
         c = self.config
         scale, flip = (c.crop_scale, c.flip) if augment else ((1.0, 1.0), False)
         aspect = (1.0, 1.0) if scale == (1.0, 1.0) else (3 / 4, 4 / 3)
         return self._threads(fvdata.train_loader(
             self.source.beton, c.batch_size, resolution=c.image_size, mean=self.mean, std=self.std,
             indices=indices, seed=seed, device=self.device, scale=scale, ratio=aspect, flip=flip,
-            distributed=distributed.active()))
+            distributed=distributed.active(), drop_last=True))
 
     def _target_loaders(self, target: _Target, mode: str):
         """A target's train / validation / test loaders, built once: every cell

@@ -47,6 +47,7 @@ import math
 import numbers
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Tuple
@@ -64,7 +65,7 @@ from .models import (Classifier, as_classifier, atomic_save, load_state_dict_fle
 __all__ = [
     "TrainConfig", "train_classifier", "training_setup", "finetune", "evaluate",
     "run_epoch", "EpochStats", "to_device", "classification", "seed_epoch", "set_loader_epoch",
-    "rng_state", "resume", "is_sharded", "batches_per_epoch",
+    "rng_state", "resume", "is_sharded", "batches_per_epoch", "epoch_samples", "warn_small_epoch",
     "FINETUNE_MODES", "FINETUNE_OPTIMIZERS", "FINETUNE_DEFAULTS", "STATE_FILE", "MODEL_FILE",
 ]
 
@@ -268,15 +269,50 @@ def _data_parallel(model: nn.Module, loader: Iterable, device: torch.device, nam
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def epoch_samples(loader: Iterable) -> Optional[int]:
+    """The samples one epoch of ``loader`` draws (this rank's, when sharded) before it
+    batches them, where the loader tells: ``fastvote.data``'s loaders (FFCV or torch) and
+    torch DataLoaders with a sized sampler; else None."""
+    order = getattr(loader, "first_traversal_order", None)  # ffcv.loader.Loader
+    if order is not None:
+        return len(order)
+    length = getattr(loader, "length", None)  # fastvote.data.torch_loaders.BetonLoader
+    if isinstance(length, numbers.Integral):
+        return int(length)
+    sampler = getattr(loader, "sampler", None)  # torch DataLoader
+    if isinstance(loader, torch.utils.data.DataLoader) and hasattr(sampler, "__len__"):
+        return len(sampler)
+    return None
+
+
 def batches_per_epoch(loader: Iterable, name: str) -> int:
     """``len(loader)``, or an error naming the argument ``name`` when it has none or is 0
-    (a per-iteration schedule needs it)."""
+    (a per-iteration schedule needs it); the error names the batch size and the samples."""
     if not hasattr(loader, "__len__"):
         raise TypeError(f"{name}: a {type(loader).__name__} has no len(); the per-iteration "
                         f"learning-rate schedule needs the number of batches an epoch")
     if len(loader) == 0:
-        raise ValueError(f"{name}: has no batches (len 0); expected at least one")
+        samples = epoch_samples(loader)
+        held = "" if samples is None else f" of its {samples} samples"
+        settings = " and ".join(f"{key}={getattr(loader, key)}" for key in ("batch_size", "drop_last")
+                                if hasattr(loader, key))
+        raise ValueError(f"{name}: makes no batch{held} (len 0){' with ' + settings if settings else ''}: "
+                         f"every epoch would be empty; build it with a batch_size <= "
+                         f"{samples if samples else 'the samples'} (for fastvote's training: "
+                         f"TrainConfig(batch_size=...), train_config= in fastvote.prune) or with drop_last=False")
     return len(loader)
+
+
+def warn_small_epoch(loader: Iterable, batch_size: int, name: str) -> None:
+    """Warn when an epoch of ``loader`` holds fewer samples than one batch of the recipe's
+    ``batch_size``: every step then trains on the whole set, a smaller batch than the
+    learning rate was tuned for (a source smaller than the default surrogate's 1024)."""
+    samples = epoch_samples(loader)
+    if samples is not None and 0 < samples < batch_size:
+        warnings.warn(f"{name}: {samples} samples an epoch, fewer than the recipe's batch_size={batch_size}: "
+                      f"each epoch is one batch of {samples} (the batch clamped to the samples), while the "
+                      f"learning rate was tuned to {batch_size}; to choose the batch and rate yourself pass "
+                      f"TrainConfig(batch_size=..., lr=...) (train_config= in fastvote.prune)", stacklevel=3)
 
 
 class EpochStats(NamedTuple):
@@ -510,6 +546,7 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
         raise ValueError(f"train_loader.batch_size={loader_batch} but config.batch_size="
                          f"{config.batch_size}: build the loader with the config's batch size "
                          f"(the learning rate is tuned to it)")
+    warn_small_epoch(train_loader, config.batch_size, "train_loader")
     optimizer, scaler, criterion = training_setup(model, config, device, amp)
     net = _data_parallel(model, train_loader, device, "train_loader", require=True)
 

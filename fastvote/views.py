@@ -23,23 +23,6 @@ from fastvote.inputs import Column, Input
 TensorDict = Dict[str, Tensor]
 
 
-class _KeepThreads:
-    """An FFCV loader that leaves torch's thread count as the caller set it
-    (ffcv sets it to its worker count at the start of every pass)."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        threads = torch.get_num_threads()
-        batches = iter(self.loader)
-        torch.set_num_threads(threads)
-        return batches
-
-
 class _SourceRows:
     """What both views share for the sample-wise baselines: stream rows,
     fingerprints and the score cache folder (see fastvote.methods.View)."""
@@ -168,9 +151,10 @@ class ModelView(_SourceRows):
         if len(rows) == 0:
             return
         positions = None if len(rows) == self.data.num_rows else self.data.identifiers[rows.start:rows.stop]
-        loader = _KeepThreads(fvdata.eval_loader(self.data.beton, self.batch_size, resolution=self.prep["resolution"],
-                                                 mean=self.prep["mean"], std=self.prep["std"], indices=positions,
-                                                 crop_ratio=self.prep.get("crop_ratio", 1.0)))
+        # fastvote's loaders leave the caller's thread counts as they were (ffcv's own does not)
+        loader = fvdata.eval_loader(self.data.beton, self.batch_size, resolution=self.prep["resolution"],
+                                    mean=self.prep["mean"], std=self.prep["std"], indices=positions,
+                                    crop_ratio=self.prep.get("crop_ratio", 1.0))
         outputs = [w for w in want if w != "labels"]
         files = self._cache_files(want, shard) if self.cache is not None else {}
         writers: Dict[str, NpyWriter] = {}
@@ -210,7 +194,7 @@ class ModelView(_SourceRows):
                 self.data.beton, batch_size, resolution=self.prep["resolution"], mean=self.prep["mean"],
                 std=self.prep["std"], crop_ratio=self.prep.get("crop_ratio", 1.0), with_identifier=True,
                 device=self.device)
-        for images, labels, identifiers in _KeepThreads(loaders[batch_size]):
+        for images, labels, identifiers in loaders[batch_size]:
             yield images, labels, torch.from_numpy(self._rows(identifiers.cpu().numpy()))
 
     def _config(self):

@@ -15,11 +15,20 @@ so a subset means the same samples whether the beton holds the whole source or a
 The result is an ``ffcv.loader.Loader``, or a ``torch_loaders.BetonLoader`` that yields
 the same batches in the same order: ``len()``, ``batch_size``, ``next_epoch``, iteration,
 one epoch per ``for``; ``set_resolution`` changes its output side between epochs.
-Building an FFCV one sets numba's AND torch's thread counts to ``num_workers`` (ffcv does so).
+
+An epoch yields every sample once (``drop_last=False``, the default of both); with
+``drop_last=True`` the last, partial batch is left out, and a ``batch_size`` larger than
+the samples (on each rank) is a ValueError, never an empty epoch.
+
+FFCV's Loader sets numba's and torch's thread counts to ``num_workers`` when it is built
+and at every pass; fastvote's FFCV loaders put the caller's counts back (``keep_threads``),
+so ``torch.get_num_threads()`` is what it was before.
 The environment variable FASTVOTE_LOADER=torch picks the torch loaders even with FFCV.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import sys
@@ -180,15 +189,96 @@ def _ignore_numba_finalizer_errors() -> None:
     sys.unraisablehook = hook
 
 
+def _check_batches(batch_size: int, samples: int, *, drop_last: bool, distributed: bool) -> None:
+    """An epoch holds at least one batch: a ValueError naming ``batch_size`` and the
+    samples (each rank's under ``distributed``) where it would be empty."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1 (images a batch)")
+    if samples == 0:
+        raise ValueError("the beton holds no samples: an epoch would be empty")
+    ranks = 1
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        ranks = torch.distributed.get_world_size()
+    per_rank = -(-samples // ranks)  # sharded as DistributedSampler, padded
+    if drop_last and batch_size > per_rank:
+        held = f"{samples} samples" + (f" ({per_rank} on each of {ranks} ranks)" if ranks > 1 else "")
+        raise ValueError(f"batch_size={batch_size} with drop_last=True makes no batch of the {held}: "
+                         f"every epoch would be empty; pass batch_size <= {per_rank}, or "
+                         f"drop_last=False (every sample each epoch, the last batch partial)")
+
+
+def _thread_counts() -> tuple[int, int | None]:
+    """The calling thread's torch thread count, and numba's once numba is imported."""
+    numba = sys.modules.get("numba")
+    return torch.get_num_threads(), (numba.get_num_threads() if numba is not None else None)
+
+
+def _set_thread_counts(counts: tuple[int, int | None]) -> None:
+    # unconditionally: a thread count set by another thread (ffcv's batch thread) is
+    # the default of threads started later, which a get in this one does not show
+    torch.set_num_threads(counts[0])
+    if counts[1] is not None:
+        sys.modules["numba"].set_num_threads(counts[1])
+
+
+@contextlib.contextmanager
+def keep_threads():
+    """On leaving the block (however it is left), put back the torch thread count (and
+    numba's, once numba is imported) that the calling thread had on entering it; yields a
+    callable that puts them back at any point inside. ffcv's Loader sets both to its
+    ``num_workers`` when built and at every pass; fastvote's loaders do this themselves.
+    (ffcv does not touch ``torch.get_num_interop_threads()``.)"""
+    counts = _thread_counts()
+
+    def restore() -> None:
+        _set_thread_counts(counts)
+
+    try:
+        yield restore
+    finally:
+        restore()
+
+
+@functools.lru_cache(maxsize=None)
+def _thread_keeping(loader_class: type) -> type:
+    """``ffcv.loader.Loader`` (passed in: ffcv is imported lazily) made to leave the caller's
+    thread counts as they were when built and at every pass."""
+
+    class ThreadKeepingLoader(loader_class):
+        def __init__(self, *args, **kw):
+            with keep_threads():
+                super().__init__(*args, **kw)
+
+        def __iter__(self):
+            with keep_threads() as restore:
+                batches = super().__iter__()
+            return _restore_after_first(batches, restore)
+
+    return ThreadKeepingLoader
+
+
+def _restore_after_first(batches, restore):
+    """``batches``, calling ``restore`` once the first batch is in: by then ffcv's batch
+    thread has set its thread counts (torch's becomes the default of later threads)."""
+    restored = False
+    for batch in batches:
+        if not restored:
+            restore()
+            restored = True
+        yield batch
+
+
 def _loader(path, batch_size: int, crop: tuple[str, dict], resolution: int, **kw):
     """The loader for the backend: FFCV's pipeline or the torch DataLoader."""
-    if backend() == "torch":
+    kind = backend()
+    reader, _ = _open(path)  # a file that is not a whole beton: a ValueError naming it
+    positions = _positions(reader, kw.pop("indices"))
+    _check_batches(batch_size, reader.num_samples if positions is None else len(positions),
+                   drop_last=kw["drop_last"], distributed=kw["distributed"])
+    if kind == "torch":
         _announce_torch()
-
-        reader, _ = _open(path)  # a file that is not a whole beton: a ValueError naming it
-        kw["positions"] = _positions(reader, kw.pop("indices"))
         kw["num_workers"] = kw["num_workers"] or default_workers()
-        return BetonLoader(path, batch_size, crop=crop, resolution=resolution, **kw)
+        return BetonLoader(path, batch_size, crop=crop, resolution=resolution, positions=positions, **kw)
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip
 
@@ -200,7 +290,7 @@ def _loader(path, batch_size: int, crop: tuple[str, dict], resolution: int, **kw
         decoder = RandomResizedCropRGBImageDecoder(size, scale=options["scale"],
                                                    ratio=options["ratio"])
         augment = [RandomHorizontalFlip()] if options["flip"] else []
-    loader = _ffcv_loader(path, batch_size, decoder, augment, **kw)
+    loader = _ffcv_loader(path, batch_size, decoder, augment, positions=positions, **kw)
     loader._fastvote_decoder = decoder  # for set_resolution
     return loader
 
@@ -236,7 +326,7 @@ def _cache_ffcv_compiles() -> None:
 _caching = False  # whether _cache_ffcv_compiles has run in this process
 
 
-def _ffcv_loader(path, batch_size: int, decoder, augment: list, *, mean, std, indices,
+def _ffcv_loader(path, batch_size: int, decoder, augment: list, *, mean, std, positions,
                  order: str, distributed: bool, device, num_workers: int | None,
                  drop_last: bool, with_identifier: bool, seed: int):
     """The pipeline both loaders share: decode -> augment -> tensor -> device -> normalise."""
@@ -247,7 +337,6 @@ def _ffcv_loader(path, batch_size: int, decoder, augment: list, *, mean, std, in
     _ignore_numba_finalizer_errors()
     _cache_ffcv_compiles()
 
-    reader, _ = _open(path)  # a file that is not a whole beton: a ValueError naming it
     device = torch.device(device)
     if device.type == "cpu":
         to_device = []
@@ -267,11 +356,10 @@ def _ffcv_loader(path, batch_size: int, decoder, augment: list, *, mean, std, in
         "label": column(),
         "identifier": column() if with_identifier else None,
     }
-    return Loader(str(path), batch_size=batch_size,
-                  num_workers=num_workers or default_workers(),
-                  order=OrderOption.SEQUENTIAL if order == "sequential" else OrderOption.RANDOM,
-                  distributed=distributed, seed=seed, indices=_positions(reader, indices),
-                  pipelines=pipelines, drop_last=drop_last)
+    return _thread_keeping(Loader)(
+        str(path), batch_size=batch_size, num_workers=num_workers or default_workers(),
+        order=OrderOption.SEQUENTIAL if order == "sequential" else OrderOption.RANDOM,
+        distributed=distributed, seed=seed, indices=positions, pipelines=pipelines, drop_last=drop_last)
 
 
 def eval_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
@@ -293,7 +381,9 @@ def eval_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
         device: where batches end up ("cpu", "cuda", "cuda:1", ...).
         num_workers: decoding threads (FFCV) or processes (torch; 1: this one); default:
             all usable cores.
-        drop_last: drop the last, partial batch.
+        drop_last: False (default): every sample each epoch, the last batch partial;
+            True: the last, partial batch is left out (a ``batch_size`` above the
+            samples, each rank's when distributed, is then a ValueError: no empty epochs).
         with_identifier: also yield the int64 (B,) identifiers.
         crop_ratio: the crop's side over the image's short side; 1 keeps the whole
             short side, 224 / 256 = 0.875 is ImageNet's "resize 256, centre crop 224".
@@ -312,7 +402,7 @@ def eval_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
 def train_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
                  mean: Sequence[float], std: Sequence[float], indices: Sequence[int] | None = None,
                  order: str = "random", distributed: bool = False, device="cpu",
-                 num_workers: int | None = None, drop_last: bool = True,
+                 num_workers: int | None = None, drop_last: bool = False,
                  with_identifier: bool = False, seed: int = 0,
                  scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO,
                  flip: bool = True):
