@@ -47,6 +47,7 @@ import torch
 from fastvote import data as fvdata
 from fastvote import distributed, methods, models, train
 from fastvote.atomic import check_output_folder, claim, owner, write_json
+from fastvote.data.loaders import keep_threads
 from fastvote import surrogate as surrogates
 from fastvote.inputs import resolve as resolve_input
 from fastvote.prune import PruneResult, prune as prune_source
@@ -290,18 +291,11 @@ class Experiment:
         return _Target(name=Path(name).stem if name.endswith(".beton") else name, train=train_beton,
                        test=test_beton, train_idx=shots_idx[rest], val_idx=shots_idx[val], num_classes=num_classes)
 
-    def _threads(self, loader):
-        # Building an FFCV loader resets torch's thread count; restore ours.
-        if self.device.type == "cpu" and self.config.cpu_threads:
-            torch.set_num_threads(self.config.cpu_threads)
-        return loader
-
     def _eval_loader(self, beton, indices=None, sharded: bool = False):
         c = self.config
-        return self._threads(fvdata.eval_loader(beton, c.batch_size, resolution=c.image_size, mean=self.mean,
-                                                std=self.std, indices=indices, device=self.device,
-                                                distributed=sharded,
-                                                crop_ratio=fvdata.default_crop_ratio(c.image_size)))
+        return fvdata.eval_loader(beton, c.batch_size, resolution=c.image_size, mean=self.mean, std=self.std,
+                                  indices=indices, device=self.device, distributed=sharded,
+                                  crop_ratio=fvdata.default_crop_ratio(c.image_size))
 
     def _train_loader(self, indices, seed: int, augment: bool = True):
         """The source's training loader over `indices` (all when None), sharded
@@ -311,10 +305,10 @@ class Experiment:
         c = self.config
         scale, flip = (c.crop_scale, c.flip) if augment else ((1.0, 1.0), False)
         aspect = (1.0, 1.0) if scale == (1.0, 1.0) else (3 / 4, 4 / 3)
-        return self._threads(fvdata.train_loader(
+        return fvdata.train_loader(
             self.source.beton, c.batch_size, resolution=c.image_size, mean=self.mean, std=self.std,
             indices=indices, seed=seed, device=self.device, scale=scale, ratio=aspect, flip=flip,
-            distributed=distributed.active(), drop_last=True))
+            distributed=distributed.active(), drop_last=True)
 
     def _target_loaders(self, target: _Target, mode: str):
         """A target's train / validation / test loaders, built once: every cell
@@ -483,6 +477,15 @@ class Experiment:
         return cells
 
     def run(self) -> List[dict]:
+        """Runs (or resumes) every cell and writes the tables and plots. The
+        run uses `cpu_threads` torch threads on a CPU and gives the caller's
+        thread count back at the end."""
+        with keep_threads():
+            if self.device.type == "cpu" and self.config.cpu_threads:
+                torch.set_num_threads(self.config.cpu_threads)
+            return self._run()
+
+    def _run(self) -> List[dict]:
         started = time.perf_counter()
         self.prepare()
         if distributed.is_main():

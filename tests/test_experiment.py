@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("ffcv")
 
+import torch  # noqa: E402
 from fastvote.data import missing  # noqa: E402
 from fastvote.experiment import ALL_METHODS, Experiment, ExperimentConfig  # noqa: E402
 from fastvote.report import TIME_NOTE  # noqa: E402
@@ -22,7 +23,14 @@ TINY = dict(methods=("lm", "fm", "random", "moderate"), ratios=(0.8,), seeds=(0,
 @needs_data
 def test_tiny_experiment_writes_everything_and_resumes(tmp_path):
     out = tmp_path / "run"
-    rows = Experiment(ExperimentConfig(**TINY), out, progress=False).run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the run uses cpu_threads=1, then gives the caller's count back
+    try:
+        rows = Experiment(ExperimentConfig(**TINY), out, progress=False).run()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((out / "manifest.json").read_text())["complete"] is True
     assert {(r["method"], r["seed"]) for r in rows} == {("lm", 0), ("fm", 0), ("random", 0), ("moderate", 0),
                                                          ("unpruned", 0)}
     for name in ("results.csv", "results.md", "accuracy_vs_ratio.png", "time_vs_ratio.png", "surrogate.pt",
