@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch
 from fastvote import data as fvdata
 from fastvote import distributed
 from fastvote.atomic import write_json
-from fastvote.inputs import Input, fingerprint_file, fingerprint_tensors
+from fastvote.inputs import Input, fingerprint_tensors
 
 DEFAULT_ARCH = "resnet18"
 
@@ -74,12 +75,22 @@ def default_config(seed: int):
     return TrainConfig(seed=seed)
 
 
+def _scratch(path: Path, workdir: Path, folder: str, suffix: str = "") -> Path:
+    """Where the workdir keeps a checkpoint's lock or resume state: named by
+    its resolved path, so nothing but the checkpoint lands beside a user's file."""
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return workdir / folder / f"{path.name}-{digest}{suffix}"
+
+
 @contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive lock beside `path`: two runs that need the same surrogate
-    train it once (the second waits, then finds it cached)."""
+def _locked(path: Path, workdir: Path):
+    """An exclusive lock on the checkpoint `path`, kept in the workdir: two runs
+    that need the same surrogate train it once (the second waits, then finds it
+    cached)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as handle:
+    lock = _scratch(path, workdir, "locks", ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -88,13 +99,18 @@ def _locked(path: Path):
 
 
 def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool = True,
-          threads: Optional[int] = None, announce: bool = True) -> Tuple[Path, dict]:
+          threads: Optional[int] = None, announce: bool = True, workdir: Optional[Path] = None,
+          implicit: bool = False) -> Tuple[Path, dict]:
     """Trains `recipe` on the source beton into the checkpoint `path` (with
     `path`.json: seconds, train accuracy, the recipe's key), or reuses it when
     that json names the same key. Under torchrun: DDP, rank 0 writes.
     `threads`: torch's CPU thread count once the loader is built (FFCV sets its
-    own). Returns (path, info)."""
+    own). `workdir` (default: fastvote.inputs.workdir_path(None)) keeps the
+    lock and the resume state of a killed run, not `path`'s folder.
+    `implicit`: trained because no surrogate was given (the announcement says
+    so and names the alternatives). Returns (path, info)."""
     from fastvote import models, train as fvtrain
+    from fastvote.inputs import workdir_path
 
     key = recipe.key(source.fingerprint)
     info_path = path.with_name(path.name + ".json")
@@ -106,7 +122,8 @@ def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool =
                 return info
         return None
 
-    lock = _locked(path) if distributed.is_main() else contextlib.nullcontext()
+    workdir = workdir_path(workdir)
+    lock = _locked(path, workdir) if distributed.is_main() else contextlib.nullcontext()
     with lock:
         info = distributed.broadcast_object(cached() if distributed.is_main() else None)
         if info is not None:
@@ -114,26 +131,25 @@ def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool =
         started = time.perf_counter()
         model = models.build_model(recipe.arch, source.num_classes, image_size=recipe.resolution, seed=recipe.seed)
         if announce and distributed.is_main():
-            minutes = _estimate_seconds(model, recipe, source.num_rows, device) / 60
-            print(f"[fastvote] training a surrogate first: {recipe.arch} for {recipe.config.epochs} epochs on "
-                  f"{source.num_rows} source images at {recipe.resolution} px ({source.description}), about "
-                  f"{minutes:.0f} min on {device} (one step timed); cached for later runs. A faster one: arch='tiny' "
-                  "or fewer epochs (train_config=TrainConfig(epochs=...)), or pass surrogate=<checkpoint>",
-                  flush=True)
+            seconds = _estimate_seconds(model, recipe, source.num_rows, device)
+            print(_announcement(recipe, model, source, device, seconds, implicit), flush=True)
         loader = fvdata.train_loader(source.beton, recipe.config.batch_size, resolution=recipe.resolution,
                                      mean=recipe.mean, std=recipe.std, seed=recipe.seed, device=device,
                                      scale=recipe.scale, ratio=recipe.ratio, flip=recipe.flip,
                                      distributed=distributed.active())
         if threads and torch.device(device).type == "cpu":
             torch.set_num_threads(threads)
+        resume = _scratch(path, workdir, "resume", f"-{key}")  # a killed run with this recipe goes on from here
         history = fvtrain.train_classifier(model, loader, recipe.config, device=device, progress=progress,
-                                           checkpoint_dir=path.with_name(path.stem + "-ckpt"))
+                                           checkpoint_dir=resume)
         info = {"key": key, "arch": recipe.arch, "epochs": recipe.config.epochs,
                 "seconds": time.perf_counter() - started, "train_acc": history["train_acc"][-1]}
         if distributed.is_main():
             models.save_checkpoint(path, model, class_names=source.class_names, **recipe.prep)
             write_json(info_path, info)
         distributed.barrier()
+        if distributed.is_main():
+            shutil.rmtree(resume, ignore_errors=True)  # the checkpoint holds it all now
     return path, dict(info, reused_from_cache=False)
 
 
@@ -158,6 +174,52 @@ def _estimate_seconds(model: torch.nn.Module, recipe: Recipe, num_rows: int, dev
     return timings[-1] * steps
 
 
+def _duration(seconds: float) -> str:
+    """'25 s' below a minute, '3 min' above (an estimate: no false precision)."""
+    return f"{max(1, round(seconds))} s" if seconds < 59.5 else f"{max(1, round(seconds / 60))} min"
+
+
+def _announcement(recipe: Recipe, model: torch.nn.Module, source: Input, device, seconds: float,
+                  implicit: bool) -> str:
+    """What will be trained, for how long; and, only when the wait is a minute
+    or more, the faster choices the caller has not already made."""
+    config = recipe.config
+    params = sum(p.numel() for p in model.parameters())
+    default = ", the paper's recipe" if recipe.arch == DEFAULT_ARCH and config == default_config(config.seed) else ""
+    what = (f"{recipe.arch} ({params:,} parameters{default}) for {config.epochs} "
+            f"epochs, batch {config.batch_size}, on {source.num_rows} source images at {recipe.resolution} px "
+            f"({source.description}), about {_duration(seconds)} on {device} (one step timed, plus the loader's start-up)")
+    text = (f"[fastvote] no surrogate given, so training one first: {what}; cached for later runs" if implicit
+            else f"[fastvote] training the surrogate: {what}")
+    faster = ([] if recipe.arch == "tiny" else ["arch='tiny' (--arch tiny)"]) + \
+        ([] if config.epochs <= 1 else ["fewer epochs (train_config=TrainConfig(epochs=...), --epochs)"]) + \
+        (["a trained surrogate (surrogate=<checkpoint>, --surrogate)"] if implicit else [])
+    if seconds >= 60 and faster:
+        text += ". Faster: " + ", or ".join(faster)
+    return text
+
+
+_WEIGHTS: dict = {}  # (resolved path, size, mtime_ns, arch) -> fingerprint: a checkpoint is hashed once a process
+
+
+def fingerprint_weights(model: torch.nn.Module, path: Optional[Path] = None, stat: Optional[os.stat_result] = None,
+                        arch: Optional[str] = None) -> str:
+    """Names weights by their content: every state_dict tensor's name, dtype,
+    shape and bytes (fastvote.inputs.fingerprint_tensors), never a file's
+    bytes — torch.save records the temporary file's name, so a checkpoint
+    written twice, or by a run resumed after a kill, differs byte-wise while
+    its tensors are equal. `model` loaded from `path` (as `stat` found it
+    before the load, with `arch` for a state dict): remembered per (path,
+    size, mtime) for the process's next resolve (hashing a 1 GB checkpoint
+    takes about 2 s)."""
+    if path is None:
+        return fingerprint_tensors(dict(model.state_dict()))
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, arch)
+    if memo not in _WEIGHTS:
+        _WEIGHTS[memo] = fingerprint_tensors(dict(model.state_dict()))
+    return _WEIGHTS[memo]
+
+
 @dataclass
 class Surrogate:
     """A surrogate as prune() will use it, decided before anything expensive.
@@ -178,6 +240,7 @@ class Surrogate:
     recipe: Optional[Recipe] = None  # how a "trained" one is trained
     _load: Optional[Callable[..., torch.nn.Module]] = field(default=None, repr=False)
     _model: Optional[torch.nn.Module] = field(default=None, repr=False)
+    _weights: Optional[str] = field(default=None, repr=False)  # a trained one's fingerprint_weights
 
     def model(self, device, progress: bool = True) -> torch.nn.Module:
         """The model in eval mode on `device` (trained or loaded once)."""
@@ -188,9 +251,17 @@ class Surrogate:
         return self._model
 
     def outputs_key(self) -> str:
-        """Names this surrogate's outputs in the feature cache: its weights
-        (a trained one's checkpoint file, once trained) and its preprocessing."""
-        weights = fingerprint_file(Path(self.entry["path"])) if self.kind == "trained" else self.fingerprint
+        """Names this surrogate's outputs in the feature cache: its weights'
+        content (a trained one's once trained; equal after a resume) and its
+        preprocessing."""
+        weights = self.fingerprint
+        if self.kind == "trained":
+            if self._weights is None:
+                from fastvote import models
+
+                model = self._model if self._model is not None else models.load_model(self.entry["path"])
+                self._weights = fingerprint_weights(model)
+            weights = self._weights
         return hashlib.sha256(json.dumps([weights, self.prep]).encode()).hexdigest()[:24]
 
 
@@ -274,6 +345,7 @@ def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=
         path = Path(surrogate)
         if not path.is_file():
             raise FileNotFoundError(f"surrogate={str(surrogate)!r}: no such checkpoint file")
+        stat = path.stat()  # before the load: the fingerprint's memo must not outlive a rewrite during it
         model, info = models.load_surrogate(path, arch=arch)
         own = {k: info[k] for k in ("resolution", "resize", "mean", "std") if k in info}
         own.setdefault("resolution", getattr(model, "image_size", None))
@@ -281,7 +353,7 @@ def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=
         entry = {"kind": "checkpoint", "format": info.get("format"), "path": str(path.resolve())}
         if info.get("format") == "state_dict":
             entry["arch"] = arch
-        return Surrogate(kind="checkpoint", fingerprint=fingerprint_file(path), prep=prep,
+        return Surrogate(kind="checkpoint", fingerprint=fingerprint_weights(model, path, stat, arch), prep=prep,
                          num_classes=model.num_classes, entry=entry, _load=lambda device, progress: model)
     if surrogate is not None:
         raise TypeError(f"surrogate has type {type(surrogate).__name__}; expected None (train one), a checkpoint "
@@ -302,7 +374,8 @@ def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=
     entry = {"kind": "trained", "arch": arch, "path": str(path.resolve()), "recipe_key": key, "config": repr(config)}
 
     def load(device, progress):
-        _, info = train(recipe, source, path, device=device, progress=progress, threads=threads)
+        _, info = train(recipe, source, path, device=device, progress=progress, threads=threads, workdir=workdir,
+                        implicit=True)
         entry.update(seconds=info["seconds"], reused_from_cache=info["reused_from_cache"])
         # rank 0 reads the file and sends the weights: no shared file system needed
         model = models.load_model(path) if distributed.is_main() else models.build_model(
@@ -314,4 +387,5 @@ def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=
                      entry=entry, recipe=recipe, _load=load)
 
 
-__all__ = ["DEFAULT_ARCH", "Recipe", "Surrogate", "check_arguments", "default_config", "resolve", "train"]
+__all__ = ["DEFAULT_ARCH", "Recipe", "Surrogate", "check_arguments", "default_config", "fingerprint_weights", "resolve",
+           "train"]
