@@ -170,7 +170,8 @@ def cmd_surrogate(args) -> int:
     sur = surrogate.resolve(None, src, arch=args.arch, train_config=_train_config(args), image_size=args.image_size,
                             mean=args.mean, std=args.std, seed=args.seed, workdir=inputs.workdir_path(args.workdir))
     recipe = dataclasses.replace(sur.recipe, flip=True) if args.flip else sur.recipe
-    path, info = surrogate.train(recipe, src, out, device=device, progress=distributed.is_main())
+    path, info = surrogate.train(recipe, src, out, device=device, progress=distributed.is_main(),
+                                 workdir=inputs.workdir_path(args.workdir))
     if distributed.is_main():
         print(f"saved the surrogate to {path} (final train accuracy {info['train_acc']:.4f})")
     return 0

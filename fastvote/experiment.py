@@ -342,7 +342,7 @@ class Experiment:
             scale=tuple(c.crop_scale), ratio=(1.0, 1.0) if tuple(c.crop_scale) == (1.0, 1.0) else (3 / 4, 4 / 3),
             flip=c.flip, seed=0)
         path, info = surrogates.train(recipe, self.source, self.out / f"{name}.pt", device=self.device,
-                                      progress=self.progress, threads=c.cpu_threads, announce=False)
+                                      progress=self.progress, announce=False, workdir=self.work)
         return path, info["seconds"]
 
     # ---- cells ------------------------------------------------------------
