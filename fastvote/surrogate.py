@@ -268,9 +268,11 @@ class Surrogate:
 def _preprocessing(own: Optional[dict], source: Input, image_size, mean, std, what: str) -> dict:
     """Explicit arguments win, then what the weights record or publish (a
     checkpoint's extras, timm's pretrained_cfg, torchvision's weight
-    transforms: resize + centre crop), then the source's size and channel
-    statistics (with a warning for weights that did not say: a 224-px
-    ImageNet model fed 28-px images with the source's statistics votes noise)."""
+    transforms: resize + centre crop, their interpolation), then the source's size and
+    channel statistics (with a warning for weights that did not say: a 224-px
+    ImageNet model fed 28-px images with the source's statistics votes noise) and the
+    eval loader's defaults for that size (above 64 px torchvision's 256 -> 224 bilinear).
+    The whole record keys the outputs cache, so a changed convention recomputes them."""
     own = own or {}
     prep = {"resolution": image_size if image_size is not None else own.get("resolution"),
             "mean": list(mean) if mean is not None else own.get("mean"),
@@ -296,6 +298,7 @@ def _preprocessing(own: Optional[dict], source: Input, image_size, mean, std, wh
         prep["crop_ratio"] = prep["resolution"] / own["resize"]
     else:
         prep["crop_ratio"] = fvdata.default_crop_ratio(prep["resolution"])
+    prep["interpolation"] = own.get("interpolation") or fvdata.default_interpolation(prep["resolution"])
     return prep
 
 
@@ -347,7 +350,7 @@ def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=
             raise FileNotFoundError(f"surrogate={str(surrogate)!r}: no such checkpoint file")
         stat = path.stat()  # before the load: the fingerprint's memo must not outlive a rewrite during it
         model, info = models.load_surrogate(path, arch=arch)
-        own = {k: info[k] for k in ("resolution", "resize", "mean", "std") if k in info}
+        own = {k: info[k] for k in ("resolution", "resize", "mean", "std", "interpolation") if k in info}
         own.setdefault("resolution", getattr(model, "image_size", None))
         prep = _preprocessing(own, source, image_size, mean, std, "checkpoint")
         entry = {"kind": "checkpoint", "format": info.get("format"), "path": str(path.resolve())}

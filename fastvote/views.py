@@ -154,7 +154,8 @@ class ModelView(_SourceRows):
         # fastvote's loaders leave the caller's thread counts as they were (ffcv's own does not)
         loader = fvdata.eval_loader(self.data.beton, self.batch_size, resolution=self.prep["resolution"],
                                     mean=self.prep["mean"], std=self.prep["std"], indices=positions,
-                                    crop_ratio=self.prep.get("crop_ratio", 1.0))
+                                    crop_ratio=self.prep.get("crop_ratio", 1.0),
+                                    interpolation=self.prep.get("interpolation"))
         outputs = [w for w in want if w != "labels"]
         files = self._cache_files(want, shard) if self.cache is not None else {}
         writers: Dict[str, NpyWriter] = {}
@@ -192,8 +193,8 @@ class ModelView(_SourceRows):
         if batch_size not in loaders:  # one loader a view: each new one costs a numba compile
             loaders[batch_size] = fvdata.eval_loader(
                 self.data.beton, batch_size, resolution=self.prep["resolution"], mean=self.prep["mean"],
-                std=self.prep["std"], crop_ratio=self.prep.get("crop_ratio", 1.0), with_identifier=True,
-                device=self.device)
+                std=self.prep["std"], crop_ratio=self.prep.get("crop_ratio", 1.0),
+                interpolation=self.prep.get("interpolation"), with_identifier=True, device=self.device)
         for images, labels, identifiers in loaders[batch_size]:
             yield images, labels, torch.from_numpy(self._rows(identifiers.cpu().numpy()))
 

@@ -642,26 +642,29 @@ def test_features_errors_name_the_problem():
 def test_preprocessing_of_torchvision_weights():
     imagenet = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
-    assert preprocessing_of(arch="resnet50") == {"resolution": 224, "resize": 232, **imagenet}
+    bilinear = {**imagenet, "interpolation": "bilinear"}
+    assert preprocessing_of(arch="resnet50") == {"resolution": 224, "resize": 232, **bilinear}
     for weights in ("IMAGENET1K_V1", "resnet50-0676ba61.pth",
                     torchvision.models.ResNet50_Weights.IMAGENET1K_V1):
         assert preprocessing_of(arch="resnet50", weights=weights) == {
-            "resolution": 224, "resize": 256, **imagenet}
+            "resolution": 224, "resize": 256, **bilinear}
     assert preprocessing_of(arch="efficientnet_b3")["resolution"] == 300
     assert preprocessing_of(build_model("convnext_tiny", 3)) == {
-        "resolution": 224, "resize": 236, **imagenet}
+        "resolution": 224, "resize": 236, **bilinear}
     with pytest.raises(ValueError, match=r"weights='nope': expected one of resnet50's .*V2"):
         preprocessing_of(arch="resnet50", weights="nope")
 
 
 def test_preprocessing_of_timm_models():
+    # resnet10t.c3_in1k: 176 px, crop_pct 0.875, timm's default interpolation
     expected = {"resolution": 176, "resize": 201, "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD)}  # resnet10t.c3_in1k: 176 px, crop_pct 0.875
+                "std": list(IMAGENET_STD), "interpolation": "bicubic"}
     assert preprocessing_of(arch="timm:resnet10t") == expected
     assert preprocessing_of(arch="timm:resnet10t", weights="c3_in1k") == expected
     assert preprocessing_of(build_model("timm:resnet10t", 3)) == expected
     assert preprocessing_of(timm.create_model("test_resnet")) == {
-        "resolution": 160, "resize": 168, "mean": [0.5] * 3, "std": [0.5] * 3}
+        "resolution": 160, "resize": 168, "mean": [0.5] * 3, "std": [0.5] * 3,
+        "interpolation": "bilinear"}
     with pytest.raises(ValueError, match="weights='nope'"):
         preprocessing_of(arch="timm:resnet10t", weights="nope")
 

@@ -62,7 +62,7 @@ def test_lite0_view_is_the_network(lite0):
 
 def test_lite0_preprocessing_is_known(lite0):
     expected = {"resolution": 224, "resize": 256, "mean": list(IMAGENET_MEAN),
-                "std": list(IMAGENET_STD)}
+                "std": list(IMAGENET_STD), "interpolation": "bilinear"}
     assert preprocessing_of(lite0) == expected
     assert preprocessing_of(as_classifier(lite0)) == expected
 
@@ -83,7 +83,8 @@ def test_orange_is_an_orange_through_a_pickled_surrogate(lite0, tmp_path):
     torch.save(lite0, tmp_path / "lite0.pt")  # trusted: written just now
     view, info = load_surrogate(tmp_path / "lite0.pt")
     assert info == {"format": "pickle", "resolution": 224, "resize": 256,
-                    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+                    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                    "interpolation": "bilinear"}
     view.eval()
     with torch.no_grad():
         logits, features = view.forward_both(photo("orange.jpg"))

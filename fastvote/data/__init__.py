@@ -7,7 +7,7 @@ DataLoaders over the same betons otherwise (``backend()``; one warning a process
 from .beton import (IMAGE_FOLDER_MAX_SIDE, classes_path, dataset_classes, iter_samples, read_classes, read_columns,
                     read_wnids, sample_of, write_beton, write_image_folder, write_offline)
 from .loaders import (IMAGENET_MEAN, IMAGENET_STD, backend, channel_stats, default_crop, default_crop_ratio,
-                      eval_loader, set_resolution, train_loader)
+                      default_interpolation, eval_loader, set_resolution, train_loader)
 from .registry import (ArrayDataset, cache_dir, get, missing, names, options, split_indices,
                        splits)
 
@@ -16,6 +16,7 @@ __all__ = [
     "write_beton", "write_image_folder", "write_offline", "read_classes", "read_wnids",
     "classes_path", "sample_of", "dataset_classes", "iter_samples", "read_columns",
     "eval_loader", "train_loader", "set_resolution", "backend", "default_crop", "default_crop_ratio", "channel_stats",
+    "default_interpolation",
     "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .beton import FFCV_INSTALL, _open, default_workers, iter_samples, require_ffcv, sample_of
+from .resampling import INTERPOLATIONS
 from .torch_loaders import BetonLoader, Normalize
 
 # torchvision's ImageNet statistics, on the 0..1 scale.
@@ -73,6 +74,13 @@ def default_crop_ratio(resolution: int) -> float:
     224/256 above 64 px (photos, where the object fills the middle), the whole
     image up to 64 px (digits and glyphs fill the frame)."""
     return 1.0 if resolution <= SMALL_IMAGE_MAX else IMAGENET_CROP_RATIO
+
+
+def default_interpolation(resolution: int) -> str:
+    """The eval loader's resize for images of this size (``resampling.py``): torchvision's
+    antialiased bilinear above 64 px, what weights that state no transform expect (as
+    ``default_crop_ratio``); FFCV's area filter up to 64 px, as fastvote always had."""
+    return "area" if resolution <= SMALL_IMAGE_MAX else "bilinear"
 
 
 def backend() -> str:
@@ -284,8 +292,13 @@ def _loader(path, batch_size: int, crop: tuple[str, dict], resolution: int, **kw
 
     kind, options = crop
     size = (resolution, resolution)
-    if kind == "center":
+    if kind == "center" and options["interpolation"] == "area":
         decoder, augment = CenterCropRGBImageDecoder(size, ratio=options["ratio"]), []
+    elif kind == "center":
+        from .ffcv_resize import ResizeCenterCropDecoder  # imports ffcv
+
+        decoder = ResizeCenterCropDecoder(size, options["ratio"], options["interpolation"])
+        augment = []
     else:
         decoder = RandomResizedCropRGBImageDecoder(size, scale=options["scale"],
                                                    ratio=options["ratio"])
@@ -366,9 +379,11 @@ def eval_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
                 mean: Sequence[float], std: Sequence[float], indices: Sequence[int] | None = None,
                 order: str = "sequential", distributed: bool = False, device="cpu",
                 num_workers: int | None = None, drop_last: bool = False,
-                with_identifier: bool = False, seed: int = 0, crop_ratio: float = 1.0):
-    """Evaluation loader: centre square crop (``crop_ratio`` of the short side), resize
-    to ``resolution``, normalise. No randomness.
+                with_identifier: bool = False, seed: int = 0, crop_ratio: float = 1.0,
+                interpolation: str | None = None):
+    """Evaluation loader: the centre square of ``crop_ratio`` x the short side, at
+    ``resolution`` px (resized as ``interpolation`` says), normalised. No randomness.
+    Both back ends give the same bytes (FFCV through ``ffcv_resize``'s numba port of PIL).
 
     Args:
         path: a beton written by ``write_beton``.
@@ -387,12 +402,22 @@ def eval_loader(path: str | os.PathLike, batch_size: int, *, resolution: int,
         with_identifier: also yield the int64 (B,) identifiers.
         crop_ratio: the crop's side over the image's short side; 1 keeps the whole
             short side, 224 / 256 = 0.875 is ImageNet's "resize 256, centre crop 224".
+        interpolation: "bilinear" or "bicubic": torchvision's ``Resize(round(resolution /
+            crop_ratio), interpolation)`` + ``CenterCrop(resolution)`` on a PIL image, bit
+            for bit; "area": crop first, then shrink with cv2's INTER_AREA (FFCV's
+            CenterCropRGBImageDecoder). None: ``default_interpolation(resolution)``.
     """
     _check(resolution, mean, std, order)
     if not 0 < crop_ratio <= 1:  # NaN fails this too
         raise ValueError(f"crop_ratio={crop_ratio!r}: expected 0 < crop_ratio <= 1, the centre "
                          f"crop's side over the short side (0.875 = ImageNet's 224 of 256)")
-    return _loader(path, batch_size, ("center", {"ratio": float(crop_ratio)}), resolution,
+    if interpolation is None:
+        interpolation = default_interpolation(resolution)
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r}: expected one of {list(INTERPOLATIONS)} "
+                         f"or None (bilinear above {SMALL_IMAGE_MAX} px, area up to it)")
+    crop = ("center", {"ratio": float(crop_ratio), "interpolation": interpolation})
+    return _loader(path, batch_size, crop, resolution,
                    mean=mean, std=std, indices=indices, order=order,
                    distributed=distributed, device=device,
                    num_workers=num_workers, drop_last=drop_last,

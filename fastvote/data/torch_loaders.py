@@ -5,7 +5,9 @@ dtypes, normalisation lookup table and channels-last layout) in the same sample 
 for the same seed, epoch, order, indices and shards, since it computes that order as
 FFCV's traversal orders do. Crops follow FFCV's decoders: the centre crop of
 ``crop_ratio`` x the short side, and RandomResizedCrop sampled by FFCV's rule, then a
-resize to the output side (cv2's INTER_AREA as FFCV, or PIL without cv2). Unlike FFCV,
+resize to the output side (cv2's INTER_AREA as FFCV, or PIL without cv2); or, for eval
+with a bilinear or bicubic ``interpolation``, torchvision's resize then centre crop
+through PIL (``resampling.py``). Unlike FFCV,
 the crops and flips are seeded: by (seed, epoch, batch), so they do not depend on
 ``num_workers``.
 
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import format as beton_format
 from .beton import _open
+from .resampling import resize_center_crop
 
 
 def normalize_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -118,6 +121,10 @@ class _Batches(Dataset):
         for slot, position in enumerate(positions.tolist()):
             image = self.images[position]
             height, width = image.shape[:2]
+            if kind == "center" and options["interpolation"] != "area":  # resize, then crop
+                resize = round(self.side / options["ratio"])
+                out[slot] = resize_center_crop(image, self.side, resize, options["interpolation"])
+                continue
             if kind == "center":
                 top, left, h, w = center_crop(height, width, options["ratio"])
             else:

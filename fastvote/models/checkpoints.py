@@ -53,7 +53,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
             under ``"extra"`` by :func:`load_checkpoint`. These keys mean
             something to fastvote.prune: ``resolution`` (input side in px),
             ``mean`` and ``std`` (per-channel, 0..1 scale; the preprocessing
-            the weights expect, used instead of the source's) and
+            the weights expect, used instead of the source's), ``resize`` and
+            ``interpolation`` (the eval transform's short side before the centre
+            crop, "bilinear" or "bicubic": see :func:`preprocessing_of`) and
             ``class_names``. Without them a checkpoint's surrogate gets the
             source's size and statistics, with a warning.
     """
