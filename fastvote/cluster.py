@@ -6,8 +6,10 @@ row (never more than ``max_rows_per_cluster * K`` rows, whatever N).
 The recipe, each step chosen to scale in K and N:
 - seeding: k-means++ in rounds (:func:`_seed`): a round draws candidates by
   D^2 sampling from the seeding sample, keeps about as many as there are
-  centers already by k-means++ restricted to the candidates, and updates the
-  sample's distances with one GEMM. Work is one sample x K GEMM in all (the
+  centers already by greedy k-means++ restricted to the candidates (3 (2 +
+  ln K) trials a pick: with fewer, two seeds often landed in one of K
+  separated blobs and none in another, which Lloyd's passes never undo;
+  issue 21), and updates the sample's distances with one GEMM. Work is one sample x K GEMM in all (the
   greedy one-center-a-step k-means++ read the whole sample K times: 140 min
   projected at K = 20,000), and quality stays k-means++'s (faiss's random
   init leaves blobs without a center on well-separated data).
@@ -66,7 +68,9 @@ _BLOCK = 1 << 24  # elements of one seeding distance block
 _TILE_ROWS, _TILE_COLUMNS = 4096, 1024  # a 16 MB rows x centroids distance tile (GEMM efficient, min read from cache)
 _SLACK = 1e-5  # relative float32 error allowed for in the bounds
 _OVERSAMPLE = 8  # candidates a round draws per center it adds
+_MIN_POOL = 256  # at least this many (small rounds: the potential estimate needs them, and they cost ~0)
 _POOL = 2048  # at most this many candidates a round (their distance matrix: 16 MB)
+_TRIALS = 3  # greedy trials a pick: 3 (2 + ln K), scikit-learn's 2 + ln K times 3 (issue 21)
 
 
 @dataclass
@@ -224,16 +228,18 @@ def _seed(sample: Tensor, num_clusters: int, rng: np.random.Generator, progress:
     """k-means++ in rounds on the seeding sample [S, D] float32 (rows already
     unit-normalised for cosine): [K, D] float32 on the sample's device.
 
-    A round with C centers draws 8 b candidates (at most 2048) by D^2 sampling (b = min(C,
-    1024, K - C) new centers), then picks b of them one at a time, each with
-    probability proportional to its distance to the nearest center so far
-    divided by the distance it was drawn with (resampling the candidates
-    towards the k-means++ distribution: a candidate beside a center picked in
-    this round gets ~0). One [S, b] GEMM a round updates the distances."""
+    A round with C centers adds b = min(C, 1024, K - C) by greedy k-means++
+    over candidates drawn by D^2 sampling (:func:`_pick_in_round`); one
+    [S, b] GEMM a round updates the distances."""
     x = sample - sample.mean(0)  # distances are translation-invariant; centring cuts GEMM cancellation
     sq = x.pow(2).sum(1)
     centers = [int(rng.integers(0, len(x)))]
     d2 = (x - x[centers[0]]).pow(2).sum(1)
+    # Trials a pick scale with K, as scikit-learn's greedy k-means++ takes them (2 + ln K), and 3 times as
+    # many: a trial is judged by the potential estimated from the round's candidates, not summed over the
+    # sample. With 2 + ln(b) (2 in a round of 1-6 picks, 3-4 at K = 20) the rounds put two seeds in one of 20
+    # separated blobs, and none in another, for about half the seeds, sklearn for a third (issue 21).
+    trials = _TRIALS * (2 + int(np.log(num_clusters)))
     with tqdm(total=num_clusters, desc="k-means seeding", leave=False, disable=bars.disable(progress)) as bar:
         bar.update(1)
         while len(centers) < num_clusters:
@@ -243,7 +249,7 @@ def _seed(sample: Tensor, num_clusters: int, rng: np.random.Generator, progress:
             if total <= 0:  # every sample row already is a center: draw uniformly
                 picked = rng.choice(len(x), size=b, replace=b > len(x))
             else:
-                picked = _pick_in_round(x, weights, b, rng)
+                picked = _pick_in_round(x, weights, b, trials, rng)
             new = torch.from_numpy(np.asarray(picked, dtype=np.int64)).to(x.device)
             centers.extend(np.asarray(picked).tolist())
             for lo in range(0, len(x), max(1, _BLOCK // b)):
@@ -255,35 +261,45 @@ def _seed(sample: Tensor, num_clusters: int, rng: np.random.Generator, progress:
     return sample[torch.as_tensor(centers[:num_clusters], device=sample.device)].clone()
 
 
-def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, rng: np.random.Generator) -> List[int]:
-    """b rows: up to 8 b candidates (at most _POOL) by D^2 sampling, then b of
-    them by greedy k-means++ over the candidates (see :func:`_seed`): each
-    pick draws 2 + log(b) trials by the resampling weights and keeps the one
-    that lowers the candidates' importance-weighted potential (sum of now /
-    drawn, an estimate of the sample's total squared distance) most, as
-    scikit-learn's greedy k-means++ does over the whole sample. The picks run
-    in numpy on one candidate-distance matrix (one GEMM a round): a pick is a
-    few small array operations, not thread-pool calls."""
-    candidates = rng.choice(len(x), size=min(_OVERSAMPLE * b, _POOL), p=weights / weights.sum())
+def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.random.Generator) -> List[int]:
+    """b rows of x [S, D] by greedy k-means++ over candidates: 8 b draws (at
+    least _MIN_POOL, at most _POOL) by D^2 sampling (`weights` [S] float64,
+    the squared distances to the centers so far), then b picks, each drawing
+    `trials` candidates with probability proportional to the candidate's
+    distance to the nearest center now over the distance it was drawn with
+    (the k-means++ distribution, resampled: a candidate beside a center
+    picked in this round gets ~0) and keeping the one that lowers the
+    candidates' importance-weighted potential (sum of now / drawn, an
+    estimate of the sample's total squared distance) most, as
+    scikit-learn's greedy k-means++ does over the whole sample. The picks
+    run in numpy on one candidate-distance matrix (one GEMM a round): a
+    pick is a few small array operations, not thread-pool calls."""
+    draws = rng.choice(len(x), size=min(max(_OVERSAMPLE * b, _MIN_POOL), _POOL), p=weights / weights.sum())
+    candidates, count = np.unique(draws, return_counts=True)  # a row drawn twice counts twice
     c = x[torch.from_numpy(candidates).to(x.device)]
     c_sq = c.pow(2).sum(1)
-    between = torch.addmm(c_sq[:, None] + c_sq[None], c, c.T, alpha=-2).clamp_(min=0).cpu().numpy()
-    drawn = weights[candidates]
-    now = drawn.copy()
-    trials = 2 + int(np.log(b + 1))
+    # The picks in float32 (float64 doubles a pick's time), in units of the largest drawn distance (no
+    # underflow whatever the features' scale), into buffers reused by every pick (a fresh [trials, M] array
+    # each pick is a page-faulting allocation: 5x the pick).
+    scale = float(weights[candidates].max())
+    between = (torch.addmm(c_sq[:, None] + c_sq[None], c, c.T, alpha=-2).clamp_(min=0) / scale).cpu().numpy()
+    now = (weights[candidates] / scale).astype(np.float32)
+    # importance weights: a candidate stands for count / (draws x its probability) of the sample
+    weight = (count / (weights[candidates] / scale)).astype(np.float32)
+    rows = np.empty((trials, len(candidates)), np.float32)
     picked = []
     for _ in range(b):
-        ratio = now / drawn
-        total = ratio.sum()
-        if total <= 1e-12:  # every candidate is covered: the next round draws fresh ones
+        cumulative = np.cumsum(now * weight)
+        if cumulative[-1] <= 1e-12:  # every candidate is covered: the next round draws fresh ones
             break
-        tries = rng.choice(len(ratio), size=trials, p=ratio / total)
-        d = np.minimum(now[None], between[tries])  # rows, not columns: the matrix is symmetric
-        best = int((d / drawn[None]).sum(1).argmin())
-        j = int(tries[best])
+        tries = np.searchsorted(cumulative, rng.random(trials) * cumulative[-1], side="right")
+        tries = np.minimum(tries, len(candidates) - 1)  # (a draw rounded up to the total)
+        np.take(between, tries, axis=0, out=rows)  # rows, not columns: the matrix is symmetric
+        np.minimum(rows, now, out=rows)
+        j = int(tries[int((rows @ weight).argmin())])
         picked.append(int(candidates[j]))
-        now = d[best]
-        now[candidates == candidates[j]] = 0
+        now = np.minimum(now, between[j])
+        now[j] = 0
     return picked
 
 
