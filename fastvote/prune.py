@@ -140,7 +140,7 @@ class PruneResult:
         if not beton:
             raise ValueError("this result's source was not a .beton; pass source='path/to/source.beton'")
         prep = self.manifest.get("preprocessing", {})
-        for key in ("resolution", "mean", "std") + (() if train else ("crop_ratio",)):
+        for key in ("resolution", "mean", "std") + (() if train else ("crop_ratio", "interpolation")):
             if key not in kw and key in prep:
                 kw[key] = prep[key]
         make = fvdata.train_loader if train else fvdata.eval_loader

@@ -99,13 +99,12 @@ def _locked(path: Path, workdir: Path):
 
 
 def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool = True,
-          threads: Optional[int] = None, announce: bool = True, workdir: Optional[Path] = None,
+          announce: bool = True, workdir: Optional[Path] = None,
           implicit: bool = False) -> Tuple[Path, dict]:
     """Trains `recipe` on the source beton into the checkpoint `path` (with
     `path`.json: seconds, train accuracy, the recipe's key), or reuses it when
     that json names the same key. Under torchrun: DDP, rank 0 writes.
-    `threads`: torch's CPU thread count once the loader is built (FFCV sets its
-    own). `workdir` (default: fastvote.inputs.workdir_path(None)) keeps the
+    `workdir` (default: fastvote.inputs.workdir_path(None)) keeps the
     lock and the resume state of a killed run, not `path`'s folder.
     `implicit`: trained because no surrogate was given (the announcement says
     so and names the alternatives). Returns (path, info)."""
@@ -133,12 +132,13 @@ def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool =
         if announce and distributed.is_main():
             seconds = _estimate_seconds(model, recipe, source.num_rows, device)
             print(_announcement(recipe, model, source, device, seconds, implicit), flush=True)
+        # The release's recipe drops the last partial batch; a source smaller than one
+        # batch trains on all of it as one batch instead (train_classifier warns).
+        whole_batches = source.num_rows >= recipe.config.batch_size * distributed.world_size()
         loader = fvdata.train_loader(source.beton, recipe.config.batch_size, resolution=recipe.resolution,
                                      mean=recipe.mean, std=recipe.std, seed=recipe.seed, device=device,
                                      scale=recipe.scale, ratio=recipe.ratio, flip=recipe.flip,
-                                     distributed=distributed.active())
-        if threads and torch.device(device).type == "cpu":
-            torch.set_num_threads(threads)
+                                     distributed=distributed.active(), drop_last=whole_batches)
         resume = _scratch(path, workdir, "resume", f"-{key}")  # a killed run with this recipe goes on from here
         history = fvtrain.train_classifier(model, loader, recipe.config, device=device, progress=progress,
                                            checkpoint_dir=resume)
@@ -327,8 +327,7 @@ def check_arguments(surrogate, arch: str, image_size, mean, std) -> None:
 
 def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=None,
             image_size: Optional[int] = None, mean: Optional[Sequence[float]] = None,
-            std: Optional[Sequence[float]] = None, seed: int = 0, workdir: Path,
-            threads: Optional[int] = None) -> Surrogate:
+            std: Optional[Sequence[float]] = None, seed: int = 0, workdir: Path) -> Surrogate:
     """Checks the `surrogate` argument and decides everything but the weights.
 
     surrogate: None (train `arch` on the source with `train_config`, default
@@ -377,7 +376,7 @@ def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=
     entry = {"kind": "trained", "arch": arch, "path": str(path.resolve()), "recipe_key": key, "config": repr(config)}
 
     def load(device, progress):
-        _, info = train(recipe, source, path, device=device, progress=progress, threads=threads, workdir=workdir,
+        _, info = train(recipe, source, path, device=device, progress=progress, workdir=workdir,
                         implicit=True)
         entry.update(seconds=info["seconds"], reused_from_cache=info["reused_from_cache"])
         # rank 0 reads the file and sends the weights: no shared file system needed

@@ -369,3 +369,12 @@ def test_data_write_and_surrogate_train_never_replace_a_users_file(tmp_path, cap
     assert cli.main(["surrogate", "train", "--source", "digits", "--out", str(checkpoint), "--arch", "tiny"]) == 2
     assert "exists and is not a fastvote checkpoint" in capsys.readouterr().err
     assert checkpoint.read_text() == "my file"
+
+
+def test_equal_weights_save_to_equal_bytes(tmp_path):
+    from fastvote import models
+
+    model = models.build_model("tiny", 3, image_size=8, seed=0)
+    one = models.save_checkpoint(tmp_path / "a.pt", model, note="x").read_bytes()
+    two = models.save_checkpoint(tmp_path / "b.pt", model, note="x").read_bytes()
+    assert one == two  # a resumed surrogate's file is the uninterrupted one's

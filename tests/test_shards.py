@@ -68,9 +68,10 @@ def test_bounds_skip_most_rows_once_converging():
     assert result.passes == 8 and result.computed[0] == 1.0, result.computed
     assert result.computed[1] < 0.3 and np.mean(result.computed[1:]) < 0.3, result.computed
     # a sample as large as half the rows is not refined (its passes would cost as much as the real ones):
-    # pass 2 starts from the seeds themselves, which move a blob's radius and loosen every bound
+    # pass 2 starts from the seeds themselves, which move a blob's radius and loosen nearly every bound
+    # (0.86-0.96 of the rows over seeds 0-7, against < 0.3 when refined)
     result = fit(x, 20, batch=512, iterations=8, tol=0.0, seed=0, sample_size=2000)
-    assert result.computed[:2] == [1.0, pytest.approx(1.0, abs=0.01)] and result.computed[-1] < 0.1, result.computed
+    assert result.computed[0] == 1.0 and result.computed[1] > 0.8 and result.computed[-1] < 0.1, result.computed
 
 
 def test_bounds_stay_valid_when_a_few_centroids_jump():

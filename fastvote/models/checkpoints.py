@@ -36,8 +36,8 @@ _PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary name beside ``path``, fsync, then rename over
     it: readers see the old file or the new one, never a partial one."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)  # to a handle: the archive is not named after the random temporary file
     return Path(path)
 
 
