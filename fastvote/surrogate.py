@@ -187,7 +187,8 @@ def _announcement(recipe: Recipe, model: torch.nn.Module, source: Input, device,
     params = sum(p.numel() for p in model.parameters())
     default = ", the paper's recipe" if recipe.arch == DEFAULT_ARCH and config == default_config(config.seed) else ""
     what = (f"{recipe.arch} ({params:,} parameters{default}) for {config.epochs} "
-            f"epochs, batch {config.batch_size}, on {source.num_rows} source images at {recipe.resolution} px "
+            f"epoch{'s' if config.epochs != 1 else ''}, batch {config.batch_size}, on {source.num_rows:,} source "
+            f"images at {recipe.resolution} px "
             f"({source.description}), about {_duration(seconds)} on {device} (one step timed, plus the loader's start-up)")
     text = (f"[fastvote] no surrogate given, so training one first: {what}; cached for later runs" if implicit
             else f"[fastvote] training the surrogate: {what}")

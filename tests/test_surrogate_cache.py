@@ -68,7 +68,7 @@ def test_the_default_resnet18_is_announced_with_what_is_trained_and_the_faster_c
                                                                                       tmp_path):
     text = announcement(monkeypatch, capsys, source, tmp_path, 25 * 60)
     assert "training one first: resnet18 (" in text and "the paper's recipe) for 16 epochs, batch 1024" in text
-    assert f"on {source.num_rows} source images at {SIZE} px" in text and "about 25 min on cpu" in text
+    assert f"on {source.num_rows:,} source images at {SIZE} px" in text and "about 25 min on cpu" in text
     assert "arch='tiny'" in text and "fewer epochs" in text and "surrogate=<checkpoint>" in text
     # the same recipe done in 25 s: said in seconds, and no advice to go faster
     text = announcement(monkeypatch, capsys, source, tmp_path, 25)
