@@ -257,11 +257,13 @@ def _is_image_folder(folder: Path) -> bool:
 
 
 def _fingerprint_image_folder(root: Path) -> str:
-    """Every file's relative path, size and modification time (a stat each,
-    no image read): an added, removed or rewritten image changes it."""
+    """Every folder's and file's relative path, and each file's size and
+    modification time (a stat each, no image read): an added, removed or
+    rewritten image, or a new (even empty) class folder, changes it."""
     h = hashlib.sha256(b"image-folder")
     for folder, subfolders, files in os.walk(root, followlinks=True):  # as torchvision's ImageFolder walks
         subfolders.sort()
+        h.update(f"{os.path.relpath(folder, root)}/\n".encode())
         for name in sorted(files):
             stat = os.stat(os.path.join(folder, name))
             h.update(f"{os.path.relpath(os.path.join(folder, name), root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n"

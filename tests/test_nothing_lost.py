@@ -351,6 +351,10 @@ def test_an_image_folder_is_a_source(tmp_path):
     written = betons[0].stat().st_mtime_ns
     fastvote.prune(str(root), str(root), method="random", keep=2, workdir=work, progress=False)
     assert betons[0].stat().st_mtime_ns == written  # read back, not written again
+    (root / "emu").mkdir()  # a class folder without images: in the label space, with no samples
+    with pytest.warns(UserWarning, match=r"1 of 4 source classes have no samples \(\['emu'\]\)"):
+        again = fastvote.prune(str(root), str(root), method="random", keep=3, workdir=work, progress=False)
+    assert again.class_names == ["cat", "dog", "emu", "owl"] and 2 not in again.kept_classes.tolist()
     empty = tmp_path / "nothing"
     empty.mkdir()
     with pytest.raises(ValueError, match="no class folders; expected precomputed surrogate outputs, or an image "

@@ -387,7 +387,9 @@ class _ImageFolder:
     def __init__(self, root: str | os.PathLike):
         from torchvision.datasets import ImageFolder
 
-        self.folder = ImageFolder(str(root))
+        # A class folder without images stays in the label space with no samples
+        # (a partial download): the class ids keep matching a surrogate's head.
+        self.folder = ImageFolder(str(root), allow_empty=True)
         self.classes = self.folder.classes
 
     def __len__(self) -> int:
