@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -319,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     from fastvote.data.beton import IMAGE_FOLDER_MAX_SIDE
     from fastvote.prune import prune
 
+    prune_defaults = inspect.signature(prune).parameters  # the API's defaults are the command's
+
     p = argparse.ArgumentParser(prog="fastvote", description="Target-aware source pruning by voting (DP4TL).",
                                 parents=[_common(False)])
     p.add_argument("--version", action="version", version=f"fastvote {fastvote.__version__}")
@@ -361,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "surrogate outputs (features.npy / logits.npy / labels.npy)")
     r.add_argument("--target", required=True, action="append",
                    help="as --source (no labels needed); repeat for multi-task")
-    r.add_argument("--method", default=prune.__defaults__[0],
+    r.add_argument("--method", default=prune_defaults["method"].default,
                    help="lm|fm|random (class-wise: --ratio removes classes) or random-sample|moderate|grand|el2n|"
                         "forgetting|ccs|ssp (sample-wise: --ratio removes samples); options as NAME:key=value,...")
     keep = r.add_mutually_exclusive_group(required=True)
@@ -375,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use this instead of training one: a fastvote checkpoint, a state dict of --arch as "
                         "torchvision/timm ship weights (.pth, .bin, .safetensors), a TorchScript file, a "
                         "pickled module")
-    r.add_argument("--batch-size", type=int, default=prune.__kwdefaults__["batch_size"],
+    r.add_argument("--batch-size", type=int, default=prune_defaults["batch_size"].default,
                    help="images a surrogate pass reads at once (default: %(default)s)")
     _add_method_options(r)
     _add_surrogate_options(r)
@@ -388,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "replaced as a whole")
     f.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     f.add_argument("--surrogate", default=None, help="as for prune: a checkpoint, state dict, TorchScript file")
-    f.add_argument("--batch-size", type=int, default=prune.__kwdefaults__["batch_size"])
+    f.add_argument("--batch-size", type=int, default=prune_defaults["batch_size"].default)
     _add_surrogate_options(f)
 
     c = sub.add_parser("cluster-prune", help="label-free FM over embedding shards: K-means the source, the target "

@@ -48,6 +48,7 @@ from fastvote import data as fvdata
 from fastvote import distributed, methods, models, train
 from fastvote.atomic import check_output_folder, claim, owner, write_json
 from fastvote.data.loaders import keep_threads
+from fastvote.rng import keeps_rng
 from fastvote import surrogate as surrogates
 from fastvote.inputs import resolve as resolve_input
 from fastvote.prune import PruneResult, prune as prune_source
@@ -476,10 +477,11 @@ class Experiment:
             cells += [Cell(UNPRUNED, 0.0, s) for s in c.seeds]
         return cells
 
+    @keeps_rng
     def run(self) -> List[dict]:
         """Runs (or resumes) every cell and writes the tables and plots. The
         run uses `cpu_threads` torch threads on a CPU and gives the caller's
-        thread count back at the end."""
+        thread count and random generators back at the end."""
         with keep_threads():
             if self.device.type == "cpu" and self.config.cpu_threads:
                 torch.set_num_threads(self.config.cpu_threads)

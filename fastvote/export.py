@@ -23,10 +23,12 @@ from typing import Optional, Sequence, Union
 from fastvote import distributed, inputs
 from fastvote import surrogate as surrogates
 from fastvote.atomic import atomic_dir, check_output_folder
+from fastvote.rng import keeps_rng
 
 OUTPUTS = ("features", "logits")
 
 
+@keeps_rng
 def export_outputs(data, out: Union[str, os.PathLike], *, source=None, surrogate=None,
                    arch: str = surrogates.DEFAULT_ARCH, train_config=None, image_size: Optional[int] = None,
                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,

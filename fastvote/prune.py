@@ -32,6 +32,7 @@ from fastvote import data as fvdata
 from fastvote import distributed, inputs, methods
 from fastvote import surrogate as surrogates
 from fastvote.atomic import atomic_dir, check_output_folder
+from fastvote.rng import keeps_rng
 from fastvote.select import keep_count, present_classes
 from fastvote.views import ModelView, TensorView
 
@@ -295,6 +296,7 @@ def _per_class(selection, labels: np.ndarray, num_classes: int):
 # prune()
 # --------------------------------------------------------------------------
 
+@keeps_rng
 def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, keep: Optional[int] = None,
           surrogate=None, k: Optional[int] = None, metric: Optional[str] = None, weight: Optional[str] = None,
           temperature: Optional[float] = None, reverse: Optional[bool] = None, centroids: Optional[str] = None,

@@ -82,11 +82,9 @@ def train_run(model: nn.Module, beton, *, config: TrainConfig, epochs: int, prep
     if epochs == 0:  # scored at initialisation
         return model.to(device).eval()
     amp = resolve_amp(config.amp, device)
-    threads = torch.get_num_threads()  # ffcv resets torch's thread count on every pass; keep the caller's
     loader = fvdata.train_loader(beton, config.batch_size, resolution=prep["resolution"], mean=prep["mean"],
                                  std=prep["std"], seed=seed, order="random", drop_last=False, with_identifier=True,
                                  scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, device=device)
-    torch.set_num_threads(threads)
     optimizer, scaler, criterion = training_setup(model, config, device, amp)
     iters = len(loader)
 
@@ -99,7 +97,6 @@ def train_run(model: nn.Module, beton, *, config: TrainConfig, epochs: int, prep
         for epoch in tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=bars.disable(progress)):
             train.set_loader_epoch(loader, epoch)
             batches = iter(loader)
-            torch.set_num_threads(threads)
             # over_ranks=False, no collective: under torchrun a rank may find a run cached
             # that another rank trains
             train.run_epoch(model, batches, train.classification(model, criterion), optimizer, scaler,

@@ -579,6 +579,7 @@ def _two_views(batch, *, mean, std, config: MocoConfig, generator: torch.Generat
     return im_q, im_k
 
 
+@train.keeps_rng
 def pretrain_moco(model: nn.Module, loader: Iterable, config: MocoConfig, *,
                   mean: Sequence[float], std: Sequence[float], device,
                   checkpoint_dir=None, progress: bool = True,

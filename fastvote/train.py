@@ -59,6 +59,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (
 
 from . import data as fvdata, distributed, progress as bars
 from .features import iterate_outputs, resolve_amp, split_batch
+from .rng import keeps_rng, rng_state, set_rng_state
 from .models import (Classifier, as_classifier, atomic_save, load_state_dict_flexible,
                      save_checkpoint, unwrap_model)
 
@@ -222,26 +223,6 @@ def set_loader_epoch(loader: Iterable, epoch: int) -> None:
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):  # DistributedSampler
         sampler.set_epoch(epoch)
-
-
-def rng_state() -> Dict[str, Any]:
-    """python's, numpy's, torch's and (if initialised) CUDA's generator states, as a
-    ``torch.load(weights_only=True)``-loadable dict: what a resumable state saves so
-    that :func:`resume` leaves the generators as an uninterrupted run would."""
-    numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # weights_only-loadable
-    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    numpy_state = copy.deepcopy(state["numpy"])
-    numpy_state["state"]["key"] = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def is_sharded(loader: Iterable) -> bool:
@@ -466,7 +447,7 @@ def resume(checkpoint_dir, file: str, fmt: str, config, *, module: nn.Module,
         scaler.load_state_dict(state["scaler"])
     # Each epoch re-seeds, so the loop does not need these; restoring them leaves
     # the caller's generators as an uninterrupted run would.
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     return path, state["history"], state["epoch"]
 
 
@@ -492,6 +473,7 @@ def training_setup(model: nn.Module, config: TrainConfig, device: torch.device, 
     return optimizer, scaler, criterion
 
 
+@keeps_rng
 def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConfig, *, device,
                      checkpoint_dir=None, progress: bool = True,
                      val_loader: Optional[Iterable] = None,
@@ -639,6 +621,7 @@ def _gather_features(probe: Classifier, loader: Iterable, *, device, amp: bool, 
     return torch.cat(features), torch.cat(labels), len(labels[0])
 
 
+@keeps_rng
 def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
              test_loader: Iterable, *, num_classes: int, mode: str = "linear",
              epochs: Optional[int] = None, lr: Optional[float] = None, optimizer: str = "adam",

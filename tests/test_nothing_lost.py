@@ -382,3 +382,20 @@ def test_equal_weights_save_to_equal_bytes(tmp_path):
     one = models.save_checkpoint(tmp_path / "a.pt", model, note="x").read_bytes()
     two = models.save_checkpoint(tmp_path / "b.pt", model, note="x").read_bytes()
     assert one == two  # a resumed surrogate's file is the uninterrupted one's
+
+
+def test_prune_leaves_the_callers_random_generators(tmp_path):
+    import random
+
+    from fastvote import data as fvdata
+    from fastvote.train import TrainConfig
+
+    beton = fvdata.write_offline("digits", "train", tmp_path / "d.beton", progress=False)
+    torch.manual_seed(123)
+    np.random.seed(7)
+    random.seed(9)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    fastvote.prune(beton, beton, method="fm", keep=3, arch="tiny", image_size=8, workdir=tmp_path / "w",
+                   train_config=TrainConfig(epochs=1, batch_size=32), progress=False)
+    assert torch.equal(torch.get_rng_state(), before[0])  # the surrogate's training seeded every epoch
+    assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]
