@@ -66,7 +66,7 @@ def train(out: Path, beton: str, epochs: int, crash_after: int = -1) -> dict:
     mean, std = data.channel_stats(beton)
     # no crop, no flip: the epochs are deterministic, so a resumed run can match bitwise
     loader = data.train_loader(beton, 16, resolution=16, mean=mean, std=std, seed=0, flip=False,
-                               scale=(1.0, 1.0), ratio=(1.0, 1.0), distributed=True, num_workers=1)
+                               scale=(1.0, 1.0), ratio=(1.0, 1.0), distributed=True, num_workers=1, drop_last=True)
     model = models.build_model("tiny", 10, image_size=16, seed=0)
 
     def crash(epoch, history):
