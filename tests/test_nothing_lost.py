@@ -6,8 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +16,10 @@ import fastvote
 from fastvote import atomic, cli
 from fastvote.data.shards import cluster_prune
 from fastvote.experiment import Experiment, ExperimentConfig
+from test_pipeline import outputs, target  # small precomputed source and target outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ["classes.json", "indices.npy", "manifest.json", "votes.png"]
-
-
-def outputs(n=60, k=6, d=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % k
-    centers = torch.randn(k, d, generator=g) * 4
-    return {"features": centers[labels] + 0.1 * torch.randn(n, d, generator=g),
-            "logits": torch.randn(n, k, generator=g), "labels": labels}
-
-
-def target(k=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {"logits": torch.randn(12, k, generator=g), "features": torch.randn(12, 5, generator=g)}
 
 
 def users_folder(path: Path) -> dict:
