@@ -8,6 +8,7 @@ GPU. The kernels that run are the CPU's: nothing this prints is a GPU figure.
 
     python benchmarks/fake_cuda.py -m pytest -q tests/test_cuda.py
     python benchmarks/fake_cuda.py benchmarks/bench_vote.py --device cuda --quick
+    python benchmarks/fake_cuda.py -c "import torch; print(torch.ones(2, device='cuda'))"
 
 It sets FASTVOTE_FAKE_CUDA=1; tests that only mean something on the real
 device (memory statistics, dispatcher keys, device mismatches, 2^31-element
@@ -105,12 +106,15 @@ def install() -> None:
 
 
 def main(argv) -> None:
-    if not argv or argv[0] in ("-h", "--help") or (argv[0] == "-m" and len(argv) < 2):
-        raise SystemExit("usage: python benchmarks/fake_cuda.py (-m MODULE | SCRIPT) [ARGS...]")
+    if not argv or argv[0] in ("-h", "--help") or (argv[0] in ("-m", "-c") and len(argv) < 2):
+        raise SystemExit("usage: python benchmarks/fake_cuda.py (-m MODULE | -c CODE | SCRIPT) [ARGS...]")
     install()
     if argv[0] == "-m":
         sys.argv = [argv[1]] + argv[2:]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    elif argv[0] == "-c":
+        sys.argv = ["-c"] + argv[2:]
+        exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
     else:
         sys.argv = list(argv)
         sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
