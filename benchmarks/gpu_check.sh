@@ -193,7 +193,7 @@ LOG="$OUT/log.txt"
 STEP_OUT="$WORK/step.txt"  # the running step's output, for tallies
 : > "$SUMMARY"
 : > "$LOG"
-[[ $MODE == gpu ]] && : > "$STATE"  # a full run starts the record --rerun reads afresh
+[[ $MODE == gpu && -z "${STEPS:-}" ]] && : > "$STATE"  # a full run starts the record --rerun reads afresh
 START=$(date +%s)
 FAILED=0
 
@@ -289,7 +289,7 @@ loaders() {
       --images 8 --batch 4 --workers 1 --out "$WORK/loaders" --json "$OUT/loaders.json"
   else
     "$PY" benchmarks/bench_loaders.py --device cuda --arch resnet50 --loaders torchvision,fastvote-torch \
-      --images 1024 --batch 128 --workers 16 --out "$WORK/loaders" --json "$OUT/loaders.json"
+      --images 512 --batch 128 --workers 16 --out "$WORK/loaders" --json "$OUT/loaders.json"
   fi
 }
 

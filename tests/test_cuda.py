@@ -523,7 +523,8 @@ def test_shared_or_global_histogram_gives_the_cpu_votes(num, k, weight):
 
 
 def test_scores_are_deterministic():
-    # Per-block partials added in block order: no float64 atomics.
+    # Per-block partials added in block order: no float64 atomics (on the CPU,
+    # under `gpu_check.sh --rehearse`: fixed row groups, whatever the threads).
     g = gen(18)
     x = torch.randn(50_000, 40, generator=g).cuda()
     c = torch.randn(300, 40, generator=g).cuda()
@@ -533,6 +534,88 @@ def test_scores_are_deterministic():
         assert all(torch.equal(runs[0], r) for r in runs[1:]), metric
     runs = [ops.lm_scores(logits) for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+# ---------------------------------------------------------------- issue 22: CPU == CUDA, reproducible, no NaN
+
+def order_sensitive_centroids(num, dim, seed):
+    """Rows whose ||c||^2 rounds to float32 differently by the order of the
+    float64 additions (tests/test_ops_determinism.py builds and checks them):
+    squares 1, 2^-24 and dim - 2 of 2^-60, scaled by 2^e, random signs."""
+    g = gen(seed)
+    c = torch.full((num, dim), 2.0 ** -30)
+    c[:, 0], c[:, 1] = 1.0, 2.0 ** -12
+    signs = torch.randint(0, 2, (num, dim), generator=g).float() * 2 - 1
+    return c * signs * torch.exp2(torch.randint(-20, 21, (num, 1), generator=g).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_centroid_norms_are_the_cpus(dtype):
+    # A zero row's l2 values are the centroids' ||c||^2: float64 squares added in
+    # d order on both backends (the CUDA kernel used to add them lane-strided).
+    c = torch.cat([order_sensitive_centroids(300, 512, seed=22), torch.randn(100, 512, generator=gen(22))])
+    for centroids in (c.to(dtype), c.to(dtype).t().contiguous().t()):  # as is, and a float32 copy
+        x = torch.zeros(1, 512, dtype=dtype)
+        values, indices = ops.nearest_centroids(*cuda(x, centroids), len(c), "l2")
+        cpu_values, cpu_indices = cpu_op("nearest_centroids", x, centroids, len(c), "l2")
+        assert torch.equal(values.cpu(), cpu_values) and torch.equal(indices.cpu(), cpu_indices)
+
+
+@pytest.mark.parametrize("n,num_classes,ordered", [
+    (100_000, 1, False),      # one class through every chunk
+    (100_003, 3, True),       # sorted: classes straddle chunk edges
+    (50_000, 7000, False),    # many small classes, most inside one chunk
+    (40, 5, False),           # fewer rows than a chunk
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_class_centroids_are_reproducible(n, num_classes, ordered, dtype):
+    # Fixed-order partials (rows in label order, chunked by N alone): the same
+    # bits on every call, unlike float64 atomics; close to the float64 reference.
+    g = gen(n + num_classes)
+    x = (torch.randn(n, 2 * 33, generator=g) * 100).to(dtype)[:, ::2]  # D = 33, strided
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    if ordered:
+        labels = labels.sort().values
+    xc, lc = cuda(x, labels)
+    runs = [ops.class_centroids(xc, lc, num_classes + 2) for _ in range(3)]  # two empty classes
+    for sums, counts in runs[1:]:
+        assert torch.equal(sums.view(torch.int64), runs[0][0].view(torch.int64))
+        assert torch.equal(counts, runs[0][1])
+    ref_sums, ref_counts = ops.class_centroids_reference(x, labels, num_classes + 2)
+    assert torch.equal(runs[0][1].cpu(), ref_counts)
+    torch.testing.assert_close(runs[0][0].cpu(), ref_sums, rtol=1e-12, atol=1e-9)
+    assert (runs[0][0][-2:] == 0).all()
+
+
+def test_soft_votes_of_overflowing_keys_are_numbers():
+    # Finite inputs whose l2 keys overflow float32: equal keys weigh alike, never NaN.
+    x = torch.tensor([[1.8e19], [1.8e19]])
+    c = torch.tensor([[-1.8e19], [-1.8e19], [1.8e19]])
+    both_far = ops.fm_vote(*cuda(x, c[:2]), 2, "l2", "soft").cpu()
+    assert torch.equal(both_far, torch.tensor([1.0, 1.0], dtype=torch.float64))
+    one_near = ops.fm_vote(*cuda(x, c), 3, "l2", "soft").cpu()
+    assert torch.equal(one_near, torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64))
+    # k > 64 takes the sorted path: 72 keys of +inf, 70 picks of equal weight, as on the CPU.
+    far = torch.full((72, 1), -1.8e19)
+    votes = ops.fm_vote(*cuda(x, far), 70, "l2", "soft").cpu()
+    assert torch.equal(votes, cpu_op("fm_vote", x, far, 70, "l2", "soft", 1.0))
+    assert abs(float(votes.sum()) - 2) < 1e-6 and (votes[70:] == 0).all()
+    with pytest.raises(ValueError, match="temperature=1e-40 is too small"):
+        ops.fm_vote(*cuda(x, c), 2, "l2", "soft", 1e-40)
+
+
+@device_only
+def test_both_fp32_layouts_give_the_cpus_votes(monkeypatch):
+    # FASTVOTE_CUDA_LAYOUT pins vector loads (rows4, the default) or scalar rows:
+    # the same fmaf chain either way, so the same votes as the CPU's.
+    x, c = (torch.randn(3000, 64, generator=gen(23)), torch.randn(300, 64, generator=gen(24)))
+    expected = cpu_op("fm_vote", x, c, 5, "l2", "soft", 0.5)
+    for layout in ("rows4", "rows"):
+        monkeypatch.setenv("FASTVOTE_CUDA_LAYOUT", layout)
+        assert torch.equal(ops.fm_vote(*cuda(x, c), 5, "l2", "soft", 0.5).cpu(), expected), layout
+    monkeypatch.setenv("FASTVOTE_CUDA_LAYOUT", "cols")
+    with pytest.raises(ValueError, match="FASTVOTE_CUDA_LAYOUT=cols is unknown; expected 'rows4'"):
+        ops.fm_vote(*cuda(x, c), 5)
 
 
 def test_class_centroids_with_no_feature_columns():
