@@ -94,6 +94,8 @@ def test_plan_arithmetic(tmp_path):
     assert rc == 0 and list(plan_rows(output)) == ["env", "tests-cuda", "bench"]
     rc, output = gpu_check("--plan", out=tmp_path / "out", STEPS="bench,kmeans", SKIP_BUILD="1")
     assert rc == 0 and list(plan_rows(output)) == ["bench", "kmeans"]
+    rc, output = gpu_check("--plan", out=tmp_path / "out", BUDGET_S="700")  # no room left for a rerun
+    assert rc == 1 and "PLAN PROBLEM: the budget leaves 80s for a rerun" in output
     rc, output = gpu_check("--plan", out=tmp_path / "out", STEPS="bench,nope")
     assert rc == 2 and "STEPS names 'nope'" in output
 
