@@ -43,7 +43,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -194,8 +194,9 @@ def torch_vote(x, c, k, metric, precision="fp32"):
 
 
 def naive_picks(x, c, k, metric):
-    """One [N, K] matrix, as a user first writes it. l2's peak holds two: the
-    product and 2 * product are both alive while c's norms are subtracted."""
+    """One [N, K] matrix, as a user first writes it. l2's peak holds two: each
+    step (2 * product, then minus c's norms) makes a new N x K matrix while the
+    one before it is still alive."""
     if metric == "cosine":
         scores = F.normalize(x, dim=1) @ F.normalize(c, dim=1).t()
     else:
