@@ -44,7 +44,13 @@ Weight parse_weight(const char* op, c10::string_view weight) {
 float inverse_temperature(const char* op, double temperature) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "fastvote.", op,
                     ": temperature=", temperature, " is invalid; expected a finite value > 0");
-  return static_cast<float>(1.0 / temperature);
+  // The kernels scale keys by 1 / temperature in float32; an infinite scale
+  // would turn a key difference of 0 into NaN.
+  const float inverse = static_cast<float>(1.0 / temperature);
+  TORCH_CHECK_VALUE(std::isfinite(inverse), "fastvote.", op, ": temperature=", temperature,
+                    " is too small; expected a temperature whose inverse is finite in float32 "
+                    "(3e-39 or more)");
+  return inverse;
 }
 
 void check_k(const char* op, int64_t k, int64_t num_classes, const char* what) {

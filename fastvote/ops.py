@@ -90,7 +90,7 @@ def fm_vote(features: Tensor, centroids: Tensor, k: int = 1, metric: str = "l2",
         metric: "l2" (squared Euclidean, the paper) or "cosine".
         weight: "count" | "rank" | "soft" (softmax of -squared distance / temperature,
             or of cosine similarity / temperature).
-        temperature: > 0, used by "soft" only.
+        temperature: > 0 with 1 / temperature finite in float32 (3e-39 or more); used by "soft" only.
     Returns:
         votes [K]: int64 for "count", else float64.
     """
@@ -326,6 +326,10 @@ def _inverse_temperature(op: str, temperature: float) -> float:
     if not (temperature > 0 and temperature != float("inf")):
         raise ValueError(f"fastvote.{op}: temperature={temperature} is invalid; expected a finite "
                          "value > 0")
+    # As the kernels, which scale keys by 1 / temperature in float32.
+    if not torch.tensor(1.0 / temperature, dtype=torch.float64).float().isfinite():
+        raise ValueError(f"fastvote.{op}: temperature={temperature} is too small; expected a "
+                         "temperature whose inverse is finite in float32 (3e-39 or more)")
     return 1.0 / temperature
 
 

@@ -294,6 +294,8 @@ BAD_CALLS = [
     ("unknown metric", lambda: ops.fm_vote(_x(4, 5), _x(3, 5), metric="l1"), ValueError, ["metric='l1'", "'l2'", "'cosine'"]),
     ("unknown weight", lambda: ops.lm_vote(_x(4, 5), weight="votes"), ValueError, ["weight='votes'", "'count'"]),
     ("temperature", lambda: ops.fm_vote(_x(4, 5), _x(3, 5), weight="soft", temperature=0.0), ValueError, ["temperature=0"]),
+    ("tiny temperature", lambda: ops.fm_vote(_x(4, 5), _x(3, 5), weight="soft", temperature=1e-40), ValueError,
+     ["temperature=1e-40", "inverse is finite in float32"]),
     ("int features", lambda: ops.fm_vote(torch.ones(4, 5, dtype=torch.int32), _x(3, 5)), TypeError, ["features", "Int"]),
     ("int logits", lambda: ops.lm_scores(torch.ones(4, 5, dtype=torch.int64)), TypeError, ["logits", "Long"]),
     ("float labels", lambda: ops.class_centroids(_x(4, 5), torch.zeros(4), 2), TypeError, ["labels", "integer"]),

@@ -99,13 +99,14 @@ x, c = torch.randn(4000, 67, generator=g), torch.randn(211, 67, generator=g)
 logits = torch.randn(4000, 333, generator=g) * 3
 out = [ops.fm_vote(x, c, 5, "l2", "soft"), ops.fm_vote(x, c, 7, "cosine", "rank"),
        ops.fm_vote(x, c, 3, "l2", "soft", 0.1), ops.lm_vote(logits, 5, "soft"),
-       ops.lm_vote(logits, 4, "rank")]
+       ops.lm_vote(logits, 4, "rank"), ops.lm_scores(logits), ops.fm_scores(x, c, "l2"),
+       ops.fm_scores(x, c, "cosine")]
 torch.save([t.view(torch.int64) for t in out], sys.argv[1])
 """
 
 
 def test_votes_equal_across_processes_and_thread_counts(tmp_path):
-    """A fresh process with OMP/torch threads 1 and 2: the same bits."""
+    """A fresh process with OMP/torch threads 1 and 2: the same bits (scores too)."""
     saved = []
     for threads in ("1", "2"):
         path = tmp_path / f"votes_{threads}_{len(saved)}.pt"
@@ -115,6 +116,20 @@ def test_votes_equal_across_processes_and_thread_counts(tmp_path):
     for other in saved[1:]:
         for a, b in zip(saved[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n,num,dim", [(50_000, 300, 40), (3000, 1001, 67), (64 * 300 + 5, 20, 3), (1, 7, 5)])
+def test_scores_are_bitwise_repeatable_across_thread_counts(n, num, dim):
+    # The tie-break scores reduce over rows in fixed row groups, not per thread.
+    g = gen(n + num)
+    x, c = torch.randn(n, dim, generator=g), torch.randn(num, dim, generator=g)
+    logits = torch.randn(n, num, generator=g) * 4
+    calls = {"lm_scores": lambda: ops.lm_scores(logits), "fm_scores l2": lambda: ops.fm_scores(x, c, "l2"),
+             "fm_scores cosine": lambda: ops.fm_scores(x, c, "cosine")}
+    for name, call in calls.items():
+        first = with_threads(2, call)
+        for threads in (2, 1, 2, 3):
+            assert torch.equal(bits(with_threads(threads, call)), bits(first)), (name, threads)
 
 
 # ---------------------------------------------------------------- against the references
@@ -188,3 +203,68 @@ def test_float_votes_reject_too_many_rows():
     logits = torch.zeros(1, 3).expand(2 ** 31, 3)
     with pytest.raises(ValueError, match=r"lm_vote: N=2147483648 rows .*2\^31"):
         ops.lm_vote(logits, 1, "soft")
+
+
+# ---------------------------------------------------------------- issue 22: no NaN, norms in d order
+
+def test_soft_votes_of_overflowing_keys_are_numbers():
+    # Finite inputs whose l2 keys overflow float32 (||c||^2 + 2|x.c| > 3.4e38):
+    # equal keys weigh alike, a far key weighs 0, and no vote is NaN.
+    x = torch.tensor([[1.8e19], [1.8e19]])
+    c = torch.tensor([[-1.8e19], [-1.8e19], [1.8e19]])
+    both_far = ops.fm_vote(x, c[:2], 2, "l2", "soft")
+    assert torch.equal(both_far, torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert torch.equal(both_far, ops.fm_vote_reference(x, c[:2], 2, "l2", "soft"))
+    one_near = ops.fm_vote(x, c, 3, "l2", "soft")
+    assert torch.equal(one_near, torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64))
+    assert torch.equal(one_near, ops.fm_vote_reference(x, c, 3, "l2", "soft"))
+
+
+def test_temperature_whose_inverse_overflows_float32_is_rejected():
+    x, c = fm_inputs(20, 6, 4, seed=22)
+    for vote in (ops.fm_vote, ops.fm_vote_reference):
+        with pytest.raises(ValueError, match=r"fm_vote: temperature=1e-40 is too small; expected a temperature "
+                                             r"whose inverse is finite in float32 \(3e-39 or more\)"):
+            vote(x, c, 2, "l2", "soft", 1e-40)
+    # The smallest temperature allowed: every row's weight on its nearest centroid.
+    votes = ops.fm_vote(x, c, 3, "l2", "soft", 3e-39)
+    assert torch.equal(votes, ops.fm_vote_reference(x, c, 3, "l2", "soft", 3e-39))
+    assert torch.equal(votes, ops.fm_vote(x, c, 1).double())
+
+
+def order_sensitive_centroids(num, dim, seed):
+    """Rows whose ||c||^2 rounds to float32 differently by the order of the float64
+    additions: squares 1, 2^-24 (in d order their sum is the float32 midpoint
+    1 + 2^-24, which rounds to even, 1) and dim - 2 squares of 2^-60, each lost
+    against 1 in d order but summed with each other first in a warp's order,
+    which tips the midpoint up. Each row scaled by 2^e, signs random."""
+    g = gen(seed)
+    c = torch.full((num, dim), 2.0 ** -30)
+    c[:, 0], c[:, 1] = 1.0, 2.0 ** -12
+    signs = torch.randint(0, 2, (num, dim), generator=g).float() * 2 - 1
+    scale = torch.exp2(torch.randint(-20, 21, (num, 1), generator=g).float())
+    return c * signs * scale
+
+
+def warp_order_norms(c):
+    """||c||^2 summed as a lane-strided warp sum and a butterfly (the old CUDA order)."""
+    squares = c.double() ** 2
+    lanes = torch.zeros(c.shape[0], 32, dtype=torch.float64)
+    for d in range(c.shape[1]):
+        lanes[:, d % 32] += squares[:, d]
+    for offset in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[:, torch.arange(32) ^ offset]
+    return lanes[:, 0]
+
+
+def test_centroid_norms_are_summed_in_d_order():
+    # A zero row's l2 values are the centroids' ||c||^2 as the kernels hold them:
+    # float64 squares added in d order, rounded to float32 (the CUDA kernel too).
+    c = torch.cat([order_sensitive_centroids(200, 512, seed=22), torch.randn(100, 512, generator=gen(22))])
+    in_order = torch.zeros(c.shape[0], dtype=torch.float64)
+    for d in range(c.shape[1]):
+        in_order += c[:, d].double() ** 2
+    values, indices = ops.nearest_centroids(torch.zeros(1, 512), c, c.shape[0], "l2")
+    assert torch.equal(values[0], in_order.float()[indices[0]])
+    # The data tells the orders apart: a warp-order sum rounds differently for some rows.
+    assert (warp_order_norms(c).float() != in_order.float()).sum() > 0

@@ -187,12 +187,33 @@ void for_each_tile(const char* op, const at::Tensor& features, const Centroids& 
   if (bad.any()) fail_non_finite(op, "features", bad.row.load());
 }
 
-// Per-thread float64 sums, merged once at the end.
-at::Tensor merge_histograms(const std::vector<double>& hist, int64_t num_classes) {
-  at::Tensor out = at::zeros({num_classes}, at::TensorOptions().dtype(at::kDouble));
-  double* o = out.mutable_data_ptr<double>();
-  for (size_t i = 0; i < hist.size(); ++i) o[i % num_classes] += hist[i];
-  return out;
+// Float64 sums over rows (the scores) in a fixed order: the rows are cut into
+// groups that depend only on N and the width of a row's contribution, never on
+// the thread count; each group adds its rows in order into its own partial, and
+// the partials are added in group order. The same bits run to run and for any
+// thread count (per-thread sums would depend on which thread took which rows,
+// and the scores break ties between equal votes).
+struct RowGroups {
+  int64_t count, rows;  // groups, rows per group
+};
+
+RowGroups row_groups(int64_t n, int64_t width) {
+  constexpr int64_t kPartialBytes = int64_t{32} << 20;  // memory for all partials
+  constexpr int64_t kMaxGroups = 256;
+  const int64_t by_memory = kPartialBytes / (8 * std::max<int64_t>(width, 1));
+  const int64_t by_rows = (n + kLogitRowsPerTask - 1) / kLogitRowsPerTask;
+  const int64_t count = std::max<int64_t>(1, std::min({by_memory, by_rows, kMaxGroups}));
+  return {count, std::max<int64_t>(1, (n + count - 1) / count)};
+}
+
+// partial[g * width + j] summed over the groups g in order.
+std::vector<double> sum_groups(const std::vector<double>& partial, const RowGroups& groups,
+                               int64_t width) {
+  std::vector<double> total(width, 0.0);
+  for (int64_t g = 0; g < groups.count; ++g) {
+    for (int64_t j = 0; j < width; ++j) total[j] += partial[g * width + j];
+  }
+  return total;
 }
 
 // Per-thread vote histograms: counts, or the fixed-point units of float
@@ -344,21 +365,20 @@ at::Tensor lm_scores_cpu(const at::Tensor& logits) {
   check_logits("lm_scores", logits);
   const int64_t n = logits.size(0);
   const int64_t num_classes = logits.size(1);
-  const int64_t tasks = (n + kLogitRowsPerTask - 1) / kLogitRowsPerTask;
-  const int workers = num_workers(tasks);
-  std::vector<double> hist(static_cast<size_t>(workers) * num_classes, 0.0);
+  const RowGroups groups = row_groups(n, num_classes);
+  std::vector<double> partial(static_cast<size_t>(groups.count) * num_classes, 0.0);
   FirstBadRow bad;
   dispatch_float(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const Matrix<scalar_t> x(logits);
-#pragma omp parallel num_threads(workers)
+#pragma omp parallel num_threads(num_workers(groups.count))
     {
-      double* h = hist.data() + static_cast<size_t>(omp_get_thread_num()) * num_classes;
       std::vector<float> row(num_classes);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t end = std::min(n, (t + 1) * kLogitRowsPerTask);
-        for (int64_t r = t * kLogitRowsPerTask; r < end && !bad.any(); ++r) {
+      for (int64_t g = 0; g < groups.count; ++g) {
+        double* h = partial.data() + static_cast<size_t>(g) * num_classes;
+        const int64_t end = std::min(n, (g + 1) * groups.rows);
+        for (int64_t r = g * groups.rows; r < end && !bad.any(); ++r) {
           float top = -INFINITY;
           bool finite = true;
           for (int64_t j = 0; j < num_classes; ++j) {
@@ -382,7 +402,9 @@ at::Tensor lm_scores_cpu(const at::Tensor& logits) {
     }
   });
   if (bad.any()) fail_non_finite("lm_scores", "logits", bad.row.load());
-  at::Tensor out = merge_histograms(hist, num_classes);
+  const std::vector<double> total = sum_groups(partial, groups, num_classes);
+  at::Tensor out = at::empty({num_classes}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(total.begin(), total.end(), out.mutable_data_ptr<double>());
   return n > 0 ? out.div_(static_cast<double>(n)) : out;
 }
 
@@ -393,22 +415,21 @@ at::Tensor fm_scores_cpu(const at::Tensor& features, const at::Tensor& centroids
   const Centroids c = prepare_centroids("fm_scores", centroids, metric);
   const int64_t n = features.size(0);
   const int64_t dim = features.size(1);
-  const int64_t tasks = (n + kLogitRowsPerTask - 1) / kLogitRowsPerTask;
-  const int workers = num_workers(tasks);
-  // Per thread: the sum of the rows (normalised for cosine), then sum ||x||^2.
-  std::vector<double> sums(static_cast<size_t>(workers) * (dim + 1), 0.0);
+  // Per row group: the sum of the rows (normalised for cosine), then sum ||x||^2.
+  const RowGroups groups = row_groups(n, dim + 1);
+  std::vector<double> partial(static_cast<size_t>(groups.count) * (dim + 1), 0.0);
   FirstBadRow bad;
   dispatch_float(features.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const Matrix<scalar_t> x(features);
-#pragma omp parallel num_threads(workers)
+#pragma omp parallel num_threads(num_workers(groups.count))
     {
-      double* s = sums.data() + static_cast<size_t>(omp_get_thread_num()) * (dim + 1);
       std::vector<float> row(dim);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t end = std::min(n, (t + 1) * kLogitRowsPerTask);
-        for (int64_t r = t * kLogitRowsPerTask; r < end && !bad.any(); ++r) {
+      for (int64_t g = 0; g < groups.count; ++g) {
+        double* s = partial.data() + static_cast<size_t>(g) * (dim + 1);
+        const int64_t end = std::min(n, (g + 1) * groups.rows);
+        for (int64_t r = g * groups.rows; r < end && !bad.any(); ++r) {
           float sq = 0;
           for (int64_t d = 0; d < dim; ++d) {
             row[d] = x(r, d);
@@ -426,8 +447,7 @@ at::Tensor fm_scores_cpu(const at::Tensor& features, const at::Tensor& centroids
     }
   });
   if (bad.any()) fail_non_finite("fm_scores", "features", bad.row.load());
-  std::vector<double> mean(dim + 1, 0.0);
-  for (size_t i = 0; i < sums.size(); ++i) mean[i % (dim + 1)] += sums[i];
+  std::vector<double> mean = sum_groups(partial, groups, dim + 1);
   at::Tensor out = at::zeros({c.count}, at::TensorOptions().dtype(at::kDouble));
   if (n == 0) return out;
   for (double& m : mean) m /= static_cast<double>(n);

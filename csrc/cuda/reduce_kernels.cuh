@@ -1,10 +1,10 @@
 // The smaller CUDA kernels: centroid preparation (shared by the fm ops) and
 // the dense reductions behind lm_scores, fm_scores and class_centroids, and
 // the votes of the large-k path. All are memory-bound passes; sums are
-// float64 as on the CPU. The score reductions are deterministic: each block
-// writes its partial sums, and sum_partials_kernel adds them in block order
-// (float64 atomics would add them in arrival order, which changes the last
-// bits from run to run, and the scores break ties between equal votes).
+// float64 as on the CPU. Every float64 reduction is deterministic: partial
+// sums are written, then added in a fixed order (float64 atomics would add
+// them in arrival order, which changes the last bits from run to run; the
+// scores break ties between equal votes and k-means feeds on the class sums).
 #pragma once
 
 #include "device_common.cuh"
@@ -24,7 +24,7 @@ __device__ __forceinline__ double warp_sum(double v) {
 
 // Warp per centroid: an fp32 copy when the input is not usable as is, the
 // terms that turn a dot product into a key (as the CPU backend computes them:
-// ||c||^2 in float64, then rounded), and the NaN/Inf check.
+// ||c||^2 in float64 added in d order, then rounded), and the NaN/Inf check.
 //   l2:     key = ||c||^2 - 2 x.c
 //   cosine: key = -(x_n . c) / ||c||
 template <typename scalar_t>
@@ -34,13 +34,22 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32;
   for (int j = blockIdx.x * kWarps + threadIdx.x / 32; j < num_c; j += gridDim.x * kWarps) {
     const scalar_t* row = c + j * s0;
+    // Each lane squares one element of a 32-wide chunk (exact in float64: FMA
+    // contraction changes nothing) and every lane adds the chunk's squares in
+    // d order, so the sum is the CPU's bit for bit (a lane-strided sum and a
+    // butterfly would differ from it in the last place, now and then).
     double sq = 0.0;
-    for (int d = lane; d < dim; d += 32) {
-      const float v = to_float(row[d * s1]);
-      if (copy != nullptr) copy[static_cast<int64_t>(j) * dim + d] = v;
-      sq += static_cast<double>(v) * v;  // exact product: FMA contraction changes nothing
+    for (int d0 = 0; d0 < dim; d0 += 32) {
+      const int d = d0 + lane;
+      double square = 0.0;
+      if (d < dim) {
+        const float v = to_float(row[d * s1]);
+        if (copy != nullptr) copy[static_cast<int64_t>(j) * dim + d] = v;
+        square = static_cast<double>(v) * v;
+      }
+      const int width = min(32, dim - d0);
+      for (int i = 0; i < width; ++i) sq += __shfl_sync(kFullMask, square, i);
     }
-    sq = warp_sum(sq);
     if (lane == 0) {
       const float sqf = static_cast<float>(sq);
       if (!is_finite(sqf)) atomicMin(bad, static_cast<long long>(j));
@@ -222,33 +231,70 @@ __global__ void __launch_bounds__(kThreads)
   hist_flush(sink, hist_bins);
 }
 
-// Warp per (32 columns, run of rows); a lane per column. Sums per label in
-// float64, flushed with one atomic per column whenever the label changes, so
-// class-sorted data costs a few atomics per class.
+// Class sums in a fixed order, so CUDA k-means is reproducible (float64
+// atomics would add in arrival order). The rows are visited in label order (a
+// stable sort: `order` and `sorted_labels`; out-of-range labels sort last, as
+// num_classes) and cut into chunks of chunk_rows positions, which depend on N
+// alone. A class's run of rows within one chunk is summed in row order; a class
+// inside one chunk is final there, and a class spanning chunks q0 < ... < q1
+// leaves its run in q0 as that chunk's `tail` and its runs in q0+1..q1 as those
+// chunks' `head`, which class_merge_kernel adds in chunk order.
+// Warp per (32 columns, chunk); a lane per column.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    class_sums_kernel(const scalar_t* x, int64_t s0, int64_t s1, int64_t n, int dim,
-                      const int64_t* labels, int num_classes, int64_t rows_per_warp, double* sums,
+    class_runs_kernel(const scalar_t* x, int64_t s0, int64_t s1, int64_t n, int dim,
+                      const int64_t* order, const int64_t* sorted_labels, int num_classes,
+                      int64_t chunk_rows, int64_t chunks, double* sums, double* head, double* tail,
                       long long* bad) {
   const int d = blockIdx.x * 32 + threadIdx.x % 32;
-  if (d >= dim) return;  // no warp collectives below
-  const int64_t r0 = (static_cast<int64_t>(blockIdx.y) * kWarps + threadIdx.x / 32) * rows_per_warp;
-  const int64_t r1 = min(n, r0 + rows_per_warp);
-  int64_t current = -1;
+  const int64_t q = static_cast<int64_t>(blockIdx.y) * kWarps + threadIdx.x / 32;
+  if (d >= dim || q >= chunks) return;  // no warp collectives below
+  const int64_t r0 = q * chunk_rows;
+  const int64_t r1 = min(n, r0 + chunk_rows);
+  int64_t run_start = r0;
   double acc = 0.0;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t label = labels[r];
-    if (label < 0 || label >= num_classes) continue;  // reported by label_counts_kernel
-    const float v = to_float(x[r * s0 + d * s1]);
-    if (!is_finite(v)) atomicMin(bad, static_cast<long long>(r));
-    if (label != current) {
-      if (current >= 0) atomicAdd(sums + current * dim + d, acc);
-      current = label;
-      acc = 0.0;
-    }
+  for (int64_t i = r0; i < r1; ++i) {
+    const int64_t label = sorted_labels[i];
+    if (label >= num_classes) break;  // out of range: reported by label_counts_kernel
+    const int64_t row = order[i];
+    const float v = to_float(x[row * s0 + d * s1]);
+    if (!is_finite(v)) atomicMin(bad, static_cast<long long>(row));
     acc += v;
+    if (i + 1 == r1 || sorted_labels[i + 1] != label) {  // the run ends here
+      const bool from_before = run_start == r0 && r0 > 0 && sorted_labels[r0 - 1] == label;
+      const bool goes_on = i + 1 == r1 && r1 < n && sorted_labels[r1] == label;
+      if (from_before) {
+        head[q * dim + d] = acc;
+      } else if (goes_on) {
+        tail[q * dim + d] = acc;
+      } else {
+        sums[label * dim + d] = acc;
+      }
+      acc = 0.0;
+      run_start = i + 1;
+    }
   }
-  if (current >= 0) atomicAdd(sums + current * dim + d, acc);
+}
+
+// Thread per (class, column): the classes that span chunks, from their tail
+// and heads in chunk order (see class_runs_kernel). starts[c]: the position of
+// class c's first row in label order.
+__global__ void __launch_bounds__(kThreads)
+    class_merge_kernel(const int64_t* counts, const int64_t* starts, int num_classes, int dim,
+                       int64_t chunk_rows, const double* head, const double* tail, double* sums) {
+  const int64_t items = static_cast<int64_t>(num_classes) * dim;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; t < items;
+       t += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t c = t / dim;
+    const int64_t d = t % dim;
+    if (counts[c] == 0) continue;
+    const int64_t first = starts[c] / chunk_rows;
+    const int64_t last = (starts[c] + counts[c] - 1) / chunk_rows;
+    if (first == last) continue;  // final in class_runs_kernel
+    double total = tail[first * dim + d];
+    for (int64_t q = first + 1; q <= last; ++q) total += head[q * dim + d];
+    sums[t] = total;
+  }
 }
 
 // ---- votes of the large-k path ---------------------------------------------

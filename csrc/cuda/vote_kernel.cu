@@ -21,6 +21,8 @@
 #include <array>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -41,6 +43,9 @@ constexpr int64_t kMaxClasses = int64_t{1} << 30;
 // k above kMaxListK: keys are materialised for this many (row, class) pairs
 // at a time (64 MB of float32) and sorted.
 constexpr int64_t kSortChunk = int64_t{1} << 24;
+// class_centroids: at most this many chunks of rows in label order, each
+// leaving two [D] float64 partials (16 KB per feature column in all).
+constexpr int64_t kClassChunks = 1024;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -196,10 +201,23 @@ std::pair<int64_t, int64_t> choose_splits(int64_t row_tiles, int64_t col_tiles, 
   return best;
 }
 
+// FASTVOTE_CUDA_LAYOUT=rows keeps the fused kernel on scalar row loads where
+// vector loads would apply; "rows4" (or unset) allows vector loads. On sm_90
+// the vector-load variant spills registers, so benchmarks/bench_vote.py times
+// both. Read at every call, so a process can switch between them.
+bool vector_loads_allowed() {
+  const char* value = std::getenv("FASTVOTE_CUDA_LAYOUT");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "rows4") == 0) return true;
+  TORCH_CHECK_VALUE(std::strcmp(value, "rows") == 0, "fastvote: FASTVOTE_CUDA_LAYOUT=", value,
+                    " is unknown; expected 'rows4' (vector loads where aligned, the default) or "
+                    "'rows' (scalar row loads)");
+  return false;
+}
+
 // How the fused kernel reads the operands (fm_kernel.cuh, Layout): vector
 // loads when both the feature rows and the centroid rows are 4-element
-// aligned runs along D (16-bit and 32-bit inputs), row-fastest reads for a
-// transposed feature matrix.
+// aligned runs along D (16-bit and 32-bit inputs) and FASTVOTE_CUDA_LAYOUT
+// allows them, row-fastest reads for a transposed feature matrix.
 fm::Layout fused_layout(const at::Tensor& features, const Centroids& c) {
   const int64_t n = features.size(0);
   const int64_t bytes = static_cast<int64_t>(features.element_size());
@@ -209,7 +227,9 @@ fm::Layout fused_layout(const at::Tensor& features, const Centroids& c) {
   const bool c_vec = c.storage.stride(1) == 1 &&
                      reinterpret_cast<uintptr_t>(c.storage.const_data_ptr()) % 16 == 0 &&
                      (c.count() <= 1 || c.storage.stride(0) % 4 == 0);
-  if (bytes <= 4 && c.dim() % 4 == 0 && x_vec && c_vec) return fm::Layout::Rows4;
+  if (bytes <= 4 && c.dim() % 4 == 0 && x_vec && c_vec && vector_loads_allowed()) {
+    return fm::Layout::Rows4;
+  }
   if (features.stride(0) == 1 && features.stride(1) != 1) return fm::Layout::Cols;
   return fm::Layout::Rows;
 }
@@ -625,21 +645,38 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_cuda(const at::Tensor& featur
   }
   // D = 0: counts only (a grid of zero column blocks is an invalid launch).
   if (n > 0 && dim > 0) {
-    const Device dev = device_info(features);
-    // Aim at ~64 warps per SM; each warp sums a contiguous run of rows.
-    const int64_t col_blocks = ceil_div(dim, 32);
-    int64_t rows_per_warp = std::max<int64_t>(16, ceil_div(n * col_blocks, 64 * int64_t{dev.sms}));
-    rows_per_warp = std::max(rows_per_warp, ceil_div(n, 65535 * int64_t{reduce::kWarps}));
-    const dim3 grid(static_cast<unsigned>(col_blocks),
-                    static_cast<unsigned>(ceil_div(n, rows_per_warp * reduce::kWarps)));
+    // Rows in label order; a stable sort keeps each class's rows in row order
+    // and out-of-range labels (the op raises for them) go last.
+    const at::Tensor keys = at::where(lab.ge(0).logical_and(lab.lt(num_classes)), lab, num_classes);
+    const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const at::Tensor& sorted_labels = std::get<0>(sorted);
+    const at::Tensor& order = std::get<1>(sorted);
+    const at::Tensor starts = counts.cumsum(0).sub_(counts);
+    // Chunks that depend on N alone (not on the GPU): the same sums on any device.
+    const int64_t chunk_rows = std::max<int64_t>(32, ceil_div(n, kClassChunks));
+    const int64_t chunks = ceil_div(n, chunk_rows);
+    const at::TensorOptions f64 = features.options().dtype(at::kDouble);
+    at::Tensor head = at::empty({chunks, dim}, f64);
+    at::Tensor tail = at::empty({chunks, dim}, f64);
+    const dim3 grid(static_cast<unsigned>(ceil_div(dim, 32)),
+                    static_cast<unsigned>(ceil_div(chunks, reduce::kWarps)));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                     "fastvote_class_centroids", [&] {
-      reduce::class_sums_kernel<scalar_t><<<grid, reduce::kThreads, 0, current_stream()>>>(
+      reduce::class_runs_kernel<scalar_t><<<grid, reduce::kThreads, 0, current_stream()>>>(
           features.const_data_ptr<scalar_t>(), features.stride(0), features.stride(1), n,
-          static_cast<int>(dim), lab.const_data_ptr<int64_t>(), static_cast<int>(num_classes),
-          rows_per_warp, sums.mutable_data_ptr<double>(), flags.row());
+          static_cast<int>(dim), order.const_data_ptr<int64_t>(),
+          sorted_labels.const_data_ptr<int64_t>(), static_cast<int>(num_classes), chunk_rows,
+          chunks, sums.mutable_data_ptr<double>(), head.mutable_data_ptr<double>(),
+          tail.mutable_data_ptr<double>(), flags.row());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    reduce::class_merge_kernel<<<grid_for(num_classes * dim, reduce::kThreads), reduce::kThreads, 0,
+                                 current_stream()>>>(
+        counts.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+        static_cast<int>(num_classes), static_cast<int>(dim), chunk_rows,
+        head.const_data_ptr<double>(), tail.const_data_ptr<double>(),
+        sums.mutable_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const std::array<int64_t, 2> f = flags.read();
   if (f[0] != kNoRow) fail_label(f[0], lab[f[0]].item<int64_t>(), num_classes);

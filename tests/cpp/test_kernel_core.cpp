@@ -100,6 +100,21 @@ void test_weights() {
   const float big[2] = {1e30f, 2e30f};
   fastvote::row_weights(big, 2, fastvote::Weight::Soft, 1.0f, w);
   CHECK(w[0] == 1.0f && w[1] == 0.0f, "soft weights of huge keys %g %g", w[0], w[1]);
+  // Infinite keys (l2 keys of finite inputs can overflow): equal keys weigh alike,
+  // a far key 0, no NaN; neither an infinite inverse temperature.
+  const float inf = INFINITY;
+  const float all_far[3] = {inf, inf, inf}, one_near[3] = {-inf, inf, inf}, ties[2] = {-inf, -inf};
+  fastvote::row_weights(all_far, 3, fastvote::Weight::Soft, 1.0f, w);
+  for (int r = 0; r < 3; ++r) CHECK(w[r] == 1.0f / 3.0f, "soft weight of +inf keys %d: %g", r, w[r]);
+  fastvote::row_weights(one_near, 3, fastvote::Weight::Soft, 1.0f, w);
+  CHECK(w[0] == 1.0f && w[1] == 0.0f && w[2] == 0.0f, "-inf then +inf: %g %g %g", w[0], w[1], w[2]);
+  fastvote::row_weights(ties, 2, fastvote::Weight::Soft, inf, w);
+  CHECK(w[0] == 0.5f && w[1] == 0.5f, "-inf ties at an infinite inverse temperature: %g %g", w[0], w[1]);
+  // A weight outside [0, 1] counts 0 units (converting NaN to an integer is undefined).
+  CHECK(fastvote::fixed_units(NAN) == 0 && fastvote::fixed_units(inf) == 0 &&
+            fastvote::fixed_units(-0.5f) == 0,
+        "non-finite or negative weights: 0 units");
+  CHECK(fastvote::fixed_units(1.0f) == (uint64_t{1} << 32), "weight 1: 2^32 units");
 }
 
 // vote_exp against double exp: within 1 ulp over [-80, 0] (every 61st float of

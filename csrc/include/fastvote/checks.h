@@ -13,7 +13,7 @@ namespace fastvote {
 
 Metric parse_metric(const char* op, c10::string_view metric);
 Weight parse_weight(const char* op, c10::string_view weight);
-// Checks temperature > 0 and finite; returns 1 / temperature.
+// Checks temperature > 0 and finite, and 1 / temperature finite in float32; returns it.
 float inverse_temperature(const char* op, double temperature);
 
 // logits [N, K] floating point, K >= 1, 1 <= k <= K.

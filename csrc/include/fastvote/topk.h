@@ -102,10 +102,13 @@ FV_HOST_DEVICE void row_weights(const float* keys, int k, Weight weight,
   } else if (weight == Weight::Rank) {
     for (int r = 0; r < k; ++r) out[r] = 1.0f / static_cast<float>(r + 1);
   } else {
-    // keys[0] is the smallest key, so every exponent is <= 0: no overflow.
+    // keys[0] is the smallest key, so every exponent is <= 0: no overflow. A key
+    // equal to the best weighs exactly 1 without arithmetic: l2 keys of finite
+    // inputs can overflow to +-inf, and inf - inf would make a NaN. So the
+    // total is at least 1 and every weight a number (vote_exp maps NaN to 0).
     float total = 0.0f;
     for (int r = 0; r < k; ++r) {
-      out[r] = vote_exp(-(keys[r] - keys[0]) * inv_temperature);
+      out[r] = keys[r] == keys[0] ? 1.0f : vote_exp(-(keys[r] - keys[0]) * inv_temperature);
       total += out[r];
     }
     for (int r = 0; r < k; ++r) out[r] /= total;
@@ -125,8 +128,11 @@ constexpr int64_t kMaxWeightedRows = int64_t{1} << 31;
 constexpr double kFixedToDouble = 1.0 / 4294967296.0;
 
 // w * 2^32 is exact in float (w <= 1); rintf rounds half to even on host
-// (default rounding mode) and device alike.
+// (default rounding mode) and device alike. A weight outside [0, 1] -- NaN or
+// Inf, which row_weights never makes -- counts 0: converting a NaN to an integer
+// is undefined (0 on the GPU, 2^63 on x86).
 FV_HOST_DEVICE uint64_t fixed_units(float weight) {
+  if (!(weight >= 0.0f && weight <= 1.0f)) return 0;
   return static_cast<uint64_t>(rintf(weight * 4294967296.0f));
 }
 
