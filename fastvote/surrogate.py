@@ -250,10 +250,10 @@ class Surrogate:
             self.entry.setdefault("seconds", time.perf_counter() - started)
         return self._model
 
-    def outputs_key(self) -> str:
+    def outputs_key(self, precision: str) -> str:
         """Names this surrogate's outputs in the feature cache: its weights'
-        content (a trained one's once trained; equal after a resume) and its
-        preprocessing."""
+        content (a trained one's once trained; equal after a resume), its
+        preprocessing and the pass's `precision` (fastvote.features.precision)."""
         weights = self.fingerprint
         if self.kind == "trained":
             if self._weights is None:
@@ -262,7 +262,7 @@ class Surrogate:
                 model = self._model if self._model is not None else models.load_model(self.entry["path"])
                 self._weights = fingerprint_weights(model)
             weights = self._weights
-        return hashlib.sha256(json.dumps([weights, self.prep]).encode()).hexdigest()[:24]
+        return hashlib.sha256(json.dumps([weights, self.prep, precision]).encode()).hexdigest()[:24]
 
 
 def _preprocessing(own: Optional[dict], source: Input, image_size, mean, std, what: str) -> dict:
