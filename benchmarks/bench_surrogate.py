@@ -9,7 +9,12 @@ shared machine's load moves):
 Models: ResNet-18 at 224 px (the paper's surrogate, batch 64), the demo's "small" CNN at 16 px
 (batch 256) and EfficientNet-Lite0 at 224 px (the photo example's surrogate, where installed).
 
+With --train: a training step instead (forward, cross-entropy, backward, SGD with momentum; 30
+classes; ResNet-18 at batch 32, the small CNN at 256), in fp32 NCHW, fp32 channels_last, bf16
+channels_last.
+
     python benchmarks/bench_surrogate.py --threads 2 --rounds 5
+    python benchmarks/bench_surrogate.py --train --models resnet18,small --rounds 3
 """
 from __future__ import annotations
 
@@ -65,7 +70,23 @@ def default_pass(model, images) -> None:
         pass
 
 
+def train_steps(model, images, channels_last: bool, bf16: bool, steps: int = 1) -> None:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = images[0].contiguous(memory_format=fmt)
+    y = torch.arange(len(x)) % 30
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    model.to(memory_format=torch.contiguous_format).eval()
+
+
 def main(argv=None) -> int:
+    from fastvote import models as fvmodels
     from fastvote.features import autocast_dtype, cpu_flags
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=2, help="batches a timed pass")
     p.add_argument("--models", default="resnet18,small,efficientnet_lite0")
     p.add_argument("--skip-bf16", action="store_true", help="leave out bf16 (slow where emulated)")
+    p.add_argument("--train", action="store_true", help="time training steps instead of the feature pass")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     flags = cpu_flags()
@@ -85,12 +107,21 @@ def main(argv=None) -> int:
              "fp32 channels_last": lambda m, x: raw_pass(m, x, True, False),
              "bf16 channels_last": lambda m, x: raw_pass(m, x, True, True),
              "fastvote default": default_pass}
+    if args.train:
+        modes = {"fp32 NCHW (before)": lambda m, x: train_steps(m, x, False, False),
+                 "fp32 channels_last": lambda m, x: train_steps(m, x, True, False),
+                 "bf16 channels_last": lambda m, x: train_steps(m, x, True, True)}
     if args.skip_bf16:
         del modes["bf16 channels_last"]
     print("| model | px | batch | " + " | ".join(modes) + " |")
     print("|---|---|---|" + "---|" * len(modes))
     for name, model, px, batch in models(args.models.split(",")):
         model.eval()
+        if args.train:
+            if name.split()[0] not in fvmodels.ARCHS:
+                continue
+            model = fvmodels.build_model(name.split()[0], 30, image_size=px, seed=0)
+            batch, args.batches = (32 if px > 64 else batch), 1
         gen = torch.Generator().manual_seed(0)
         images = [torch.randn(batch, 3, px, px, generator=gen) for _ in range(args.batches)]
         for run in modes.values():  # warm-up: oneDNN's primitive caches, first-touch allocations
@@ -105,7 +136,7 @@ def main(argv=None) -> int:
         base = rates["fp32 NCHW (before)"]
         cells = [f"{r:.1f} ({r / base:.2f}x)" for r in rates.values()]
         print(f"| {name} | {px} | {batch} | " + " | ".join(cells) + " |", flush=True)
-    print("\nimages/s, median of the rounds (ratio to fp32 NCHW)")
+    print(f"\n{'training' if args.train else 'feature-pass'} images/s, median of the rounds (ratio to fp32 NCHW)")
     return 0
 
 

@@ -6,7 +6,7 @@ model in eval mode under ``torch.inference_mode`` and show a tqdm progress bar.
 By default (:func:`autocast_dtype`) the forward runs under float16 autocast on CUDA
 and bfloat16 autocast on a CPU with bf16 units (avx512_bf16 or AMX), in float32
 elsewhere; on the CPU, weights and images are channels-last for the pass (oneDNN's
-fast convolutions; ResNet-18 at 224 px: 1.5x fp32 NCHW, benchmarks/bench_surrogate.py).
+fast convolutions; 1.2-1.45x fp32 NCHW, benchmarks/RESULTS.md, issue 23).
 
 A loader is any iterable of ``(images, labels)`` or ``(images, labels,
 identifiers)`` batches: images float [B, 3, H, W], labels and identifiers int64
@@ -30,7 +30,7 @@ __all__ = ["OUTPUTS", "BF16_FLAGS", "cpu_flags", "autocast_dtype", "precision", 
 
 OUTPUTS = ("logits", "features")
 # CPU flags (Linux /proc/cpuinfo names) of bf16 dot-product units; without them oneDNN
-# emulates bf16 through fp32 and a bf16 pass is slower than fp32 (ResNet-18: 0.3x, measured)
+# emulates bf16 through fp32 and a bf16 pass is slower than fp32 (ResNet-18: 0.5x, measured)
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
