@@ -129,6 +129,9 @@ def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool =
             return path, dict(info, reused_from_cache=True)
         started = time.perf_counter()
         model = models.build_model(recipe.arch, source.num_classes, image_size=recipe.resolution, seed=recipe.seed)
+        # channels-last weights on every device (training_setup does it on CUDA): oneDNN's fast
+        # convolutions, a CPU training step 1.1-1.2x fp32 NCHW (benchmarks/RESULTS.md, issue 23)
+        model.to(memory_format=torch.channels_last)
         if announce and distributed.is_main():
             seconds = _estimate_seconds(model, recipe, source.num_rows, device)
             print(_announcement(recipe, model, source, device, seconds, implicit), flush=True)
@@ -144,6 +147,7 @@ def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool =
                                            checkpoint_dir=resume)
         info = {"key": key, "arch": recipe.arch, "epochs": recipe.config.epochs,
                 "seconds": time.perf_counter() - started, "train_acc": history["train_acc"][-1]}
+        model.to(memory_format=torch.contiguous_format)  # the checkpoint in the usual layout
         if distributed.is_main():
             models.save_checkpoint(path, model, class_names=source.class_names, **recipe.prep)
             write_json(info_path, info)
