@@ -113,3 +113,12 @@ def test_bf16_autocast_on_request_and_the_callers_autocast_state_left_alone():
         inside = collect(model, batches, device="cpu", want=("features",), amp=False, progress=False)["features"]
         assert torch.is_autocast_enabled("cpu")
     torch.testing.assert_close(inside, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_outputs_are_keyed_by_precision():
+    from fastvote.surrogate import Surrogate
+
+    sur = Surrogate(kind="module", fingerprint="weights", prep={"resolution": 16, "mean": [0.5] * 3,
+                                                                "std": [0.25] * 3}, num_classes=5, entry={})
+    keys = {p: sur.outputs_key(p) for p in ("float32", "bfloat16", "float16")}
+    assert len(set(keys.values())) == 3 and sur.outputs_key("float32") == keys["float32"]
