@@ -132,7 +132,8 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device, want: Sequenc
     was_training = model.training
     model.to(device).eval()
     net.eval()  # a view from as_classifier has its own copies of the modules on its head's path
-    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    # CUDA keeps what it had: the images' layout as the loader gives them (channels-last)
+    layout = torch.channels_last if device.type == "cpu" else None
     restore = _to_layout(net, layout)
     try:
         for batch in tqdm(loader, total=total, desc=desc, disable=bars.disable(progress), unit="batch",
@@ -142,7 +143,7 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device, want: Sequenc
             # between yields runs in its own modes
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 images = images.to(device, non_blocking=True)
-                if images.dim() == 4:
+                if layout is not None and images.dim() == 4:
                     images = images.contiguous(memory_format=layout)
                 if want == ("logits",):
                     computed = {"logits": net(images)}
@@ -161,10 +162,10 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device, want: Sequenc
         model.train(was_training)
 
 
-def _to_layout(module: nn.Module, layout: torch.memory_format):
-    """Puts ``module``'s 4-d parameters and buffers in ``layout`` in place; returns a
-    function that puts the caller's tensors back."""
-    if layout == torch.contiguous_format:
+def _to_layout(module: nn.Module, layout: Optional[torch.memory_format]):
+    """Puts ``module``'s 4-d parameters and buffers in ``layout`` (None: as they are)
+    in place; returns a function that puts the caller's tensors back."""
+    if layout is None:
         return lambda: None
     params = {id(p): (p, p.data) for p in module.parameters() if p.dim() == 4}
     buffers = [(owner._buffers, name, t) for owner in module.modules() for name, t in owner._buffers.items()
