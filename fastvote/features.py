@@ -6,7 +6,7 @@ model in eval mode under ``torch.inference_mode`` and show a tqdm progress bar.
 By default (:func:`autocast_dtype`) the forward runs under float16 autocast on CUDA
 and bfloat16 autocast on a CPU with bf16 units (avx512_bf16 or AMX), in float32
 elsewhere; on the CPU, weights and images are channels-last for the pass (oneDNN's
-fast convolutions; 1.2-1.55x fp32 NCHW, benchmarks/RESULTS.md, issue 23).
+fast convolutions; 1.2-1.8x fp32 NCHW, benchmarks/RESULTS.md, issue 23).
 
 A loader is any iterable of ``(images, labels)`` or ``(images, labels,
 identifiers)`` batches: images float [B, 3, H, W], labels and identifiers int64
