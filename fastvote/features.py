@@ -2,8 +2,11 @@
 
 :func:`iterate_outputs` streams (the voters consume one batch at a time and
 never hold all rows); :func:`collect` concatenates, for small data. Both run the
-model in eval mode under ``torch.inference_mode`` with AMP autocast on CUDA by
-default, and show a tqdm progress bar.
+model in eval mode under ``torch.inference_mode`` and show a tqdm progress bar.
+By default (:func:`autocast_dtype`) the forward runs under float16 autocast on CUDA
+and bfloat16 autocast on a CPU with bf16 units (avx512_bf16 or AMX), in float32
+elsewhere; on the CPU, weights and images are channels-last for the pass (oneDNN's
+fast convolutions; 1.2-1.8x fp32 NCHW, benchmarks/RESULTS.md, issue 23).
 
 A loader is any iterable of ``(images, labels)`` or ``(images, labels,
 identifiers)`` batches: images float [B, 3, H, W], labels and identifiers int64
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, Iterator, Optional, Sequence
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (two FFCV epochs)
@@ -20,13 +25,54 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (
 from . import progress as bars
 from .models import as_classifier
 
-__all__ = ["OUTPUTS", "resolve_amp", "split_batch", "iterate_outputs", "collect"]
+__all__ = ["OUTPUTS", "BF16_FLAGS", "cpu_flags", "autocast_dtype", "precision", "resolve_amp", "split_batch",
+           "iterate_outputs", "collect"]
 
 OUTPUTS = ("logits", "features")
+# CPU flags (Linux /proc/cpuinfo names) of bf16 dot-product units; without them oneDNN
+# emulates bf16 through fp32 and a bf16 pass is slower than fp32 (ResNet-18: 0.5x, measured)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
+    """The CPU's feature flags as /proc/cpuinfo lists them (its first "flags" line;
+    empty where there is no such file)."""
+    try:
+        with open(cpuinfo) as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def autocast_dtype(amp: Optional[bool], device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of a forward pass, None for float32.
+
+    ``amp=None``: float16 on CUDA, bfloat16 on a CPU with bf16 units (:data:`BF16_FLAGS`),
+    else float32. ``amp=True``: float16 on CUDA, bfloat16 on the CPU whatever its units
+    (emulated, slow, without them). ``amp=False``: float32."""
+    device = torch.device(device)
+    if amp is not None and not isinstance(amp, bool):
+        raise ValueError(f"amp={amp!r}: expected None (the device's default), True or False")
+    if amp is None:
+        amp = device.type == "cuda" or (device.type == "cpu" and any(f in cpu_flags() for f in BF16_FLAGS))
+    if not amp:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def precision(amp: Optional[bool], device) -> str:
+    """The pass's precision as a name ("float32", "bfloat16", "float16"): what keys cached outputs."""
+    dtype = autocast_dtype(amp, device)
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def resolve_amp(amp: Optional[bool], device: torch.device) -> bool:
-    """AMP (float16 autocast) setting: None -> on for CUDA only; True off CUDA is an error."""
+    """The training loops' AMP (float16 autocast + GradScaler) setting: None -> on for CUDA
+    only; True off CUDA is an error. (Forward-only passes: :func:`autocast_dtype`.)"""
     if amp is None:
         return device.type == "cuda"
     if amp and device.type != "cuda":
@@ -60,9 +106,14 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device, want: Sequenc
         loader: batches of (images, labels[, identifiers]).
         device: where the model runs.
         want: a non-empty subset of ("logits", "features").
-        amp: float16 autocast; None -> on for CUDA only.
+        amp: autocast (:func:`autocast_dtype`): None -> float16 on CUDA, bfloat16 on a
+            CPU with bf16 units, float32 elsewhere; True -> on (float16 on CUDA,
+            bfloat16 on the CPU); False -> float32.
         progress: show a tqdm bar.
         desc: the bar's label.
+
+    On the CPU the model's 4-d weights are channels-last while the generator runs,
+    the caller's layout restored when it finishes or is closed.
 
     Yields:
         dict, all tensors on ``device`` (so a GPU voter never copies back to the host):
@@ -75,21 +126,25 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device, want: Sequenc
     if not want or any(w not in OUTPUTS for w in want) or len(set(want)) != len(want):
         raise ValueError(f"want={want!r}: expected a non-empty subset of {OUTPUTS}")
     device = torch.device(device)
-    amp = resolve_amp(amp, device)
+    dtype = autocast_dtype(amp, device)
     net = model if want == ("logits",) else as_classifier(model)
     total = len(loader) if hasattr(loader, "__len__") else None
     was_training = model.training
     model.to(device).eval()
     net.eval()  # a view from as_classifier has its own copies of the modules on its head's path
+    # CUDA keeps what it had: the images' layout as the loader gives them (channels-last)
+    layout = torch.channels_last if device.type == "cpu" else None
+    restore = _to_layout(net, layout)
     try:
         for batch in tqdm(loader, total=total, desc=desc, disable=bars.disable(progress), unit="batch",
                           leave=False):
             images, labels, identifiers = split_batch(batch)
             # inference mode and autocast only around the forward: the caller's code
             # between yields runs in its own modes
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
-                                                        enabled=amp):
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 images = images.to(device, non_blocking=True)
+                if layout is not None and images.dim() == 4:
+                    images = images.contiguous(memory_format=layout)
                 if want == ("logits",):
                     computed = {"logits": net(images)}
                 elif want == ("features",):
@@ -103,7 +158,29 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device, want: Sequenc
                 out["identifiers"] = identifiers.to(device, non_blocking=True)
             yield out
     finally:
+        restore()
         model.train(was_training)
+
+
+def _to_layout(module: nn.Module, layout: Optional[torch.memory_format]):
+    """Puts ``module``'s 4-d parameters and buffers in ``layout`` (None: as they are)
+    in place; returns a function that puts the caller's tensors back."""
+    if layout is None:
+        return lambda: None
+    params = {id(p): (p, p.data) for p in module.parameters() if p.dim() == 4}
+    buffers = [(owner._buffers, name, t) for owner in module.modules() for name, t in owner._buffers.items()
+               if t is not None and t.dim() == 4]
+    for p, data in params.values():
+        p.data = data.contiguous(memory_format=layout)  # the same Parameter: optimizers, shared modules keep it
+    for slots, name, t in buffers:
+        slots[name] = t.contiguous(memory_format=layout)
+
+    def restore():
+        for p, data in params.values():
+            p.data = data
+        for slots, name, t in buffers:
+            slots[name] = t
+    return restore
 
 
 def collect(model: nn.Module, loader: Iterable, *, device, want: Sequence[str] = OUTPUTS,

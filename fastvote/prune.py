@@ -244,19 +244,26 @@ def _check_outputs(spec, src: inputs.Input, tgts: Sequence[inputs.Input], sur, n
         raise ValueError(f"k={k} is more than the {num_groups} source classes a target sample can vote for")
 
 
+def _precision(amp: Optional[bool], device) -> str:
+    from fastvote.features import precision  # here: fastvote.features imports torchvision (seconds)
+
+    return precision(amp, device)
+
+
 def open_view(data: inputs.Input, src: inputs.Input, sur, model, *, batch_size: int, device, workdir: Path,
-              progress: bool, train_config=None):
+              progress: bool, train_config=None, amp: Optional[bool] = None):
     """What a method reads of `data`: its precomputed outputs, or the
-    surrogate's, computed once and cached per (input, surrogate weights,
-    preprocessing) under workdir/features, so another ratio or method reads
+    surrogate's (under `amp`, fastvote.features.autocast_dtype), computed once and
+    cached per (input, surrogate weights, preprocessing, precision) under workdir/features, so another ratio or method reads
     them back instead of running the surrogate again."""
     shared = dict(num_classes=src.num_classes, class_names=src.class_names, device=device, workdir=workdir)
     if data.outputs is not None:
         return TensorView(data, PRECOMPUTED_BATCH, **shared)
     if sur is None:  # random, random-sample: rows and labels only
         return ModelView(data, None, {}, batch_size=batch_size, progress=progress, **shared)
-    cache = workdir / "features" / f"{data.fingerprint.split(':')[1][:16]}-{sur.outputs_key()}"
-    return ModelView(data, model, sur.prep, batch_size=batch_size, progress=progress, cache=cache,
+    key = sur.outputs_key(_precision(amp, device))
+    cache = workdir / "features" / f"{data.fingerprint.split(':')[1][:16]}-{key}"
+    return ModelView(data, model, sur.prep, batch_size=batch_size, progress=progress, cache=cache, amp=amp,
                      surrogate_fingerprint=sur.fingerprint, train_config=train_config, **shared)
 
 
@@ -305,7 +312,7 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
           mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
           device: Union[str, torch.device, None] = None, batch_size: int = 256, seed: int = 0,
           workdir: Union[str, os.PathLike, None] = None, image_key: str = "image", label_key: str = "label",
-          progress: bool = True) -> PruneResult:
+          amp: Optional[bool] = None, progress: bool = True) -> PruneResult:
     """Prunes the source for the target(s) by LM or FM voting, or a baseline.
 
     Args:
@@ -338,6 +345,9 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
         workdir: cache of betons, surrogates and features (default $FASTVOTE_CACHE/prune).
         image_key, label_key: the columns of a dataset's dict items (Hugging
             Face: {"image": PIL, "label": int}; class names from its ClassLabel).
+        amp: autocast for the surrogate's passes (fastvote.features.autocast_dtype):
+            None -> float16 on CUDA, bfloat16 on a CPU with bf16 units (avx512_bf16,
+            AMX), else float32; False -> float32. Cached outputs are kept per precision.
         progress: progress bars for the long passes (on a terminal only; under
             torchrun on rank 0 only).
 
@@ -394,9 +404,9 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
     surrogate_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     selection = spec.select(open_view(src, src, sur, model, batch_size=batch_size, device=device, workdir=workdir,
-                                      progress=progress, train_config=train_config),
+                                      progress=progress, train_config=train_config, amp=amp),
                             [open_view(t, src, sur, model, batch_size=batch_size, device=device, workdir=workdir,
-                                       progress=progress) for t in tgts],
+                                       progress=progress, amp=amp) for t in tgts],
                             keep=n_keep, seed=seed, device=device, progress=progress)
     prune_seconds = time.perf_counter() - t0
     # Stream rows -> source positions (a beton may hold its samples in any order).
@@ -423,7 +433,8 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
                       **({"arch": arch} if sur is not None and sur.kind == "trained" else {})},
         "source": dict(describe(src), num_classes=len(groups)),
         "targets": [describe(t) for t in tgts],
-        "surrogate": None if sur is None else dict(sur.entry, fingerprint=sur.fingerprint),
+        "surrogate": None if sur is None else dict(sur.entry, fingerprint=sur.fingerprint,
+                                                   precision=_precision(amp, device)),
         "preprocessing": {} if sur is None else sur.prep,
         "selection": selection.info,
         "versions": {"fastvote": fastvote.__version__, "torch": torch.__version__, "numpy": np.__version__,

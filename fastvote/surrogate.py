@@ -129,6 +129,9 @@ def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool =
             return path, dict(info, reused_from_cache=True)
         started = time.perf_counter()
         model = models.build_model(recipe.arch, source.num_classes, image_size=recipe.resolution, seed=recipe.seed)
+        # channels-last weights on every device (training_setup does it on CUDA): oneDNN's fast
+        # convolutions, a CPU training step 1.1-1.2x fp32 NCHW (benchmarks/RESULTS.md, issue 23)
+        model.to(memory_format=torch.channels_last)
         if announce and distributed.is_main():
             seconds = _estimate_seconds(model, recipe, source.num_rows, device)
             print(_announcement(recipe, model, source, device, seconds, implicit), flush=True)
@@ -144,6 +147,7 @@ def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool =
                                            checkpoint_dir=resume)
         info = {"key": key, "arch": recipe.arch, "epochs": recipe.config.epochs,
                 "seconds": time.perf_counter() - started, "train_acc": history["train_acc"][-1]}
+        model.to(memory_format=torch.contiguous_format)  # the checkpoint in the usual layout
         if distributed.is_main():
             models.save_checkpoint(path, model, class_names=source.class_names, **recipe.prep)
             write_json(info_path, info)
@@ -251,10 +255,10 @@ class Surrogate:
             self.entry.setdefault("seconds", time.perf_counter() - started)
         return self._model
 
-    def outputs_key(self) -> str:
+    def outputs_key(self, precision: str) -> str:
         """Names this surrogate's outputs in the feature cache: its weights'
-        content (a trained one's once trained; equal after a resume) and its
-        preprocessing."""
+        content (a trained one's once trained; equal after a resume), its
+        preprocessing and the pass's `precision` (fastvote.features.precision)."""
         weights = self.fingerprint
         if self.kind == "trained":
             if self._weights is None:
@@ -263,7 +267,7 @@ class Surrogate:
                 model = self._model if self._model is not None else models.load_model(self.entry["path"])
                 self._weights = fingerprint_weights(model)
             weights = self._weights
-        return hashlib.sha256(json.dumps([weights, self.prep]).encode()).hexdigest()[:24]
+        return hashlib.sha256(json.dumps([weights, self.prep, precision]).encode()).hexdigest()[:24]
 
 
 def _preprocessing(own: Optional[dict], source: Input, image_size, mean, std, what: str) -> dict:

@@ -96,7 +96,8 @@ class TensorView(_SourceRows):
 
 
 class ModelView(_SourceRows):
-    """Runs the surrogate over a beton (eval pipeline, file order). With a
+    """Runs the surrogate over a beton (eval pipeline, file order; autocast as
+    `amp` asks, fastvote.features.autocast_dtype). With a
     cache folder the first complete pass is kept on disk as .npy files, so
     later passes (K-means) read features in chunks instead of recomputing.
 
@@ -107,8 +108,9 @@ class ModelView(_SourceRows):
 
     def __init__(self, data: Input, model, prep: dict, *, batch_size: int, device, progress: bool,
                  num_classes: Optional[int], class_names, cache: Optional[Path] = None,
-                 workdir: Optional[Path] = None, surrogate_fingerprint: Optional[str] = None, train_config=None):
-        self.data, self.model, self.prep = data, model, prep
+                 workdir: Optional[Path] = None, surrogate_fingerprint: Optional[str] = None, train_config=None,
+                 amp: Optional[bool] = None):
+        self.data, self.model, self.prep, self.amp = data, model, prep, amp
         self.batch_size, self.device, self.progress = batch_size, device, progress
         self.labels = data.labels
         self.num_classes = num_classes
@@ -160,7 +162,7 @@ class ModelView(_SourceRows):
         files = self._cache_files(want, shard) if self.cache is not None else {}
         writers: Dict[str, NpyWriter] = {}
         try:
-            for batch in iterate_outputs(self.model, loader, device=self.device, want=tuple(outputs),
+            for batch in iterate_outputs(self.model, loader, device=self.device, want=tuple(outputs), amp=self.amp,
                                          progress=self.progress, desc=self.data.description):
                 out = {w: batch[w] for w in want}
                 for w, t in out.items():

@@ -117,11 +117,11 @@ def test_a_resumed_surrogate_shares_the_cache_of_an_uninterrupted_one_and_leaves
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     # equal tensors, so one feature cache: as a checkpoint ...
     a, b = (surrogates.resolve(out / name, source, arch="tiny", workdir=work) for name in ("whole.pt", "resumed.pt"))
-    assert a.fingerprint == b.fingerprint and a.outputs_key() == b.outputs_key()
+    assert a.fingerprint == b.fingerprint and a.outputs_key("float32") == b.outputs_key("float32")
     # ... and as the trained surrogate the file holds
     a, b = (surrogates.Surrogate(kind="trained", fingerprint="recipe:x", prep=a.prep, num_classes=30,
                                  entry={"path": str(out / name)}) for name in ("whole.pt", "resumed.pt"))
-    assert a.outputs_key() == b.outputs_key()
+    assert a.outputs_key("float32") == b.outputs_key("float32")
 
     # the user's folder holds the checkpoints and their json: the lock and the resume state are in the cache
     assert left_by_the_kill == ["whole.pt", "whole.pt.json"]
