@@ -11,6 +11,10 @@ the pass was keyed by (input, surrogate and preprocessing fingerprints); parts
 of another key are removed before a pass starts. A finished column is copied
 into the pass's single ``.npy`` file and its parts removed.
 
+Steps that are not columns (k-means' seeding and each Lloyd pass) publish
+their state whole, with the key of their inputs (:func:`save_state`,
+:func:`load_state`).
+
 Ctrl-C during a pass (:func:`interruptible`) stops it at the next chunk
 boundary with :class:`Interrupted`; a second Ctrl-C stops at once.
 
@@ -21,19 +25,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .atomic import atomic_path, remove_stale, write_json
 from .data.npy import NpyRows, NpyWriter
 
-__all__ = ["ChunkedColumns", "Interrupted", "interruptible", "chunk_seconds", "RESUME_HINT"]
+__all__ = ["ChunkedColumns", "Committer", "Interrupted", "interruptible", "chunk_seconds", "save_state", "load_state",
+           "RESUME_HINT"]
 
 _PART = re.compile(r"^(\d+)-(\d+)\.npy$")
 RESUME_HINT = "interrupted; rerun the same command to resume"
@@ -240,3 +246,22 @@ class Committer:
         self._blocks, self._bytes, self._since = {}, 0, time.monotonic()
         check()
 
+
+
+# ---------------------------------------------------------------- step checkpoints
+
+def save_state(path: str | os.PathLike, key: dict, state: dict) -> None:
+    """Publishes a step's state (tensors, arrays, numbers) with the key of the
+    inputs it belongs to, atomically: a kill leaves the previous one."""
+    with atomic_path(path, kind="partial") as tmp, open(tmp, "wb") as f:
+        pickle.dump({"key": json.loads(json.dumps(key, default=str)), "state": state}, f, protocol=5)
+
+
+def load_state(path: str | os.PathLike, key: dict) -> Optional[dict]:
+    """The state save_state wrote at `path` for the same key, else None."""
+    try:
+        with open(path, "rb") as f:
+            saved = pickle.load(f)  # (fastvote's own work area: written by save_state only)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return None
+    return saved["state"] if saved.get("key") == json.loads(json.dumps(key, default=str)) else None
