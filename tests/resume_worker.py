@@ -1,11 +1,14 @@
-"""`fastvote ARGS` in a process the resume tests kill: prints, flushed, the
-rows of every batch the surrogate computes ("computed START STOP"), so a
-test knows what a killed run had done."""
+"""`fastvote ARGS` in a process the resume tests kill. Prints, flushed, the
+rows of every batch the surrogate computes ("computed START STOP") and the
+wall time of every commit of a k-means step or shard file ("committed NAME
+TIME"), so a test knows what a killed run had done and when."""
 import sys
+import time
 
-from fastvote import cli, views
+from fastvote import chunks, cli, views
+from fastvote.data import npy
 
-_run = views.ModelView._run
+_run, _save, _close = views.ModelView._run, chunks.save_state, npy.NpyWriter.close
 
 
 def run(self, want, rows):
@@ -16,5 +19,17 @@ def run(self, want, rows):
         yield out
 
 
-views.ModelView._run = run
+def save_state(path, key, state):
+    _save(path, key, state)
+    print(f"committed {path.name} {time.time()}", flush=True)
+
+
+def close(self):
+    path = _close(self)
+    print(f"committed {path.parent.name}/{path.name} {time.time()}", flush=True)
+    return path
+
+
+views.ModelView._run, chunks.save_state, npy.NpyWriter.close = run, save_state, close
+print(f"started {time.time()}", flush=True)
 sys.exit(cli.main(sys.argv[1:]))

@@ -7,6 +7,7 @@ line."""
 import os
 import random
 import signal
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,112 @@ def test_ctrl_c_stops_at_a_chunk_boundary_with_one_line_and_the_rerun_finishes(p
     assert committed(cache)[0], "the chunk in flight was committed"
     assert cli.main(features_args(pass_inputs, work, out)) == 0
     assert np.load(out / "features.npy").shape[0] == 360
+
+
+# ---------------------------------------------------------------- k-means and cluster-prune
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("cap", [None, 16])
+def test_kmeans_resumed_after_any_pass_gives_the_same_bits(tmp_path, monkeypatch, cap):
+    import torch
+
+    from fastvote import chunks, cluster
+
+    g = np.random.default_rng(1)
+    x = torch.from_numpy((g.normal(0, 3, (40, 8))[g.integers(0, 40, 3000)] + g.normal(0, 1, (3000, 8)))
+                         .astype(np.float32))
+
+    def run(folder):
+        return cluster.fit(lambda: x.split(97), 40, rows=range(3000), num_rows=3000, iterations=6, tol=0,
+                           max_rows_per_cluster=cap, progress=False, checkpoint=folder)
+
+    whole = run(None)
+    save = chunks.save_state
+    for steps in range(1, 7):  # stopped after the seeding and after 1..5 passes
+        folder, saved = tmp_path / f"stop{steps}", [0]
+
+        def stop_after(*args):
+            save(*args)
+            saved[0] += 1
+            if saved[0] == steps:
+                raise Stop
+
+        monkeypatch.setattr(chunks, "save_state", stop_after)
+        with pytest.raises(Stop):
+            run(folder)
+        monkeypatch.setattr(chunks, "save_state", save)
+        resumed = run(folder)
+        assert resumed.resumed_after == steps - 1
+        assert torch.equal(resumed.centroids, whole.centroids) and torch.equal(resumed.counts, whole.counts)
+        assert resumed.passes == whole.passes and resumed.restarts == whole.restarts
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """Six shards of 20,000 rows x 32 around 100 centres, and a target near a quarter of them."""
+    root = tmp_path_factory.mktemp("resume-pool")
+    (root / "pool").mkdir()
+    g = np.random.default_rng(0)
+    centres = g.normal(0, 3, (100, 32)).astype(np.float32)
+    for i in range(6):
+        np.save(root / "pool" / f"s{i}.npy", (centres[g.integers(0, 100, 20000)] +
+                                              g.normal(0, 1, (20000, 32))).astype(np.float32))
+    np.save(root / "target.npy", (centres[g.integers(0, 25, 2000)] + g.normal(0, 1, (2000, 32))).astype(np.float32))
+    return root
+
+
+def cluster_args(pool, out):
+    return ["cluster-prune", "--device", "cpu", "--source", str(pool / "pool"), "--target", str(pool / "target.npy"),
+            "--out", str(out), "--clusters", "100", "--keep", "50000", "--iterations", "8",
+            "--max-rows-per-cluster", "0"]
+
+
+def outputs(out: Path) -> dict:
+    """Every output file's bytes, the manifest without its timings and resumes."""
+    import json
+
+    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    manifest = json.loads(files.pop("manifest.json"))
+    for name in ("seeding_seconds", "pass_seconds", "assign_seconds", "vote_and_keep_seconds", "resumed"):
+        manifest.pop(name)
+    return dict(files, manifest=manifest)
+
+
+def test_cluster_prune_killed_three_times_resumes_to_the_same_outputs(pool, tmp_path):
+    whole = tmp_path / "whole"
+    done = subprocess.run([sys.executable, str(HERE / "resume_worker.py"), *cluster_args(pool, whole)], env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    commits = [float(line.split()[-1]) for line in done.stdout.splitlines() if line.startswith(("started",
+                                                                                                 "committed"))]
+    longest = max(b - a for a, b in zip(commits[1:], commits[2:]))  # the longest step after the first commit
+    out, g, lost = tmp_path / "out", random.Random(0), []
+    for kill in range(3):
+        proc = start(cluster_args(pool, out))
+        lines, wanted = [], g.randint(1, 6)  # die a random while after a random number of commits
+        for line in proc.stdout:
+            lines.append(line)
+            if sum(x.startswith("committed") for x in lines) == wanted:
+                break
+        time.sleep(g.uniform(0, 0.2))
+        killed_at = time.time()
+        os.kill(proc.pid, signal.SIGKILL)
+        rest = proc.stdout.read()
+        proc.wait()
+        stamps = [float(x.split()[-1]) for x in lines + rest.splitlines() if x.startswith("committed")]
+        assert stamps, "the kill came after a commit"
+        lost.append(killed_at - stamps[-1])
+        # a kill leaves the work area and at most the shard files in flight: nothing that grows with kills
+        assert len([p for p in out.rglob(".*") if p.is_file()]) <= 2
+        assert len(list((out / "resume").iterdir())) <= 3
+    done = subprocess.run([sys.executable, str(HERE / "resume_worker.py"), *cluster_args(pool, out)], env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stdout, done.stdout
+    assert outputs(out) == outputs(whole)
+    assert not (out / "resume").exists() and not [p for p in out.rglob(".*")]
+    print(f"seconds lost to each kill: {[round(s, 2) for s in lost]}; the longest step: {longest:.2f} s")
+    assert max(lost) <= longest + 0.5  # (+ the kill's own latency on a busy machine)
