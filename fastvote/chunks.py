@@ -170,10 +170,13 @@ class ChunkedColumns:
             result = _intersect(result, _merge([(a, b) for a, b, _ in self._parts(column)]))
         return result
 
-    def commit(self, start: int, arrays: Dict[str, np.ndarray]) -> None:
-        """Publishes rows [start, start + len) of each column (one atomic file each)."""
+    def commit(self, start: int, arrays: Dict[str, np.ndarray], stop: Optional[int] = None) -> None:
+        """Publishes rows [start, stop) of each column (one atomic file each);
+        stop defaults to start + len(block). A column whose rows vary in size
+        (the beton writer's encoded images) gives stop and is read back by
+        :meth:`blocks`."""
         for column, block in arrays.items():
-            path = self.root / column / f"{start}-{start + len(block)}.npy"
+            path = self.root / column / f"{start}-{start + len(block) if stop is None else stop}.npy"
             with atomic_path(path, kind="partial") as tmp:
                 np.save(tmp, np.ascontiguousarray(block))
 
@@ -190,6 +193,15 @@ class ChunkedColumns:
             blocks.append(NpyRows(path).read(at - a, end - a))
             at = end
         return np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
+
+    def blocks(self, column: str, start: int) -> Iterator[Tuple[int, int, np.ndarray]]:
+        """(start, stop, the part's array) of the parts that follow each other
+        from row `start` on, as committed."""
+        parts = {a: (b, p) for a, b, p in self._parts(column)}
+        while start in parts:
+            stop, path = parts[start]
+            yield start, stop, np.load(path)
+            start = stop
 
     def publish(self, column: str, path: str | os.PathLike, rows: range, block_rows: int = 65536) -> Path:
         """Copies rows `rows` of a column into one .npy at `path` (atomically)."""
@@ -227,13 +239,15 @@ class Committer:
         self.parts, self.start = parts, start
         self.seconds = chunk_seconds()
         self._blocks: Dict[str, list] = {}
-        self._bytes = 0
+        self._bytes = self._rows = 0
         self._since = time.monotonic()
 
-    def add(self, arrays: Dict[str, np.ndarray]) -> None:
+    def add(self, arrays: Dict[str, np.ndarray], rows: Optional[int] = None) -> None:
+        """Blocks of the next `rows` rows (default: the first block's length)."""
         for column, block in arrays.items():
             self._blocks.setdefault(column, []).append(block)
             self._bytes += block.nbytes
+        self._rows += len(next(iter(arrays.values()))) if rows is None else rows
         if time.monotonic() - self._since >= self.seconds or self._bytes >= CHUNK_BYTES:
             self.flush()
 
@@ -241,9 +255,9 @@ class Committer:
         """Commits what was collected; then honours a pending Ctrl-C."""
         if self._blocks:
             arrays = {c: np.concatenate(b) for c, b in self._blocks.items()}
-            self.parts.commit(self.start, arrays)
-            self.start += len(next(iter(arrays.values())))
-        self._blocks, self._bytes, self._since = {}, 0, time.monotonic()
+            self.parts.commit(self.start, arrays, self.start + self._rows)
+            self.start += self._rows
+        self._blocks, self._bytes, self._rows, self._since = {}, 0, 0, time.monotonic()
         check()
 
 

@@ -1,14 +1,14 @@
 """`fastvote ARGS` in a process the resume tests kill. Prints, flushed, the
 rows of every batch the surrogate computes ("computed START STOP") and the
-wall time of every commit of a k-means step or shard file ("committed NAME
-TIME"), so a test knows what a killed run had done and when."""
+wall time of every commit of a k-means step, shard file or chunk of rows
+("committed NAME ... TIME"), so a test knows what a killed run had done and when."""
 import sys
 import time
 
 from fastvote import chunks, cli, views
 from fastvote.data import npy
 
-_run, _save, _close = views.ModelView._run, chunks.save_state, npy.NpyWriter.close
+_run, _save, _close, _commit = views.ModelView._run, chunks.save_state, npy.NpyWriter.close, chunks.ChunkedColumns.commit
 
 
 def run(self, want, rows):
@@ -30,6 +30,13 @@ def close(self):
     return path
 
 
+def commit(self, start, arrays, stop=None):
+    _commit(self, start, arrays, stop)
+    print(f"committed rows {start} {start + len(next(iter(arrays.values()))) if stop is None else stop} {time.time()}",
+          flush=True)
+
+
 views.ModelView._run, chunks.save_state, npy.NpyWriter.close = run, save_state, close
+chunks.ChunkedColumns.commit = commit
 print(f"started {time.time()}", flush=True)
 sys.exit(cli.main(sys.argv[1:]))

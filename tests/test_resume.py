@@ -234,3 +234,49 @@ def test_cluster_prune_killed_three_times_resumes_to_the_same_outputs(pool, tmp_
     assert not (out / "resume").exists() and not [p for p in out.rglob(".*")]
     print(f"seconds lost to each kill: {[round(s, 2) for s in lost]}; the longest step: {longest:.2f} s")
     assert max(lost) <= longest + 0.5  # (+ the kill's own latency on a busy machine)
+
+
+# ---------------------------------------------------------------- beton writing
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """120 noise PNGs of 200 x 260 px in three class folders (JPEG-encoded at <= 96 px when written)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("resume-images") / "images"
+    g = np.random.default_rng(0)
+    for i in range(120):
+        (root / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(g.integers(0, 255, (200, 260, 3), dtype=np.uint8)).save(root / f"c{i % 3}" / f"{i}.png")
+    return root
+
+
+def test_a_beton_write_killed_three_times_resumes_to_the_same_bytes(image_folder, tmp_path):
+    def args(path):
+        return ["data", "write", str(path), "--image-folder", str(image_folder), "--workers", "1",
+                "--max-resolution", "96"]
+
+    assert cli.main(args(tmp_path / "whole.beton")) == 0
+    path, g, kills = tmp_path / "out.beton", random.Random(1), 0
+    while kills < 3:
+        proc = start(args(path))
+        wanted, seen = g.randint(1, 3), 0
+        for line in proc.stdout:
+            seen += line.startswith("committed rows")
+            if seen == wanted:
+                break
+        if proc.poll() is not None:
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        assert not path.exists()
+        assert len([p for p in tmp_path.rglob(".*") if p.is_file() and "partial" in p.name]) <= 2
+    assert kills == 3
+    done = subprocess.run([sys.executable, str(HERE / "resume_worker.py"), *args(path)], env=ENV, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[fastvote] resuming: " in done.stdout and "of out.beton is written" in done.stdout
+    assert path.read_bytes() == (tmp_path / "whole.beton").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.beton", "out.beton.classes.json", "whole.beton",
+                                                          "whole.beton.classes.json"]
