@@ -273,6 +273,7 @@ def save_state(path: str | os.PathLike, key: dict, state: dict) -> None:
 
 def load_state(path: str | os.PathLike, key: dict) -> Optional[dict]:
     """The state save_state wrote at `path` for the same key, else None."""
+    remove_stale(Path(path).parent)  # a killed save's half-written file
     try:
         with open(path, "rb") as f:
             saved = pickle.load(f)  # (fastvote's own work area: written by save_state only)

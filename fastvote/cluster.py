@@ -71,6 +71,7 @@ _SLACK = 1e-5  # relative float32 error allowed for in the bounds
 _OVERSAMPLE = 8  # candidates a round draws per center it adds
 _MIN_POOL = 256  # at least this many (small rounds: the potential estimate needs them, and they cost ~0)
 _POOL = 2048  # at most this many candidates a round (their distance matrix: 16 MB)
+_RESULT_STATE = ("passes", "counts", "pass_seconds", "computed", "movers", "restarts")  # what a resume restores
 _TRIALS = 3  # greedy trials a pick: 3 (2 + ln K), scikit-learn's 2 + ln K times 3 (issue 21)
 
 
@@ -146,9 +147,10 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
     positions (any split over ranks gives the same centroids).
 
     checkpoint: a folder (the caller's, keyed by the stream's content) where
-        the seeding result and the state after each pass are saved; a rerun
-        with the same arguments resumes after the last saved step with the same
-        bits as an uninterrupted fit. The state is K x D (centroids, float64
+        the seeding result and the state after each pass (and every
+        fastvote.chunks.chunk_seconds() within a pass) are saved; a rerun with
+        the same arguments resumes from the last save with the same bits as an
+        uninterrupted fit. The state is K x D (centroids, float64
         sums) plus this rank's fitting rows' bounds (at most
         max_rows_per_cluster a cluster: they make the resumed passes skip the
         same rows, so the same near-tie choices), and the seeding sample once."""
@@ -192,29 +194,46 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
     # changed cluster update them (a few percent of the rows once converging; float64, so exactly enough).
     sums = torch.zeros(num_clusters, centroids.shape[1], dtype=torch.float64)
     counts = torch.zeros(num_clusters, dtype=torch.float64)
-    first, converged = 0, False
+    first, converged, skip, computed = 0, False, 0, torch.zeros(1, dtype=torch.float64)
     saved = None if pass_path is None else chunks.load_state(pass_path, key)
-    if saved is not None:  # resume after the last saved pass, every piece of state as it was
+    if saved is not None:  # resume where the last save was, every piece of state as it was
         first, converged, rng.bit_generator.state = saved["next"], saved["converged"], saved["rng"]
+        skip, computed = saved["skip"], saved["computed"]
         centroids = saved["centroids"].to(device)
         geometry = _Geometry(centroids)
         geometry._half_gap = saved["half_gap"].to(device)
         for name in ("assigned", "upper", "lower", "movers"):
             setattr(bounds, name, saved[name].to(device))
         sums, counts = saved["sums"], saved["counts"]
-        for name in ("passes", "counts", "pass_seconds", "computed", "movers", "restarts"):
+        for name in _RESULT_STATE:
             setattr(result, name, saved["result"][name])
         result.resumed_after = first
-    if result.resumed_after is not None and progress and distributed.is_main():
-        print(f"[fastvote] resuming k-means: the seeding and {first} of {iterations} passes are saved"
-              f"{' (converged)' if converged else ''}", flush=True)
+        if progress and distributed.is_main():
+            within = f" and {skip} batches of pass {first + 1}" if skip else ""
+            print(f"[fastvote] resuming k-means: the seeding, {first} of {iterations} passes{within} are saved"
+                  f"{' (converged)' if converged else ''}", flush=True)
+
+    def save(next_pass: int, batches_done: int) -> None:
+        """The loop's whole state: after a pass (batches_done 0), or within
+        pass next_pass after that many of its batches."""
+        chunks.save_state(pass_path, key, dict(
+            next=next_pass, skip=batches_done, converged=converged, rng=rng.bit_generator.state,
+            centroids=centroids.cpu(), half_gap=geometry.half_gap().cpu(), sums=sums, counts=counts,
+            computed=computed, result={name: getattr(result, name) for name in _RESULT_STATE},
+            **{name: getattr(bounds, name).cpu() for name in ("assigned", "upper", "lower", "movers")}))
+        chunks.check()  # a Ctrl-C stops here, the state saved
+
     for it in range(first, 0 if converged else iterations):
-        started = time.perf_counter()
-        computed = torch.zeros(1, dtype=torch.float64)
-        result.movers.append(len(bounds.movers))
-        done = 0
+        started, saved_at = time.perf_counter(), time.monotonic()
+        if not skip:
+            computed = torch.zeros(1, dtype=torch.float64)
+            result.movers.append(len(bounds.movers))
+        done = fitted = 0
         for x, at in _fitting_rows(batches, rows, picks, metric, device, progress,
                                    f"k-means pass {it + 1}/{iterations}"):
+            done, fitted = done + 1, fitted + len(x)
+            if done <= skip:  # done before the save this run resumed from (read again, not computed)
+                continue
             before = bounds.assigned[at].clone() if it else None
             assigned, n = bounds.update(x, at, geometry)
             if before is None:
@@ -224,8 +243,12 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
             else:
                 _move_rows(sums, counts, x, before, assigned)
             computed += n
-            done += len(x)
-        _check_replay(done, len(bounds.assigned))
+            # a long pass saves its state within, too: a kill loses at most chunk_seconds() of it
+            if pass_path is not None and time.monotonic() - saved_at >= chunks.chunk_seconds():
+                save(it, done)
+                saved_at = time.monotonic()
+        _check_replay(fitted, len(bounds.assigned))
+        skip = 0
         packed = torch.cat([sums, counts[:, None], computed[:, None].expand(num_clusters, 1)], 1)
         packed = distributed.all_reduce_(packed) if sharded else packed
         total, members = packed[:, :-2], packed[:, -2]
@@ -244,13 +267,7 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
         result.computed.append(float(packed[0, -1]) / max(result.fit_rows, 1))
         converged = float(drift.max()) ** 2 <= tol and bool((members > 0).all())
         if pass_path is not None:
-            chunks.save_state(pass_path, key, dict(
-                next=it + 1, converged=converged, rng=rng.bit_generator.state, centroids=centroids.cpu(),
-                half_gap=geometry.half_gap().cpu(), sums=sums, counts=counts,
-                **{name: getattr(bounds, name).cpu() for name in ("assigned", "upper", "lower", "movers")},
-                result={name: getattr(result, name) for name in ("passes", "counts", "pass_seconds", "computed",
-                                                                  "movers", "restarts")}))
-            chunks.check()  # a Ctrl-C during the pass stops here, its state saved
+            save(it + 1, 0)
         if converged:
             break
     result.centroids = centroids.cpu()
