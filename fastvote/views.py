@@ -168,7 +168,9 @@ class ModelView(_SourceRows):
         is published as the cache's .npy files."""
         if len(rows) == 0:
             return
-        if self.cache is None:
+        # Under torchrun an unsharded pass runs on every rank: rank 0 alone commits and publishes it (a rank
+        # removing the parts it published would pull them from under another's publish)
+        if self.cache is None or (not shard and not distributed.is_main()):
             yield from self._run(want, rows)
             return
         parts = chunks.ChunkedColumns(self.cache, {"source": self.data.fingerprint, "rows": self.data.num_rows,
