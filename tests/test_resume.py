@@ -281,3 +281,16 @@ def test_a_beton_write_killed_three_times_resumes_to_the_same_bytes(image_folder
     assert path.read_bytes() == (tmp_path / "whole.beton").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.beton", "out.beton.classes.json", "whole.beton",
                                                           "whole.beton.classes.json"]
+
+
+def test_ctrl_c_stops_cluster_prune_after_a_saved_step(pool, tmp_path):
+    out = tmp_path / "out"
+    proc = start(cluster_args(pool, out))
+    for line in proc.stdout:
+        if line.startswith("committed kmeans-seeded"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "fastvote cluster-prune: interrupted; rerun the same command to resume"
+    assert (out / "resume" / "kmeans-seeded.pkl").is_file() and not (out / "centroids.npy").exists()
