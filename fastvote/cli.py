@@ -446,9 +446,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     handler = {"data": cmd_data, "surrogate": cmd_surrogate, "prune": cmd_prune, "features": cmd_features,
                "experiment": cmd_experiment, "demo": cmd_demo, "cluster-prune": cmd_cluster_prune}[args.command]
     from fastvote import distributed
+    from fastvote.chunks import Interrupted
 
     try:
         return handler(args)
+    except Interrupted as exc:  # Ctrl-C at a chunk boundary: what was computed is committed
+        print(f"fastvote {args.command}: {exc}", file=sys.stderr)
+        return 130
     except Exception as exc:
         if isinstance(exc, USER_ERRORS) or (isinstance(exc, OSError) and exc.errno in USER_ERRNOS):
             print(f"fastvote {args.command}: error: {exc}", file=sys.stderr)

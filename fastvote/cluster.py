@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -57,7 +58,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from fastvote import distributed, ops
+from fastvote import chunks, distributed, ops
 from fastvote import progress as bars
 
 Batches = Callable[[], Iterable[Tensor]]  # each call starts a fresh pass over [B, D] batches
@@ -70,6 +71,7 @@ _SLACK = 1e-5  # relative float32 error allowed for in the bounds
 _OVERSAMPLE = 8  # candidates a round draws per center it adds
 _MIN_POOL = 256  # at least this many (small rounds: the potential estimate needs them, and they cost ~0)
 _POOL = 2048  # at most this many candidates a round (their distance matrix: 16 MB)
+_RESULT_STATE = ("passes", "counts", "pass_seconds", "computed", "movers", "restarts")  # what a resume restores
 _TRIALS = 3  # greedy trials a pick: 3 (2 + ln K), scikit-learn's 2 + ln K times 3 (issue 21)
 
 
@@ -86,6 +88,7 @@ class Fit:
     computed: List[float] = field(default_factory=list)  # per pass: distance work done, in full passes' worth
     movers: List[int] = field(default_factory=list)  # per pass: centroids every row computed (_Bounds.moved)
     restarts: int = 0  # empty clusters restarted
+    resumed_after: Optional[int] = None  # the saved pass a rerun resumed after (0: the seeding)
 
 
 def kmeans(batches: Batches, num_clusters: int, *, num_rows: Optional[int] = None, sharded: bool = False,
@@ -138,41 +141,99 @@ def kmeans(batches: Batches, num_clusters: int, *, num_rows: Optional[int] = Non
 def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, sharded: bool = False,
         metric: str = "l2", iterations: int = 20, tol: float = 1e-4, sample_size: Optional[int] = None,
         max_rows_per_cluster: Optional[int] = MAX_ROWS_PER_CLUSTER, seed: int = 0,
-        device: Optional[torch.device] = None, progress: bool = True) -> Fit:
+        device: Optional[torch.device] = None, progress: bool = True, checkpoint: Optional[Path] = None) -> Fit:
     """The centroids of :func:`kmeans` (arguments as there), from a stream of
     this rank's rows: `rows`, a contiguous range of the `num_rows` global row
-    positions (any split over ranks gives the same centroids)."""
+    positions (any split over ranks gives the same centroids).
+
+    checkpoint: a folder (the caller's, keyed by the stream's content) where
+        the seeding result and the state after each pass (and every
+        fastvote.chunks.chunk_seconds() within a pass) are saved; a rerun with
+        the same arguments resumes from the last save with the same bits as an
+        uninterrupted fit. The state is K x D (centroids, float64
+        sums) plus this rank's fitting rows' bounds (at most
+        max_rows_per_cluster a cluster: they make the resumed passes skip the
+        same rows, so the same near-tie choices), and the seeding sample once."""
     _check_args(num_clusters, metric, iterations, num_rows, max_rows_per_cluster, sample_size)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    key = dict(rows=[rows.start, rows.stop], num_rows=num_rows, num_clusters=num_clusters, metric=metric,
+               iterations=iterations, tol=tol, sample_size=sample_size, max_rows_per_cluster=max_rows_per_cluster,
+               seed=seed, ranks=distributed.world_size())
+    tag = f".rank{distributed.rank()}of{distributed.world_size()}" if sharded else ""
+    seeded_path = None if checkpoint is None else Path(checkpoint) / f"kmeans-seeded{tag}.pkl"
+    pass_path = None if checkpoint is None else Path(checkpoint) / f"kmeans-pass{tag}.pkl"
     rng = np.random.default_rng(seed)
-    started = time.perf_counter()
-    size = min(num_rows, sample_size or max(SEED_ROWS_PER_CLUSTER * num_clusters, 2000))
-    sample = _gather(batches, rows, np.sort(rng.choice(num_rows, size=size, replace=False)), sharded, metric)
-    sample = sample.to(device)
-    centroids = _seed(sample, num_clusters, rng, progress)
-    cap = None if max_rows_per_cluster is None else max_rows_per_cluster * num_clusters
-    fit_rows = num_rows if cap is None else min(cap, num_rows)
-    if 4 * len(sample) <= fit_rows:  # (a sample near the fitting rows' size: its passes would cost as much)
-        centroids = _refine(sample, centroids, metric)
-    seeding = time.perf_counter() - started
-    # Scale of the tolerance: the mean per-dimension variance of the data (the sample's).
-    tol = tol * float(sample.var(0).double().mean()) if len(sample) > 1 else 0.0  # (accumulated in float64)
-    picks = None if cap is None or cap >= num_rows else np.sort(rng.choice(num_rows, size=cap, replace=False))
+    seeded = None if seeded_path is None else chunks.load_state(seeded_path, key)
+    resumed_after = None if seeded is None else 0
+    if seeded is None:
+        started = time.perf_counter()
+        size = min(num_rows, sample_size or max(SEED_ROWS_PER_CLUSTER * num_clusters, 2000))
+        sample = _gather(batches, rows, np.sort(rng.choice(num_rows, size=size, replace=False)), sharded, metric)
+        sample = sample.to(device)
+        centroids = _seed(sample, num_clusters, rng, progress)
+        cap = None if max_rows_per_cluster is None else max_rows_per_cluster * num_clusters
+        fit_rows = num_rows if cap is None else min(cap, num_rows)
+        if 4 * len(sample) <= fit_rows:  # (a sample near the fitting rows' size: its passes would cost as much)
+            centroids = _refine(sample, centroids, metric)
+        # Scale of the tolerance: the mean per-dimension variance of the data (the sample's).
+        tol = tol * float(sample.var(0).double().mean()) if len(sample) > 1 else 0.0  # (accumulated in float64)
+        picks = None if cap is None or cap >= num_rows else np.sort(rng.choice(num_rows, size=cap, replace=False))
+        seeded = dict(sample=sample.cpu(), centroids=centroids.cpu(), fit_rows=fit_rows, tol=tol, picks=picks,
+                      rng=rng.bit_generator.state, seconds=time.perf_counter() - started)
+        if seeded_path is not None:
+            chunks.save_state(seeded_path, key, seeded)
+    sample, centroids, tol, picks = seeded["sample"].to(device), seeded["centroids"].to(device), seeded["tol"], \
+        seeded["picks"]
+    rng.bit_generator.state = seeded["rng"]
     lo, hi = (0, len(rows)) if picks is None else np.searchsorted(picks, [rows.start, rows.stop])
     bounds = _Bounds(int(hi - lo), device)
     geometry = _Geometry(centroids)
-    result = Fit(centroids, torch.zeros(num_clusters, dtype=torch.float64), fit_rows, len(sample), 0, seeding)
+    result = Fit(centroids, torch.zeros(num_clusters, dtype=torch.float64), seeded["fit_rows"], len(sample), 0,
+                 seeded["seconds"], resumed_after=resumed_after)
     # This rank's per-cluster sums and counts, kept across passes: after the first pass only the rows that
     # changed cluster update them (a few percent of the rows once converging; float64, so exactly enough).
     sums = torch.zeros(num_clusters, centroids.shape[1], dtype=torch.float64)
     counts = torch.zeros(num_clusters, dtype=torch.float64)
-    for it in range(iterations):
-        started = time.perf_counter()
-        computed = torch.zeros(1, dtype=torch.float64)
-        result.movers.append(len(bounds.movers))
-        done = 0
+    first, converged, skip, computed = 0, False, 0, torch.zeros(1, dtype=torch.float64)
+    saved = None if pass_path is None else chunks.load_state(pass_path, key)
+    if saved is not None:  # resume where the last save was, every piece of state as it was
+        first, converged, rng.bit_generator.state = saved["next"], saved["converged"], saved["rng"]
+        skip, computed = saved["skip"], saved["computed"]
+        centroids = saved["centroids"].to(device)
+        geometry = _Geometry(centroids)
+        geometry._half_gap = saved["half_gap"].to(device)
+        for name in ("assigned", "upper", "lower", "movers"):
+            setattr(bounds, name, saved[name].to(device))
+        sums, counts = saved["sums"], saved["counts"]
+        for name in _RESULT_STATE:
+            setattr(result, name, saved["result"][name])
+        result.resumed_after = first
+        if progress and distributed.is_main():
+            within = f" and {skip} batches of pass {first + 1}" if skip else ""
+            print(f"[fastvote] resuming k-means: the seeding, {first} of {iterations} passes{within} are saved"
+                  f"{' (converged)' if converged else ''}", flush=True)
+
+    def save(next_pass: int, batches_done: int) -> None:
+        """The loop's whole state: after a pass (batches_done 0), or within
+        pass next_pass after that many of its batches."""
+        chunks.save_state(pass_path, key, dict(
+            next=next_pass, skip=batches_done, converged=converged, rng=rng.bit_generator.state,
+            centroids=centroids.cpu(), half_gap=geometry.half_gap().cpu(), sums=sums, counts=counts,
+            computed=computed, result={name: getattr(result, name) for name in _RESULT_STATE},
+            **{name: getattr(bounds, name).cpu() for name in ("assigned", "upper", "lower", "movers")}))
+        chunks.check()  # a Ctrl-C stops here, the state saved
+
+    for it in range(first, 0 if converged else iterations):
+        started, saved_at = time.perf_counter(), time.monotonic()
+        if not skip:
+            computed = torch.zeros(1, dtype=torch.float64)
+            result.movers.append(len(bounds.movers))
+        done = fitted = 0
         for x, at in _fitting_rows(batches, rows, picks, metric, device, progress,
                                    f"k-means pass {it + 1}/{iterations}"):
+            done, fitted = done + 1, fitted + len(x)
+            if done <= skip:  # done before the save this run resumed from (read again, not computed)
+                continue
             before = bounds.assigned[at].clone() if it else None
             assigned, n = bounds.update(x, at, geometry)
             if before is None:
@@ -182,8 +243,12 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
             else:
                 _move_rows(sums, counts, x, before, assigned)
             computed += n
-            done += len(x)
-        _check_replay(done, len(bounds.assigned))
+            # a long pass saves its state within, too: a kill loses at most chunk_seconds() of it
+            if pass_path is not None and time.monotonic() - saved_at >= chunks.chunk_seconds():
+                save(it, done)
+                saved_at = time.monotonic()
+        _check_replay(fitted, len(bounds.assigned))
+        skip = 0
         packed = torch.cat([sums, counts[:, None], computed[:, None].expand(num_clusters, 1)], 1)
         packed = distributed.all_reduce_(packed) if sharded else packed
         total, members = packed[:, :-2], packed[:, -2]
@@ -200,7 +265,10 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
         result.passes, result.counts = it + 1, members
         result.pass_seconds.append(time.perf_counter() - started)
         result.computed.append(float(packed[0, -1]) / max(result.fit_rows, 1))
-        if float(drift.max()) ** 2 <= tol and bool((members > 0).all()):
+        converged = float(drift.max()) ** 2 <= tol and bool((members > 0).all())
+        if pass_path is not None:
+            save(it + 1, 0)
+        if converged:
             break
     result.centroids = centroids.cpu()
     return result

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from fastvote import data as fvdata
-from fastvote import distributed
-from fastvote.data.npy import NpyRows, NpyWriter
+from fastvote import chunks, distributed
+from fastvote.data.npy import NpyRows
 from fastvote.inputs import Column, Input
 
 TensorDict = Dict[str, Tensor]
@@ -146,36 +146,67 @@ class ModelView(_SourceRows):
             return
         yield from self._compute(want, rows, shard)
 
-    def _compute(self, want: Sequence[str], rows: range, shard: bool) -> Iterator[TensorDict]:
-        """Runs the surrogate over `rows`; with a cache folder a complete pass is kept."""
-        from fastvote.features import iterate_outputs
-
-        if len(rows) == 0:
-            return
+    def _loader(self, rows: range):
         positions = None if len(rows) == self.data.num_rows else self.data.identifiers[rows.start:rows.stop]
         # fastvote's loaders leave the caller's thread counts as they were (ffcv's own does not)
-        loader = fvdata.eval_loader(self.data.beton, self.batch_size, resolution=self.prep["resolution"],
-                                    mean=self.prep["mean"], std=self.prep["std"], indices=positions,
-                                    crop_ratio=self.prep.get("crop_ratio", 1.0),
-                                    interpolation=self.prep.get("interpolation"))
-        outputs = [w for w in want if w != "labels"]
-        files = self._cache_files(want, shard) if self.cache is not None else {}
-        writers: Dict[str, NpyWriter] = {}
-        try:
-            for batch in iterate_outputs(self.model, loader, device=self.device, want=tuple(outputs), amp=self.amp,
-                                         progress=self.progress, desc=self.data.description):
-                out = {w: batch[w] for w in want}
-                for w, t in out.items():
-                    if files and w not in writers:
-                        writers[w] = NpyWriter(files[w], (len(rows), *t.shape[1:]), t.cpu().numpy().dtype)
-                    if w in writers:
-                        writers[w].write(t.cpu().numpy())
-                yield out
-            for writer in writers.values():  # a complete pass: publish the cache
-                writer.close()
-        finally:  # an abandoned or failed pass leaves no cache file
-            for writer in writers.values():
-                writer.abort()
+        return fvdata.eval_loader(self.data.beton, self.batch_size, resolution=self.prep["resolution"],
+                                  mean=self.prep["mean"], std=self.prep["std"], indices=positions,
+                                  crop_ratio=self.prep.get("crop_ratio", 1.0),
+                                  interpolation=self.prep.get("interpolation"))
+
+    def _run(self, want: Sequence[str], rows: range) -> Iterator[TensorDict]:
+        from fastvote.features import iterate_outputs
+
+        outputs = tuple(w for w in want if w != "labels")
+        for batch in iterate_outputs(self.model, self._loader(rows), device=self.device, want=outputs,
+                                     amp=self.amp, progress=self.progress, desc=self.data.description):
+            yield {w: batch[w] for w in want}
+
+    def _compute(self, want: Sequence[str], rows: range, shard: bool) -> Iterator[TensorDict]:
+        """Runs the surrogate over `rows`. With a cache folder the pass commits
+        chunks as it goes (fastvote.chunks): a rerun after a kill or Ctrl-C
+        reads the committed batches back and computes the rest, in the same
+        batches as an uninterrupted pass (so the same bytes); a complete pass
+        is published as the cache's .npy files."""
+        if len(rows) == 0:
+            return
+        # Under torchrun an unsharded pass runs on every rank: rank 0 alone commits and publishes it (a rank
+        # removing the parts it published would pull them from under another's publish)
+        if self.cache is None or (not shard and not distributed.is_main()):
+            yield from self._run(want, rows)
+            return
+        parts = chunks.ChunkedColumns(self.cache, {"source": self.data.fingerprint, "rows": self.data.num_rows,
+                                                    "surrogate": self.surrogate_fingerprint, "prep": self.prep})
+        # batches start where an uninterrupted pass's do; a batch counts as cached only whole
+        starts = list(range(rows.start, rows.stop, self.batch_size))
+        ends = starts[1:] + [rows.stop]
+        spans = parts.covered(want, rows)
+        cached = [any(a <= s and e <= b for a, b in spans) for s, e in zip(starts, ends)]
+        found = sum(e - s for s, e, c in zip(starts, ends, cached) if c)
+        if found and self.progress:
+            role = self.data.description.split(":")[0]
+            print(f"[fastvote] resuming: {found / len(rows):.0%} of the {role} pass is cached "
+                  f"({found:,} of {len(rows):,} rows)", flush=True)
+        i = 0
+        with chunks.interruptible():
+            while i < len(starts):
+                j = i
+                while j < len(starts) and cached[j] == cached[i]:
+                    j += 1
+                run = range(starts[i], ends[j - 1])
+                if cached[i]:
+                    for s, e in zip(starts[i:j], ends[i:j]):
+                        yield {w: torch.from_numpy(parts.read(w, s, e)) for w in want}
+                else:
+                    committer = chunks.Committer(parts, run.start)
+                    for out in self._run(want, run):
+                        committer.add({w: t.cpu().numpy() for w, t in out.items()})
+                        yield out
+                    committer.flush()
+                i = j
+        for w, path in self._cache_files(want, shard).items():  # a complete pass: publish the cache
+            parts.publish(w, path, rows)
+        parts.remove(rows)
 
     # ---- for the sample-wise baselines (fastvote.methods.View) -------------
     def array(self, output: str) -> np.ndarray:

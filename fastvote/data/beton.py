@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import itertools
 import json
 import multiprocessing as mp
@@ -37,6 +38,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from .. import chunks
 from .. import progress as bars
 from ..atomic import atomic_path, remove_stale
 from . import format as beton_format
@@ -282,8 +284,12 @@ def _read_ahead(samples: _Samples, order: np.ndarray, num_workers: int) -> Itera
 
 
 def _fill(path: Path, samples: _Samples, order: np.ndarray, num_workers: int, desc: str,
-          progress: bool) -> None:
+          progress: bool, parts=None) -> None:
     """Write every sample of ``order`` into the beton at ``path``.
+
+    With ``parts`` (a fastvote.chunks.ChunkedColumns) the encoded samples are
+    also committed in chunks, and those a killed write committed are placed
+    from there instead of being read and encoded again.
 
     ffcv's own writer lets each of its processes book the next free page whenever its
     own is full and collects their allocation tables in the order they finish, so the
@@ -293,11 +299,28 @@ def _fill(path: Path, samples: _Samples, order: np.ndarray, num_workers: int, de
     """
     writer = beton_format.Writer(path)
     try:
-        with contextlib.closing(_read_ahead(samples, order, num_workers)) as loaded:
+        done = 0
+        if parts is not None:  # a killed write's committed samples, already encoded
+            for start, done, meta in parts.blocks("meta", 0):
+                data = np.load(parts.root / "data" / f"{start}-{done}.npy")
+                ends = np.cumsum(meta[:, 5])
+                for (mode, height, width, label, index, _), end, size in zip(meta.tolist(), ends, meta[:, 5]):
+                    writer.add(mode, height, width, data[end - size:end], label, index)
+            if done and progress:
+                print(f"[fastvote] resuming: {done / len(order):.0%} of {desc} is written ({done:,} of "
+                      f"{len(order):,} images)", flush=True)
+        committer = None if parts is None else chunks.Committer(parts, done)
+        with contextlib.closing(_read_ahead(samples, order[done:], num_workers)) as loaded, \
+                chunks.interruptible() if parts is not None else contextlib.nullcontext():
             for mode, height, width, data, label, index in tqdm(
-                    loaded, total=len(order), unit="img", desc=f"writing {desc}",
+                    loaded, total=len(order), initial=done, unit="img", desc=f"writing {desc}",
                     disable=bars.disable(progress)):
                 writer.add(mode, height, width, data, label, index)
+                if committer is not None:
+                    committer.add({"meta": np.array([[mode, height, width, label, index, data.nbytes]]),
+                                   "data": np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)}, rows=1)
+            if committer is not None:
+                committer.flush()
         writer.finish()
     except (TypeError, ValueError, RuntimeError) as e:
         kind = type(e) if isinstance(e, (TypeError, ValueError)) else RuntimeError
@@ -337,6 +360,16 @@ def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | No
         "num_samples": N}; for ImageNet's 1000 sorted WordNet ids, "classes" holds the
         readable names (torchvision's, where it has them) and "wnids" the ids.
     """
+    return _write_beton(dataset, path, indices=indices, classes=classes, max_resolution=max_resolution, jpeg=jpeg,
+                        jpeg_quality=jpeg_quality, num_workers=num_workers, progress=progress, image_key=image_key,
+                        label_key=label_key, overwrite=overwrite)
+
+
+def _write_beton(dataset, path: str | os.PathLike, *, indices=None, classes=None, max_resolution=None, jpeg=False,
+                 jpeg_quality=JPEG_QUALITY, num_workers=None, progress=True, image_key="image", label_key="label",
+                 overwrite=False, resume_key: dict | None = None) -> Path:
+    """write_beton; with resume_key (what identifies the dataset's content) a
+    killed write resumes from the samples it committed."""
     if isinstance(dataset, Mapping):  # e.g. a Hugging Face DatasetDict: one split is wanted
         raise TypeError(f"dataset: a {type(dataset).__name__} with keys "
                         f"{sorted(map(str, dataset))}; expected one map-style dataset, e.g. "
@@ -360,11 +393,22 @@ def write_beton(dataset, path: str | os.PathLike, *, indices: Sequence[int] | No
     samples = _Samples(dataset, encoding, image_key, label_key)
     sidecar = _sidecar(classes, len(order))
     remove_stale(path.parent)  # the half-written betons of killed writers
+    work = path.with_name(f".{path.name}.resume")  # a killed write's encoded samples, until the beton is in place
+    parts = None if resume_key is None else chunks.ChunkedColumns(
+        work, dict(resume_key, encoding=encoding, order=_digest(order)))
     # The inner manager renames first: the beton, then its sidecar.
     with atomic_path(classes_path(path)) as sidecar_tmp, atomic_path(path) as beton_tmp:
-        _fill(beton_tmp, samples, order, num_workers, path.name, progress)
+        _fill(beton_tmp, samples, order, num_workers, path.name, progress, parts)
         sidecar_tmp.write_text(json.dumps(sidecar, indent=1))
+    if parts is not None:
+        parts.remove(range(len(order)))
+        with contextlib.suppress(OSError):
+            work.rmdir()
     return path
+
+
+def _digest(values: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()
 
 
 def _check_destination(path: Path, overwrite: bool) -> None:
@@ -412,7 +456,13 @@ def write_image_folder(root: str | os.PathLike, path: str | os.PathLike, **kw) -
     the folder names, sorted (torchvision's rule; ImageNet's wnids get readable names).
     ``kw`` as for ``write_beton``."""
     _check_destination(Path(path), kw.get("overwrite", False))  # before scanning the folder
-    return write_beton(_ImageFolder(root), path, **kw)
+    folder = _ImageFolder(root)
+    # the files' names, sizes and mtimes: a killed write of the same folder resumes, a changed one starts over
+    listing = hashlib.sha256()
+    for file, label in folder.folder.samples:
+        stat = os.stat(file)
+        listing.update(f"{os.path.relpath(file, root)}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return _write_beton(folder, path, resume_key={"image_folder": listing.hexdigest()}, **kw)
 
 
 def write_offline(name: str, split: str, path: str | os.PathLike, *,

@@ -24,7 +24,13 @@ N is held anywhere. Outputs (each file written atomically; manifest.json says
     OUT/distances/NAME.npy      [rows] float32 squared distance to it, per shard
     OUT/kept/NAME.npy           int64 rows of shard NAME kept (ascending)
     OUT/kept/NAME.ids.npy       their identifiers (shards with identifiers)
-    OUT/manifest.json           fastvote's mark, shards, rows, settings, totals
+    OUT/manifest.json           fastvote's mark, shards, rows, settings, totals, seconds a part, resumes
+    OUT/resume/                 until complete: the k-means state after seeding and after the last pass
+
+A killed or interrupted run (Ctrl-C stops after the current k-means pass or
+shard) is resumed by the same call: k-means from its last saved pass, the
+shards whose assignments are in place skipped; the outputs are the bytes of
+an uninterrupted run.
 
     result = cluster_prune("pool/", "imagenet_train.npy", "out/", clusters=100_000,
                            keep_clusters="voted")       # DataComp's image-based filter
@@ -35,6 +41,7 @@ import glob as globbing
 import numbers
 import os
 import shutil
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +51,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import cluster, distributed
+from .. import chunks, cluster, distributed
 from .. import progress as bars
 from ..atomic import atomic_path, check_output_folder, claim, owner, write_json
 from ..select import keep_count, rank_classes
@@ -57,6 +64,7 @@ SUFFIXES = (".npy", ".npz")
 ID_KEYS = ("uid", "uids", "id", "ids", "key", "keys", "identifier", "identifiers")  # npz members auto-detected
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 CHUNK_ROWS = 65536
+RESUME = "resume"  # OUT/resume/: a run's k-means state until the output is complete
 Sources = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
@@ -240,29 +248,37 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
     out = check_output_folder(out, "cluster-prune", overwrite=overwrite)
     device = distributed.resolve_device(device)
     sharded = distributed.active()
-    if distributed.is_main():  # an earlier run's outputs go first: no stale shard file survives
+    # What the k-means state and the per-shard assignments depend on: a killed run's are resumed only if
+    # all of it is the same (device type too: CPU and GPU round differently)
+    key = dict(source=[[str(s.path), s.rows, s.start, s.size, s.mtime_ns]
+                       for s in src.shards], clusters=clusters, metric=metric, iterations=iterations,
+               max_rows_per_cluster=max_rows_per_cluster, seed=seed, chunk_rows=chunk_rows,
+               ranks=distributed.world_size(), device=device.type)
+    work = out / RESUME
+    if distributed.is_main():
         claim(out, "cluster-prune", overwrite=overwrite)  # an unfinished mark, replaced by the final manifest
-        for folder in ("assignments", "distances", "kept"):
-            shutil.rmtree(out / folder, ignore_errors=True)
+        if chunks.load_state(work / "key.pkl", key) is None:  # another run's outputs go first: none survives
+            for folder in ("assignments", "distances", "kept", RESUME):
+                shutil.rmtree(out / folder, ignore_errors=True)
+            chunks.save_state(work / "key.pkl", key, {})
     distributed.barrier()
 
-    mine = src.mine()
-    fit = cluster.fit(src.batches(mine), clusters, rows=src.rows_of(mine), num_rows=src.num_rows, sharded=sharded,
-                      metric=metric, iterations=iterations, max_rows_per_cluster=max_rows_per_cluster, seed=seed,
-                      device=device, progress=progress)
-    centroids = fit.centroids
-    sizes = torch.zeros(clusters, dtype=torch.int64)
-    for shard in tqdm(mine, desc="assigning shards", leave=False, disable=bars.disable(progress)):
-        with NpyWriter(out / "assignments" / f"{shard.name}.npy", (shard.rows,), np.int32) as a, \
-                NpyWriter(out / "distances" / f"{shard.name}.npy", (shard.rows,), np.float32) as d:
-            for assigned, d2 in cluster.assign(src.batches([shard]), centroids, metric, device=device,
-                                               progress=False):
-                a.write(assigned.numpy().astype(np.int32))
-                d.write(d2.numpy())
-                sizes += torch.bincount(assigned, minlength=clusters)
+    seconds = {}
+    with chunks.interruptible():
+        mine = src.mine()
+        fit = cluster.fit(src.batches(mine), clusters, rows=src.rows_of(mine), num_rows=src.num_rows,
+                          sharded=sharded, metric=metric, iterations=iterations,
+                          max_rows_per_cluster=max_rows_per_cluster, seed=seed, device=device, progress=progress,
+                          checkpoint=work)
+        centroids = fit.centroids
+        started = time.perf_counter()
+        sizes, reused = _assign_shards(src, mine, out, centroids, metric, device, progress)
+        seconds["assign"] = time.perf_counter() - started
     if sharded:
         distributed.all_reduce_(sizes)
+        reused = int(distributed.all_reduce_(torch.tensor([reused])))
 
+    started = time.perf_counter()
     voter = FMVoter(centroids.to(device), k, metric, weight, temperature)
     for block in tqdm((b for s in tgt.mine() for b in tgt.chunks(s)), desc="target votes", leave=False,
                       disable=bars.disable(progress)):
@@ -283,6 +299,7 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
                 np.save(tmp, ids[rows])
         kept_rows += len(rows)
     kept_rows = int(distributed.all_reduce_(torch.tensor([kept_rows]))) if sharded else kept_rows
+    seconds["vote_and_keep"] = time.perf_counter() - started
     kept_ids = torch.cat([kept, torch.tensor([partial[0]])]) if partial else kept
     manifest = {
         **owner("cluster-prune"), "complete": True,
@@ -294,6 +311,10 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
         "num_kept_clusters": len(kept_ids), "partial_cluster": None if not partial else int(partial[0]),
         "kept_rows": kept_rows, "ranks": distributed.world_size(),
         "seeding_seconds": fit.seeding_seconds, "pass_seconds": fit.pass_seconds,
+        "assign_seconds": seconds["assign"], "vote_and_keep_seconds": seconds["vote_and_keep"],
+        # what a rerun after a kill or Ctrl-C found saved (the seconds above are those of the run that did each part)
+        "resumed": None if fit.resumed_after is None and not reused else
+        {"after_kmeans_pass": fit.resumed_after, "shards_assigned_before": reused},
     }
     if distributed.is_main():
         for name, array in (("centroids", centroids.numpy()), ("votes", votes.numpy()), ("scores", scores.numpy()),
@@ -303,7 +324,35 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
     distributed.barrier()  # every rank's shard files are in place before the manifest says so
     if distributed.is_main():
         write_json(out / "manifest.json", manifest)
+        shutil.rmtree(work, ignore_errors=True)  # a complete output: nothing left to resume
     return ClusterPrune(centroids, votes, scores, sizes, kept_ids, kept_rows, src.num_rows, fit, out, manifest)
+
+
+def _assign_shards(src: ShardSource, mine: Sequence[Shard], out: Path, centroids, metric: str, device,
+                   progress: bool):
+    """Writes each shard's assignments and distances (one atomic file each),
+    keeping those a killed run of the same inputs committed; returns this
+    rank's cluster sizes and how many shards were already done."""
+    sizes = torch.zeros(len(centroids), dtype=torch.int64)
+    done = [s for s in mine if all((out / f / f"{s.name}.npy").is_file() for f in ("assignments", "distances"))]
+    if done and progress:
+        rows = sum(s.rows for s in done)
+        print(f"[fastvote] resuming: {len(done)} of {len(mine)} shards are assigned ({rows:,} of "
+              f"{sum(s.rows for s in mine):,} rows)", flush=True)
+    for shard in tqdm(mine, desc="assigning shards", leave=False, disable=bars.disable(progress)):
+        if shard in done:
+            assigned = NpyRows(out / "assignments" / f"{shard.name}.npy").load().astype(np.int64)
+            sizes += torch.bincount(torch.from_numpy(assigned), minlength=len(centroids))
+            continue
+        with NpyWriter(out / "assignments" / f"{shard.name}.npy", (shard.rows,), np.int32) as a, \
+                NpyWriter(out / "distances" / f"{shard.name}.npy", (shard.rows,), np.float32) as d:
+            for assigned, d2 in cluster.assign(src.batches([shard]), centroids, metric, device=device,
+                                               progress=False):
+                a.write(assigned.numpy().astype(np.int32))
+                d.write(d2.numpy())
+                sizes += torch.bincount(assigned, minlength=len(centroids))
+        chunks.check()  # a Ctrl-C stops between shards, this one committed
+    return sizes, len(done)
 
 
 # ---------------------------------------------------------------- keep rules
