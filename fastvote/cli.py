@@ -181,12 +181,13 @@ def cmd_prune(args) -> int:
     from fastvote import distributed
 
     out = _out_folder(args, "prune")
+    # Every method's option flags go through its spec: prune() names only the voting options.
+    method = fastvote.methods.parse(args.method, method_options(args))
     result = fastvote.prune(
-        args.source, args.target if len(args.target) > 1 else args.target[0], method=args.method,
+        args.source, args.target if len(args.target) > 1 else args.target[0], method=method,
         ratio=args.ratio, keep=args.keep, surrogate=args.surrogate, arch=args.arch,
         train_config=_train_config(args), image_size=args.image_size, mean=args.mean, std=args.std,
-        device=args.device, batch_size=args.batch_size, seed=args.seed, workdir=args.workdir, progress=True,
-        **method_options(args))
+        device=args.device, batch_size=args.batch_size, seed=args.seed, workdir=args.workdir, progress=True)
     if not distributed.is_main():  # every rank holds the same result; rank 0 writes it
         return 0
     result.save(out, overwrite=args.overwrite)

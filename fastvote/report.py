@@ -41,10 +41,14 @@ def summarize(rows: Sequence[dict]) -> Dict[Tuple[Tuple[str, str], str, float], 
     return table
 
 
+# The spellings of fastvote.methods.spec.display_name (this module reads rows only and imports no method).
+DISPLAY = {"lm": "LM", "fm": "FM", "normsim": "NormSim"}
+
+
 def method_label(method: str) -> str:
-    """"lm:reverse=true" -> "LM (reverse=true)": the name a table or legend shows."""
+    """"lm:reverse=true" -> "LM (reverse=true)", "fm+normsim" -> "FM+NormSim": the name a table or legend shows."""
     name, _, options = method.partition(":")
-    name = name.upper() if name in ("lm", "fm") else name.capitalize()
+    name = "+".join(DISPLAY.get(part, part.capitalize()) for part in name.split("+"))
     return name + (f" ({options})" if options else "")
 
 
