@@ -200,7 +200,7 @@ def test_cli_prune_takes_every_method_option(tmp_path):
         for name, t in outputs.items():
             np.save(tmp_path / role / f"{name}.npy", t.numpy())
     code = cli.main(["--device", "cpu", "--workdir", str(tmp_path / "w"), "prune", "--source", str(tmp_path / "source"),
-                     "--target", str(tmp_path / "target"), "--method", "normsim", "--p", "2", "--cap", "150",
+                     "--target", str(tmp_path / "target"), "--method", "normsim", "--pnorm", "2", "--cap", "150",
                      "--keep", "450", "--out", str(tmp_path / "out")])
     assert code == 0
     kept = np.load(tmp_path / "out" / "indices.npy")
@@ -208,4 +208,4 @@ def test_cli_prune_takes_every_method_option(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cli.main(["prune", "--source", str(tmp_path / "source"), "--target", str(tmp_path / "target"),
-                         "--method", "lm", "--p", "2", "--keep", "3", "--out", str(tmp_path / "o2")]) == 2
+                         "--method", "lm", "--pnorm", "2", "--keep", "3", "--out", str(tmp_path / "o2")]) == 2

@@ -45,8 +45,9 @@ from fastvote.select import capped_rows
 CLASS_WISE = False
 NEEDS = {"source": ("features",), "target": ("features",)}
 P_CHOICES = ("inf", "2")
+# torchrun reads "--p" as an abbreviation of its own --print-completion: the flag is --pnorm.
 P = Option("p", str, "inf", "NormSim's norm over the target similarities: inf (the best one) or 2 (their RMS)",
-           choices=P_CHOICES)
+           choices=P_CHOICES, flag="--pnorm")
 CAP = Option("cap", int, None, "at most this many kept samples per source class (per k-means cluster without "
              "labels); MetaCLIP's balance", low=1)
 OPTIONS = (

@@ -26,7 +26,8 @@ class Option:
     """One option of a method: name, type (bool, int, float or str), default
     (None: decided at run time, e.g. "the number of source classes"), a one-line
     doc, the allowed choices (str) or the smallest allowed value (int, float).
-    `high` is an exclusive upper bound for floats (beta < 1)."""
+    `high` is an exclusive upper bound for floats (beta < 1). `flag`: the
+    command line's spelling when ``--name`` will not do (default ``--name``)."""
 
     name: str
     type: type
@@ -35,6 +36,7 @@ class Option:
     choices: Tuple[str, ...] = ()
     low: Optional[float] = None
     high: Optional[float] = None
+    flag: Optional[str] = None
 
     def _expected(self) -> str:
         if self.choices:
