@@ -71,20 +71,36 @@ void check_logits(const char* op, const at::Tensor& logits) {
                     logits.sizes(), "); expected at least one source class");
 }
 
-void check_features_centroids(const char* op, const at::Tensor& features,
-                              const at::Tensor& centroids) {
+namespace {
+
+// features [N, D] against `other` [K, D] (centroids, or target rows).
+void check_features_against(const char* op, const at::Tensor& features, const at::Tensor& other,
+                            const char* arg, const char* shape, const char* count,
+                            const char* one) {
   check_matrix(op, features, "features", "[N, D]");
-  check_matrix(op, centroids, "centroids", "[K, D]");
-  TORCH_CHECK_VALUE(centroids.size(0) >= 1, "fastvote.", op,
-                    ": centroids has K=0 rows; expected at least one centroid");
-  TORCH_CHECK_VALUE(features.size(1) == centroids.size(1), "fastvote.", op,
-                    ": features has D=", features.size(1), " but centroids has D=",
-                    centroids.size(1), "; expected the same feature dimension");
+  check_matrix(op, other, arg, shape);
+  TORCH_CHECK_VALUE(other.size(0) >= 1, "fastvote.", op, ": ", arg, " has ", count,
+                    "=0 rows; expected at least one ", one);
+  TORCH_CHECK_VALUE(features.size(1) == other.size(1), "fastvote.", op,
+                    ": features has D=", features.size(1), " but ", arg, " has D=",
+                    other.size(1), "; expected the same feature dimension");
   TORCH_CHECK_VALUE(features.size(1) >= 1, "fastvote.", op,
                     ": features has D=0; expected at least one feature dimension");
-  TORCH_CHECK_VALUE(features.device() == centroids.device(), "fastvote.", op,
-                    ": features is on ", features.device(), " but centroids is on ",
-                    centroids.device(), "; expected both on the same device");
+  TORCH_CHECK_VALUE(features.device() == other.device(), "fastvote.", op,
+                    ": features is on ", features.device(), " but ", arg, " is on ",
+                    other.device(), "; expected both on the same device");
+}
+
+}  // namespace
+
+void check_features_centroids(const char* op, const at::Tensor& features,
+                              const at::Tensor& centroids) {
+  check_features_against(op, features, centroids, "centroids", "[K, D]", "K", "centroid");
+}
+
+void check_features_targets(const char* op, const at::Tensor& features,
+                            const at::Tensor& targets) {
+  check_features_against(op, features, targets, "targets", "[M, D]", "M", "target row");
 }
 
 void check_class_centroids(const at::Tensor& features, const at::Tensor& labels,
@@ -129,6 +145,7 @@ TORCH_LIBRARY(fastvote, m) {
   m.def("class_centroids(Tensor features, Tensor labels, int num_classes) -> (Tensor, Tensor)");
   m.def("lm_scores(Tensor logits) -> Tensor");
   m.def("fm_scores(Tensor features, Tensor centroids, str metric=\"l2\") -> Tensor");
+  m.def("sample_scores(Tensor features, Tensor targets, int k=1) -> (Tensor, Tensor, Tensor)");
 }
 
 // Defined with the CPU kernels: which tile micro-kernel this CPU runs.

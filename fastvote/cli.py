@@ -8,6 +8,8 @@
     fastvote features digits --source haystack --out runs/digits-outputs   # precomputed outputs to reuse
     fastvote experiment --config exp.toml --out runs/exp   # surrogate -> prune -> pretrain -> transfer
     fastvote demo --out runs/demo                          # the offline benchmark, end to end
+    fastvote cluster-prune --source POOL/ --target t.npy --clusters 1000 --keep-clusters voted --out OUT/
+    fastvote normsim-prune --source POOL/ --target t.npy --ratio 0.7 --out OUT/   # per-sample NormSim
 
 Under torchrun every command that computes (surrogate, prune, experiment) runs
 distributed unchanged: torchrun --nproc_per_node 2 -m fastvote.cli prune ...
@@ -70,14 +72,15 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
             if option.name in seen:
                 continue
             seen.add(option.name)
-            flag = "--" + option.name.replace("_", "-")
+            flag = option.flag or "--" + option.name.replace("_", "-")
             doc = f"{option.doc} (default: {option.default}; methods: " + ", ".join(
                 m for m, mod in METHODS.items() if any(o.name == option.name for o in mod.OPTIONS)) + ")"
             doc = doc.replace("%", "%%")  # argparse formats help strings with %
             if option.type is bool:
-                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
+                g.add_argument(flag, dest=option.name, action=argparse.BooleanOptionalAction, default=None, help=doc)
             else:
-                g.add_argument(flag, type=option.type, default=None, choices=option.choices or None, help=doc)
+                g.add_argument(flag, dest=option.name, type=option.type, default=None,
+                               choices=option.choices or None, help=doc)
 
 
 def method_options(args) -> dict:
@@ -183,12 +186,13 @@ def cmd_prune(args) -> int:
     from fastvote import distributed
 
     out = _out_folder(args, "prune")
+    # Every method's option flags go through its spec: prune() names only the voting options.
+    method = fastvote.methods.parse(args.method, method_options(args))
     result = fastvote.prune(
-        args.source, args.target if len(args.target) > 1 else args.target[0], method=args.method,
+        args.source, args.target if len(args.target) > 1 else args.target[0], method=method,
         ratio=args.ratio, keep=args.keep, surrogate=args.surrogate, arch=args.arch,
         train_config=_train_config(args), image_size=args.image_size, mean=args.mean, std=args.std,
-        device=args.device, batch_size=args.batch_size, seed=args.seed, workdir=args.workdir, progress=True,
-        **method_options(args))
+        device=args.device, batch_size=args.batch_size, seed=args.seed, workdir=args.workdir, progress=True)
     if not distributed.is_main():  # every rank holds the same result; rank 0 writes it
         return 0
     result.save(out, overwrite=args.overwrite)
@@ -229,6 +233,22 @@ def cmd_cluster_prune(args) -> int:
         print(f"kept {result.kept_rows} of {result.num_rows} source rows from {len(result.kept_clusters)} of "
               f"{args.clusters} clusters (seeding {result.fit.seeding_seconds:.1f} s, {result.fit.passes} passes); "
               f"wrote {result.out}/kept/<shard>.npy (rows), manifest.json, centroids.npy, votes.npy")
+    return 0
+
+
+def cmd_normsim_prune(args) -> int:
+    from fastvote import distributed
+    from fastvote.data.score_shards import normsim_prune
+
+    result = normsim_prune(args.source, args.target, _out_folder(args, "normsim-prune"), keep=args.keep,
+                           ratio=args.ratio, p=args.p, embeddings_key=args.embeddings_key, ids_key=args.ids_key,
+                           device=args.device, progress=True, overwrite=args.overwrite)
+    if distributed.is_main():
+        seconds = result.manifest["seconds"]
+        print(f"kept {result.kept_rows} of {result.num_rows} source rows by NormSim_{args.p} (cut-off "
+              f"{result.cutoff:.6g}; scoring {seconds['scoring']:.1f} s, "
+              f"{result.num_rows / max(seconds['scoring'], 1e-9):,.0f} rows/s); wrote {result.out}/kept/<shard>.npy "
+              "(rows), max/, nearest/, rms/ (the scores), manifest.json")
     return 0
 
 
@@ -414,6 +434,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--embeddings-key", help="the .npz member holding the embeddings (default: the only 2-D float one)")
     c.add_argument("--ids-key", help="the .npz member holding identifiers (default: uid/id/key if present)")
 
+    n = sub.add_parser("normsim-prune", help="NormSim over embedding shards: each source row scored against the "
+                                             "target's embeddings, the best kept, written per shard", parents=[common])
+    n.add_argument("--source", required=True, help="folder, glob or file of .npy/.npz [rows, D] embedding shards")
+    n.add_argument("--target", required=True, help="the target's embeddings: .npy/.npz file, folder or glob")
+    n.add_argument("--out", required=True, help="output folder (kept/<shard>.npy, max/, nearest/, rms/, manifest.json)")
+    n.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    keep = n.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--keep", type=int, help="source rows kept (a sample budget)")
+    keep.add_argument("--ratio", type=float, help="fraction of source rows REMOVED, 0 <= r < 1")
+    n.add_argument("--pnorm", dest="p", default="inf", choices=("inf", "2"),
+                   help="NormSim's p: inf, the best similarity to a target row; 2, the RMS similarity (default: inf)")
+    n.add_argument("--embeddings-key", help="the .npz member holding the embeddings (default: the only 2-D float one)")
+    n.add_argument("--ids-key", help="the .npz member holding identifiers (default: uid/id/key if present)")
+
     e = sub.add_parser("experiment", help="the paper's protocol: surrogate, prune, pretrain, transfer, table",
                        parents=[common])
     e.add_argument("--config", help="TOML file overriding ExperimentConfig's defaults (fastvote/experiment.py)")
@@ -444,7 +478,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         build_parser().error(f"data write: give a registry NAME[:SPLIT] or --image-folder ROOT, not "
                              f"{'both' if args.name else 'neither'}")
     handler = {"data": cmd_data, "surrogate": cmd_surrogate, "prune": cmd_prune, "features": cmd_features,
-               "experiment": cmd_experiment, "demo": cmd_demo, "cluster-prune": cmd_cluster_prune}[args.command]
+               "experiment": cmd_experiment, "demo": cmd_demo, "cluster-prune": cmd_cluster_prune,
+               "normsim-prune": cmd_normsim_prune}[args.command]
     from fastvote import distributed
     from fastvote.chunks import Interrupted
 

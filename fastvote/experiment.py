@@ -55,8 +55,10 @@ from fastvote.prune import PruneResult, prune as prune_source
 from fastvote.report import UNPRUNED, write_reports
 from fastvote.select import keep_count
 
-# `fastvote experiment` runs every method.
-ALL_METHODS = ("lm", "fm", "random", "random-sample", "moderate", "grand", "el2n", "forgetting", "ccs", "ssp")
+# `fastvote experiment` runs every method. The sample-wise ones keep round(N (1 - ratio)) samples:
+# on a source of equal classes (haystack: 30 x 500), exactly what LM and FM keep at that ratio.
+ALL_METHODS = ("lm", "fm", "random", "random-sample", "moderate", "grand", "el2n", "forgetting", "ccs", "ssp",
+               "normsim", "normsim:p=2", "fm+normsim")
 # The demo tells the paper's time story within 10 minutes on two CPU cores: the
 # pretrained model ("small", 16x the tiny surrogate's parameters, about 5x its
 # training time here) is where a pruned source saves, and the surrogate trains

@@ -432,3 +432,86 @@ REFERENCES: Dict[str, Callable] = {
     "lm_scores": lm_scores_reference,
     "fm_scores": fm_scores_reference,
 }
+
+
+# --------------------------------------------------------------------------
+# Per-sample target scores (NormSim): each source row against all target rows
+# --------------------------------------------------------------------------
+
+def sample_scores(features: Tensor, targets: Tensor, k: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
+    """Each feature row's similarity to a set of target rows, both L2-normalised
+    (cosine), in one pass with no N x M matrix: the per-sample target scores of
+    NormSim (Wang et al., NeurIPS 2024).
+
+    Args:
+        features: [N, D] float (the source), any strides, finite.
+        targets: [M, D] float on the same device (the target's embeddings).
+        k: target rows returned per source row, 1 <= k <= M.
+    Returns:
+        values [N, k] float32: the k largest cosine similarities, descending
+            (values[:, 0] is NormSim_inf, the best similarity to any target row);
+        indices [N, k] int64: those target rows (equal values -> lower index);
+        rms [N] float64: NormSim_2 = sqrt(mean_j cos(x, t_j)^2), the RMS of the
+            row's M similarities (the paper's 2-norm over the target divided by
+            sqrt(M): the same ranking, comparable across target sizes).
+    """
+    return _dispatch("sample_scores", features, targets)(features, targets, k)
+
+
+if HAS_EXTENSION:
+    @torch.library.register_fake("fastvote::sample_scores")
+    def _sample_scores_fake(features, targets, k=1):
+        _check_same_device("sample_scores", features, "features", targets, "targets")
+        torch._check(features.dim() == 2 and targets.dim() == 2,
+                     lambda: "fastvote.sample_scores: features and targets must be 2-D")
+        torch._check(features.shape[1] == targets.shape[1],
+                     lambda: f"fastvote.sample_scores: features has D={features.shape[1]} but targets has "
+                             f"D={targets.shape[1]}; expected the same feature dimension")
+        torch._check(1 <= k <= targets.shape[0],
+                     lambda: f"fastvote.sample_scores: k={k} is out of range; expected 1 <= k <= "
+                             f"M={targets.shape[0]}")
+        n = features.shape[0]
+        return (features.new_empty((n, k), dtype=torch.float32),
+                features.new_empty((n, k), dtype=torch.int64),
+                features.new_empty((n,), dtype=torch.float64))
+
+
+def _check_features_targets(op: str, features: Tensor, targets: Tensor) -> None:
+    _check_matrix(op, features, "features", "[N, D]")
+    _check_matrix(op, targets, "targets", "[M, D]")
+    if targets.shape[0] < 1:
+        raise ValueError(f"fastvote.{op}: targets has M=0 rows; expected at least one target row")
+    if features.shape[1] != targets.shape[1]:
+        raise ValueError(f"fastvote.{op}: features has D={features.shape[1]} but targets has "
+                         f"D={targets.shape[1]}; expected the same feature dimension")
+    if features.shape[1] < 1:
+        raise ValueError(f"fastvote.{op}: features has D=0; expected at least one feature dimension")
+    _check_same_device(op, features, "features", targets, "targets")
+    _check_finite(op, targets, "targets")
+    _check_finite(op, features, "features")
+
+
+def sample_scores_exact(features: Tensor, targets: Tensor, k: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`sample_scores` in float64 throughout (values float64 too): the
+    oracle the kernels are tested against."""
+    _check_features_targets("sample_scores", features, targets)
+    _check_k("sample_scores", k, targets.shape[0], "target rows")
+    n = features.shape[0]
+    values = torch.empty(n, k, dtype=torch.float64, device=features.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=features.device)
+    rms = torch.empty(n, dtype=torch.float64, device=features.device)
+    for start, keys in _reference_keys(features, targets, "cosine"):  # keys: negated similarities
+        top, idx = _topk_stable(keys, k)
+        values[start:start + len(top)] = -top
+        indices[start:start + len(top)] = idx
+        rms[start:start + len(top)] = keys.pow(2).mean(1).sqrt()
+    return values, indices, rms
+
+
+def sample_scores_reference(features: Tensor, targets: Tensor, k: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
+    values, indices, rms = sample_scores_exact(features, targets, k)
+    return values.float(), indices, rms
+
+
+REFERENCES["sample_scores"] = sample_scores_reference
+__all__ += ["sample_scores", "sample_scores_reference", "sample_scores_exact"]

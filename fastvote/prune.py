@@ -181,6 +181,9 @@ def _groups(spec: methods.MethodSpec, src: inputs.Input) -> List[str]:
                              "(one cluster needs one sample)")
         return [f"cluster {j}" for j in range(count)]
     needs_labels = spec.class_wise or "labels" in spec.needs["source"]
+    if src.labels is None and spec.options.get("cap") is not None and not spec.options.get("num_clusters"):
+        raise ValueError(f"method={spec.text!r}: cap= on an unlabelled source caps per k-means cluster; give "
+                         "num_clusters= too (or labels with the source outputs)")
     if src.labels is None:
         if needs_labels:
             raise ValueError(f"method={spec.text!r} needs source labels; give 'labels' with the precomputed source "

@@ -41,10 +41,14 @@ def summarize(rows: Sequence[dict]) -> Dict[Tuple[Tuple[str, str], str, float], 
     return table
 
 
+# The spellings of fastvote.methods.spec.display_name (this module reads rows only and imports no method).
+DISPLAY = {"lm": "LM", "fm": "FM", "normsim": "NormSim"}
+
+
 def method_label(method: str) -> str:
-    """"lm:reverse=true" -> "LM (reverse=true)": the name a table or legend shows."""
+    """"lm:reverse=true" -> "LM (reverse=true)", "fm+normsim" -> "FM+NormSim": the name a table or legend shows."""
     name, _, options = method.partition(":")
-    name = name.upper() if name in ("lm", "fm") else name.capitalize()
+    name = "+".join(DISPLAY.get(part, part.capitalize()) for part in name.split("+"))
     return name + (f" ({options})" if options else "")
 
 
@@ -66,12 +70,17 @@ def results_markdown(rows: Sequence[dict]) -> str:
         unpruned = table.get((mode, UNPRUNED, 0.0))
         base = mean_std(unpruned)[0] if unpruned else None
         # The header's "keep" counts classes; sample-wise methods remove the same
-        # fraction of samples instead (results.csv has their sample counts).
+        # fraction of samples instead. The kept samples of every method at a
+        # ratio follow: one number when all compare at the same sample budget.
         keeps = {float(r["ratio"]): r["keep"] for r in rows if r.get("class_wise", True)}
+        samples: Dict[float, set] = {}
+        for r in rows:
+            if r["method"] != UNPRUNED and "source_samples" in r:
+                samples.setdefault(float(r["ratio"]), set()).add(int(r["source_samples"]))
         pretraining = next((r["pretraining"] for r in rows if "pretraining" in r), "supervised")
         out.write(f"\n### Transfer accuracy{' to ' + target if target else ''}, {pretraining} pretraining, "
                   f"{kind} {'probe' if kind == 'linear' else 'finetune'} (%, mean ± std over seeds)\n\n")
-        head = ["method"] + [f"ratio {r:.2f}" + (f" (keep {keeps[r]} classes)" if r in keeps else "") for r in ratios] \
+        head = ["method"] + [f"ratio {r:.2f}" + _kept(keeps.get(r), samples.get(r)) for r in ratios] \
             + (["unpruned"] if unpruned else [])
         out.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
         best = {r: max((mean_std(table[(mode, meth, r)])[0] for meth in methods_ if (mode, meth, r) in table),
@@ -98,6 +107,15 @@ def results_markdown(rows: Sequence[dict]) -> str:
             out.write("| Unpruned | " + " | ".join([""] * len(ratios)) + f" | {100 * mean:.1f} ± {100 * std:.1f} |\n")
         out.write("\nBold: best method per ratio. ↑: above the unpruned source.\n")
     return out.getvalue()
+
+
+def _kept(classes: Optional[int], samples: Optional[set]) -> str:
+    """" (keep 10 classes, 5000 samples)": what a ratio's column kept."""
+    parts = [f"keep {classes} classes"] if classes is not None else []
+    if samples:
+        low, high = min(samples), max(samples)
+        parts.append(f"{low} samples" if low == high else f"{low}-{high} samples")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def bias_markdown(rows: Sequence[dict], bias: dict) -> str:

@@ -666,3 +666,60 @@ OPCHECK_CASES = [
 @pytest.mark.parametrize("name,make", OPCHECK_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(OPCHECK_CASES)])
 def test_opcheck(name, make):
     torch.library.opcheck(getattr(torch.ops.fastvote, name).default, make())
+
+
+# ---------------------------------------------------------------- sample_scores (NormSim)
+# csrc/cuda/sample_kernel.cu: RMS from the targets' float64 Gram matrix (M >= D)
+# or the chunk's similarities (M < D), top-k from the fused nearest kernel.
+
+def test_sample_scores_is_registered():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastvote::sample_scores", "CUDA")
+
+
+@pytest.mark.parametrize("n,m,dim,k", [(1, 1, 1, 1), (0, 5, 3, 2), (300, 40, 67, 5), (257, 300, 130, 64),
+                                       (129, 12, 512, 12), (1000, 129, 16, 100)])
+def test_sample_scores_match_cpu_and_float64(n, m, dim, k):
+    x, t = _x(n, dim), _x(m, dim)
+    values, indices, rms = ops.sample_scores(*cuda(x, t), k)
+    exact_values, exact_indices, exact_rms = ops.sample_scores_exact(x, t, k)
+    cpu_values, cpu_indices, cpu_rms = cpu_op("sample_scores", x, t, k)
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64 and rms.dtype == torch.float64
+    assert (values.cpu().double() - exact_values).abs().max(initial=0) <= 1e-5
+    assert torch.allclose(rms.cpu(), exact_rms, rtol=1e-9, atol=1e-12)  # float64 all the way
+    assert torch.allclose(rms.cpu(), cpu_rms, rtol=1e-5, atol=1e-7)
+    clear = clear_rows(x, t, k, "cosine") if n else torch.zeros(0, dtype=torch.bool)
+    assert torch.equal(indices.cpu()[clear], exact_indices[clear])
+    assert torch.equal(indices.cpu()[clear], cpu_indices[clear])
+
+
+@pytest.mark.parametrize("m", [100, 4100])  # the chunk's similarities, or the Gram matrix
+def test_sample_scores_rms_over_several_chunks(m):
+    # 2^24 / 4096 = 4096 rows a chunk: three chunks, the last one short.
+    x, t = cuda(_x(9000, 4096), _x(m, 4096))
+    rms = ops.sample_scores(x, t, 1)[2]
+    unit = lambda a: torch.nn.functional.normalize(a.double(), dim=1)  # noqa: E731
+    expected = (unit(x) @ unit(t).T).pow(2).mean(1).sqrt()  # float64 on the GPU: exact enough, and quick
+    assert torch.allclose(rms, expected, rtol=1e-9)
+
+
+def test_sample_scores_integer_inputs_equal_cpu():
+    x, t = integer_inputs(500, 70, 33, seed=9)
+    t = torch.cat([t, t])  # exact ties: the lower target index first
+    values, indices, _ = ops.sample_scores(*cuda(x, t), 8)
+    cpu_values, cpu_indices, _ = cpu_op("sample_scores", x, t, 8)
+    assert torch.equal(indices.cpu(), cpu_indices)
+    assert torch.equal(indices.cpu(), ops.sample_scores_exact(x, t, 8)[1])
+
+
+def test_sample_scores_errors_name_its_arguments():
+    x, t = _x(5000, 8), _x(6, 8)
+    x[4321, 3] = float("nan")
+    with pytest.raises(ValueError, match="sample_scores: features row 4321"):
+        ops.sample_scores(*cuda(x, t), 2)
+    t[5, 0] = float("inf")
+    with pytest.raises(ValueError, match="sample_scores: targets row 5"):
+        ops.sample_scores(*cuda(_x(10, 8), t), 2)
+
+
+def test_sample_scores_opcheck():
+    torch.library.opcheck(torch.ops.fastvote.sample_scores.default, (_x(20, 9).cuda(), _x(6, 9).cuda(), 3))

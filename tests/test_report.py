@@ -23,12 +23,18 @@ ROWS = [row("lm", 0.5, 0, 0.8), row("lm", 0.5, 1, 0.9), row("random", 0.5, 0, 0.
 def test_results_markdown():
     assert report.results_markdown(ROWS) == (
         "\n### Transfer accuracy to digits, supervised pretraining, linear probe (%, mean ± std over seeds)\n\n"
-        "| method | ratio 0.50 (keep 10 classes) | unpruned |\n|---|---|---|\n"
+        "| method | ratio 0.50 (keep 10 classes, 100 samples) | unpruned |\n|---|---|---|\n"
         "| LM | **85.0 ± 5.0** ↑ |  |\n"
         "| Random | 60.0 ± 0.0 |  |\n"
         "| Grand (runs=2) | 70.0 ± 0.0 |  |\n"
         "| Unpruned |  | 75.0 ± 0.0 |\n"
         "\nBold: best method per ratio. ↑: above the unpruned source.\n")
+
+
+def test_header_says_when_methods_kept_different_sample_counts():
+    rows = ROWS + [dict(row("normsim", 0.5, 0, 0.8, class_wise=False), source_samples=90)]
+    assert "| method | ratio 0.50 (keep 10 classes, 90-100 samples) | unpruned |" in report.results_markdown(rows)
+    assert report.method_label("fm+normsim:p=2") == "FM+NormSim (p=2)"
 
 
 def test_time_table_says_how_time_is_charged():

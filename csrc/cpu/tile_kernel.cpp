@@ -26,6 +26,9 @@ struct Scalar {
 };
 
 void portable_tile(const TileJob& job) { run_tile<Scalar, 4, 8>(job); }
+void portable_tile_squares(const TileJob& job, double* row_sums) {
+  run_tile_squares<Scalar, 4, 8>(job, row_sums);
+}
 bool portable_logits_row(const float* v, int64_t n, int k, float* keys, int64_t* idx) {
   return run_logits_row<Scalar>(v, n, k, keys, idx);
 }
@@ -38,7 +41,7 @@ std::vector<Kernels> supported() {
   if (__builtin_cpu_supports("avx512f")) out.push_back(kernels_avx512());
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.push_back(kernels_avx2());
 #endif
-  out.push_back({portable_tile, portable_logits_row, "portable"});
+  out.push_back({portable_tile, portable_logits_row, "portable", portable_tile_squares});
   return out;
 }
 

@@ -30,6 +30,10 @@ struct TileJob {
 };
 
 using TileFn = void (*)(const TileJob&);
+// The tile kernel that also adds each row's sum of squared keys over all
+// centroids to row_sums[rows] (float64): for cosine keys, the sum of squared
+// similarities, NormSim_2's numerator (sample_scores).
+using SquaresTileFn = void (*)(const TileJob&, double* row_sums);
 // Top-k keys (-logit) of one contiguous float32 row of n logits into
 // keys[k] / indices[k]; false if the row holds NaN or Inf.
 using LogitsRowFn = bool (*)(const float* row, int64_t n, int k, float* keys, int64_t* indices);
@@ -38,6 +42,7 @@ struct Kernels {
   TileFn tile;
   LogitsRowFn logits_row;
   const char* name;
+  SquaresTileFn tile_squares;
 };
 
 // The fastest variants the running CPU supports (AVX-512, AVX2+FMA, portable),

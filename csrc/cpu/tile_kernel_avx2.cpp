@@ -33,13 +33,16 @@ struct Avx2 {
 };
 
 void tile(const TileJob& job) { run_tile<Avx2, 5, 2>(job); }
+void tile_squares(const TileJob& job, double* row_sums) {
+  run_tile_squares<Avx2, 5, 2>(job, row_sums);
+}
 bool logits_row(const float* v, int64_t n, int k, float* keys, int64_t* idx) {
   return run_logits_row<Avx2>(v, n, k, keys, idx);
 }
 
 }  // namespace
 
-Kernels kernels_avx2() { return {tile, logits_row, "avx2"}; }
+Kernels kernels_avx2() { return {tile, logits_row, "avx2", tile_squares}; }
 
 }  // namespace cpu
 }  // namespace fastvote

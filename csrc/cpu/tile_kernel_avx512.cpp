@@ -34,13 +34,16 @@ struct Avx512 {
 };
 
 void tile(const TileJob& job) { run_tile<Avx512, 12, 2>(job); }
+void tile_squares(const TileJob& job, double* row_sums) {
+  run_tile_squares<Avx512, 12, 2>(job, row_sums);
+}
 bool logits_row(const float* v, int64_t n, int k, float* keys, int64_t* idx) {
   return run_logits_row<Avx512>(v, n, k, keys, idx);
 }
 
 }  // namespace
 
-Kernels kernels_avx512() { return {tile, logits_row, "avx512"}; }
+Kernels kernels_avx512() { return {tile, logits_row, "avx512", tile_squares}; }
 
 }  // namespace cpu
 }  // namespace fastvote

@@ -14,9 +14,40 @@ namespace fastvote {
 namespace cpu {
 namespace {
 
+// What the epilogue adds besides the top-k, per block of NV x W rows: nothing
+// (the votes), or each row's sum of squared keys (sample_scores). A template
+// parameter, so the vote kernels compile to exactly what they were.
+template <class V, int NV>
+struct NoRowSums {
+  void start() {}
+  void add(int, typename V::Reg) {}
+  void finish(int64_t, int64_t) {}
+};
+
+template <class V, int NV>
+struct RowSquareSums {
+  double* row_sums;  // [rows], added to
+  typename V::Reg acc[NV];
+  void start() {
+    for (int v = 0; v < NV; ++v) acc[v] = V::zero();
+  }
+  void add(int v, typename V::Reg key) { acc[v] = V::fma(key, key, acc[v]); }
+  // float32 over one block of MR centroids, then float64 across blocks: the
+  // sum over thousands of centroids keeps float64's accuracy.
+  void finish(int64_t r0, int64_t rows) {
+    for (int v = 0; v < NV; ++v) {
+      float lanes[V::W];
+      V::store(lanes, acc[v]);
+      for (int lane = 0; lane < V::W && r0 + v * V::W + lane < rows; ++lane) {
+        row_sums[r0 + v * V::W + lane] += lanes[lane];
+      }
+    }
+  }
+};
+
 // MR centroids x (NV vectors of V::W rows) of accumulators live in registers.
-template <class V, int MR, int NV>
-void run_tile(const TileJob& job) {
+template <class V, int MR, int NV, class RowSums>
+void run_tile_with(const TileJob& job, RowSums& row_sums) {
   using Reg = typename V::Reg;
   constexpr int W = V::W;
   constexpr int kSub = W * NV;
@@ -57,6 +88,7 @@ void run_tile(const TileJob& job) {
         // Epilogue: keys for this block; a lane enters the row's list only if
         // it beats the row's threshold (rare once the lists fill up). j runs in
         // increasing centroid order, as the tie rule requires.
+        row_sums.start();
         for (int j = 0; j < m; ++j) {
           const int64_t cj = j0 + j;
           const Reg bias = V::broadcast(job.bias + cj);
@@ -64,6 +96,7 @@ void run_tile(const TileJob& job) {
           for (int v = 0; v < NV; ++v) {
             const int64_t row0 = r0 + v * W;
             const Reg key = V::fma(scale, acc[j][v], bias);
+            row_sums.add(v, key);
             unsigned mask = V::admits(key, V::load(job.thresholds + row0));
             if (!mask) continue;
             float lane_keys[W];
@@ -78,9 +111,22 @@ void run_tile(const TileJob& job) {
             }
           }
         }
+        row_sums.finish(r0, job.rows);
       }
     }
   }
+}
+
+template <class V, int MR, int NV>
+void run_tile(const TileJob& job) {
+  NoRowSums<V, NV> none;
+  run_tile_with<V, MR, NV>(job, none);
+}
+
+template <class V, int MR, int NV>
+void run_tile_squares(const TileJob& job, double* row_sums) {
+  RowSquareSums<V, NV> sums{row_sums, {}};
+  run_tile_with<V, MR, NV>(job, sums);
 }
 
 // One contiguous float32 row of logits -> its top-k keys (-logit). Returns

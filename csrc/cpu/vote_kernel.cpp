@@ -85,7 +85,9 @@ struct Centroids {
   std::vector<float> bias, scale;
 };
 
-Centroids prepare_centroids(const char* op, const at::Tensor& centroids, Metric metric) {
+// `arg` names the input in errors ("centroids", or sample_scores' "targets").
+Centroids prepare_centroids(const char* op, const at::Tensor& centroids, Metric metric,
+                            const char* arg = "centroids") {
   Centroids c;
   c.storage = centroids;
   if (centroids.scalar_type() != at::kFloat || centroids.stride(1) != 1) {
@@ -101,7 +103,7 @@ Centroids prepare_centroids(const char* op, const at::Tensor& centroids, Metric 
     const float* row = c.data + j * c.ldc;
     double sq = 0;
     for (int64_t d = 0; d < c.dim; ++d) sq += static_cast<double>(row[d]) * row[d];
-    if (!std::isfinite(static_cast<float>(sq))) fail_non_finite(op, "centroids", j);
+    if (!std::isfinite(static_cast<float>(sq))) fail_non_finite(op, arg, j);
     if (metric == Metric::L2) {
       c.bias[j] = static_cast<float>(sq);
       c.scale[j] = -2.0f;
@@ -144,14 +146,15 @@ int64_t pack_rows(const Matrix<scalar_t>& x, int64_t row0, int64_t rows, int64_t
 
 // Runs the fused top-k over all rows of `features` and hands each finished
 // tile to consume(thread, row0, rows, keys[rows][k], indices[rows][k], sqnorm[rows]).
-template <typename Consume>
+// run(job, row0) runs the micro-kernel on a packed tile (default: the top-k
+// kernel; sample_scores' also sums squared keys).
+template <typename Consume, typename Run>
 void for_each_tile(const char* op, const at::Tensor& features, const Centroids& c,
-                   Metric metric, int k, int workers, Consume&& consume) {
+                   Metric metric, int k, int workers, Consume&& consume, Run&& run) {
   const int64_t n = features.size(0);
   const int64_t dim = features.size(1);
   const int64_t tile = tile_rows(dim);
   const int64_t num_tiles = (n + tile - 1) / tile;
-  const TileFn kernel = tile_kernel();
   FirstBadRow bad;
   dispatch_float(features.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -179,12 +182,20 @@ void for_each_tile(const char* op, const at::Tensor& features, const Centroids& 
                           c.ldc,         c.count,     c.bias.data(), c.scale.data(),
                           k,             keys.data(), indices.data(), counts.data(),
                           thresholds.data()};
-        kernel(job);
+        run(job, row0);
         consume(thread, row0, rows, keys.data(), indices.data(), sqnorm.data());
       }
     }
   });
   if (bad.any()) fail_non_finite(op, "features", bad.row.load());
+}
+
+template <typename Consume>
+void for_each_tile(const char* op, const at::Tensor& features, const Centroids& c,
+                   Metric metric, int k, int workers, Consume&& consume) {
+  const TileFn kernel = tile_kernel();
+  for_each_tile(op, features, c, metric, k, workers, consume,
+                [kernel](const TileJob& job, int64_t) { kernel(job); });
 }
 
 // Float64 sums over rows (the scores) in a fixed order: the rows are cut into
@@ -505,6 +516,43 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_cpu(const at::Tensor& feature
   return {sums, counts};
 }
 
+// Each source row against every target row (cosine): its k most similar
+// target rows (values descending, ties -> lower index) and its RMS similarity
+// sqrt(mean_j cos(x, t_j)^2), in one pass over the features: the squared
+// similarities are summed in the top-k kernel's epilogue (float64 across
+// centroid blocks), so nothing of size N x M is ever stored.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_scores_cpu(const at::Tensor& features,
+                                                                 const at::Tensor& targets,
+                                                                 int64_t k) {
+  check_features_targets("sample_scores", features, targets);
+  check_k("sample_scores", k, targets.size(0), "target rows");
+  const Centroids c = prepare_centroids("sample_scores", targets, Metric::Cosine, "targets");
+  const int64_t n = features.size(0);
+  at::Tensor values = at::empty({n, k}, features.options().dtype(at::kFloat));
+  at::Tensor indices = at::empty({n, k}, features.options().dtype(at::kLong));
+  at::Tensor rms = at::zeros({n}, features.options().dtype(at::kDouble));
+  float* v = values.mutable_data_ptr<float>();
+  int64_t* ix = indices.mutable_data_ptr<int64_t>();
+  double* sums = rms.mutable_data_ptr<double>();
+  const double inv_m = 1.0 / static_cast<double>(c.count);
+  const SquaresTileFn squares = kernels().tile_squares;
+  const int64_t tiles = (n + tile_rows(c.dim) - 1) / tile_rows(c.dim);
+  for_each_tile(
+      "sample_scores", features, c, Metric::Cosine, static_cast<int>(k), num_workers(tiles),
+      [&](int, int64_t row0, int64_t rows, const float* keys, const int64_t* idx, const float*) {
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t i = 0; i < k; ++i) {
+            v[(row0 + r) * k + i] = -keys[r * k + i];  // keys are negated similarities
+            ix[(row0 + r) * k + i] = idx[r * k + i];
+          }
+          sums[row0 + r] = std::sqrt(sums[row0 + r] * inv_m);
+        }
+      },
+      // Tiles own disjoint rows: each adds to its own slice of the output.
+      [&](const TileJob& job, int64_t row0) { squares(job, sums + row0); });
+  return {values, indices, rms};
+}
+
 }  // namespace
 }  // namespace cpu
 
@@ -515,6 +563,7 @@ TORCH_LIBRARY_IMPL(fastvote, CPU, m) {
   m.impl("class_centroids", &cpu::class_centroids_cpu);
   m.impl("lm_scores", &cpu::lm_scores_cpu);
   m.impl("fm_scores", &cpu::fm_scores_cpu);
+  m.impl("sample_scores", &cpu::sample_scores_cpu);
 }
 
 }  // namespace fastvote

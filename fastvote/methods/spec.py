@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -25,7 +26,8 @@ class Option:
     """One option of a method: name, type (bool, int, float or str), default
     (None: decided at run time, e.g. "the number of source classes"), a one-line
     doc, the allowed choices (str) or the smallest allowed value (int, float).
-    `high` is an exclusive upper bound for floats (beta < 1)."""
+    `high` is an exclusive upper bound for floats (beta < 1). `flag`: the
+    command line's spelling when ``--name`` will not do (default ``--name``)."""
 
     name: str
     type: type
@@ -34,6 +36,7 @@ class Option:
     choices: Tuple[str, ...] = ()
     low: Optional[float] = None
     high: Optional[float] = None
+    flag: Optional[str] = None
 
     def _expected(self) -> str:
         if self.choices:
@@ -51,6 +54,9 @@ class Option:
 
         if value is None and self.default is None:
             return None
+        if (self.type is str and isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                and str(value) in self.choices):
+            value = str(value)  # a choice that names a number may be given as one: p=2 is "2"
         if self.type is bool:
             if not isinstance(value, bool):
                 raise bad()
@@ -134,13 +140,20 @@ class MethodSpec:
     @property
     def label(self) -> str:
         """The name people read in tables and legends: "LM", "LM (reverse=true)", "Grand (runs=2)"."""
-        name = self.name.upper() if self.name in ("lm", "fm") else self.name.capitalize()
         options = self.text.partition(":")[2]
-        return name + (f" ({options})" if options else "")
+        return display_name(self.name) + (f" ({options})" if options else "")
 
     def select(self, source, targets: Sequence, *, keep: int, seed: int, device=None, progress: bool = True):
         return self.module.select(source, targets, keep=keep, seed=seed, device=device, progress=progress,
                                   **self.options)
+
+
+DISPLAY = {"lm": "LM", "fm": "FM", "normsim": "NormSim"}
+
+
+def display_name(name: str) -> str:
+    """A registry name as tables show it: "lm" -> "LM", "fm+normsim" -> "FM+NormSim", "grand" -> "Grand"."""
+    return "+".join(DISPLAY.get(part, part.capitalize()) for part in name.split("+"))
 
 
 def _text(value: Any) -> str:
@@ -232,4 +245,4 @@ def only_with(method: str, options: Mapping[str, Any], given: Sequence[str], nam
                          f"{'is' if len(idle) == 1 else 'are'} only used with {condition}")
 
 
-__all__ = ["MethodSpec", "Option", "only_with", "parse"]
+__all__ = ["MethodSpec", "Option", "display_name", "only_with", "parse"]

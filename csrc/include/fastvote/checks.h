@@ -24,6 +24,9 @@ void check_weighted_rows(const char* op, int64_t rows, Weight weight);
 // features [N, D] and centroids [K, D], floating point, same device, K >= 1.
 void check_features_centroids(const char* op, const at::Tensor& features,
                               const at::Tensor& centroids);
+// features [N, D] and targets [M, D], floating point, same device, M >= 1.
+void check_features_targets(const char* op, const at::Tensor& features,
+                            const at::Tensor& targets);
 // features [N, D] floating, labels [N] integer on the same device, num_classes >= 1.
 void check_class_centroids(const at::Tensor& features, const at::Tensor& labels,
                            int64_t num_classes);
