@@ -42,8 +42,13 @@ def features_args(pass_inputs, work: Path, out: Path) -> list:
             "--out", str(out), "--workdir", str(work), "--batch-size", "16"]
 
 
-def start(args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HERE / "resume_worker.py"), *args], env=ENV, text=True,
+# A commit at every step: the killed runs have many commits whatever the machine's speed, so a kill after
+# a few of them always lands with work left (with commits every 0.4 s a fast machine finished first).
+EVERY_STEP = dict(ENV, FASTVOTE_CHUNK_SECONDS="1e-9")
+
+
+def start(args, env=ENV) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HERE / "resume_worker.py"), *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -209,7 +214,7 @@ def test_cluster_prune_killed_three_times_resumes_to_the_same_outputs(pool, tmp_
     longest = max(b - a for a, b in zip(commits[1:], commits[2:]))  # the longest step after the first commit
     out, g, lost = tmp_path / "out", random.Random(0), []
     for kill in range(3):
-        proc = start(cluster_args(pool, out))
+        proc = start(cluster_args(pool, out), EVERY_STEP)
         lines, wanted = [], g.randint(1, 6)  # die a random while after a random number of commits
         for line in proc.stdout:
             lines.append(line)
@@ -260,7 +265,7 @@ def test_a_beton_write_killed_three_times_resumes_to_the_same_bytes(image_folder
     assert cli.main(args(tmp_path / "whole.beton")) == 0
     path, g, kills = tmp_path / "out.beton", random.Random(1), 0
     while kills < 3:
-        proc = start(args(path))
+        proc = start(args(path), EVERY_STEP)
         wanted, seen = g.randint(1, 3), 0
         for line in proc.stdout:
             seen += line.startswith("committed rows")
