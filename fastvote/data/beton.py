@@ -28,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -397,9 +398,13 @@ def _write_beton(dataset, path: str | os.PathLike, *, indices=None, classes=None
     parts = None if resume_key is None else chunks.ChunkedColumns(
         work, dict(resume_key, encoding=encoding, order=_digest(order)))
     # The inner manager renames first: the beton, then its sidecar.
-    with atomic_path(classes_path(path)) as sidecar_tmp, atomic_path(path) as beton_tmp:
-        _fill(beton_tmp, samples, order, num_workers, path.name, progress, parts)
-        sidecar_tmp.write_text(json.dumps(sidecar, indent=1))
+    try:
+        with atomic_path(classes_path(path)) as sidecar_tmp, atomic_path(path) as beton_tmp:
+            _fill(beton_tmp, samples, order, num_workers, path.name, progress, parts)
+            sidecar_tmp.write_text(json.dumps(sidecar, indent=1))
+    except (TypeError, ValueError):  # bad input, not an interruption: nothing of the write is kept
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     if parts is not None:
         parts.remove(range(len(order)))
         with contextlib.suppress(OSError):
