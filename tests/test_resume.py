@@ -77,7 +77,7 @@ def test_a_feature_pass_killed_three_times_resumes_to_the_same_bytes(pass_inputs
     g = random.Random(0)
     redone, chunk_rows, kills = [], [], 0
     while kills < 3:
-        proc = start(features_args(pass_inputs, work, out))
+        proc = start(features_args(pass_inputs, work, out), EVERY_STEP)
         before = set()
         cache = next((work / "features").glob("*"), None)
         if cache is not None:
