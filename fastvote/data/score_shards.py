@@ -35,10 +35,10 @@ from tqdm import tqdm
 
 from .. import distributed, ops
 from .. import progress as bars
-from ..atomic import atomic_path, check_output_folder, claim, owner, write_json
+from ..atomic import check_output_folder, claim, owner, write_json
 from ..select import keep_count
 from .npy import NpyRows, NpyWriter
-from .shards import CHUNK_ROWS, Shard, ShardSource, Sources
+from .shards import CHUNK_ROWS, Shard, ShardSource, Sources, write_kept
 
 __all__ = ["NormSimPrune", "normsim_prune"]
 
@@ -118,12 +118,7 @@ def normsim_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
         taken = ties[:max(0, min(len(ties), take - ties_before))]
         ties_before += len(ties)
         rows = np.sort(np.concatenate([rows, taken])).astype(np.int64)
-        with atomic_path(out / "kept" / f"{shard.name}.npy") as tmp:
-            np.save(tmp, rows)
-        ids = src.ids(shard)
-        if ids is not None:
-            with atomic_path(out / "kept" / f"{shard.name}.ids.npy") as tmp:
-                np.save(tmp, ids[rows])
+        write_kept(out, src, shard, rows)
         kept_rows += len(rows)
     if distributed.active():
         kept_rows = int(distributed.all_reduce_(torch.tensor([kept_rows])))

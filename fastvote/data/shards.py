@@ -291,12 +291,7 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
     kept_rows = 0
     for shard in mine:
         rows = _kept_rows(out, shard, kept, partial, cutoff)
-        with atomic_path(out / "kept" / f"{shard.name}.npy") as tmp:
-            np.save(tmp, rows)
-        ids = src.ids(shard)
-        if ids is not None:
-            with atomic_path(out / "kept" / f"{shard.name}.ids.npy") as tmp:
-                np.save(tmp, ids[rows])
+        write_kept(out, src, shard, rows)
         kept_rows += len(rows)
     kept_rows = int(distributed.all_reduce_(torch.tensor([kept_rows]))) if sharded else kept_rows
     seconds["vote_and_keep"] = time.perf_counter() - started
@@ -353,6 +348,17 @@ def _assign_shards(src: ShardSource, mine: Sequence[Shard], out: Path, centroids
                 sizes += torch.bincount(assigned, minlength=len(centroids))
         chunks.check()  # a Ctrl-C stops between shards, this one committed
     return sizes, len(done)
+
+
+def write_kept(out: Path, src: "ShardSource", shard: "Shard", rows: np.ndarray) -> None:
+    """OUT/kept/NAME.npy (the shard's kept rows, ascending) and, for a shard
+    with identifiers, OUT/kept/NAME.ids.npy (theirs); each file atomic."""
+    with atomic_path(out / "kept" / f"{shard.name}.npy") as tmp:
+        np.save(tmp, rows)
+    ids = src.ids(shard)
+    if ids is not None:
+        with atomic_path(out / "kept" / f"{shard.name}.ids.npy") as tmp:
+            np.save(tmp, ids[rows])
 
 
 # ---------------------------------------------------------------- keep rules
