@@ -38,7 +38,7 @@ from .. import progress as bars
 from ..atomic import check_output_folder, claim, owner, write_json
 from ..select import keep_count
 from .npy import NpyRows, NpyWriter
-from .shards import CHUNK_ROWS, Shard, ShardSource, Sources, write_kept
+from .shards import CHUNK_ROWS, Shard, ShardSource, Sources, open_pair, write_kept
 
 __all__ = ["NormSimPrune", "normsim_prune"]
 
@@ -84,12 +84,7 @@ def normsim_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
     p = str(p)
     if p not in SCORE_FOLDERS:
         raise ValueError(f"p={p!r} is invalid; expected 'inf' (NormSim_inf) or '2' (NormSim_2)")
-    src = ShardSource(source, embeddings_key=embeddings_key, ids_key=ids_key, chunk_rows=chunk_rows)
-    tgt = ShardSource(target, embeddings_key=embeddings_key, chunk_rows=chunk_rows, what="target")
-    if tgt.dim != src.dim:
-        raise ValueError(f"the target's embeddings have width {tgt.dim} but the source's {src.dim} "
-                         f"(target shard {tgt.shards[0].path}, source shard {src.shards[0].path}); expected the "
-                         "same embedding model for both")
+    src, tgt = open_pair(source, target, embeddings_key, ids_key, chunk_rows)
     budget = keep_count(src.num_rows, ratio, keep, unit="samples")
     out = check_output_folder(out, KIND, overwrite=overwrite)
     device = distributed.resolve_device(device)

@@ -231,12 +231,7 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
         device: where the distances run (default: cuda if available).
         progress: progress bars (on a terminal, rank 0 only).
     """
-    src = ShardSource(source, embeddings_key=embeddings_key, ids_key=ids_key, chunk_rows=chunk_rows)
-    tgt = ShardSource(target, embeddings_key=embeddings_key, chunk_rows=chunk_rows, what="target")
-    if tgt.dim != src.dim:
-        raise ValueError(f"the target's embeddings have width {tgt.dim} but the source's {src.dim} "
-                         f"(target shard {tgt.shards[0].path}, source shard {src.shards[0].path}); expected the "
-                         "same embedding model for both")
+    src, tgt = open_pair(source, target, embeddings_key, ids_key, chunk_rows)
     budget = _check_keep(keep, ratio, keep_clusters, src.num_rows)
     if isinstance(clusters, bool) or not isinstance(clusters, numbers.Integral) or clusters < 1:
         raise ValueError(f"clusters={clusters!r} is invalid; expected an integer >= 1 (K)")
@@ -348,6 +343,18 @@ def _assign_shards(src: ShardSource, mine: Sequence[Shard], out: Path, centroids
                 sizes += torch.bincount(assigned, minlength=len(centroids))
         chunks.check()  # a Ctrl-C stops between shards, this one committed
     return sizes, len(done)
+
+
+def open_pair(source: Sources, target: Sources, embeddings_key: Optional[str], ids_key: Optional[str],
+              chunk_rows: int) -> tuple:
+    """The source's and the target's shards, checked to share one embedding width."""
+    src = ShardSource(source, embeddings_key=embeddings_key, ids_key=ids_key, chunk_rows=chunk_rows)
+    tgt = ShardSource(target, embeddings_key=embeddings_key, chunk_rows=chunk_rows, what="target")
+    if tgt.dim != src.dim:
+        raise ValueError(f"the target's embeddings have width {tgt.dim} but the source's {src.dim} "
+                         f"(target shard {tgt.shards[0].path}, source shard {src.shards[0].path}); expected the "
+                         "same embedding model for both")
+    return src, tgt
 
 
 def write_kept(out: Path, src: "ShardSource", shard: "Shard", rows: np.ndarray) -> None:
