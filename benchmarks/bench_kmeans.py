@@ -33,21 +33,35 @@ from pathlib import Path
 import numpy as np
 
 
-def blobs(rows: int, dim: int, true_clusters: int, seed: int, start: int = 0):
+def blobs(rows: int, dim: int, true_clusters: int, seed: int, start: int = 0, anisotropic: bool = False):
     """Rows [start, start + rows) of the synthetic pool (float32), its
     centres and the rows' true clusters, generated
-    per block of rows so any range is reproducible without the whole pool."""
+    per block of rows so any range is reproducible without the whole pool.
+
+    anisotropic: each cluster's noise has its own axis variances (log-normal,
+    a 20x spread between the largest and smallest tenth) in one shared random
+    rotation, and sigma in [0.8, 1.4]: elongated, overlapping-in-projection
+    clusters, as embedding pools have, instead of round separated ones."""
     g = np.random.default_rng(seed)
     centres = g.standard_normal((true_clusters, dim), dtype=np.float32)
     sizes = g.dirichlet(np.full(true_clusters, 2.0))
-    sigma = g.uniform(0.35, 0.6, true_clusters).astype(np.float32)
+    if anisotropic:
+        sigma = g.uniform(0.8, 1.4, true_clusters).astype(np.float32)
+        axes = np.exp(g.standard_normal((true_clusters, dim)) * 0.9).astype(np.float32)
+        axes /= np.sqrt((axes ** 2).mean(1, keepdims=True))  # mean variance sigma^2 a dimension
+        rotation = np.linalg.qr(g.standard_normal((dim, dim)))[0].astype(np.float32)
+    else:
+        sigma = g.uniform(0.35, 0.6, true_clusters).astype(np.float32)
     out = np.empty((rows, dim), dtype=np.float32)
     out_labels = np.empty(rows, dtype=np.int64)
     block = 65536
     for lo in range(start - start % block, start + rows, block):  # block b's rows come from seed (seed, b)
         r = np.random.default_rng((seed, lo // block))
         labels = r.choice(true_clusters, size=block, p=sizes)
-        x = centres[labels] + sigma[labels, None] * r.standard_normal((block, dim), dtype=np.float32)
+        noise = r.standard_normal((block, dim), dtype=np.float32)
+        if anisotropic:
+            noise = (noise * axes[labels]) @ rotation
+        x = centres[labels] + sigma[labels, None] * noise
         a, b = max(lo, start), min(lo + block, start + rows)
         if b > a:
             out[a - start:b - start] = x[a - lo:b - lo]
@@ -83,17 +97,20 @@ def compare(args) -> dict:
     from fastvote import cluster, ops
 
     torch.set_num_threads(args.threads)
-    x, centres, _ = blobs(args.rows, args.dim, args.true_clusters or args.clusters, args.seed)
-    results = {"rows": args.rows, "dim": args.dim, "clusters": args.clusters, "iterations": args.iterations,
+    x, centres, _ = blobs(args.rows, args.dim, args.true_clusters or args.clusters, args.seed,
+                          anisotropic=args.data == "anisotropic")
+    results = {"data": args.data, "rows": args.rows, "dim": args.dim, "clusters": args.clusters, "iterations": args.iterations,
                "threads": args.threads, "cpu": cpu_model(), "fastvote_cpu_kernel": ops.cpu_kernel(),
                "true_centres_inertia": inertia(x, centres), "methods": {}}
     for method in args.methods.split(","):
         started = time.perf_counter()
         extra = {}
-        if method == "fastvote":
+        if method in ("fastvote", "fastvote-flat", "fastvote-hierarchical"):
             xt = torch.from_numpy(x)
+            levels = {"fastvote": None, "fastvote-flat": False, "fastvote-hierarchical": True}[method]
             fit = cluster.fit(lambda: xt.split(65536), args.clusters, rows=range(args.rows), num_rows=args.rows,
-                              iterations=args.iterations, tol=0.0, seed=args.seed, progress=False)
+                              iterations=args.iterations, tol=0.0, seed=args.seed, progress=False,
+                              hierarchical=levels)
             centroids = fit.centroids.numpy()
             extra = {"seeding_s": fit.seeding_seconds, "pass_s": fit.pass_seconds, "computed": fit.computed,
                      "passes": fit.passes, "restarts": fit.restarts, "fit_rows": fit.fit_rows}
@@ -112,8 +129,19 @@ def compare(args) -> dict:
                 km = KMeans(args.clusters, init="k-means++", n_init=1, max_iter=args.iterations, tol=0.0,
                             algorithm="lloyd", random_state=args.seed).fit(x)
             centroids = km.cluster_centers_
+        elif method in ("superkmeans", "superkmeans-flat"):
+            from superkmeans import SuperKMeans
+
+            # default: its own choice (hierarchical above 100k rows, early termination); flat: plain
+            # 10-iteration Lloyd over its default 30% sample, pruned distances, no early stop
+            flat = dict(hierarchical=False, iters=args.iterations, early_termination=False) \
+                if method == "superkmeans-flat" else {}
+            km = SuperKMeans(args.clusters, args.dim, n_threads=args.threads, seed=args.seed, **flat)
+            centroids = np.asarray(km.train(x), dtype=np.float32)
+            extra = {"hierarchical": bool(km.hierarchical_)}
         else:
-            raise SystemExit(f"--methods: {method!r} is unknown; expected fastvote, faiss, sklearn")
+            raise SystemExit(f"--methods: {method!r} is unknown; expected fastvote, fastvote-flat, "
+                             "fastvote-hierarchical, faiss, sklearn, superkmeans, superkmeans-flat")
         seconds = time.perf_counter() - started
         results["methods"][method] = {"seconds": seconds, "inertia": inertia(x, centroids), **extra}
         print(method, json.dumps(results["methods"][method]), flush=True)
@@ -179,6 +207,7 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", choices=("blobs", "anisotropic"), default="blobs", help="compare: the synthetic pool")
     p.add_argument("--methods", default="fastvote,faiss,sklearn")
     p.add_argument("--dir", default="/tmp/bench_kmeans", help="scale: where the shards and outputs go")
     p.add_argument("--shards", type=int, default=100)

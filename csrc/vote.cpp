@@ -148,8 +148,15 @@ TORCH_LIBRARY(fastvote, m) {
   m.def("sample_scores(Tensor features, Tensor targets, int k=1) -> (Tensor, Tensor, Tensor)");
 }
 
-// Defined with the CPU kernels: which tile micro-kernel this CPU runs.
+// Defined with the CPU kernels: which tile micro-kernel this CPU runs, and
+// k-means' within-group nearest centroids (CPU tensors only; not an op: only
+// fastvote.cluster calls it, and on other devices it runs a loop of ops).
 const char* cpu_tile_kernel_name();
+std::tuple<at::Tensor, at::Tensor> nearest_in_groups(const at::Tensor& features,
+                                                     const at::Tensor& order,
+                                                     const at::Tensor& row_starts,
+                                                     const at::Tensor& centroids,
+                                                     const at::Tensor& centroid_starts, int64_t k);
 
 }  // namespace fastvote
 
@@ -157,6 +164,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastvote's compiled ops; they register under torch.ops.fastvote on import.";
   m.def("cpu_kernel", &fastvote::cpu_tile_kernel_name,
         "The CPU tile micro-kernel chosen for this processor at run time.");
+  m.def("nearest_in_groups", &fastvote::nearest_in_groups,
+        "Rows features[order] sorted by group (row_starts [G + 1]) against their own group's "
+        "centroids (centroid_starts [G + 1]): squared distances [len(order), k] and indices "
+        "(inf / -1 where a group has fewer than k centroids). CPU tensors.");
 #ifdef FASTVOTE_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -48,6 +48,7 @@ clusters of one process whatever the number of ranks.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ _MIN_POOL = 256  # at least this many (small rounds: the potential estimate need
 _POOL = 2048  # at most this many candidates a round (their distance matrix: 16 MB)
 _RESULT_STATE = ("passes", "counts", "pass_seconds", "computed", "movers", "restarts")  # what a resume restores
 _TRIALS = 3  # greedy trials a pick: 3 (2 + ln K), scikit-learn's 2 + ln K times 3 (issue 21)
+TWO_LEVEL_MIN_CLUSTERS = 1000  # hierarchical=None: two levels from this K (issue 23)
+_GROUP_PASSES = 5  # Lloyd passes of the groups' centroids over the seeding sample
 
 
 @dataclass
@@ -94,7 +97,8 @@ class Fit:
 def kmeans(batches: Batches, num_clusters: int, *, num_rows: Optional[int] = None, sharded: bool = False,
            metric: str = "l2", iterations: int = 20, tol: float = 1e-4, sample_size: Optional[int] = None,
            max_rows_per_cluster: Optional[int] = MAX_ROWS_PER_CLUSTER, seed: int = 0,
-           device: Optional[torch.device] = None, progress: bool = True) -> Tuple[Tensor, np.ndarray]:
+           device: Optional[torch.device] = None, progress: bool = True,
+           hierarchical: Optional[bool] = None) -> Tuple[Tensor, np.ndarray]:
     """Clusters a stream of feature batches.
 
     Args:
@@ -113,6 +117,8 @@ def kmeans(batches: Batches, num_clusters: int, *, num_rows: Optional[int] = Non
             empty clusters (default max(16 K, 2000)).
         max_rows_per_cluster: the passes run over a uniform sample of at most
             this many rows a cluster (None: over every row).
+        hierarchical: two-level passes, each row's nearest centroid sought
+            among its group's (:func:`fit`); None: from TWO_LEVEL_MIN_CLUSTERS.
     Returns:
         centroids [K, D] float32 (on CPU), and assignments: int64 numpy [N], every
         row's nearest final centroid, for all N rows on every rank (for a stream
@@ -126,7 +132,8 @@ def kmeans(batches: Batches, num_clusters: int, *, num_rows: Optional[int] = Non
     rows = distributed.shard(num_rows) if sharded else range(num_rows)
     result = fit(batches, num_clusters, rows=rows, num_rows=num_rows, sharded=sharded, metric=metric,
                  iterations=iterations, tol=tol, sample_size=sample_size,
-                 max_rows_per_cluster=max_rows_per_cluster, seed=seed, device=device, progress=progress)
+                 max_rows_per_cluster=max_rows_per_cluster, seed=seed, device=device, progress=progress,
+                 hierarchical=hierarchical)
     assignments = np.zeros(num_rows, dtype=np.int64)
     start = rows.start
     for assign_, _ in assign(batches, result.centroids, metric, device=device, progress=progress):
@@ -141,7 +148,8 @@ def kmeans(batches: Batches, num_clusters: int, *, num_rows: Optional[int] = Non
 def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, sharded: bool = False,
         metric: str = "l2", iterations: int = 20, tol: float = 1e-4, sample_size: Optional[int] = None,
         max_rows_per_cluster: Optional[int] = MAX_ROWS_PER_CLUSTER, seed: int = 0,
-        device: Optional[torch.device] = None, progress: bool = True, checkpoint: Optional[Path] = None) -> Fit:
+        device: Optional[torch.device] = None, progress: bool = True, checkpoint: Optional[Path] = None,
+        hierarchical: Optional[bool] = None) -> Fit:
     """The centroids of :func:`kmeans` (arguments as there), from a stream of
     this rank's rows: `rows`, a contiguous range of the `num_rows` global row
     positions (any split over ranks gives the same centroids).
@@ -153,12 +161,18 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
         uninterrupted fit. The state is K x D (centroids, float64
         sums) plus this rank's fitting rows' bounds (at most
         max_rows_per_cluster a cluster: they make the resumed passes skip the
-        same rows, so the same near-tie choices), and the seeding sample once."""
+        same rows, so the same near-tie choices), and the seeding sample once.
+    hierarchical: two levels (see :class:`_Groups`): each pass finds a row's
+        nearest centroid among its group's, not among all K (about 2 sqrt(K)
+        distances a row instead of K). None: from TWO_LEVEL_MIN_CLUSTERS
+        clusters, where a flat pass costs the most."""
     _check_args(num_clusters, metric, iterations, num_rows, max_rows_per_cluster, sample_size)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    size = min(num_rows, sample_size or max(SEED_ROWS_PER_CLUSTER * num_clusters, 2000))
+    two_level = _two_level(hierarchical, num_clusters, size)
     key = dict(rows=[rows.start, rows.stop], num_rows=num_rows, num_clusters=num_clusters, metric=metric,
                iterations=iterations, tol=tol, sample_size=sample_size, max_rows_per_cluster=max_rows_per_cluster,
-               seed=seed, ranks=distributed.world_size())
+               seed=seed, ranks=distributed.world_size(), two_level=two_level)
     tag = f".rank{distributed.rank()}of{distributed.world_size()}" if sharded else ""
     seeded_path = None if checkpoint is None else Path(checkpoint) / f"kmeans-seeded{tag}.pkl"
     pass_path = None if checkpoint is None else Path(checkpoint) / f"kmeans-pass{tag}.pkl"
@@ -167,26 +181,33 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
     resumed_after = None if seeded is None else 0
     if seeded is None:
         started = time.perf_counter()
-        size = min(num_rows, sample_size or max(SEED_ROWS_PER_CLUSTER * num_clusters, 2000))
         sample = _gather(batches, rows, np.sort(rng.choice(num_rows, size=size, replace=False)), sharded, metric)
         sample = sample.to(device)
-        centroids = _seed(sample, num_clusters, rng, progress)
         cap = None if max_rows_per_cluster is None else max_rows_per_cluster * num_clusters
         fit_rows = num_rows if cap is None else min(cap, num_rows)
-        if 4 * len(sample) <= fit_rows:  # (a sample near the fitting rows' size: its passes would cost as much)
-            centroids = _refine(sample, centroids, metric)
+        groups = None
+        if two_level:
+            centroids, groups = _seed_groups(sample, num_clusters, rng, metric, progress)
+        else:
+            centroids = _seed(sample, num_clusters, rng, progress)
+            if 4 * len(sample) <= fit_rows:  # (a sample near the fitting rows' size: its passes would cost as much)
+                centroids = _refine(sample, centroids, metric)
         # Scale of the tolerance: the mean per-dimension variance of the data (the sample's).
-        tol = tol * float(sample.var(0).double().mean()) if len(sample) > 1 else 0.0  # (accumulated in float64)
+        # (from the rows' distances to the mean: 5x faster than var(0), a column-wise reduction)
+        spread = _sq_norms(sample - sample.mean(0)).double().sum() / max(len(sample) - 1, 1) / max(sample.shape[1], 1)
+        tol = tol * float(spread) if len(sample) > 1 else 0.0
         picks = None if cap is None or cap >= num_rows else np.sort(rng.choice(num_rows, size=cap, replace=False))
         seeded = dict(sample=sample.cpu(), centroids=centroids.cpu(), fit_rows=fit_rows, tol=tol, picks=picks,
-                      rng=rng.bit_generator.state, seconds=time.perf_counter() - started)
+                      groups=groups, rng=rng.bit_generator.state, seconds=time.perf_counter() - started)
         if seeded_path is not None:
             chunks.save_state(seeded_path, key, seeded)
     sample, centroids, tol, picks = seeded["sample"].to(device), seeded["centroids"].to(device), seeded["tol"], \
         seeded["picks"]
     rng.bit_generator.state = seeded["rng"]
     lo, hi = (0, len(rows)) if picks is None else np.searchsorted(picks, [rows.start, rows.stop])
-    bounds = _Bounds(int(hi - lo), device)
+    # what each fitting row keeps between passes, and how a pass finds its nearest centroid
+    rows_state = _Bounds(int(hi - lo), device) if seeded["groups"] is None else \
+        _Groups(int(hi - lo), device, seeded["groups"])
     geometry = _Geometry(centroids)
     result = Fit(centroids, torch.zeros(num_clusters, dtype=torch.float64), seeded["fit_rows"], len(sample), 0,
                  seeded["seconds"], resumed_after=resumed_after)
@@ -201,9 +222,10 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
         skip, computed = saved["skip"], saved["computed"]
         centroids = saved["centroids"].to(device)
         geometry = _Geometry(centroids)
-        geometry._half_gap = saved["half_gap"].to(device)
-        for name in ("assigned", "upper", "lower", "movers"):
-            setattr(bounds, name, saved[name].to(device))
+        if saved["half_gap"] is not None:
+            geometry._half_gap = saved["half_gap"].to(device)
+        for name in rows_state.STATE:
+            setattr(rows_state, name, saved[name].to(device))
         sums, counts = saved["sums"], saved["counts"]
         for name in _RESULT_STATE:
             setattr(result, name, saved["result"][name])
@@ -218,24 +240,25 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
         pass next_pass after that many of its batches."""
         chunks.save_state(pass_path, key, dict(
             next=next_pass, skip=batches_done, converged=converged, rng=rng.bit_generator.state,
-            centroids=centroids.cpu(), half_gap=geometry.half_gap().cpu(), sums=sums, counts=counts,
-            computed=computed, result={name: getattr(result, name) for name in _RESULT_STATE},
-            **{name: getattr(bounds, name).cpu() for name in ("assigned", "upper", "lower", "movers")}))
+            centroids=centroids.cpu(), sums=sums, counts=counts, computed=computed,
+            half_gap=geometry.half_gap().cpu() if isinstance(rows_state, _Bounds) else None,
+            result={name: getattr(result, name) for name in _RESULT_STATE},
+            **{name: getattr(rows_state, name).cpu() for name in rows_state.STATE}))
         chunks.check()  # a Ctrl-C stops here, the state saved
 
     for it in range(first, 0 if converged else iterations):
         started, saved_at = time.perf_counter(), time.monotonic()
         if not skip:
             computed = torch.zeros(1, dtype=torch.float64)
-            result.movers.append(len(bounds.movers))
+            result.movers.append(len(rows_state.movers))
         done = fitted = 0
         for x, at in _fitting_rows(batches, rows, picks, metric, device, progress,
                                    f"k-means pass {it + 1}/{iterations}"):
             done, fitted = done + 1, fitted + len(x)
             if done <= skip:  # done before the save this run resumed from (read again, not computed)
                 continue
-            before = bounds.assigned[at].clone() if it else None
-            assigned, n = bounds.update(x, at, geometry)
+            before = rows_state.assigned[at].clone() if it else None
+            assigned, n = rows_state.update(x, at, geometry)
             if before is None:
                 s, c = ops.class_centroids(x, assigned, num_clusters)
                 sums += s.cpu()
@@ -247,7 +270,7 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
             if pass_path is not None and time.monotonic() - saved_at >= chunks.chunk_seconds():
                 save(it, done)
                 saved_at = time.monotonic()
-        _check_replay(fitted, len(bounds.assigned))
+        _check_replay(fitted, len(rows_state.assigned))
         skip = 0
         packed = torch.cat([sums, counts[:, None], computed[:, None].expand(num_clusters, 1)], 1)
         packed = distributed.all_reduce_(packed) if sharded else packed
@@ -256,11 +279,12 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
         if metric == "cosine":
             updated = torch.nn.functional.normalize(updated, dim=1)
         updated = updated.float().to(device)
-        result.restarts += _restart_empty(updated, members, sample, rng)
+        result.restarts += rows_state.restart_empty(updated, members, sample, rng)
         drift = (updated.double() - centroids.double()).pow(2).sum(1).sqrt().float()
         # Few rows a cluster: the exact centroid gaps (K x K) would cost more than 2% of a pass; bound them
-        geometry = _Geometry(updated, geometry, drift) if 50 * num_clusters > result.fit_rows else _Geometry(updated)
-        bounds.moved(drift, geometry, sharded)
+        chained = isinstance(rows_state, _Bounds) and 50 * num_clusters > result.fit_rows
+        geometry = _Geometry(updated, geometry, drift) if chained else _Geometry(updated)
+        rows_state.moved(drift, geometry, sharded)
         centroids = updated
         result.passes, result.counts = it + 1, members
         result.pass_seconds.append(time.perf_counter() - started)
@@ -371,10 +395,10 @@ def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.
     return picked
 
 
-def _refine(sample: Tensor, centroids: Tensor, metric: str) -> Tensor:
-    """SAMPLE_PASSES plain Lloyd passes over the seeding sample (in memory,
-    the same on every rank); a centroid no sample row chose stays where it is."""
-    for _ in range(SAMPLE_PASSES):
+def _refine(sample: Tensor, centroids: Tensor, metric: str, passes: int = SAMPLE_PASSES) -> Tensor:
+    """Plain Lloyd passes over the seeding sample (in memory, the same on
+    every rank); a centroid no sample row chose stays where it is."""
+    for _ in range(passes):
         _, idx = _Geometry(centroids).nearest(sample, 1)
         sums, counts = ops.class_centroids(sample, idx[:, 0], len(centroids))
         means = (sums / counts.clamp(min=1).to(sums)[:, None]).to(centroids)
@@ -382,6 +406,70 @@ def _refine(sample: Tensor, centroids: Tensor, metric: str) -> Tensor:
             means = torch.nn.functional.normalize(means, dim=1)
         centroids = torch.where((counts > 0).to(centroids.device)[:, None], means, centroids)
     return centroids
+
+
+def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, metric: str,
+                 progress: bool) -> Tuple[Tensor, dict]:
+    """The seeds of two-level passes (:class:`_Groups`), from the seeding
+    sample alone: about sqrt(K) coarse centroids (k-means++ in rounds and
+    _GROUP_PASSES Lloyd passes over at most MAX_ROWS_PER_CLUSTER sample rows
+    a centroid; a group of over twice the mean rows is split the same way,
+    as a row costs its group's centroids), then in each group
+    K_g seeds, K_g in proportion to the group's sample rows (:func:`_share`),
+    by k-means++ in rounds over the group's rows (refining them there made
+    the fit worse: the passes over all rows do it). Returns the [K, D] seeds,
+    ordered by group, and the groups (coarse [G, D], starts [G + 1],
+    sample_group [S])."""
+    def coarse_fit(rows: Tensor, count: int) -> Tensor:
+        if len(rows) > MAX_ROWS_PER_CLUSTER * count:  # (more rows than a centroid needs, as in fit())
+            rows = rows[torch.from_numpy(np.sort(rng.choice(len(rows), MAX_ROWS_PER_CLUSTER * count,
+                                                            replace=False))).to(rows.device)]
+        return _refine(rows, _seed(rows, count, rng, progress=False), metric, _GROUP_PASSES)
+
+    wanted = math.ceil(math.sqrt(num_clusters))
+    coarse = coarse_fit(sample, wanted)
+    group = _Geometry(coarse).nearest(sample, 1)[1][:, 0].cpu()
+    sizes = torch.bincount(group, minlength=len(coarse)).numpy()
+    mean = len(sample) / wanted
+    if sizes.max() > 2 * mean:
+        coarse = torch.cat([coarse[g:g + 1] if sizes[g] <= 2 * mean else
+                            coarse_fit(sample[(group == g).nonzero()[:, 0].to(sample.device)], math.ceil(sizes[g] / mean))
+                            for g in range(len(coarse))])
+        group = _Geometry(coarse).nearest(sample, 1)[1][:, 0].cpu()
+        sizes = torch.bincount(group, minlength=len(coarse)).numpy()
+    kept = np.flatnonzero(sizes)  # (a coarse centroid no sample row chose has no group)
+    shares = _share(num_clusters, sizes[kept])
+    renumber = torch.full((len(coarse),), -1, dtype=torch.int64)
+    renumber[torch.from_numpy(kept)] = torch.arange(len(kept))
+    group = renumber[group]
+    seeds = []
+    for g in _bar(range(len(kept)), progress, "k-means seeding (groups)"):
+        seeds.append(_seed(sample[(group == g).nonzero()[:, 0].to(sample.device)], int(shares[g]), rng, progress=False))
+    starts = torch.from_numpy(np.concatenate([[0], np.cumsum(shares)]))
+    return torch.cat(seeds), dict(coarse=coarse[torch.from_numpy(kept).to(coarse.device)].cpu(), starts=starts,
+                                  sample_group=group)
+
+
+def _share(total: int, sizes: np.ndarray) -> np.ndarray:
+    """`total` split in proportion to `sizes` (all >= 1, summing to at least
+    total), each share in [1, size], largest remainders first."""
+    exact = total * sizes / sizes.sum()
+    share = np.clip(np.floor(exact).astype(np.int64), 1, sizes)
+    while share.sum() < total:  # (at most len(sizes) left by the floors)
+        room = np.flatnonzero(share < sizes)
+        share[room[np.argmax((exact - share)[room])]] += 1
+    while share.sum() > total:
+        spare = np.flatnonzero(share > 1)
+        share[spare[np.argmin((exact - share)[spare])]] -= 1
+    return share
+
+
+def _two_level(hierarchical: Optional[bool], num_clusters: int, sample_rows: int) -> bool:
+    """Whether fit() runs two-level passes: as asked, or (None) from
+    TWO_LEVEL_MIN_CLUSTERS clusters; never without 4 sample rows a cluster to
+    seed the groups from."""
+    wanted = num_clusters >= TWO_LEVEL_MIN_CLUSTERS if hierarchical is None else hierarchical
+    return bool(wanted) and num_clusters > 1 and sample_rows >= 4 * num_clusters
 
 
 # ---------------------------------------------------------------- passes
@@ -401,26 +489,7 @@ class _Geometry:
     def nearest(self, x: Tensor, k: int, x_sq: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Squared distances [B, k] (ascending) and indices [B, k] of the k
         nearest centroids (x_sq: the rows' squared norms, if known)."""
-        if not _gemm_is_faster(x.device):
-            return ops.nearest_centroids(x, self.centroids, k, "l2")
-        x_sq = _sq_norms(x) if x_sq is None else x_sq
-        values, indices = [], []
-        for lo in range(0, len(x), _TILE_ROWS):
-            rows, best, where = x[lo:lo + _TILE_ROWS], None, None
-            for c0 in range(0, len(self.centroids), _TILE_COLUMNS):
-                # |c|^2 - 2 x.c ranks a row's centroids as its distances do (|x|^2 is added to the k kept);
-                # a 16 MB tile: its k smallest are read from cache, as faiss's exhaustive search does
-                part = torch.addmm(self.sq[None, c0:c0 + _TILE_COLUMNS], rows,
-                                   self.centroids[c0:c0 + _TILE_COLUMNS].T, alpha=-2)
-                v, i = part.min(1, keepdim=True) if k == 1 else part.topk(min(k, part.shape[1]), 1, largest=False)
-                i += c0
-                if best is not None:  # merge with the earlier tiles' k smallest
-                    v, at = torch.cat([best, v], 1).topk(k, 1, largest=False)
-                    i = torch.cat([where, i], 1).gather(1, at)
-                best, where = v, i
-            values.append(best.add_(x_sq[lo:lo + _TILE_ROWS, None]).clamp_(min=0))
-            indices.append(where)
-        return torch.cat(values), torch.cat(indices)
+        return _nearest(x, self.centroids, self.sq, k, x_sq)
 
     def half_gap(self) -> Tensor:
         """[K] float32: half the distance from each centroid to its nearest
@@ -459,6 +528,31 @@ class _Geometry:
         return bound
 
 
+def _nearest(x: Tensor, centroids: Tensor, sq: Tensor, k: int, x_sq: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Squared distances [B, k] (ascending) and indices [B, k] of the k
+    nearest of `centroids` (sq: their squared norms; x_sq: the rows', if known)."""
+    if not _gemm_is_faster(x.device):
+        return ops.nearest_centroids(x, centroids, k, "l2")
+    x_sq = _sq_norms(x) if x_sq is None else x_sq
+    values, indices = [], []
+    for lo in range(0, len(x), _TILE_ROWS):
+        rows, best, where = x[lo:lo + _TILE_ROWS], None, None
+        for c0 in range(0, len(centroids), _TILE_COLUMNS):
+            # |c|^2 - 2 x.c ranks a row's centroids as its distances do (|x|^2 is added to the k kept);
+            # a 16 MB tile: its k smallest are read from cache, as faiss's exhaustive search does
+            part = torch.addmm(sq[None, c0:c0 + _TILE_COLUMNS], rows,
+                               centroids[c0:c0 + _TILE_COLUMNS].T, alpha=-2)
+            v, i = part.min(1, keepdim=True) if k == 1 else part.topk(min(k, part.shape[1]), 1, largest=False)
+            i += c0
+            if best is not None:  # merge with the earlier tiles' k smallest
+                v, at = torch.cat([best, v], 1).topk(k, 1, largest=False)
+                i = torch.cat([where, i], 1).gather(1, at)
+            best, where = v, i
+        values.append(best.add_(x_sq[lo:lo + _TILE_ROWS, None]).clamp_(min=0))
+        indices.append(where)
+    return torch.cat(values), torch.cat(indices)
+
+
 class _Bounds:
     """Hamerly's bounds for this rank's fitting rows: their centroid, an upper
     bound on the distance to it and a lower bound on the distance to any other
@@ -471,6 +565,7 @@ class _Bounds:
     and every row's next update computes its distances to those m centroids
     exactly instead: m / K of a full pass, for bounds as tight as the rest's
     drift allows."""
+    STATE = ("assigned", "upper", "lower", "movers")  # what a checkpoint keeps
 
     def __init__(self, rows: int, device: torch.device):
         self.assigned = torch.zeros(rows, dtype=torch.int64, device=device)
@@ -534,6 +629,116 @@ class _Bounds:
         best = int(cost.argmin())
         self.lower -= rest[best]
         self.movers = top.indices[:choices[best]]
+
+
+    def restart_empty(self, centroids: Tensor, counts: Tensor, sample: Tensor, rng: np.random.Generator) -> int:
+        return _restart_empty(centroids, counts, sample, rng)
+
+
+class _Groups:
+    """Two-level passes (the hierarchical k-means of SuperKMeans and of
+    faiss's IVF training, kept exact within a group): the centroids are
+    split into G ~ sqrt(K) groups, each group's seeded from the seeding-sample
+    rows nearest to one of G coarse centroids (:func:`_seed_groups`). A row
+    belongs to the group of its nearest coarse centroid (found once: the
+    coarse centroids stay) and a pass finds its nearest centroid among that
+    group's K_g ~ K / G only. Within the group, Hamerly's bounds (as
+    :class:`_Bounds`, loosened by the group's own largest drift) let most rows
+    skip once the centroids settle. A row on a group border can miss a
+    nearer centroid of the next group; what that costs is the inertia
+    measured in benchmarks/RESULTS.md (issue 23). The assignment of every
+    row after the fit (:func:`assign`) is over all K, exact."""
+    STATE = ("assigned", "group", "upper", "lower")
+    movers = torch.zeros(0, dtype=torch.int64)  # (no movers: a group's largest drift loosens only its rows)
+
+    def __init__(self, rows: int, device: torch.device, groups: dict):
+        self.assigned = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.group = torch.full((rows,), -1, dtype=torch.int64, device=device)  # -1: not found yet
+        self.upper = torch.full((rows,), float("inf"), device=device)
+        self.lower = torch.zeros(rows, device=device)
+        self.coarse = groups["coarse"].to(device)  # [G, D]
+        self.starts = groups["starts"].tolist()  # group g owns centroids [starts[g], starts[g + 1])
+        self.sample_group = groups["sample_group"]  # [S]: the group of each seeding-sample row
+
+    def update(self, x: Tensor, at: slice, geometry: "_Geometry") -> Tuple[Tensor, float]:
+        """Each row's nearest centroid within its group, computed for the rows
+        whose bounds do not prove it; returns (assigned [B] int64, the
+        distance work done in rows of all K)."""
+        assigned, group, upper, lower = self.assigned[at], self.group[at], self.upper[at], self.lower[at]
+        k = len(geometry.centroids)
+        work = 0.0
+        if bool((group < 0).any()):  # the first pass: each row's group
+            group.copy_(_nearest(x, self.coarse, self.coarse.pow(2).sum(1), 1)[1][:, 0])
+            work += len(x) * len(self.coarse) / k
+        x_sq = _sq_norms(x)
+        slack = _SLACK * (x_sq + geometry.sq.max())
+        need = (upper > lower).nonzero()[:, 0]
+        if 0 < len(need) < len(x) // 2:  # few rows: tighten their upper bound with the exact distance first
+            upper[need] = _exact_d2(x[need], geometry.centroids, assigned[need]).sqrt() * (1 + _SLACK)
+            need = need[upper[need] > lower[need]]
+            work += len(x) / k
+        if not len(need):
+            return assigned, work
+        need = need[torch.argsort(group[need], stable=True)]  # the rows of one group side by side
+        row_starts = torch.searchsorted(group[need], torch.arange(len(self.starts), device=x.device))
+        d2, idx = _nearest_in_groups(x, need, row_starts, geometry, self.starts)
+        s = slack[need]
+        assigned[need] = idx[:, 0]
+        upper[need] = (d2[:, 0] + s).sqrt()
+        lower[need] = (d2[:, 1] - s).clamp(min=0).sqrt()  # (inf: a group of one centroid)
+        sizes = torch.diff(torch.as_tensor(self.starts, device=x.device))
+        return assigned, work + float((torch.diff(row_starts) * sizes).sum()) / k
+
+    def moved(self, drift: Tensor, geometry: "_Geometry", sharded: bool) -> None:
+        """Centroid j moved by drift[j]: a row's upper bound loosens by its own
+        centroid's drift, its lower bound by the largest drift among the other
+        centroids of its group."""
+        self.upper += drift[self.assigned]
+        top = torch.zeros(len(self.starts) - 1, 2, device=drift.device)  # each group's two largest drifts
+        for g in range(len(self.starts) - 1):
+            lo, hi = self.starts[g], self.starts[g + 1]
+            values = drift[lo:hi].topk(min(2, hi - lo)).values
+            top[g, :len(values)] = values
+        mine = top[self.group.clamp(min=0)]  # (-1: a row not yet seen, whose bounds are still inf / 0)
+        other = torch.where(drift[self.assigned] >= mine[:, 0], mine[:, 1], mine[:, 0])
+        self.lower = (self.lower - other).clamp_(min=0)
+
+    def restart_empty(self, centroids: Tensor, counts: Tensor, sample: Tensor, rng: np.random.Generator) -> int:
+        """An empty cluster restarts at a random sample row of its own group
+        (elsewhere, none of the group's rows could ever reach it)."""
+        if bool((counts > 0).all()):
+            return 0
+        restarts = 0
+        for g in range(len(self.starts) - 1):
+            lo, hi = self.starts[g], self.starts[g + 1]
+            pool = (self.sample_group == g).nonzero()[:, 0]
+            restarts += _restart_empty(centroids[lo:hi], counts[lo:hi], sample[pool.to(sample.device)], rng)
+        return restarts
+
+
+def _nearest_in_groups(x: Tensor, order: Tensor, row_starts: Tensor, geometry: "_Geometry",
+                       starts: List[int]) -> Tuple[Tensor, Tensor]:
+    """Squared distances [B, 2] and indices [B, 2] of the two nearest
+    centroids within its group of each row x[order] (sorted by group: group
+    g's rows are [row_starts[g], row_starts[g + 1]) of order, its centroids
+    [starts[g], starts[g + 1])); inf / -1 where a group has one centroid. One
+    compiled call on CPU, gathering the rows as it packs them (the fused
+    kernel's per-call set-up, a hundred times a batch, cost more than the
+    distances); elsewhere a call per group."""
+    if _gemm_is_faster(x.device) or not ops.HAS_EXTENSION or x.device.type != "cpu":
+        rows = x[order]
+        d2 = torch.full((len(rows), 2), float("inf"), device=rows.device)
+        idx = torch.full((len(rows), 2), -1, dtype=torch.int64, device=rows.device)
+        edges = row_starts.tolist()
+        for g in range(len(starts) - 1):
+            a, b, lo, hi = edges[g], edges[g + 1], starts[g], starts[g + 1]
+            if a < b:
+                v, i = _nearest(rows[a:b], geometry.centroids[lo:hi], geometry.sq[lo:hi], min(2, hi - lo))
+                d2[a:b, :v.shape[1]], idx[a:b, :i.shape[1]] = v, i + lo
+        return d2, idx
+    from fastvote import _C
+
+    return _C.nearest_in_groups(x, order, row_starts, geometry.centroids, torch.as_tensor(starts), 2)
 
 
 def _other_drift(top, m: int, owner: Tensor) -> Tensor:

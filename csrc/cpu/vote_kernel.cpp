@@ -115,31 +115,78 @@ Centroids prepare_centroids(const char* op, const at::Tensor& centroids, Metric 
   return c;
 }
 
-// Packs rows [row0, row0 + rows) into slabs (see tile_kernel.h) and stores
-// each row's squared norm. Returns the first row with NaN/Inf, or -1.
-template <typename scalar_t>
+// Row i of a tile's source: row i of the input, or (gathered) row order[i].
+struct SameRow {
+  int64_t operator()(int64_t i) const { return i; }
+};
+struct RowAt {
+  const int64_t* order;
+  int64_t operator()(int64_t i) const { return order[i]; }
+};
+
+// Packs rows [row0, row0 + rows) (of the input, or as row_at maps them) into
+// slabs (see tile_kernel.h) and stores each row's squared norm. Returns the
+// first input row with NaN/Inf, or -1.
+//
+// A slab is written kChunk dimensions at a time (a 4 KB block that stays in
+// L1): row by row, each of a row's D values went to its own cache line of a
+// 64 KB slab, and packing cost more than the distances against a few dozen
+// centroids (k-means' groups). A row's squared norm sums dimension d into
+// partial sum d % kLanes, the partials then added pairwise: a fixed order (the
+// same bits on every CPU and thread count) without a chain of dependent adds.
+template <typename scalar_t, typename Rows = SameRow>
 int64_t pack_rows(const Matrix<scalar_t>& x, int64_t row0, int64_t rows, int64_t dim,
-                  Metric metric, float* packed, float* sqnorm) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* dst = packed + (r / kSlab) * dim * kSlab + r % kSlab;
-    float sq = 0;
-    for (int64_t d = 0; d < dim; ++d) {
-      const float v = x(row0 + r, d);
-      sq += v * v;
-      dst[d * kSlab] = v;
+                  Metric metric, float* packed, float* sqnorm, Rows row_at = {}) {
+  constexpr int kLanes = 16;
+  constexpr int64_t kChunk = 32;
+  for (int64_t s0 = 0; s0 < rows; s0 += kSlab) {
+    const int64_t in_slab = std::min<int64_t>(kSlab, rows - s0);
+    float* slab = packed + (s0 / kSlab) * dim * kSlab;
+    float part[kSlab][kLanes] = {};
+    int64_t src[kSlab];
+    for (int64_t r = 0; r < in_slab; ++r) src[r] = row_at(row0 + s0 + r);
+    for (int64_t d0 = 0; d0 < dim; d0 += kChunk) {
+      const int64_t d1 = std::min(dim, d0 + kChunk);
+      for (int64_t r = 0; r < in_slab; ++r) {
+        float* p = part[r];
+        int64_t d = d0;
+        const scalar_t* row = x.data + src[r] * x.s0;
+        for (; d + kLanes <= d1; d += kLanes) {  // (d0 is a multiple of kLanes: lane l is d % kLanes)
+          float v[kLanes];
+          if (x.s1 == 1) {  // (a contiguous row: loads the compiler can vectorise)
+            for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(row[d + l]);
+          } else {
+            for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(row[(d + l) * x.s1]);
+          }
+          for (int l = 0; l < kLanes; ++l) p[l] += v[l] * v[l];
+          for (int l = 0; l < kLanes; ++l) slab[(d + l) * kSlab + r] = v[l];
+        }
+        for (; d < d1; ++d) {
+          const float v = x(src[r], d);
+          p[d % kLanes] += v * v;
+          slab[d * kSlab + r] = v;
+        }
+      }
+      for (int64_t r = in_slab; r < kSlab; ++r) {  // zero padding rows of the last slab
+        for (int64_t d = d0; d < d1; ++d) slab[d * kSlab + r] = 0.0f;
+      }
     }
-    // One test catches NaN, Inf and squares that overflow float32.
-    if (!std::isfinite(sq)) return row0 + r;
+    float inv[kSlab];
+    for (int64_t r = 0; r < in_slab; ++r) {
+      for (int width = kLanes / 2; width > 0; width /= 2) {
+        for (int l = 0; l < width; ++l) part[r][l] += part[r][l + width];
+      }
+      const float sq = part[r][0];
+      // One test catches NaN, Inf and squares that overflow float32.
+      if (!std::isfinite(sq)) return src[r];
+      sqnorm[s0 + r] = sq;
+      inv[r] = 1.0f / std::max(std::sqrt(sq), kNormEps);
+    }
     if (metric == Metric::Cosine) {
-      const float inv = 1.0f / std::max(std::sqrt(sq), kNormEps);
-      for (int64_t d = 0; d < dim; ++d) dst[d * kSlab] *= inv;
+      for (int64_t d = 0; d < dim; ++d) {
+        for (int64_t r = 0; r < in_slab; ++r) slab[d * kSlab + r] *= inv[r];
+      }
     }
-    sqnorm[r] = sq;
-  }
-  const int64_t padded = (rows + kSlab - 1) / kSlab * kSlab;
-  for (int64_t r = rows; r < padded; ++r) {
-    float* dst = packed + (r / kSlab) * dim * kSlab + r % kSlab;
-    for (int64_t d = 0; d < dim; ++d) dst[d * kSlab] = 0.0f;
   }
   return -1;
 }
@@ -553,8 +600,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_scores_cpu(const at::Tenso
   return {values, indices, rms};
 }
 
+// k-means' two-level passes (fastvote/cluster.py, _Groups): each row's k
+// nearest among its own group's centroids only. One call for all groups of a
+// batch: the tasks are (group, tile of its rows) pairs, so a pass over a
+// hundred small groups costs their work, not a hundred calls' set-up. Rows
+// are features[order[i]], gathered while packing (no copy of the batch).
+std::tuple<at::Tensor, at::Tensor> nearest_in_groups_impl(const at::Tensor& features,
+                                                          const at::Tensor& order,
+                                                          const at::Tensor& row_starts,
+                                                          const at::Tensor& centroids,
+                                                          const at::Tensor& centroid_starts,
+                                                          int64_t k) {
+  constexpr const char* op = "nearest_in_groups";
+  check_features_centroids(op, features, centroids);
+  TORCH_CHECK_VALUE(k >= 1, "fastvote.", op, ": k=", k, " is invalid; expected >= 1");
+  const at::Tensor rs = row_starts.to(at::kLong).contiguous();
+  const at::Tensor cs = centroid_starts.to(at::kLong).contiguous();
+  const int64_t groups = rs.numel() - 1;
+  TORCH_CHECK_VALUE(groups >= 1 && cs.numel() == rs.numel(), "fastvote.", op,
+                    ": row_starts and centroid_starts must both hold groups + 1 >= 2 offsets; got ",
+                    rs.numel(), " and ", cs.numel());
+  const int64_t* r = rs.const_data_ptr<int64_t>();
+  const int64_t* g0 = cs.const_data_ptr<int64_t>();
+  const at::Tensor rows_at = order.to(at::kLong).contiguous();
+  const int64_t* at_row = rows_at.const_data_ptr<int64_t>();
+  const int64_t n = rows_at.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_INDEX(at_row[i] >= 0 && at_row[i] < features.size(0), "fastvote.", op, ": order[", i,
+                      "]=", at_row[i], " is out of range; expected 0 <= order < ", features.size(0));
+  }
+  TORCH_CHECK_VALUE(r[0] == 0 && r[groups] == n && g0[0] == 0 && g0[groups] == centroids.size(0),
+                    "fastvote.", op, ": the offsets must run from 0 to the rows (", n,
+                    ") and to the centroids (", centroids.size(0), ")");
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (group, first row of the tile)
+  const int64_t tile = tile_rows(features.size(1));
+  for (int64_t g = 0; g < groups; ++g) {
+    TORCH_CHECK_VALUE(r[g] <= r[g + 1] && g0[g] <= g0[g + 1], "fastvote.", op,
+                      ": offsets must not decrease; group ", g, " does");
+    TORCH_CHECK_VALUE(r[g] == r[g + 1] || g0[g] < g0[g + 1], "fastvote.", op, ": group ", g,
+                      " has rows but no centroids");
+    for (int64_t row0 = r[g]; row0 < r[g + 1]; row0 += tile) tasks.emplace_back(g, row0);
+  }
+  const Centroids c = prepare_centroids(op, centroids, Metric::L2);
+  // Rows of a group with fewer than k centroids keep inf / -1 in the slots it cannot fill.
+  at::Tensor values = at::full({n, k}, INFINITY, features.options().dtype(at::kFloat));
+  at::Tensor indices = at::full({n, k}, -1, features.options().dtype(at::kLong));
+  float* v = values.mutable_data_ptr<float>();
+  int64_t* ix = indices.mutable_data_ptr<int64_t>();
+  const int64_t dim = features.size(1);
+  const TileFn kernel = tile_kernel();
+  FirstBadRow bad;
+  dispatch_float(features.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const Matrix<scalar_t> x(features);
+#pragma omp parallel num_threads(num_workers(static_cast<int64_t>(tasks.size())))
+    {
+      std::vector<float> packed(tile * dim), keys(tile * k), thresholds(tile), sqnorm(tile);
+      std::vector<int64_t> idx(tile * k);
+      std::vector<int> counts(tile);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < static_cast<int64_t>(tasks.size()); ++t) {
+        if (bad.any()) continue;
+        const auto [g, row0] = tasks[t];
+        const int64_t rows = std::min(tile, r[g + 1] - row0);
+        const int64_t first_bad =
+            pack_rows(x, row0, rows, dim, Metric::L2, packed.data(), sqnorm.data(), RowAt{at_row});
+        if (first_bad >= 0) {
+          bad.record(first_bad);
+          continue;
+        }
+        const int64_t lo = g0[g];
+        const int kk = static_cast<int>(std::min<int64_t>(k, g0[g + 1] - lo));
+        std::fill(counts.begin(), counts.end(), 0);
+        std::fill(thresholds.begin(), thresholds.begin() + rows, NAN);
+        std::fill(thresholds.begin() + rows, thresholds.end(), -INFINITY);
+        const TileJob job{packed.data(),      rows,          dim, c.data + lo * c.ldc,
+                          c.ldc,              g0[g + 1] - lo, c.bias.data() + lo,
+                          c.scale.data() + lo, kk,           keys.data(), idx.data(),
+                          counts.data(),      thresholds.data()};
+        kernel(job);
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int j = 0; j < kk; ++j) {
+            v[(row0 + i) * k + j] = std::max(keys[i * kk + j] + sqnorm[i], 0.0f);
+            ix[(row0 + i) * k + j] = idx[i * kk + j] + lo;
+          }
+        }
+      }
+    }
+  });
+  if (bad.any()) fail_non_finite(op, "features", bad.row.load());
+  return {values, indices};
+}
+
 }  // namespace
 }  // namespace cpu
+
+std::tuple<at::Tensor, at::Tensor> nearest_in_groups(const at::Tensor& features,
+                                                     const at::Tensor& order,
+                                                     const at::Tensor& row_starts,
+                                                     const at::Tensor& centroids,
+                                                     const at::Tensor& centroid_starts, int64_t k) {
+  return cpu::nearest_in_groups_impl(features, order, row_starts, centroids, centroid_starts, k);
+}
 
 TORCH_LIBRARY_IMPL(fastvote, CPU, m) {
   m.impl("lm_vote", &cpu::lm_vote_cpu);
