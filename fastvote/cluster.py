@@ -74,8 +74,10 @@ _MIN_POOL = 256  # at least this many (small rounds: the potential estimate need
 _POOL = 2048  # at most this many candidates a round (their distance matrix: 16 MB)
 _RESULT_STATE = ("passes", "counts", "pass_seconds", "computed", "movers", "restarts")  # what a resume restores
 _TRIALS = 3  # greedy trials a pick: 3 (2 + ln K), scikit-learn's 2 + ln K times 3 (issue 21)
-TWO_LEVEL_MIN_CLUSTERS = 1000  # hierarchical=None: two levels from this K (issue 23)
+TWO_LEVEL_MIN_CLUSTERS = 1000  # hierarchical=None: two levels from this K (issue 23) ...
+_TWO_LEVEL_MIN_WORK = 10 ** 10  # ... and this many multiply-adds a flat pass (e.g. 200,000 rows x 512 x 100)
 _GROUP_PASSES = 5  # Lloyd passes of the groups' centroids over the seeding sample
+_REACH = 2  # the groups a row searches: of its nearest coarse centroids (1 left blobs on a border split)
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Fit:
     movers: List[int] = field(default_factory=list)  # per pass: centroids every row computed (_Bounds.moved)
     restarts: int = 0  # empty clusters restarted
     resumed_after: Optional[int] = None  # the saved pass a rerun resumed after (0: the seeding)
+    groups: int = 0  # two-level passes: the groups (0: flat passes over all K)
 
 
 def kmeans(batches: Batches, num_clusters: int, *, num_rows: Optional[int] = None, sharded: bool = False,
@@ -165,14 +168,12 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
     hierarchical: two levels (see :class:`_Groups`): each pass finds a row's
         nearest centroid among its group's, not among all K (about 2 sqrt(K)
         distances a row instead of K). None: from TWO_LEVEL_MIN_CLUSTERS
-        clusters, where a flat pass costs the most."""
+        clusters, when a flat pass would be long (:func:`_two_level`)."""
     _check_args(num_clusters, metric, iterations, num_rows, max_rows_per_cluster, sample_size)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    size = min(num_rows, sample_size or max(SEED_ROWS_PER_CLUSTER * num_clusters, 2000))
-    two_level = _two_level(hierarchical, num_clusters, size)
     key = dict(rows=[rows.start, rows.stop], num_rows=num_rows, num_clusters=num_clusters, metric=metric,
                iterations=iterations, tol=tol, sample_size=sample_size, max_rows_per_cluster=max_rows_per_cluster,
-               seed=seed, ranks=distributed.world_size(), two_level=two_level)
+               seed=seed, ranks=distributed.world_size(), hierarchical=hierarchical)
     tag = f".rank{distributed.rank()}of{distributed.world_size()}" if sharded else ""
     seeded_path = None if checkpoint is None else Path(checkpoint) / f"kmeans-seeded{tag}.pkl"
     pass_path = None if checkpoint is None else Path(checkpoint) / f"kmeans-pass{tag}.pkl"
@@ -181,12 +182,13 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
     resumed_after = None if seeded is None else 0
     if seeded is None:
         started = time.perf_counter()
+        size = min(num_rows, sample_size or max(SEED_ROWS_PER_CLUSTER * num_clusters, 2000))
         sample = _gather(batches, rows, np.sort(rng.choice(num_rows, size=size, replace=False)), sharded, metric)
         sample = sample.to(device)
         cap = None if max_rows_per_cluster is None else max_rows_per_cluster * num_clusters
         fit_rows = num_rows if cap is None else min(cap, num_rows)
         groups = None
-        if two_level:
+        if _two_level(hierarchical, num_clusters, len(sample), fit_rows * sample.shape[1]):
             centroids, groups = _seed_groups(sample, num_clusters, rng, metric, progress)
         else:
             centroids = _seed(sample, num_clusters, rng, progress)
@@ -210,7 +212,8 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
         _Groups(int(hi - lo), device, seeded["groups"])
     geometry = _Geometry(centroids)
     result = Fit(centroids, torch.zeros(num_clusters, dtype=torch.float64), seeded["fit_rows"], len(sample), 0,
-                 seeded["seconds"], resumed_after=resumed_after)
+                 seeded["seconds"], resumed_after=resumed_after,
+                 groups=0 if seeded["groups"] is None else len(seeded["groups"]["coarse"]))
     # This rank's per-cluster sums and counts, kept across passes: after the first pass only the rows that
     # changed cluster update them (a few percent of the rows once converging; float64, so exactly enough).
     sums = torch.zeros(num_clusters, centroids.shape[1], dtype=torch.float64)
@@ -353,7 +356,59 @@ def _seed(sample: Tensor, num_clusters: int, rng: np.random.Generator, progress:
     return sample[torch.as_tensor(centers[:num_clusters], device=sample.device)].clone()
 
 
-def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.random.Generator) -> List[int]:
+def _seed_in_groups(sample: Tensor, num_clusters: int, reach: Tensor, rng: np.random.Generator,
+                    progress: bool) -> Tuple[Tensor, Tensor]:
+    """:func:`_seed`'s k-means++ in rounds where a row's distance is to the
+    nearest center of the groups it searches (reach [S, R]: its R nearest
+    coarse centroids, the first its own group; G groups, G <= K), as the
+    passes will search them. Each group starts with one random row of its
+    own; every round then draws candidates by D^2 sampling over the whole
+    sample, so each group gets the centers its rows' spread asks for
+    (splitting K in proportion to the groups' rows put two seeds in one of
+    several separated blobs and none in another), and a blob on a group
+    border gets one seed, not one a side. A round's distance update is one
+    GEMM a group, of the rows searching it by its new centers: R S K / G in
+    all. Returns the [K, D] seeds sorted by group and each one's group [K]
+    (stable: within a group, in the order picked)."""
+    x = sample - sample.mean(0)
+    sq = x.pow(2).sum(1)
+    reach_np = reach.numpy()
+    own = reach_np[:, 0]
+    groups = int(reach_np.max()) + 1
+    searching = [np.flatnonzero((reach_np == g).any(1)) for g in range(groups)]
+    d2 = torch.full((len(x),), float("inf"), device=x.device)
+    centers: List[int] = []
+
+    def add(new: np.ndarray) -> None:
+        centers.extend(new.tolist())
+        for g in np.unique(own[new]):
+            rows = torch.from_numpy(searching[g]).to(x.device)
+            mine = torch.from_numpy(new[own[new] == g]).to(x.device)
+            block = torch.addmm(sq[rows, None] + sq[mine][None], x[rows], x[mine].T, alpha=-2).clamp_(min=0)
+            d2[rows] = torch.minimum(d2[rows], block.min(1).values)
+        d2[torch.from_numpy(new).to(x.device)] = 0
+
+    add(np.array([rng.choice(np.flatnonzero(own == g)) for g in range(groups)], dtype=np.int64))
+    trials = _TRIALS * (2 + int(np.log(num_clusters)))
+    with tqdm(total=num_clusters, desc="k-means seeding", leave=False, disable=bars.disable(progress)) as bar:
+        bar.update(len(centers))
+        while len(centers) < num_clusters:
+            b = min(len(centers), 1024, num_clusters - len(centers))
+            weights = d2.double().cpu().numpy()
+            if weights.sum() <= 0:  # every sample row already is a center: draw uniformly from the rest
+                rest = np.setdiff1d(np.arange(len(x)), centers)
+                picked = rng.choice(rest, size=min(b, len(rest)), replace=False)
+            else:
+                picked = np.asarray(_pick_in_round(x, weights, b, trials, rng, reach_np), dtype=np.int64)
+            add(picked)
+            bar.update(len(picked))
+    centers_t = torch.as_tensor(centers[:num_clusters])
+    by_group = torch.sort(reach[centers_t, 0], stable=True)
+    return sample[centers_t[by_group.indices].to(sample.device)].clone(), by_group.values
+
+
+def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.random.Generator,
+                   reach: Optional[np.ndarray] = None) -> List[int]:
     """b rows of x [S, D] by greedy k-means++ over candidates: 8 b draws (at
     least _MIN_POOL, at most _POOL) by D^2 sampling (`weights` [S] float64,
     the squared distances to the centers so far), then b picks, each drawing
@@ -365,7 +420,9 @@ def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.
     estimate of the sample's total squared distance) most, as
     scikit-learn's greedy k-means++ does over the whole sample. The picks
     run in numpy on one candidate-distance matrix (one GEMM a round): a
-    pick is a few small array operations, not thread-pool calls."""
+    pick is a few small array operations, not thread-pool calls. reach
+    [S, R]: a center covers only the rows that search its group, reach[:, 0]
+    (weights are the distances to those groups' centers)."""
     draws = rng.choice(len(x), size=min(max(_OVERSAMPLE * b, _MIN_POOL), _POOL), p=weights / weights.sum())
     candidates, count = np.unique(draws, return_counts=True)  # a row drawn twice counts twice
     c = x[torch.from_numpy(candidates).to(x.device)]
@@ -375,6 +432,9 @@ def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.
     # each pick is a page-faulting allocation: 5x the pick).
     scale = float(weights[candidates].max())
     between = (torch.addmm(c_sq[:, None] + c_sq[None], c, c.T, alpha=-2).clamp_(min=0) / scale).cpu().numpy()
+    if reach is not None:  # row t, column i: t covers i only if i searches t's group (no longer symmetric)
+        covers = (reach[candidates][None, :, :] == reach[candidates, 0][:, None, None]).any(2)
+        between[~covers] = np.inf
     now = (weights[candidates] / scale).astype(np.float32)
     # importance weights: a candidate stands for count / (draws x its probability) of the sample
     weight = (count / (weights[candidates] / scale)).astype(np.float32)
@@ -386,7 +446,7 @@ def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.
             break
         tries = np.searchsorted(cumulative, rng.random(trials) * cumulative[-1], side="right")
         tries = np.minimum(tries, len(candidates) - 1)  # (a draw rounded up to the total)
-        np.take(between, tries, axis=0, out=rows)  # rows, not columns: the matrix is symmetric
+        np.take(between, tries, axis=0, out=rows)  # row t: what trial t covers
         np.minimum(rows, now, out=rows)
         j = int(tries[int((rows @ weight).argmin())])
         picked.append(int(candidates[j]))
@@ -414,11 +474,10 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
     sample alone: about sqrt(K) coarse centroids (k-means++ in rounds and
     _GROUP_PASSES Lloyd passes over at most MAX_ROWS_PER_CLUSTER sample rows
     a centroid; a group of over twice the mean rows is split the same way,
-    as a row costs its group's centroids), then in each group
-    K_g seeds, K_g in proportion to the group's sample rows (:func:`_share`),
-    by k-means++ in rounds over the group's rows (refining them there made
-    the fit worse: the passes over all rows do it). Returns the [K, D] seeds,
-    ordered by group, and the groups (coarse [G, D], starts [G + 1],
+    as a row costs its group's centroids), then the K seeds by k-means++
+    within the groups (:func:`_seed_in_groups`; refining them on the sample
+    made the fit worse: the passes over all rows do it). Returns the [K, D]
+    seeds, ordered by group, and the groups (coarse [G, D], starts [G + 1],
     sample_group [S])."""
     def coarse_fit(rows: Tensor, count: int) -> Tensor:
         if len(rows) > MAX_ROWS_PER_CLUSTER * count:  # (more rows than a centroid needs, as in fit())
@@ -431,44 +490,29 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
     group = _Geometry(coarse).nearest(sample, 1)[1][:, 0].cpu()
     sizes = torch.bincount(group, minlength=len(coarse)).numpy()
     mean = len(sample) / wanted
-    if sizes.max() > 2 * mean:
+    if sizes.max() > 2 * mean and 2 * wanted <= num_clusters:  # (split: at most 2 sqrt(K) groups, <= K)
         coarse = torch.cat([coarse[g:g + 1] if sizes[g] <= 2 * mean else
                             coarse_fit(sample[(group == g).nonzero()[:, 0].to(sample.device)], math.ceil(sizes[g] / mean))
                             for g in range(len(coarse))])
         group = _Geometry(coarse).nearest(sample, 1)[1][:, 0].cpu()
         sizes = torch.bincount(group, minlength=len(coarse)).numpy()
     kept = np.flatnonzero(sizes)  # (a coarse centroid no sample row chose has no group)
-    shares = _share(num_clusters, sizes[kept])
-    renumber = torch.full((len(coarse),), -1, dtype=torch.int64)
-    renumber[torch.from_numpy(kept)] = torch.arange(len(kept))
-    group = renumber[group]
-    seeds = []
-    for g in _bar(range(len(kept)), progress, "k-means seeding (groups)"):
-        seeds.append(_seed(sample[(group == g).nonzero()[:, 0].to(sample.device)], int(shares[g]), rng, progress=False))
-    starts = torch.from_numpy(np.concatenate([[0], np.cumsum(shares)]))
-    return torch.cat(seeds), dict(coarse=coarse[torch.from_numpy(kept).to(coarse.device)].cpu(), starts=starts,
-                                  sample_group=group)
+    coarse = coarse[torch.from_numpy(kept).to(coarse.device)]
+    reach = _Geometry(coarse).nearest(sample, min(_REACH, len(coarse)))[1].cpu()
+    group = reach[:, 0]
+    seeds, seed_group = _seed_in_groups(sample, num_clusters, reach, rng, progress)
+    starts = torch.searchsorted(seed_group, torch.arange(len(kept) + 1))
+    return seeds, dict(coarse=coarse.cpu(), starts=starts, sample_group=group)
 
 
-def _share(total: int, sizes: np.ndarray) -> np.ndarray:
-    """`total` split in proportion to `sizes` (all >= 1, summing to at least
-    total), each share in [1, size], largest remainders first."""
-    exact = total * sizes / sizes.sum()
-    share = np.clip(np.floor(exact).astype(np.int64), 1, sizes)
-    while share.sum() < total:  # (at most len(sizes) left by the floors)
-        room = np.flatnonzero(share < sizes)
-        share[room[np.argmax((exact - share)[room])]] += 1
-    while share.sum() > total:
-        spare = np.flatnonzero(share > 1)
-        share[spare[np.argmin((exact - share)[spare])]] -= 1
-    return share
-
-
-def _two_level(hierarchical: Optional[bool], num_clusters: int, sample_rows: int) -> bool:
+def _two_level(hierarchical: Optional[bool], num_clusters: int, sample_rows: int, row_values: int) -> bool:
     """Whether fit() runs two-level passes: as asked, or (None) from
-    TWO_LEVEL_MIN_CLUSTERS clusters; never without 4 sample rows a cluster to
-    seed the groups from."""
-    wanted = num_clusters >= TWO_LEVEL_MIN_CLUSTERS if hierarchical is None else hierarchical
+    TWO_LEVEL_MIN_CLUSTERS clusters where a flat pass is long (row_values:
+    fitting rows x D; below _TWO_LEVEL_MIN_WORK multiply-adds a flat pass
+    takes well under a second, less than the groups' seeding); never without
+    4 sample rows a cluster to seed the groups from."""
+    long_pass = num_clusters * row_values >= _TWO_LEVEL_MIN_WORK
+    wanted = num_clusters >= TWO_LEVEL_MIN_CLUSTERS and long_pass if hierarchical is None else hierarchical
     return bool(wanted) and num_clusters > 1 and sample_rows >= 4 * num_clusters
 
 
@@ -653,22 +697,23 @@ class _Groups:
 
     def __init__(self, rows: int, device: torch.device, groups: dict):
         self.assigned = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.group = torch.full((rows,), -1, dtype=torch.int64, device=device)  # -1: not found yet
-        self.upper = torch.full((rows,), float("inf"), device=device)
-        self.lower = torch.zeros(rows, device=device)
         self.coarse = groups["coarse"].to(device)  # [G, D]
         self.starts = groups["starts"].tolist()  # group g owns centroids [starts[g], starts[g + 1])
         self.sample_group = groups["sample_group"]  # [S]: the group of each seeding-sample row
+        reach = min(_REACH, len(self.coarse))
+        self.group = torch.full((rows, reach), -1, dtype=torch.int64, device=device)  # -1: not found yet
+        self.upper = torch.full((rows,), float("inf"), device=device)
+        self.lower = torch.zeros(rows, device=device)
 
     def update(self, x: Tensor, at: slice, geometry: "_Geometry") -> Tuple[Tensor, float]:
-        """Each row's nearest centroid within its group, computed for the rows
-        whose bounds do not prove it; returns (assigned [B] int64, the
+        """Each row's nearest centroid within its groups, computed for the
+        rows whose bounds do not prove it; returns (assigned [B] int64, the
         distance work done in rows of all K)."""
         assigned, group, upper, lower = self.assigned[at], self.group[at], self.upper[at], self.lower[at]
-        k = len(geometry.centroids)
+        k, reach = len(geometry.centroids), self.group.shape[1]
         work = 0.0
-        if bool((group < 0).any()):  # the first pass: each row's group
-            group.copy_(_nearest(x, self.coarse, self.coarse.pow(2).sum(1), 1)[1][:, 0])
+        if bool((group < 0).any()):  # the first pass: each row's groups
+            group.copy_(_nearest(x, self.coarse, self.coarse.pow(2).sum(1), reach)[1])
             work += len(x) * len(self.coarse) / k
         x_sq = _sq_norms(x)
         slack = _SLACK * (x_sq + geometry.sq.max())
@@ -679,29 +724,35 @@ class _Groups:
             work += len(x) / k
         if not len(need):
             return assigned, work
-        need = need[torch.argsort(group[need], stable=True)]  # the rows of one group side by side
-        row_starts = torch.searchsorted(group[need], torch.arange(len(self.starts), device=x.device))
-        d2, idx = _nearest_in_groups(x, need, row_starts, geometry, self.starts)
+        # one entry per row and group it searches, the entries of one group side by side
+        entry_group = group[need].reshape(-1)
+        by_group = torch.argsort(entry_group, stable=True)
+        row_starts = torch.searchsorted(entry_group[by_group], torch.arange(len(self.starts), device=x.device))
+        d2_sorted, idx_sorted = _nearest_in_groups(x, need.repeat_interleave(reach)[by_group], row_starts, geometry,
+                                                   self.starts)
+        d2, idx = torch.empty_like(d2_sorted), torch.empty_like(idx_sorted)
+        d2[by_group], idx[by_group] = d2_sorted, idx_sorted
+        # each row's best two of its groups' (the groups' centroids are disjoint); ties -> lower index
+        d2, idx = d2.reshape(len(need), 2 * reach), idx.reshape(len(need), 2 * reach)
+        by_index = torch.argsort(torch.where(idx < 0, k, idx), 1)
+        d2, idx = d2.gather(1, by_index), idx.gather(1, by_index)
+        best = torch.sort(d2, dim=1, stable=True).indices[:, :2]
+        d2, idx = d2.gather(1, best), idx.gather(1, best)
         s = slack[need]
         assigned[need] = idx[:, 0]
         upper[need] = (d2[:, 0] + s).sqrt()
-        lower[need] = (d2[:, 1] - s).clamp(min=0).sqrt()  # (inf: a group of one centroid)
+        lower[need] = (d2[:, 1] - s).clamp(min=0).sqrt()  # (inf: one centroid in all the row's groups)
         sizes = torch.diff(torch.as_tensor(self.starts, device=x.device))
         return assigned, work + float((torch.diff(row_starts) * sizes).sum()) / k
 
     def moved(self, drift: Tensor, geometry: "_Geometry", sharded: bool) -> None:
         """Centroid j moved by drift[j]: a row's upper bound loosens by its own
-        centroid's drift, its lower bound by the largest drift among the other
-        centroids of its group."""
+        centroid's drift, its lower bound by the largest drift in its groups
+        (its own centroid's included: a little looser than Hamerly's, still a
+        bound, and one maximum a group)."""
         self.upper += drift[self.assigned]
-        top = torch.zeros(len(self.starts) - 1, 2, device=drift.device)  # each group's two largest drifts
-        for g in range(len(self.starts) - 1):
-            lo, hi = self.starts[g], self.starts[g + 1]
-            values = drift[lo:hi].topk(min(2, hi - lo)).values
-            top[g, :len(values)] = values
-        mine = top[self.group.clamp(min=0)]  # (-1: a row not yet seen, whose bounds are still inf / 0)
-        other = torch.where(drift[self.assigned] >= mine[:, 0], mine[:, 1], mine[:, 0])
-        self.lower = (self.lower - other).clamp_(min=0)
+        largest = torch.stack([drift[lo:hi].max() for lo, hi in zip(self.starts[:-1], self.starts[1:])])
+        self.lower = (self.lower - largest[self.group.clamp(min=0)].max(1).values).clamp_(min=0)
 
     def restart_empty(self, centroids: Tensor, counts: Tensor, sample: Tensor, rng: np.random.Generator) -> int:
         """An empty cluster restarts at a random sample row of its own group
@@ -724,21 +775,27 @@ def _nearest_in_groups(x: Tensor, order: Tensor, row_starts: Tensor, geometry: "
     [starts[g], starts[g + 1])); inf / -1 where a group has one centroid. One
     compiled call on CPU, gathering the rows as it packs them (the fused
     kernel's per-call set-up, a hundred times a batch, cost more than the
-    distances); elsewhere a call per group."""
+    distances); elsewhere :func:`_nearest_in_groups_loop`."""
     if _gemm_is_faster(x.device) or not ops.HAS_EXTENSION or x.device.type != "cpu":
-        rows = x[order]
-        d2 = torch.full((len(rows), 2), float("inf"), device=rows.device)
-        idx = torch.full((len(rows), 2), -1, dtype=torch.int64, device=rows.device)
-        edges = row_starts.tolist()
-        for g in range(len(starts) - 1):
-            a, b, lo, hi = edges[g], edges[g + 1], starts[g], starts[g + 1]
-            if a < b:
-                v, i = _nearest(rows[a:b], geometry.centroids[lo:hi], geometry.sq[lo:hi], min(2, hi - lo))
-                d2[a:b, :v.shape[1]], idx[a:b, :i.shape[1]] = v, i + lo
-        return d2, idx
+        return _nearest_in_groups_loop(x, order, row_starts, geometry, starts)
     from fastvote import _C
 
     return _C.nearest_in_groups(x, order, row_starts, geometry.centroids, torch.as_tensor(starts), 2)
+
+
+def _nearest_in_groups_loop(x: Tensor, order: Tensor, row_starts: Tensor, geometry: "_Geometry",
+                            starts: List[int]) -> Tuple[Tensor, Tensor]:
+    """:func:`_nearest_in_groups` as a nearest-centroid call per group."""
+    rows = x[order]
+    d2 = torch.full((len(rows), 2), float("inf"), device=rows.device)
+    idx = torch.full((len(rows), 2), -1, dtype=torch.int64, device=rows.device)
+    edges = row_starts.tolist()
+    for g in range(len(starts) - 1):
+        a, b, lo, hi = edges[g], edges[g + 1], starts[g], starts[g + 1]
+        if a < b:
+            v, i = _nearest(rows[a:b], geometry.centroids[lo:hi], geometry.sq[lo:hi], min(2, hi - lo))
+            d2[a:b, :v.shape[1]], idx[a:b, :i.shape[1]] = v, i + lo
+    return d2, idx
 
 
 def _other_drift(top, m: int, owner: Tensor) -> Tensor:

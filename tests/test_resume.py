@@ -138,8 +138,8 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("cap", [None, 16])
-def test_kmeans_resumed_after_any_pass_gives_the_same_bits(tmp_path, monkeypatch, cap):
+@pytest.mark.parametrize("cap,hierarchical", [(None, False), (16, False), (None, True)])
+def test_kmeans_resumed_after_any_pass_gives_the_same_bits(tmp_path, monkeypatch, cap, hierarchical):
     import torch
 
     from fastvote import chunks, cluster
@@ -150,7 +150,7 @@ def test_kmeans_resumed_after_any_pass_gives_the_same_bits(tmp_path, monkeypatch
 
     def run(folder):
         return cluster.fit(lambda: x.split(97), 40, rows=range(3000), num_rows=3000, iterations=6, tol=0,
-                           max_rows_per_cluster=cap, progress=False, checkpoint=folder)
+                           max_rows_per_cluster=cap, progress=False, checkpoint=folder, hierarchical=hierarchical)
 
     whole = run(None)
     save = chunks.save_state

@@ -150,13 +150,15 @@ class FakeRanks:
         return t.copy_(total)
 
 
-@pytest.mark.parametrize("cap", [None, 30])
-def test_any_split_over_ranks_gives_the_same_clusters(monkeypatch, cap):
+@pytest.mark.parametrize("cap,hierarchical", [(None, False), (30, False), (None, True), (30, True)])
+def test_any_split_over_ranks_gives_the_same_clusters(monkeypatch, cap, hierarchical):
     """Rank-independence through the sharded code path: three ranks (threads,
     uneven row ranges, one without rows) all-reducing their sums give the
-    single-process centroids, with full passes and with a capped sample."""
+    single-process centroids, with full passes and with a capped sample, flat
+    and two-level."""
     x, _, _ = blobs(900, 11, 7, seed=5)
-    one = fit(x, 7, iterations=5, tol=0.0, max_rows_per_cluster=cap, seed=3)
+    one = fit(x, 7, iterations=5, tol=0.0, max_rows_per_cluster=cap, seed=3, hierarchical=hierarchical)
+    assert one.groups == (3 if hierarchical else 0)
     group = FakeRanks(3)
     monkeypatch.setattr(cluster.distributed, "all_reduce_", group.all_reduce_)
     xt, results = torch.from_numpy(x), [None] * 3
@@ -165,7 +167,7 @@ def test_any_split_over_ranks_gives_the_same_clusters(monkeypatch, cap):
         group.local.rank = r
         part = xt[rows.start:rows.stop]
         results[r] = cluster.fit(lambda: part.split(64), 7, rows=rows, num_rows=900, sharded=True, iterations=5,
-                                 tol=0.0, max_rows_per_cluster=cap, seed=3, progress=False)
+                                 tol=0.0, max_rows_per_cluster=cap, seed=3, progress=False, hierarchical=hierarchical)
 
     threads = [threading.Thread(target=rank, args=(r, rows))
                for r, rows in enumerate((range(0, 413), range(413, 413), range(413, 900)))]

@@ -1,0 +1,165 @@
+"""k-means' two-level passes (fastvote.cluster._Groups, issue 23): the
+compiled within-group search against a float64 reference and the per-group
+loop, the seeding within groups, the bounds' exactness, the choice, and the
+clusters found."""
+import numpy as np
+import pytest
+import torch
+
+from fastvote import cluster, ops
+
+pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="fastvote._C is not built")
+
+
+def _groups_case(n, d, starts, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = starts[-1]
+    x = torch.randn(n + 5, d, generator=g)
+    c = torch.randn(k, d, generator=g)
+    owners = torch.tensor([i for i in range(len(starts) - 1) if starts[i + 1] > starts[i]])  # groups with centroids
+    group = torch.sort(owners[torch.randint(0, len(owners), (n,), generator=g)]).values
+    order = torch.randperm(n + 5, generator=g)[:n]  # gathered rows, as the passes pass them
+    row_starts = torch.searchsorted(group, torch.arange(len(starts)))
+    return x, c, group, order, row_starts
+
+
+def _reference(x, c, group, order, starts):
+    dist = torch.cdist(x[order].double(), c.double()).square()
+    d2 = torch.full((len(order), 2), float("inf"), dtype=torch.float64)
+    idx = torch.full((len(order), 2), -1)
+    for g in range(len(starts) - 1):
+        rows, (lo, hi) = (group == g).nonzero()[:, 0], starts[g:g + 2]
+        if len(rows) and hi > lo:
+            values, at = dist[rows, lo:hi].sort(dim=1, stable=True)
+            d2[rows, :min(2, hi - lo)], idx[rows, :min(2, hi - lo)] = values[:, :2], at[:, :2] + lo
+    return d2, idx
+
+
+@pytest.mark.parametrize("n,d,starts", [
+    (700, 33, [0, 1, 9, 9, 40, 41]),  # a one-centroid group, a group without rows or centroids
+    (1, 3, [0, 5]),  # one row, one group
+    (0, 8, [0, 2, 4]),  # no rows
+    (2000, 512, [0, 100, 230, 300]),  # the benchmark's width, tiles of several groups
+    (300, 1, [0, 3, 7]),  # D = 1
+])
+def test_nearest_in_groups_matches_float64_and_the_loop(n, d, starts):
+    from fastvote import _C
+
+    x, c, group, order, row_starts = _groups_case(n, d, starts, seed=n + d)
+    d2, idx = _C.nearest_in_groups(x, order, row_starts, c, torch.tensor(starts), 2)
+    ref_d2, ref_idx = _reference(x, c, group, order, starts)
+    assert torch.equal(idx[:, 0], ref_idx[:, 0])
+    assert torch.equal(torch.isinf(d2), torch.isinf(ref_d2)) and torch.equal(idx == -1, ref_idx == -1)
+    finite = torch.isfinite(ref_d2)
+    torch.testing.assert_close(d2[finite].double(), ref_d2[finite], rtol=1e-5, atol=1e-3)
+    # the per-group loop (other devices, AVX2-only CPUs) agrees with the compiled call
+    loop_d2, loop_idx = cluster._nearest_in_groups_loop(x, order, row_starts, cluster._Geometry(c), starts)
+    assert torch.equal(loop_idx[:, 0], idx[:, 0])
+
+
+def test_nearest_in_groups_near_ties_take_the_lower_index():
+    from fastvote import _C
+
+    c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # 0, 2 and 3 are the same point
+    x = torch.tensor([[2.0, 0.0], [2.0, 0.0]])
+    d2, idx = _C.nearest_in_groups(x, torch.arange(2), torch.tensor([0, 1, 2]), c, torch.tensor([0, 2, 4]), 2)
+    assert idx.tolist() == [[0, 1], [2, 3]]
+
+
+def test_nearest_in_groups_refuses_bad_offsets_and_rows():
+    from fastvote import _C
+
+    x, c = torch.randn(4, 3), torch.randn(3, 3)
+    with pytest.raises(IndexError, match=r"order\[1\]=9 is out of range"):
+        _C.nearest_in_groups(x, torch.tensor([0, 9]), torch.tensor([0, 2]), c, torch.tensor([0, 3]), 2)
+    with pytest.raises(ValueError, match="offsets must run from 0"):
+        _C.nearest_in_groups(x, torch.arange(4), torch.tensor([0, 3]), c, torch.tensor([0, 3]), 2)
+    with pytest.raises(ValueError, match="group 0 has rows but no centroids"):
+        _C.nearest_in_groups(x, torch.arange(4), torch.tensor([0, 4, 4]), c, torch.tensor([0, 0, 3]), 2)
+    with pytest.raises(ValueError, match=r"features row 2 contains NaN"):
+        x[2, 1] = float("nan")
+        _C.nearest_in_groups(x, torch.arange(4), torch.tensor([0, 4]), c, torch.tensor([0, 3]), 1)
+
+
+def test_seeding_within_groups_gives_each_group_its_blobs():
+    """Three groups holding 2, 5 and 9 separated blobs (sample rows in
+    proportion 9 : 5 : 2, against the blob counts): 16 seeds land one in each
+    blob, the counts follow the blobs, not the rows."""
+    g = np.random.default_rng(0)
+    centres = g.normal(0, 20, (16, 8))
+    blob = np.concatenate([np.repeat([0, 1], 200), np.repeat(np.arange(2, 7), 40), np.repeat(np.arange(7, 16), 10)])
+    x = torch.from_numpy((centres[blob] + g.normal(0, 1, (len(blob), 8))).astype(np.float32))
+    group = torch.from_numpy(np.select([blob < 2, blob < 7], [0, 1], 2))
+    reach = torch.stack([group, (group + 1) % 3], 1)  # each row also searches the next group
+    for seed in range(5):
+        seeds, seed_group = cluster._seed_in_groups(x, 16, reach, np.random.default_rng(seed), progress=False)
+        near = torch.cdist(seeds.double(), torch.from_numpy(centres)).argmin(1)
+        assert sorted(near.tolist()) == list(range(16)) and torch.bincount(seed_group).tolist() == [2, 5, 9]
+        assert torch.equal(seed_group, torch.sort(seed_group).values)
+
+
+def test_two_level_choice():
+    k = cluster.TWO_LEVEL_MIN_CLUSTERS
+    assert cluster._two_level(None, k, 16 * k, 200_000 * 512)
+    assert not cluster._two_level(None, k - 1, 16 * k, 200_000 * 512)
+    assert not cluster._two_level(None, k, 16 * k, 24_000 * 16)  # a flat pass takes milliseconds
+    assert cluster._two_level(True, 7, 900, 900) and not cluster._two_level(False, 10 ** 4, 10 ** 6, 10 ** 9)
+    assert not cluster._two_level(True, 100, 399, 10 ** 9)  # too few sample rows to seed the groups from
+    assert not cluster._two_level(True, 1, 900, 900)
+
+
+def _blobs(k, per, dim, seed, spread=8.0):
+    g = np.random.default_rng(seed)
+    centres = g.normal(0, spread, (k, dim)).astype(np.float32)
+    labels = np.repeat(np.arange(k), per)
+    return (centres[labels] + g.normal(0, 1, (k * per, dim)).astype(np.float32)), labels
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_bounds_skip_rows_and_never_change_the_passes(monkeypatch, metric):
+    """The within-group bounds only skip work: the passes give the same
+    centroids when every row is recomputed every pass."""
+    x, _ = _blobs(60, 40, 24, seed=1, spread=1.0)  # overlapping: rows change cluster for several passes
+    xt = torch.from_numpy(x)
+
+    def run():
+        return cluster.fit(lambda: xt.split(500), 60, rows=range(len(x)), num_rows=len(x), iterations=8, tol=0,
+                           metric=metric, progress=False, hierarchical=True)
+
+    bounded = run()
+    later = bounded.computed[1:]  # the bounds skip work from the second pass on
+    assert bounded.groups >= 8 and sum(later) < 0.8 * len(later) * bounded.computed[0]
+    moved = cluster._Groups.moved
+
+    def forget(self, drift, geometry, sharded):
+        moved(self, drift, geometry, sharded)
+        self.upper.fill_(float("inf"))
+
+    monkeypatch.setattr(cluster._Groups, "moved", forget)
+    every_row = run()
+    assert torch.equal(bounded.centroids, every_row.centroids) and torch.equal(bounded.counts, every_row.counts)
+
+
+def test_two_level_fit_finds_separated_blobs_as_flat_does_and_assigns_exactly():
+    """400 separated blobs, K = 400: two-level passes give as many clusters
+    of one blob each as flat ones (within 2%), and the assignment after the
+    fit is over all K (the nearest of all centroids, not of the group)."""
+    x, labels = _blobs(400, 24, 16, seed=2)
+    xt = torch.from_numpy(x)
+    pure = {}
+    for hierarchical in (False, True):
+        centroids, assigned = cluster.kmeans(lambda: xt.split(4096), 400, iterations=6, progress=False,
+                                             hierarchical=hierarchical)
+        pure[hierarchical] = sum(len(np.unique(labels[assigned == j])) == 1 for j in range(400))
+    assert pure[True] >= 0.98 * pure[False] and pure[False] >= 370, pure
+    d2 = torch.cdist(xt.double(), centroids.double())
+    assert (d2.argmin(1).numpy() == assigned).mean() > 0.9999
+
+
+def test_fit_reports_its_groups_and_flat_stays_flat():
+    x, _ = _blobs(50, 30, 8, seed=3)
+    xt = torch.from_numpy(x)
+    kw = dict(rows=range(len(x)), num_rows=len(x), iterations=2, progress=False)
+    assert cluster.fit(lambda: [xt], 50, hierarchical=False, **kw).groups == 0
+    two = cluster.fit(lambda: [xt], 50, hierarchical=True, **kw)
+    assert 7 <= two.groups <= 14 and two.centroids.shape == (50, 8)
