@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "fastvote/checks.h"
 
@@ -148,8 +149,11 @@ TORCH_LIBRARY(fastvote, m) {
   m.def("sample_scores(Tensor features, Tensor targets, int k=1) -> (Tensor, Tensor, Tensor)");
 }
 
-// Defined with the CPU kernels: which tile micro-kernel this CPU runs.
+// Defined with the CPU kernels: which tile micro-kernel this CPU runs, and
+// the certified bf16 path's counters (rows through it, rows it sent back to
+// the fp32 kernel).
 const char* cpu_tile_kernel_name();
+std::pair<int64_t, int64_t> cpu_certified_stats();
 
 }  // namespace fastvote
 
@@ -157,6 +161,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastvote's compiled ops; they register under torch.ops.fastvote on import.";
   m.def("cpu_kernel", &fastvote::cpu_tile_kernel_name,
         "The CPU tile micro-kernel chosen for this processor at run time.");
+  m.def("cpu_bf16_stats", &fastvote::cpu_certified_stats,
+        "(rows, fallback_rows): rows scored by the certified bf16 CPU path since import, and "
+        "those whose top-k it could not certify and the fp32 kernel scored again.");
 #ifdef FASTVOTE_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
