@@ -53,7 +53,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <limits>
 
 #include "bf16.h"
 
@@ -63,14 +62,14 @@ namespace {
 
 constexpr double kU = 0x1p-24;
 constexpr double kTau = 0x1p-126;
-constexpr double kOverflow = 0x1p126;  // half of FLT_MAX's binade: no fp32 step overflows below it
+constexpr double kOverflow = 0x1p126;  // a quarter of FLT_MAX: sums bounded by it stay finite
 
 std::atomic<int64_t> g_rows{0}, g_fallback_rows{0};
 
 double gamma(double n) { return n * kU / (1 - n * kU); }
 
-// Upper bound on sqrt(sum) where sum (double) added n squares of exact
-// products (of floats): 2 roundings each at 2^-53, then the sqrt.
+// Upper bound on sqrt(sum) where sum (double) added n squares: at most 2
+// roundings each at 2^-53, then the sqrt's.
 double norm_bound(double sum, int64_t n) {
   return std::sqrt(sum) * (1 + static_cast<double>(n + 4) * 0x1p-52);
 }
@@ -82,7 +81,7 @@ double norm_bound_f32(float sum, int64_t n) {
   return std::sqrt((sum + terms * 0x1p-150) * (1 + 2 * gamma(terms))) * (1 + 0x1p-50);
 }
 
-// Per row: what packing learnt about it (float sums, see pack_bf16_rows).
+// Per row of a slab: what packing learnt about it (float sums, pack_bf16_slab).
 struct RowSums {
   float bf16_sq[kSlab], err_sq[kSlab], sq[kSlab], dot_nu[kSlab];
 };
@@ -162,6 +161,41 @@ bool certify(const CertifiedCentroids& cc, const RowBound& rb, float a_out, floa
   return low - slack > static_cast<double>(kth);
 }
 
+// One centroid: its bf16 pairs of w_j - nu (into out), beta^_j (into
+// beta_hat), and its terms of the bound.
+struct CentroidBound {
+  double hat, err, beta_err, beta_hat, c_len;  // |w^_j|, |e_j|, |beta^_j - beta_j|, |beta^_j|, |c_j|
+};
+
+CentroidBound pack_centroid(const CertifiedCentroids& cc, const float* c, float bias, float scale,
+                            uint32_t* out, float* beta_hat) {
+  const int64_t dim = cc.dim;
+  double hat_sq = 0, err_sq = 0, c_sq = 0, beta = bias, beta_abs = std::fabs(bias);
+  for (int64_t d = 0; d < dim; ++d) {
+    const double w = static_cast<double>(scale) * c[d];  // exact: 24 x 24 bits
+    const double t = w - cc.nu[d];
+    const uint32_t bits = bf16_bits(static_cast<float>(t));
+    const double err = t - bf16_low(bits);  // exact: t and its bf16 are within a factor 2 (or it is 0)
+    out[d / 2] |= bits << (16 * (d % 2));
+    hat_sq += static_cast<double>(bf16_low(bits)) * bf16_low(bits);
+    err_sq += err * err;
+    c_sq += static_cast<double>(c[d]) * c[d];
+    beta += cc.mu[d] * w;
+    beta_abs += std::fabs(cc.mu[d] * w);
+  }
+  *beta_hat = static_cast<float>(beta);
+  if (std::fabs(*beta_hat) < 0x1p-126f) *beta_hat = 0.0f;  // the bf16 pass reads it with DAZ
+  CentroidBound b;
+  b.hat = norm_bound(hat_sq, dim);
+  // t is rounded once: within 2^-53 |t| of w_j - nu.
+  b.err = norm_bound(err_sq, dim) * (1 + 0x1p-50) + 0x1p-50 * b.hat;
+  b.c_len = norm_bound(c_sq, dim);
+  // beta's double sum: 2^-53 per product and per addition.
+  b.beta_err = std::fabs(*beta_hat - beta) + static_cast<double>(dim + 2) * 0x1p-52 * beta_abs;
+  b.beta_hat = std::fabs(*beta_hat);
+  return b;
+}
+
 }  // namespace
 
 bool use_certified(const Kernels& kernels, int64_t num_centroids, int k) {
@@ -203,45 +237,24 @@ CertifiedCentroids prepare_certified(const float* centroids, int64_t ldc, int64_
          bias_max = 0;
   bool finite = true;
 #pragma omp parallel reduction(max : w_norm, w_err, beta_err, beta_max, w_exact, c_norm, \
-    scale_max, bias_max) reduction(&& : finite)
+                                   scale_max, bias_max) reduction(&& : finite)
   {
-  const Mxcsr worker_ieee(0);
+    const Mxcsr worker_ieee(0);
 #pragma omp for schedule(static)
-  for (int64_t j = 0; j < count; ++j) {
-    const float* c = centroids + j * ldc;
-    uint32_t* out = cc.packed.data() + j * cc.pairs;
-    double hat_sq = 0, err_sq = 0, c_sq = 0, beta = bias[j], beta_abs = std::fabs(bias[j]);
-    for (int64_t d = 0; d < dim; ++d) {
-      const double w = static_cast<double>(scale[j]) * c[d];  // exact: 24 x 24 bits
-      const double t = w - cc.nu[d];
-      const uint32_t bits = bf16_bits(static_cast<float>(t));
-      const double err = t - bf16_low(bits);
-      out[d / 2] |= bits << (16 * (d % 2));
-      hat_sq += static_cast<double>(bf16_low(bits)) * bf16_low(bits);
-      err_sq += err * err;
-      c_sq += static_cast<double>(c[d]) * c[d];
-      beta += cc.mu[d] * w;
-      beta_abs += std::fabs(cc.mu[d] * w);
+    for (int64_t j = 0; j < count; ++j) {
+      const CentroidBound b = pack_centroid(cc, centroids + j * ldc, bias[j], scale[j],
+                                            cc.packed.data() + j * cc.pairs, &cc.bias[j]);
+      finite = finite && std::isfinite(b.hat) && std::isfinite(b.err) && std::isfinite(b.beta_err) &&
+               std::isfinite(b.beta_hat);
+      w_norm = std::max(w_norm, b.hat);
+      w_err = std::max(w_err, b.err);
+      beta_err = std::max(beta_err, b.beta_err);
+      beta_max = std::max(beta_max, b.beta_hat);
+      w_exact = std::max(w_exact, std::fabs(static_cast<double>(scale[j])) * b.c_len);
+      c_norm = std::max(c_norm, b.c_len);
+      scale_max = std::max(scale_max, static_cast<double>(std::fabs(scale[j])));
+      bias_max = std::max(bias_max, static_cast<double>(std::fabs(bias[j])));
     }
-    float beta_hat = static_cast<float>(beta);
-    if (std::fabs(beta_hat) < 0x1p-126f) beta_hat = 0.0f;  // the bf16 pass reads it with DAZ
-    cc.bias[j] = beta_hat;
-    const double hat = norm_bound(hat_sq, dim);
-    // t and err are each rounded once (2^-53 of |t| and |err|).
-    const double err = norm_bound(err_sq, dim) * (1 + 0x1p-50) + 0x1p-50 * hat;
-    const double c_len = norm_bound(c_sq, dim);
-    const double b_err = std::fabs(beta_hat - beta) + static_cast<double>(dim + 2) * 0x1p-52 * beta_abs;
-    finite = finite && std::isfinite(hat) && std::isfinite(err) && std::isfinite(b_err) &&
-             std::isfinite(beta_hat);
-    w_norm = std::max(w_norm, hat);
-    w_err = std::max(w_err, err);
-    beta_err = std::max(beta_err, b_err);
-    beta_max = std::max(beta_max, static_cast<double>(std::fabs(beta_hat)));
-    w_exact = std::max(w_exact, std::fabs(static_cast<double>(scale[j])) * c_len);
-    c_norm = std::max(c_norm, c_len);
-    scale_max = std::max(scale_max, static_cast<double>(std::fabs(scale[j])));
-    bias_max = std::max(bias_max, static_cast<double>(std::fabs(bias[j])));
-  }
   }
   cc.w_norm = w_norm;
   cc.w_err = w_err;

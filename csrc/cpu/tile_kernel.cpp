@@ -41,18 +41,18 @@ struct ScalarBf16Dot {
 };
 
 void portable_tile(const TileJob& job) { run_tile<Scalar, 4, 8>(job); }
+void portable_tile_squares(const TileJob& job, double* row_sums) {
+  run_tile_squares<Scalar, 4, 8>(job, row_sums);
+}
+bool portable_logits_row(const float* v, int64_t n, int k, float* keys, int64_t* idx) {
+  return run_logits_row<Scalar>(v, n, k, keys, idx);
+}
 void portable_fma_tile(const TileJob& job) { run_tile<ScalarFma, 4, 8>(job); }
 void portable_fma_tile_squares(const TileJob& job, double* row_sums) {
   run_tile_squares<ScalarFma, 4, 8>(job, row_sums);
 }
 void portable_bf16emu_tile(const Bf16TileJob& job) {
   run_bf16_tile<ScalarFma, 4, 8, ScalarBf16Dot>(job);
-}
-void portable_tile_squares(const TileJob& job, double* row_sums) {
-  run_tile_squares<Scalar, 4, 8>(job, row_sums);
-}
-bool portable_logits_row(const float* v, int64_t n, int k, float* keys, int64_t* idx) {
-  return run_logits_row<Scalar>(v, n, k, keys, idx);
 }
 
 // What this CPU can run, fastest first; "bf16emu" last, as it is never the

@@ -28,7 +28,6 @@ struct FloatDot {
   static typename V::Reg madd(In c, In x, typename V::Reg acc) { return V::fma(c, x, acc); }
 };
 
-
 // What the epilogue adds besides the top-k, per block of NV x W rows: nothing
 // (the votes), or each row's sum of squared keys (sample_scores). A template
 // parameter, so the vote kernels compile to exactly what they were.
@@ -157,7 +156,8 @@ void run_bf16_tile(const Bf16TileJob& job) {
 // order of operations is the tile kernel's). std::fma is one instruction in
 // the FMA-enabled files.
 inline void exact_keys(const float* row, int64_t dim, const float* centroids, int64_t ldc,
-                const float* bias, const float* scale, const int64_t* idx, int n, float* keys) {
+                       const float* bias, const float* scale, const int64_t* idx, int n,
+                       float* keys) {
   constexpr int kChains = 8;
   for (int t = 0; t < n; t += kChains) {
     const int g = std::min(kChains, n - t);
