@@ -29,6 +29,15 @@ status 1 when any failed other than by memory).
     python benchmarks/bench_vote.py --results benchmarks/RESULTS.md   # append the table
     python benchmarks/bench_vote.py --weights            # fused votes only, each weight
                                                          # (count, rank, soft)
+    python benchmarks/bench_vote.py --certified          # CPU: the fp32 kernel against the
+                                                         # certified bf16 path, side by side
+
+--certified times fm_vote and nearest_centroids under each CPU kernel pinned by
+FASTVOTE_CPU_KERNEL: the fp32 one this CPU runs, "bf16emu" (the certified path
+with VDPBF16PS emulated: for tests, slower than fp32) and "avx512bf16" (native,
+where the CPU has AVX512_BF16). Its status column gives the share of rows the
+certificate sent back to the fp32 kernel, and whether the answers were
+identical to the fp32 kernel's (they must be). --certified-rows caps N.
 """
 from __future__ import annotations
 
@@ -55,6 +64,8 @@ CUDA_SHAPES = [(1_000_000, 1000, 512, 1), (1_000_000, 1000, 512, 5), (20_000, 10
 # The same kinds of shape, small: k = 1 and 5, K >> N, D not a multiple of 4.
 QUICK_SHAPES = [(4_000, 300, 64, 1), (4_000, 300, 64, 5), (1_000, 5_000, 67, 5)]
 CPU_LOGITS = [(100_000, 1000, 5)]
+CERTIFIED_SHAPES = [(100_000, 1000, 512, 5), (20_000, 100_000, 512, 5)]
+QUICK_CERTIFIED = [(4_000, 300, 64, 5), (1_000, 5_000, 67, 5)]
 CUDA_LOGITS = [(1_000_000, 1000, 1), (1_000_000, 1000, 5)]
 QUICK_LOGITS = [(4_000, 300, 1), (4_000, 300, 5)]
 # The "peak extra memory at N = 10M" check of the fused kernel (K = 1000, D = 512, k = 5).
@@ -325,7 +336,7 @@ class Recorder:
     def add(self, row: dict) -> None:
         row = {"device": self.device_name, **row}
         floor = next((o["seconds"] for o in self.rows if _same_shape(o, row)
-                      and o["method"] == FLOOR[row["op"]] and o.get("seconds")), None)
+                      and o["method"] == FLOOR.get(row["op"]) and o.get("seconds")), None)
         if floor and row.get("seconds"):
             row["of_floor"] = floor / row["seconds"]
         self.rows.append(row)
@@ -446,6 +457,78 @@ def bench_weights(rec, device, fm_shapes, lm_shapes, metric, repeats):
                           repeats, lambda s: {"rows_per_s": n / s, "gb_per_s": n * num * 4 / s / 1e9})
 
 
+def cpu_kernel_names() -> List[str]:
+    """The fp32 kernel this CPU runs, then the certified bf16 ones it can run."""
+    from fastvote import _C
+
+    def runs(name):
+        with pinned_kernel(name):
+            try:
+                _C.cpu_kernel()
+                return True
+            except (RuntimeError, ValueError):
+                return False
+
+    fp32 = next(name for name in ("avx512", "avx2", "portable") if runs(name))
+    return [fp32] + [name for name in ("bf16emu", "avx512bf16") if runs(name)]
+
+
+@contextlib.contextmanager
+def pinned_kernel(name: str):
+    before = os.environ.get("FASTVOTE_CPU_KERNEL")
+    os.environ["FASTVOTE_CPU_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FASTVOTE_CPU_KERNEL", None)
+        else:
+            os.environ["FASTVOTE_CPU_KERNEL"] = before
+
+
+def bench_certified(rec, shapes, metrics, repeats, max_rows):
+    """fm_vote and nearest_centroids under each CPU kernel, side by side; the
+    certified ones' rows give their fallback share and whether their answers
+    equal the fp32 kernel's (an error row if not)."""
+    from fastvote import _C
+
+    device = torch.device("cpu")
+    names = cpu_kernel_names()
+    for n, num, dim, k in shapes:
+        n = min(n, max_rows) if max_rows else n
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, dim, generator=g)
+        c = torch.randn(num, dim, generator=g)
+        for metric in metrics:
+            calls = {"fm_vote": lambda: ops.fm_vote(x, c, k, metric),
+                     "nearest_centroids": lambda: ops.nearest_centroids(x, c, k, metric)}
+            for op, call in calls.items():
+                base = {"op": op, "metric": metric, "N": n, "K": num, "D": dim, "k": k}
+                expected = None
+                for name in names:
+                    row = {**base, "method": f"fused-{name}", "status": "ok"}
+                    rows0, fallback0 = _C.cpu_bf16_stats()
+                    try:
+                        with pinned_kernel(name):
+                            seconds, peak, out = timed(call, device, repeats)
+                    except Exception as exc:  # recorded, not fatal
+                        rec.add({**row, "status": _outcome(exc)})
+                        continue
+                    rows1, fallback1 = _C.cpu_bf16_stats()
+                    row.update(seconds=seconds, peak_mib=peak / 2**20, rows_per_s=n / seconds,
+                               tflops=2.0 * n * num * dim / seconds / 1e12)
+                    if expected is None:  # the fp32 kernel, first
+                        expected = out
+                    else:
+                        row["fallback"] = (fallback1 - fallback0) / max(1, rows1 - rows0)
+                        same = all(torch.equal(a, b) for a, b in zip(out if op == "nearest_centroids" else [out],
+                                                                     expected if op == "nearest_centroids" else [expected]))
+                        row["status"] = (f"ok, identical, {100 * row['fallback']:.3f}% of rows fell back" if same
+                                         else "error: the answers differ from the fp32 kernel's")
+                    rec.add(row)
+        del x, c
+
+
 def bench_memory(rec, device, n):
     """Peak extra memory of fm_vote at N rows (K = 1000, D = 512, k = 5)."""
     num, dim = 1000, 512
@@ -542,6 +625,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--weights", action="store_true",
                    help="time the fused ops alone with each vote weight instead of the contenders")
+    p.add_argument("--certified", action="store_true",
+                   help="CPU: the fp32 kernel against the certified bf16 path (emulated, and native where "
+                        "the CPU has AVX512_BF16), fm_vote and nearest_centroids")
+    p.add_argument("--certified-rows", type=int, default=0, help="--certified: at most this many rows (N)")
     p.add_argument("--jsonl", help="append each row here as a JSON line, as it is measured")
     p.add_argument("--markdown", help="write the table here (rewritten after each row)")
     p.add_argument("--results", help="append the table to this Markdown file (e.g. benchmarks/RESULTS.md)")
@@ -565,7 +652,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     header = f"### bench_vote {dt.date.today().isoformat()} — {machine(device)}\n\nCommand: `{command}`"
     rec = Recorder(header, args.jsonl, args.markdown, torch.cuda.get_device_name(device)
                    if device.type == "cuda" else machine(device))
-    if args.weights:
+    if args.certified:
+        if device.type != "cpu":
+            raise SystemExit("--certified times the CPU kernels: use --device cpu")
+        bench_certified(rec, QUICK_CERTIFIED if args.quick else CERTIFIED_SHAPES, metrics, args.repeats,
+                        args.certified_rows)
+    elif args.weights:
         bench_weights(rec, device, fm_shapes, lm_shapes, metrics[0], args.repeats)
     else:
         # The paper's metric first, then the logits, then cosine: a cut-off run keeps the most.

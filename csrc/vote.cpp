@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "fastvote/checks.h"
 
@@ -150,13 +151,16 @@ TORCH_LIBRARY(fastvote, m) {
 
 // Defined with the CPU kernels: which tile micro-kernel this CPU runs, and
 // k-means' within-group nearest centroids (CPU tensors only; not an op: only
-// fastvote.cluster calls it, and on other devices it runs a loop of ops).
+// fastvote.cluster calls it, and on other devices it runs a loop of ops), and
+// the certified bf16 path's counters (rows through it, rows it sent back to
+// the fp32 kernel).
 const char* cpu_tile_kernel_name();
 std::tuple<at::Tensor, at::Tensor> nearest_in_groups(const at::Tensor& features,
                                                      const at::Tensor& order,
                                                      const at::Tensor& row_starts,
                                                      const at::Tensor& centroids,
                                                      const at::Tensor& centroid_starts, int64_t k);
+std::pair<int64_t, int64_t> cpu_certified_stats();
 
 }  // namespace fastvote
 
@@ -168,6 +172,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Rows features[order] sorted by group (row_starts [G + 1]) against their own group's "
         "centroids (centroid_starts [G + 1]): squared distances [len(order), k] and indices "
         "(inf / -1 where a group has fewer than k centroids). CPU tensors.");
+  m.def("cpu_bf16_stats", &fastvote::cpu_certified_stats,
+        "(rows, fallback_rows): rows scored by the certified bf16 CPU path since import, and "
+        "those whose top-k it could not certify and the fp32 kernel scored again.");
 #ifdef FASTVOTE_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

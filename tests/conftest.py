@@ -20,11 +20,12 @@ def device(request):
 
 
 def cpu_kernels():
-    """The CPU micro-kernel variants this machine can run (each is tested)."""
+    """The CPU micro-kernel variants this machine can run (each is tested),
+    the certified bf16 ones included (bf16emu runs everywhere)."""
     from fastvote import _C
 
     names = []
-    for name in ("avx512", "avx2", "portable"):
+    for name in ("avx512bf16", "avx512", "avx2", "portable", "bf16emu"):
         os.environ["FASTVOTE_CPU_KERNEL"] = name
         try:
             _C.cpu_kernel()

@@ -13,11 +13,15 @@ namespace cpu {
 // padded), so one vector load reads the same feature of consecutive rows.
 constexpr int kSlab = 32;
 
-struct TileJob {
-  const float* packed;     // [ceil(rows / kSlab)][dim][kSlab]
+// Elem: float (the fp32 kernels), or uint32_t for the bf16 candidate pass,
+// where each element is a pair of bf16 features (2p in the low half, 2p + 1
+// in the high half: VDPBF16PS's layout) and dim counts pairs.
+template <class Elem>
+struct BasicTileJob {
+  const Elem* packed;      // [ceil(rows / kSlab)][dim][kSlab]
   int64_t rows;            // valid rows in the tile
-  int64_t dim;             // D
-  const float* centroids;  // float32, row j at centroids + j * ldc, contiguous in D
+  int64_t dim;             // D (pairs for bf16)
+  const Elem* centroids;   // row j at centroids + j * ldc, contiguous in D
   int64_t ldc;
   int64_t num_centroids;   // K
   const float* bias;       // [K]  key = bias[j] + scale[j] * dot(x, c_j); smaller is better
@@ -28,8 +32,19 @@ struct TileJob {
   int* counts;             // [rows] how many of the k slots are filled
   float* thresholds;       // [slabs * kSlab] reject_threshold per row; -inf on padding rows
 };
+using TileJob = BasicTileJob<float>;
+using Bf16TileJob = BasicTileJob<uint32_t>;
 
 using TileFn = void (*)(const TileJob&);
+// The bf16 candidate pass: the tile kernel's loop and epilogue with each fp32
+// fma replaced by one VDPBF16PS step per pair (native, or emulated bit for bit).
+using Bf16TileFn = void (*)(const Bf16TileJob&);
+// The exact fp32 keys of n chosen centroids of one row (row: dim contiguous
+// floats), with the tile kernel's arithmetic: acc = fma(c[d], x[d], acc) for
+// d = 0, 1, ..., then key = fma(scale, acc, bias). Same bits as `tile`.
+using ExactKeysFn = void (*)(const float* row, int64_t dim, const float* centroids, int64_t ldc,
+                             const float* bias, const float* scale, const int64_t* idx, int n,
+                             float* keys);
 // The tile kernel that also adds each row's sum of squared keys over all
 // centroids to row_sums[rows] (float64): for cosine keys, the sum of squared
 // similarities, NormSim_2's numerator (sample_scores).
@@ -43,10 +58,19 @@ struct Kernels {
   LogitsRowFn logits_row;
   const char* name;
   SquaresTileFn tile_squares;
+  // Certified bf16 variants only (null elsewhere): their top-k comes from a
+  // bf16 candidate pass, an exact re-rank and, for rows it cannot certify,
+  // `tile` (certified.h). `tile` is then an fp32 FMA kernel, whose results
+  // theirs equal bit for bit.
+  Bf16TileFn candidates;
+  ExactKeysFn exact_keys;
 };
 
-// The fastest variants the running CPU supports (AVX-512, AVX2+FMA, portable),
-// unless FASTVOTE_CPU_KERNEL pins one.
+// The fastest variants the running CPU supports (AVX-512 with the certified
+// bf16 pass where the CPU has AVX512_BF16, AVX-512, AVX2+FMA, portable),
+// unless FASTVOTE_CPU_KERNEL pins one; "bf16emu", the certified pass with
+// VDPBF16PS emulated in fp32 FMAs (slower than fp32: for tests), runs on
+// every CPU but only when pinned.
 const Kernels& kernels();
 inline TileFn tile_kernel() { return kernels().tile; }
 inline const char* tile_kernel_name() { return kernels().name; }
@@ -54,6 +78,8 @@ inline const char* tile_kernel_name() { return kernels().name; }
 #if defined(__x86_64__) && defined(__GNUC__)
 Kernels kernels_avx2();
 Kernels kernels_avx512();
+Kernels kernels_avx512_bf16emu();  // "bf16emu" on AVX-512F CPUs
+Kernels kernels_avx512bf16();
 #endif
 
 }  // namespace cpu

@@ -5,14 +5,28 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
+#include "bf16.h"
 #include "fastvote/topk.h"
 #include "tile_kernel.h"
 
 namespace fastvote {
 namespace cpu {
 namespace {
+
+// The tile kernel's inner step, per element type: how a slab element and a
+// centroid element are read and multiplied into an fp32 accumulator.
+// Float32: one fma per feature.
+template <class V>
+struct FloatDot {
+  using Elem = float;
+  using In = typename V::Reg;
+  static In load(const float* p) { return V::load(p); }
+  static In broadcast(const float* p) { return V::broadcast(p); }
+  static typename V::Reg madd(In c, In x, typename V::Reg acc) { return V::fma(c, x, acc); }
+};
 
 // What the epilogue adds besides the top-k, per block of NV x W rows: nothing
 // (the votes), or each row's sum of squared keys (sample_scores). A template
@@ -46,8 +60,9 @@ struct RowSquareSums {
 };
 
 // MR centroids x (NV vectors of V::W rows) of accumulators live in registers.
-template <class V, int MR, int NV, class RowSums>
-void run_tile_with(const TileJob& job, RowSums& row_sums) {
+template <class V, int MR, int NV, class Dot, class RowSums>
+void run_tile_with(const BasicTileJob<typename Dot::Elem>& job, RowSums& row_sums) {
+  using Elem = typename Dot::Elem;
   using Reg = typename V::Reg;
   constexpr int W = V::W;
   constexpr int kSub = W * NV;
@@ -59,14 +74,14 @@ void run_tile_with(const TileJob& job, RowSums& row_sums) {
   for (int64_t j0 = 0; j0 < job.num_centroids; j0 += MR) {
     const int m = static_cast<int>(std::min<int64_t>(MR, job.num_centroids - j0));
     // Short last group: repeat its last centroid; the epilogue ignores j >= m.
-    const float* c[MR];
+    const Elem* c[MR];
     for (int j = 0; j < MR; ++j) c[j] = job.centroids + (j0 + std::min(j, m - 1)) * job.ldc;
 
     for (int64_t s = 0; s < num_slabs; ++s) {
       for (int sub = 0; sub < kSlab; sub += kSub) {
         const int64_t r0 = s * kSlab + sub;
         if (r0 >= job.rows) break;
-        const float* x = job.packed + s * dim * kSlab + sub;
+        const Elem* x = job.packed + s * dim * kSlab + sub;
 
         Reg acc[MR][NV];
 #pragma GCC unroll 16
@@ -74,14 +89,14 @@ void run_tile_with(const TileJob& job, RowSums& row_sums) {
 #pragma GCC unroll 8
           for (int v = 0; v < NV; ++v) acc[j][v] = V::zero();
         for (int64_t d = 0; d < dim; ++d) {
-          Reg xv[NV];
+          typename Dot::In xv[NV];
 #pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) xv[v] = V::load(x + d * kSlab + v * W);
+          for (int v = 0; v < NV; ++v) xv[v] = Dot::load(x + d * kSlab + v * W);
 #pragma GCC unroll 16
           for (int j = 0; j < MR; ++j) {
-            const Reg cj = V::broadcast(c[j] + d);
+            const typename Dot::In cj = Dot::broadcast(c[j] + d);
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) acc[j][v] = V::fma(cj, xv[v], acc[j][v]);
+            for (int v = 0; v < NV; ++v) acc[j][v] = Dot::madd(cj, xv[v], acc[j][v]);
           }
         }
 
@@ -117,16 +132,44 @@ void run_tile_with(const TileJob& job, RowSums& row_sums) {
   }
 }
 
-template <class V, int MR, int NV>
-void run_tile(const TileJob& job) {
+template <class V, int MR, int NV, class Dot = FloatDot<V>>
+void run_tile(const BasicTileJob<typename Dot::Elem>& job) {
   NoRowSums<V, NV> none;
-  run_tile_with<V, MR, NV>(job, none);
+  run_tile_with<V, MR, NV, Dot>(job, none);
 }
 
 template <class V, int MR, int NV>
 void run_tile_squares(const TileJob& job, double* row_sums) {
   RowSquareSums<V, NV> sums{row_sums, {}};
-  run_tile_with<V, MR, NV>(job, sums);
+  run_tile_with<V, MR, NV, FloatDot<V>>(job, sums);
+}
+
+// The bf16 candidate pass (Bf16TileFn) on the tile kernel's loop and epilogue.
+template <class V, int MR, int NV, class Dot>
+void run_bf16_tile(const Bf16TileJob& job) {
+  const Mxcsr flush(Mxcsr::kFlushDenormals);
+  run_tile<V, MR, NV, Dot>(job);
+}
+
+// ExactKeysFn: kChains centroids at a time, each its own sequential fma chain
+// (the chains only hide the fma latency, 8 fill two FMA ports; each key's
+// order of operations is the tile kernel's). std::fma is one instruction in
+// the FMA-enabled files.
+inline void exact_keys(const float* row, int64_t dim, const float* centroids, int64_t ldc,
+                       const float* bias, const float* scale, const int64_t* idx, int n,
+                       float* keys) {
+  constexpr int kChains = 8;
+  for (int t = 0; t < n; t += kChains) {
+    const int g = std::min(kChains, n - t);
+    const float* c[kChains];
+    for (int j = 0; j < kChains; ++j) c[j] = centroids + idx[t + std::min(j, g - 1)] * ldc;
+    float acc[kChains] = {};
+    for (int64_t d = 0; d < dim; ++d) {
+#pragma GCC unroll 8
+      for (int j = 0; j < kChains; ++j) acc[j] = std::fma(c[j][d], row[d], acc[j]);
+    }
+    for (int j = 0; j < g; ++j) keys[t + j] = std::fma(scale[idx[t + j]], acc[j], bias[idx[t + j]]);
+  }
 }
 
 // One contiguous float32 row of logits -> its top-k keys (-logit). Returns

@@ -13,8 +13,10 @@
 #include <cmath>
 #include <type_traits>
 #include <limits>
+#include <utility>
 #include <vector>
 
+#include "certified.h"
 #include "fastvote/checks.h"
 #include "fastvote/topk.h"
 #include "tile_kernel.h"
@@ -22,6 +24,11 @@
 namespace fastvote {
 
 const char* cpu_tile_kernel_name() { return cpu::tile_kernel_name(); }
+
+std::pair<int64_t, int64_t> cpu_certified_stats() {
+  const cpu::CertifiedStats s = cpu::certified_stats();
+  return {s.rows, s.fallback_rows};
+}
 
 namespace cpu {
 namespace {
@@ -237,10 +244,20 @@ void for_each_tile(const char* op, const at::Tensor& features, const Centroids& 
   if (bad.any()) fail_non_finite(op, "features", bad.row.load());
 }
 
+// The top-k kernel: the fp32 tile kernel, or the certified bf16 path
+// (certified.h), whose results are the same bits.
 template <typename Consume>
 void for_each_tile(const char* op, const at::Tensor& features, const Centroids& c,
                    Metric metric, int k, int workers, Consume&& consume) {
-  const TileFn kernel = tile_kernel();
+  const Kernels& chosen = kernels();
+  if (use_certified(chosen, c.count, k)) {
+    const CertifiedCentroids cc =
+        prepare_certified(c.data, c.ldc, c.count, c.dim, c.bias.data(), c.scale.data(), metric);
+    for_each_tile(op, features, c, metric, k, workers, consume,
+                  [&](const TileJob& job, int64_t) { certified_tile(chosen, cc, job); });
+    return;
+  }
+  const TileFn kernel = chosen.tile;
   for_each_tile(op, features, c, metric, k, workers, consume,
                 [kernel](const TileJob& job, int64_t) { kernel(job); });
 }

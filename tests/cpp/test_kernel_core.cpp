@@ -1,14 +1,19 @@
 // ctest: what every backend shares (csrc/include/fastvote/topk.h) and the CPU
-// tile micro-kernels, each variant this CPU runs, against plain references.
+// tile micro-kernels, each variant this CPU runs, against plain references;
+// the certified bf16 path: its conversion, its emulated VDPBF16PS, the native
+// one where the CPU has it, and its answers against the fp32 kernel's.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <stdexcept>
 #include <vector>
 
+#include "bf16.h"
+#include "certified.h"
 #include "fastvote/topk.h"
 #include "tile_kernel.h"
 
@@ -221,6 +226,207 @@ void test_tile_variant(const char* name) {
   unsetenv("FASTVOTE_CPU_KERNEL");
 }
 
+
+float from_bits(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+}
+
+uint32_t to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+}
+
+// Round to nearest even, ties included; denormals flush to signed zero.
+void test_bf16_conversion() {
+  using fastvote::cpu::bf16_bits;
+  CHECK(bf16_bits(1.0f) == 0x3F80u, "1.0 -> %x", bf16_bits(1.0f));
+  CHECK(bf16_bits(from_bits(0x3F808000u)) == 0x3F80u, "a tie rounds to the even 0x3F80");
+  CHECK(bf16_bits(from_bits(0x3F818000u)) == 0x3F82u, "a tie rounds to the even 0x3F82");
+  CHECK(bf16_bits(from_bits(0x3F808001u)) == 0x3F81u, "above the tie rounds up");
+  CHECK(bf16_bits(from_bits(0x3F807FFFu)) == 0x3F80u, "below the tie rounds down");
+  CHECK(bf16_bits(-3.0f) == 0xC040u, "-3.0 -> %x", bf16_bits(-3.0f));
+  CHECK(bf16_bits(from_bits(0x00400000u)) == 0x0000u, "a float denormal flushes to +0");
+  CHECK(bf16_bits(from_bits(0x80000001u)) == 0x8000u, "a negative denormal flushes to -0");
+  CHECK(bf16_bits(0x1p-126f) == 0x0080u, "the smallest normal stays");
+  CHECK(bf16_bits(from_bits(0x7F7FFFFFu)) == 0x7F80u, "FLT_MAX rounds to bf16 infinity");
+  CHECK(fastvote::cpu::bf16_low(0x12343F80u) == 1.0f && fastvote::cpu::bf16_high(0x3F801234u) == 1.0f,
+        "pair halves");
+}
+
+// The emulated VDPBF16PS step against the SDM's definition evaluated in
+// double (exact for these magnitudes, then one rounding to float): the odd
+// pair first, then the even one, each rounded once.
+void test_bf16_pair_step() {
+  // acc = 1, odd product 2^24, even product 1: odd first gives 2^24 (the tie
+  // 2^24 + 1 rounds to even, and so does the next), even first 2^24 + 2.
+  const uint32_t one = 0x3F80u, two12 = fastvote::cpu::bf16_bits(4096.0f);
+  const uint32_t pair = one | (two12 << 16);
+  CHECK(fastvote::cpu::bf16_pair_madd(pair, pair, 1.0f) == 16777216.0f, "the odd product is added first: %a",
+        fastvote::cpu::bf16_pair_madd(pair, pair, 1.0f));
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> value(-4.0f, 4.0f);
+  for (int trial = 0; trial < 20000; ++trial) {
+    const uint32_t c = fastvote::cpu::bf16_bits(value(rng)) | (fastvote::cpu::bf16_bits(value(rng)) << 16);
+    const uint32_t x = fastvote::cpu::bf16_bits(value(rng)) | (fastvote::cpu::bf16_bits(value(rng)) << 16);
+    const float acc = std::ldexp(value(rng), static_cast<int>(rng() % 16));
+    const float hi = static_cast<float>(acc + static_cast<double>(from_bits(c & 0xFFFF0000u)) * from_bits(x & 0xFFFF0000u));
+    const float ref = static_cast<float>(hi + static_cast<double>(from_bits(c << 16)) * from_bits(x << 16));
+    const float got = fastvote::cpu::bf16_pair_madd(c, x, acc);
+    CHECK(to_bits(got) == to_bits(ref), "pair step %d: %a != %a", trial, got, ref);
+    if (to_bits(got) != to_bits(ref)) break;
+  }
+}
+
+// Random bf16 pairs of a wide range of magnitudes (products that flush, and
+// an all-zero row and centroid) through a kernel's bf16 candidate pass.
+struct Bf16Outputs {
+  std::vector<float> keys;
+  std::vector<int64_t> idx;
+};
+
+Bf16Outputs run_candidates(fastvote::cpu::Bf16TileFn pass, int rows, int num, int pairs, int k,
+                           unsigned seed) {
+  const int kSlab = fastvote::cpu::kSlab;
+  const int slabs = (rows + kSlab - 1) / kSlab;
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> value(-1.0f, 1.0f);
+  const auto bf16 = [&](int i) {
+    const int scale = static_cast<int>(rng() % 200) - 140;  // down to 2^-140: products flush
+    return fastvote::cpu::bf16_bits(i == 0 ? 0.0f : std::ldexp(value(rng), scale / 4 * (i % 3)));
+  };
+  std::vector<uint32_t> packed(slabs * pairs * kSlab, 0u), c(num * pairs);
+  for (int r = 0; r < rows; ++r)
+    for (int p = 0; p < pairs; ++p)
+      packed[(r / kSlab) * pairs * kSlab + p * kSlab + r % kSlab] = bf16(r) | (bf16(r + p) << 16);
+  for (int j = 0; j < num; ++j)
+    for (int p = 0; p < pairs; ++p) c[j * pairs + p] = bf16(j) | (bf16(j + p) << 16);
+  std::vector<float> bias(num), ones(num, 1.0f);
+  for (float& b : bias) b = value(rng) * 1e-30f;
+  Bf16Outputs out{std::vector<float>(rows * k), std::vector<int64_t>(rows * k)};
+  std::vector<float> thresholds(slabs * kSlab, -INFINITY);
+  std::fill(thresholds.begin(), thresholds.begin() + rows, NAN);
+  std::vector<int> counts(rows, 0);
+  const fastvote::cpu::Bf16TileJob job{packed.data(), rows, pairs, c.data(), pairs, num, bias.data(),
+                                       ones.data(), k, out.keys.data(), out.idx.data(), counts.data(),
+                                       thresholds.data()};
+  pass(job);
+  return out;
+}
+
+const fastvote::cpu::Kernels* pinned(const char* name) {
+  setenv("FASTVOTE_CPU_KERNEL", name, 1);
+  const fastvote::cpu::Kernels* k = nullptr;
+  try {
+    k = &fastvote::cpu::kernels();
+  } catch (const std::invalid_argument&) {
+  }
+  unsetenv("FASTVOTE_CPU_KERNEL");
+  return k;
+}
+
+// The emulated pass against a scalar model built on bf16_pair_madd with
+// FTZ/DAZ, and the native pass against the emulated one, bit for bit.
+void test_bf16_candidate_pass() {
+  const fastvote::cpu::Kernels* emu = pinned("bf16emu");
+  CHECK(emu != nullptr && emu->candidates != nullptr, "bf16emu runs on every CPU");
+  if (emu == nullptr) return;
+  const fastvote::cpu::Kernels* native = pinned("avx512bf16");
+  if (native == nullptr) std::printf("avx512bf16: not supported by this CPU, native == emulated skipped\n");
+  struct Shape { int rows, num, pairs, k; };
+  for (const Shape s : {Shape{1, 1, 1, 1}, Shape{45, 29, 34, 29}, Shape{70, 100, 5, 7}, Shape{33, 13, 129, 4}}) {
+    const Bf16Outputs e = run_candidates(emu->candidates, s.rows, s.num, s.pairs, s.k, 11);
+    // The model: each (row, centroid) chain in pair order, then + bias, all flushed.
+    Bf16Outputs again = run_candidates(
+        [](const fastvote::cpu::Bf16TileJob& job) {
+          const fastvote::cpu::Mxcsr flush(fastvote::cpu::Mxcsr::kFlushDenormals);
+          const int kSlab = fastvote::cpu::kSlab;
+          for (int64_t r = 0; r < job.rows; ++r) {
+            int count = 0;
+            for (int64_t j = 0; j < job.num_centroids; ++j) {
+              float acc = 0.0f;
+              for (int64_t p = 0; p < job.dim; ++p) {
+                acc = fastvote::cpu::bf16_pair_madd(job.centroids[j * job.ldc + p],
+                                                    job.packed[(r / kSlab) * job.dim * kSlab + p * kSlab + r % kSlab], acc);
+              }
+              const float key = std::fma(job.scale[j], acc, job.bias[j]);
+              count = fastvote::topk_insert(job.keys + r * job.k, job.indices + r * job.k, count, job.k, key, j);
+            }
+          }
+        },
+        s.rows, s.num, s.pairs, s.k, 11);
+    for (size_t i = 0; i < e.keys.size(); ++i) {
+      CHECK(to_bits(e.keys[i]) == to_bits(again.keys[i]) && e.idx[i] == again.idx[i],
+            "bf16emu vs its scalar model, shape (%d,%d,%d,%d) entry %zu: %a/%lld != %a/%lld", s.rows, s.num,
+            s.pairs, s.k, i, e.keys[i], (long long)e.idx[i], again.keys[i], (long long)again.idx[i]);
+    }
+    if (native == nullptr) continue;
+    const Bf16Outputs n = run_candidates(native->candidates, s.rows, s.num, s.pairs, s.k, 11);
+    for (size_t i = 0; i < e.keys.size(); ++i) {
+      CHECK(to_bits(e.keys[i]) == to_bits(n.keys[i]) && e.idx[i] == n.idx[i],
+            "native vs emulated VDPBF16PS, shape (%d,%d,%d,%d) entry %zu: %a/%lld != %a/%lld", s.rows, s.num,
+            s.pairs, s.k, i, n.keys[i], (long long)n.idx[i], e.keys[i], (long long)e.idx[i]);
+    }
+  }
+}
+
+// The certified path against the fp32 kernel it stands for: equal keys and
+// indices, on random rows and on near-ties, which must fall back.
+void test_certified_tile() {
+  const fastvote::cpu::Kernels* emu = pinned("bf16emu");
+  if (emu == nullptr) return;
+  const int kSlab = fastvote::cpu::kSlab;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  struct Shape { int rows, num, dim, k; float spread; };
+  // spread: how far the centroids are from each other (tiny: near-ties).
+  for (const Shape s : {Shape{70, 40, 33, 5, 1.0f}, Shape{64, 300, 1, 2, 1.0f}, Shape{40, 50, 257, 1, 1.0f},
+                        Shape{96, 30, 16, 3, 1e-6f}}) {
+    const int slabs = (s.rows + kSlab - 1) / kSlab;
+    std::vector<float> c(s.num * s.dim), packed(slabs * s.dim * kSlab, 0.0f);
+    for (float& v : c) v = 3.0f + s.spread * normal(rng);
+    for (int r = 0; r < s.rows; ++r)
+      for (int d = 0; d < s.dim; ++d) packed[(r / kSlab) * s.dim * kSlab + d * kSlab + r % kSlab] = 3.0f + normal(rng);
+    std::vector<float> bias(s.num), scale(s.num, -2.0f);
+    for (int j = 0; j < s.num; ++j) {
+      double sq = 0;
+      for (int d = 0; d < s.dim; ++d) sq += static_cast<double>(c[j * s.dim + d]) * c[j * s.dim + d];
+      bias[j] = static_cast<float>(sq);
+    }
+    const auto run = [&](bool certified, std::vector<float>& keys, std::vector<int64_t>& idx) {
+      keys.assign(s.rows * s.k, 0.0f);
+      idx.assign(s.rows * s.k, -1);
+      std::vector<float> thresholds(slabs * kSlab, -INFINITY);
+      std::fill(thresholds.begin(), thresholds.begin() + s.rows, NAN);
+      std::vector<int> counts(s.rows, 0);
+      const fastvote::cpu::TileJob job{packed.data(), s.rows, s.dim, c.data(), s.dim, s.num, bias.data(),
+                                       scale.data(), s.k, keys.data(), idx.data(), counts.data(), thresholds.data()};
+      if (!certified) return emu->tile(job);
+      const fastvote::cpu::CertifiedCentroids cc = fastvote::cpu::prepare_certified(
+          c.data(), s.dim, s.num, s.dim, bias.data(), scale.data(), fastvote::Metric::L2);
+      fastvote::cpu::certified_tile(*emu, cc, job);
+    };
+    std::vector<float> k32, kc;
+    std::vector<int64_t> i32, ic;
+    run(false, k32, i32);
+    const fastvote::cpu::CertifiedStats before = fastvote::cpu::certified_stats();
+    run(true, kc, ic);
+    const fastvote::cpu::CertifiedStats after = fastvote::cpu::certified_stats();
+    const bool expect_tiles = s.num > s.k + fastvote::cpu::kExtraCandidates;
+    CHECK(after.rows - before.rows == (expect_tiles ? s.rows : 0), "rows counted");
+    for (size_t i = 0; i < k32.size(); ++i) {
+      CHECK(to_bits(k32[i]) == to_bits(kc[i]) && i32[i] == ic[i], "certified vs fp32, shape (%d,%d,%d,%d) entry %zu",
+            s.rows, s.num, s.dim, s.k, i);
+    }
+    const int64_t fallbacks = after.fallback_rows - before.fallback_rows;
+    if (s.spread < 1e-3f) {
+      CHECK(fallbacks == s.rows, "near-ties: every row falls back (%lld of %d)", (long long)fallbacks, s.rows);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -229,7 +435,11 @@ int main() {
   test_weights();
   test_vote_exp();
   test_fixed_point();
-  for (const char* name : {"avx512", "avx2", "portable"}) test_tile_variant(name);
+  for (const char* name : {"avx512", "avx2", "portable", "bf16emu", "avx512bf16"}) test_tile_variant(name);
+  test_bf16_conversion();
+  test_bf16_pair_step();
+  test_bf16_candidate_pass();
+  test_certified_tile();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

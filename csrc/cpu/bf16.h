@@ -1,0 +1,82 @@
+// bf16 as the certified candidate pass uses it: the conversion from fp32,
+// pairs of bf16 (uint32: feature 2p in the low half, 2p + 1 in the high
+// half, VDPBF16PS's layout), one VDPBF16PS lane step, and the FP mode the
+// pass runs in. Included by the per-ISA kernel files (after their target
+// pragma) and by certified.cpp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr
+#endif
+
+namespace fastvote {
+namespace cpu {
+namespace {
+
+// bf16 bits of v, rounded to nearest even; bf16 denormals (which is what
+// every float below 2^-126 becomes, or zero) flush to a zero of v's sign.
+inline uint32_t bf16_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  return (b & 0x7F800000u) == 0 ? (b >> 16) & 0x8000u : rounded;
+}
+
+// A bf16 as fp32 is its bits in the upper half.
+inline float bf16_high(uint32_t pair) {
+  const uint32_t bits = pair & 0xFFFF0000u;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float bf16_low(uint32_t pair) {
+  const uint32_t bits = pair << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// One VDPBF16PS lane step as Intel's SDM defines it: the odd (high) pair's
+// product is added first, then the even one's, each as one fp32 FMA rounded
+// to nearest even (the FMA rounds product plus sum once), with DAZ/FTZ: in
+// the emulation those come from the MXCSR (Mxcsr below).
+inline float bf16_pair_madd(uint32_t c, uint32_t x, float acc) {
+  acc = std::fma(bf16_high(c), bf16_high(x), acc);
+  return std::fma(bf16_low(c), bf16_low(x), acc);
+}
+
+// Sets FTZ/DAZ for a scope (on this thread). The candidate pass, native or
+// emulated, runs with both: its epilogue then rounds alike in both, and the
+// emulation's FMAs flush as the instruction does. The certificate's own
+// arithmetic runs with neither, whatever the thread was set to. Other
+// architectures keep their FP mode (their bf16 pass is only emulated, and
+// the bound allows for either).
+#if defined(__x86_64__)
+class Mxcsr {
+ public:
+  static constexpr unsigned kFlushDenormals = 0x8040;  // FTZ | DAZ
+  explicit Mxcsr(unsigned flush) : saved_(_mm_getcsr()) {
+    _mm_setcsr((saved_ & ~kFlushDenormals) | flush);
+  }
+  ~Mxcsr() { _mm_setcsr(saved_); }
+  Mxcsr(const Mxcsr&) = delete;
+  Mxcsr& operator=(const Mxcsr&) = delete;
+
+ private:
+  unsigned saved_;
+};
+#else
+class Mxcsr {
+ public:
+  static constexpr unsigned kFlushDenormals = 0;
+  explicit Mxcsr(unsigned) {}
+};
+#endif
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastvote

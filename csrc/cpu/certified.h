@@ -1,0 +1,60 @@
+// Certified bf16 candidates, exact fp32 answers: the top-k of the fp32 tile
+// kernel, bit for bit, from a bf16 candidate pass (VDPBF16PS, or its
+// emulation) that keeps each row's best k + m approximate keys, an exact
+// re-rank of those with the fp32 kernel's own arithmetic, and a rigorous bound
+// on the bf16 pass's error that proves no other centroid can enter the row's
+// top-k. Rows it cannot prove are scored again by the fp32 kernel.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fastvote/topk.h"
+#include "tile_kernel.h"
+
+namespace fastvote {
+namespace cpu {
+
+// m: candidates re-ranked beyond the k asked for. More make the proof fail
+// less often (the (k+m+1)-th approximate key lies further from the k-th) and
+// cost (k + m) * D exact multiply-adds per row. On Gaussian rows and
+// centroids (D = 512, k = 5) m = 3 left 5% of the rows unproven at K = 1000
+// and 18% at K = 100,000; m = 8 left 0.01% and 0.3%.
+constexpr int kExtraCandidates = 8;
+
+// Per op: the centroids as the bf16 pass reads them, and the bound's
+// per-centroid terms, maximised over the centroids (see certified.cpp).
+struct CertifiedCentroids {
+  int64_t count = 0, dim = 0, pairs = 0;
+  std::vector<uint32_t> packed;   // [count][pairs] bf16 pairs of w_j - nu
+  std::vector<float> bias, ones;  // beta_j rounded to float, and scale 1
+  std::vector<float> mu, nu;      // the row and centroid centres [dim]
+  double mu_nu = 0, mu_nu_err = 0, nu_norm = 0;
+  double w_norm = 0, w_err = 0, beta_err = 0, beta_max = 0;  // max over j
+  double w_exact = 0, c_norm = 0, scale_max = 0, bias_max = 0;
+  bool finite = true;  // false: every row goes to the fp32 kernel
+};
+
+// True when the kernels have a bf16 pass and there are centroids left
+// outside the candidates (otherwise the fp32 kernel alone is the answer).
+bool use_certified(const Kernels& kernels, int64_t num_centroids, int k);
+
+// centroids/bias/scale as the fp32 kernel reads them (key = bias + scale * x.c).
+CertifiedCentroids prepare_certified(const float* centroids, int64_t ldc, int64_t count,
+                                     int64_t dim, const float* bias, const float* scale,
+                                     Metric metric);
+
+// The fp32 tile kernel's job (packed fp32 rows, k, outputs), answered through
+// the certified path: job's keys, indices and counts are those kernels.tile
+// would write.
+void certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const TileJob& job);
+
+// Rows through the certified path since the process started, and how many of
+// them the certificate sent back to the fp32 kernel (thread-safe counters).
+struct CertifiedStats {
+  int64_t rows, fallback_rows;
+};
+CertifiedStats certified_stats();
+
+}  // namespace cpu
+}  // namespace fastvote

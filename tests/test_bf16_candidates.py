@@ -1,0 +1,241 @@
+"""The certified bf16 CPU path: a bf16 candidate pass, an exact fp32 re-rank
+of each row's best k + m candidates, and a proof (an error bound) that no
+other centroid can enter the row's top-k, or else the fp32 kernel for that
+row. Its answers must be IDENTICAL to the fp32 kernel's: indices, values and
+every vote weight.
+
+"bf16emu" (VDPBF16PS emulated with fp32 FMAs) runs on every CPU and is what
+these tests pin; "avx512bf16" (the native instruction) is tested too where
+the CPU has AVX512_BF16. The fp32 kernel they must equal is the FMA one this
+CPU runs (avx512 or avx2: the same bits). _C.cpu_bf16_stats() counts the
+rows through the path and those that fell back, so the tests can check that
+the proof is actually exercised both ways.
+"""
+import os
+
+import pytest
+import torch
+
+import fastvote.ops as ops
+from fastvote import _C
+
+
+def _runs(name):
+    os.environ["FASTVOTE_CPU_KERNEL"] = name
+    try:
+        _C.cpu_kernel()
+        return True
+    except (RuntimeError, ValueError):
+        return False
+    finally:
+        del os.environ["FASTVOTE_CPU_KERNEL"]
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+HAS_NATIVE = _runs("avx512bf16")
+FP32 = next((name for name in ("avx512", "avx2") if _runs(name)), None)
+CERTIFIED = ["bf16emu"] + (["avx512bf16"] if HAS_NATIVE else [])
+M = 8  # kExtraCandidates (csrc/cpu/certified.h): K must exceed k + M for the path to run
+
+pytestmark = pytest.mark.skipif(FP32 is None, reason="no fp32 FMA kernel (avx512/avx2) to compare with")
+
+
+@pytest.fixture(params=CERTIFIED)
+def certified(request):
+    return request.param
+
+
+def pinned(kernel, fn):
+    before = os.environ.get("FASTVOTE_CPU_KERNEL")
+    os.environ["FASTVOTE_CPU_KERNEL"] = kernel
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["FASTVOTE_CPU_KERNEL"]
+        else:
+            os.environ["FASTVOTE_CPU_KERNEL"] = before
+
+
+def with_stats(kernel, fn):
+    """fn's result under `kernel`, and (rows, fallback_rows) of the certified path during it."""
+    rows0, fallback0 = _C.cpu_bf16_stats()
+    out = pinned(kernel, fn)
+    rows1, fallback1 = _C.cpu_bf16_stats()
+    return out, (rows1 - rows0, fallback1 - fallback0)
+
+
+VOTES = (("count", 1.0), ("rank", 1.0), ("soft", 1.0), ("soft", 0.05))
+
+
+def all_answers(x, c, k, metric):
+    """Every answer the path gives (1 + len(VOTES) calls): the picks and values, and the votes of each weight."""
+    values, indices = ops.nearest_centroids(x, c, k, metric)
+    return [values, indices] + [ops.fm_vote(x, c, k, metric, weight, t) for weight, t in VOTES]
+
+
+def assert_identical(x, c, k, metric, kernel):
+    """The certified kernel's answers equal the fp32 kernel's, bit for bit; returns its (rows, fallbacks)."""
+    expected = pinned(FP32, lambda: all_answers(x, c, k, metric))
+    got, stats = with_stats(kernel, lambda: all_answers(x, c, k, metric))
+    for name, e, g in zip(["values", "indices", "count", "rank", "soft", "soft t=0.05"], expected, got):
+        assert e.dtype == g.dtype and e.shape == g.shape
+        assert torch.equal(e, g), f"{kernel} {metric}: {name} differ from {FP32}'s"
+    # The path runs (and counts its rows) only when centroids are left outside
+    # the candidates; each call decides the same rows.
+    calls = 1 + len(VOTES)
+    rows, fallbacks = stats
+    assert rows == (calls * x.shape[0] if c.shape[0] > k + M else 0) and fallbacks % calls == 0
+    return rows // calls, fallbacks // calls
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- selection
+
+def test_kernel_names_and_automatic_choice():
+    assert _runs("bf16emu"), "the emulation runs on every CPU"
+    native_cpu = "avx512_bf16" in _cpu_flags() and "avx512f" in _cpu_flags()
+    assert HAS_NATIVE == native_cpu
+    # The native path where the CPU has it; else today's fp32 kernels, never the emulation.
+    assert _C.cpu_kernel() == "avx512bf16" if native_cpu else _C.cpu_kernel() in {"avx512", "avx2", "portable"}
+    if not HAS_NATIVE:
+        with pytest.raises((RuntimeError, ValueError), match="avx512bf16.*not available.*bf16emu"):
+            pinned("avx512bf16", _C.cpu_kernel)
+
+
+# ---------------------------------------------------------------- identical answers
+
+# (N, K, D, k): D = 1, 3, 33, 257 (odd: a half-empty last bf16 pair), one row,
+# no rows, k = K and K = 1 (no centroid left outside the candidates), tile edges.
+SHAPES = [(300, 40, 67, 5), (257, 100, 130, 7), (1, 50, 33, 1), (0, 20, 8, 3), (100, 30, 1, 2),
+          (100, 30, 3, 1), (64, 37, 257, 3), (129, 25, 9, 25), (50, 1, 5, 1), (40, 14, 16, 5)]
+
+
+@pytest.mark.parametrize("n,num,dim,k", SHAPES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_random_inputs(certified, n, num, dim, k, metric):
+    g = gen(n * 7 + num * 3 + dim)
+    x = torch.randn(n, dim, generator=g)
+    c = torch.randn(num, dim, generator=g)
+    assert_identical(x, c, k, metric, certified)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_features_far_from_the_origin(certified, metric):
+    # A large common offset: what centring is for (the bound would fail without it).
+    g = gen(1)
+    offset = torch.rand(48, generator=g) * 50
+    x = offset + torch.randn(400, 48, generator=g)
+    c = offset + torch.randn(60, 48, generator=g)
+    rows, fallbacks = assert_identical(x, c, 3, metric, certified)
+    assert rows == 400 and fallbacks < 40, f"{fallbacks} of 400 rows unproven"
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_near_ties_fall_back(certified, metric):
+    # Rows at the centre of centroids on a sphere around it: every key within
+    # rounding of the others, so no row's top-k can be proven from bf16.
+    g = gen(2)
+    centre = torch.randn(1, 40, generator=g)
+    directions = torch.nn.functional.normalize(torch.randn(50, 40, generator=g), dim=1)
+    c = centre + directions
+    x = centre + 1e-5 * torch.randn(120, 40, generator=g)
+    if metric == "cosine":  # near-ties of angle: centroids at equal angles from the rows
+        x = centre.expand(120, 40) + 1e-6 * torch.randn(120, 40, generator=g)
+        c = torch.cat([centre + 1e-6 * torch.randn(25, 40, generator=g), 2 * centre + 1e-6 * torch.randn(25, 40, generator=g)])
+    rows, fallbacks = assert_identical(x, c, 5, metric, certified)
+    assert rows == 120 and fallbacks > 60, f"only {fallbacks} of 120 near-tied rows fell back"
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_well_separated_rows_are_proven(certified, metric):
+    g = gen(3)
+    c = 10 * torch.randn(200, 64, generator=g)
+    x = c[torch.randint(0, 200, (500,), generator=g)] + 0.1 * torch.randn(500, 64, generator=g)
+    rows, fallbacks = assert_identical(x, c, 5, metric, certified)
+    assert rows == 500 and fallbacks <= 5, f"{fallbacks} of 500 well-separated rows fell back"
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("k", [1, 2, 10])
+def test_duplicated_centroids(certified, metric, k):
+    # Exact ties: the lower index must win, as in the fp32 kernel.
+    g = gen(4)
+    base = torch.randn(19, 33, generator=g)
+    c = torch.cat([base, base, base[:5]])
+    x = torch.randn(200, 33, generator=g)
+    assert_identical(x, c, k, metric, certified)
+
+
+@pytest.mark.parametrize("scale", [1e18, 1e17, 1e-18, 1e-30])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_huge_and_tiny_norms(certified, scale, metric):
+    g = gen(5)
+    x = torch.randn(90, 33, generator=g) * scale
+    c = torch.randn(40, 33, generator=g) * scale
+    assert_identical(x, c, 4, metric, certified)
+
+
+def test_mixed_magnitudes_and_zero_rows(certified):
+    g = gen(6)
+    x = torch.randn(100, 20, generator=g) * torch.logspace(-20, 15, 100).unsqueeze(1)
+    x[::7] = 0.0
+    c = torch.randn(60, 20, generator=g) * torch.logspace(-15, 10, 60).unsqueeze(1)
+    c[3] = 0.0
+    for metric in ("l2", "cosine"):
+        assert_identical(x, c, 3, metric, certified)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes(certified, dtype):
+    g = gen(7)
+    x = torch.randn(150, 70, generator=g).to(dtype)
+    c = torch.randn(45, 70, generator=g).to(dtype)
+    assert_identical(x, c, 3, "l2", certified)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_digits_features(certified, metric):
+    datasets = pytest.importorskip("sklearn.datasets")
+    x = torch.from_numpy(datasets.load_digits().data).float()  # 1797 x 64, non-negative pixels
+    g = gen(8)
+    c = x[torch.randperm(len(x), generator=g)[:100]] + 0.5 * torch.randn(100, 64, generator=g)
+    rows, fallbacks = assert_identical(x, c, 5, metric, certified)
+    assert rows == len(x) and fallbacks < rows // 4
+
+
+def test_sample_scores_stay_fp32(certified):
+    # sample_scores also needs every centroid's squared key: it runs the fp32 kernel.
+    g = gen(9)
+    x, t = torch.randn(100, 24, generator=g), torch.randn(50, 24, generator=g)
+    expected = pinned(FP32, lambda: ops.sample_scores(x, t, 3))
+    got, (rows, _) = with_stats(certified, lambda: ops.sample_scores(x, t, 3))
+    assert rows == 0
+    for e, o in zip(expected, got):
+        assert torch.equal(e, o)
+
+
+# ---------------------------------------------------------------- native == emulated
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="this CPU has no AVX512_BF16: the native pass cannot run here")
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_native_pass_equals_the_emulation(metric):
+    # Bit-equal candidate passes make bit-equal proofs: the same rows fall back.
+    g = gen(10)
+    x = torch.randn(700, 129, generator=g) * torch.logspace(-3, 3, 700).unsqueeze(1)
+    c = torch.randn(300, 129, generator=g)
+    native, native_stats = with_stats("avx512bf16", lambda: all_answers(x, c, 5, metric))
+    emulated, emulated_stats = with_stats("bf16emu", lambda: all_answers(x, c, 5, metric))
+    assert native_stats == emulated_stats
+    for n, e in zip(native, emulated):
+        assert torch.equal(n, e)
