@@ -228,10 +228,12 @@ def cmd_cluster_prune(args) -> int:
                            ratio=args.ratio, keep_clusters=keep_clusters, k=args.k, metric=args.metric,
                            iterations=args.iterations, max_rows_per_cluster=args.max_rows_per_cluster or None,
                            seed=args.seed, embeddings_key=args.embeddings_key, ids_key=args.ids_key,
-                           device=args.device, progress=True)
+                           device=args.device, progress=True, hierarchical=args.hierarchical)
     if distributed.is_main():
+        levels = f", two-level: {result.fit.groups} groups" if result.fit.groups else ""
         print(f"kept {result.kept_rows} of {result.num_rows} source rows from {len(result.kept_clusters)} of "
-              f"{args.clusters} clusters (seeding {result.fit.seeding_seconds:.1f} s, {result.fit.passes} passes); "
+              f"{args.clusters} clusters (seeding {result.fit.seeding_seconds:.1f} s, {result.fit.passes} passes"
+              f"{levels}); "
               f"wrote {result.out}/kept/<shard>.npy (rows), manifest.json, centroids.npy, votes.npy")
     return 0
 
@@ -431,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--iterations", type=int, default=20, help="at most this many k-means passes (default: 20)")
     c.add_argument("--max-rows-per-cluster", type=int, default=256,
                    help="passes run over a sample of this many rows a cluster; 0: over every row (default: 256)")
+    levels = c.add_mutually_exclusive_group()
+    levels.add_argument("--hierarchical", action="store_true", default=None,
+                        help="two-level k-means passes: each row against the centroids of its 2 nearest groups of "
+                             "~sqrt(K) (default: from K = 1,000 when a flat pass would be long)")
+    levels.add_argument("--flat", dest="hierarchical", action="store_false", default=None,
+                        help="flat k-means passes: each row against all K centroids")
     c.add_argument("--embeddings-key", help="the .npz member holding the embeddings (default: the only 2-D float one)")
     c.add_argument("--ids-key", help="the .npz member holding identifiers (default: uid/id/key if present)")
 

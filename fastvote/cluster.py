@@ -370,25 +370,39 @@ def _seed_in_groups(sample: Tensor, num_clusters: int, reach: Tensor, rng: np.ra
     GEMM a group, of the rows searching it by its new centers: R S K / G in
     all. Returns the [K, D] seeds sorted by group and each one's group [K]
     (stable: within a group, in the order picked)."""
-    x = sample - sample.mean(0)
-    sq = x.pow(2).sum(1)
-    reach_np = reach.numpy()
+    # The rows in order of their own group (one copy, the centred one _seed makes too): a group's own rows
+    # are a slice, and only the rows that search it second are gathered in a round.
+    perm = torch.argsort(reach[:, 0], stable=True)
+    x = sample[perm.to(sample.device)]
+    x -= sample.mean(0)
+    sq = _sq_norms(x)
+    reach_np = reach[perm].numpy()
     own = reach_np[:, 0]
-    groups = int(reach_np.max()) + 1
-    searching = [np.flatnonzero((reach_np == g).any(1)) for g in range(groups)]
+    groups = int(own.max()) + 1
+    bounds = np.searchsorted(own, np.arange(groups + 1))
+    seconds = [np.zeros(0, dtype=np.int64)] * groups
+    if reach_np.shape[1] > 1:
+        by_second = np.argsort(reach_np[:, 1], kind="stable")
+        cuts = np.searchsorted(reach_np[by_second, 1], np.arange(groups + 1))
+        seconds = [by_second[cuts[g]:cuts[g + 1]] for g in range(groups)]
     d2 = torch.full((len(x),), float("inf"), device=x.device)
     centers: List[int] = []
 
     def add(new: np.ndarray) -> None:
         centers.extend(new.tolist())
         for g in np.unique(own[new]):
-            rows = torch.from_numpy(searching[g]).to(x.device)
             mine = torch.from_numpy(new[own[new] == g]).to(x.device)
-            block = torch.addmm(sq[rows, None] + sq[mine][None], x[rows], x[mine].T, alpha=-2).clamp_(min=0)
-            d2[rows] = torch.minimum(d2[rows], block.min(1).values)
+            c, c_sq = x[mine], sq[mine]
+            lo, hi = bounds[g], bounds[g + 1]
+            block = torch.addmm(sq[lo:hi, None] + c_sq[None], x[lo:hi], c.T, alpha=-2).clamp_(min=0)
+            torch.minimum(d2[lo:hi], block.min(1).values, out=d2[lo:hi])
+            if len(seconds[g]):
+                rows = torch.from_numpy(seconds[g]).to(x.device)
+                block = torch.addmm(sq[rows, None] + c_sq[None], x[rows], c.T, alpha=-2).clamp_(min=0)
+                d2[rows] = torch.minimum(d2[rows], block.min(1).values)
         d2[torch.from_numpy(new).to(x.device)] = 0
 
-    add(np.array([rng.choice(np.flatnonzero(own == g)) for g in range(groups)], dtype=np.int64))
+    add(np.array([rng.integers(bounds[g], bounds[g + 1]) for g in range(groups)], dtype=np.int64))
     trials = _TRIALS * (2 + int(np.log(num_clusters)))
     with tqdm(total=num_clusters, desc="k-means seeding", leave=False, disable=bars.disable(progress)) as bar:
         bar.update(len(centers))
@@ -402,9 +416,9 @@ def _seed_in_groups(sample: Tensor, num_clusters: int, reach: Tensor, rng: np.ra
                 picked = np.asarray(_pick_in_round(x, weights, b, trials, rng, reach_np), dtype=np.int64)
             add(picked)
             bar.update(len(picked))
-    centers_t = torch.as_tensor(centers[:num_clusters])
-    by_group = torch.sort(reach[centers_t, 0], stable=True)
-    return sample[centers_t[by_group.indices].to(sample.device)].clone(), by_group.values
+    chosen = torch.as_tensor(centers[:num_clusters])
+    by_group = torch.sort(torch.from_numpy(own)[chosen], stable=True)
+    return sample[perm[chosen[by_group.indices]].to(sample.device)].clone(), by_group.values
 
 
 def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.random.Generator,

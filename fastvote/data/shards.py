@@ -193,7 +193,7 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
                   max_rows_per_cluster: Optional[int] = cluster.MAX_ROWS_PER_CLUSTER, seed: int = 0,
                   embeddings_key: Optional[str] = None, ids_key: Optional[str] = None,
                   chunk_rows: int = CHUNK_ROWS, device=None, progress: bool = True,
-                  overwrite: bool = False) -> ClusterPrune:
+                  overwrite: bool = False, hierarchical: Optional[bool] = None) -> ClusterPrune:
     """Label-free FM over embedding shards: K-means on the source's
     embeddings, the target's embeddings vote for their k nearest clusters
     (fastvote.voting.FMVoter: weights, metric, tie-break scores as FM's), and
@@ -225,6 +225,10 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
         iterations, max_rows_per_cluster, seed: k-means' (fastvote.cluster.kmeans):
             at most this many Lloyd passes, over a seeded sample of at most this
             many rows a cluster (None: every row).
+        hierarchical: k-means' two-level passes (fastvote.cluster.fit): True,
+            False (flat: every row against all K), None (from K = 1,000 when
+            a flat pass would be long). The assignment of every row to the
+            final centroids is over all K either way.
         embeddings_key, ids_key: the .npz members holding the embeddings and
             the identifiers (default: the only 2-D float member; uid/id/key).
         chunk_rows: rows read at once (memory, not the result).
@@ -248,7 +252,7 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
     key = dict(source=[[str(s.path), s.rows, s.start, s.size, s.mtime_ns]
                        for s in src.shards], clusters=clusters, metric=metric, iterations=iterations,
                max_rows_per_cluster=max_rows_per_cluster, seed=seed, chunk_rows=chunk_rows,
-               ranks=distributed.world_size(), device=device.type)
+               ranks=distributed.world_size(), device=device.type, hierarchical=hierarchical)
     work = out / RESUME
     if distributed.is_main():
         claim(out, "cluster-prune", overwrite=overwrite)  # an unfinished mark, replaced by the final manifest
@@ -264,7 +268,7 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
         fit = cluster.fit(src.batches(mine), clusters, rows=src.rows_of(mine), num_rows=src.num_rows,
                           sharded=sharded, metric=metric, iterations=iterations,
                           max_rows_per_cluster=max_rows_per_cluster, seed=seed, device=device, progress=progress,
-                          checkpoint=work)
+                          checkpoint=work, hierarchical=hierarchical)
         centroids = fit.centroids
         started = time.perf_counter()
         sizes, reused = _assign_shards(src, mine, out, centroids, metric, device, progress)
@@ -297,6 +301,7 @@ def cluster_prune(source: Sources, target: Sources, out: Union[str, os.PathLike]
         "target": [str(s.path) for s in tgt.shards], "rows": src.num_rows, "dim": src.dim, "dtype": str(src.dtype),
         "clusters": clusters, "metric": metric, "k": k, "weight": weight, "iterations": iterations,
         "passes": fit.passes, "fit_rows": fit.fit_rows, "max_rows_per_cluster": max_rows_per_cluster, "seed": seed,
+        "kmeans_groups": fit.groups,
         "keep": {"keep_clusters": keep_clusters, "keep": keep, "ratio": ratio, "budget": budget},
         "num_kept_clusters": len(kept_ids), "partial_cluster": None if not partial else int(partial[0]),
         "kept_rows": kept_rows, "ranks": distributed.world_size(),
