@@ -77,7 +77,9 @@ _TRIALS = 3  # greedy trials a pick: 3 (2 + ln K), scikit-learn's 2 + ln K times
 TWO_LEVEL_MIN_CLUSTERS = 1000  # hierarchical=None: two levels from this K (issue 23) ...
 _TWO_LEVEL_MIN_WORK = 10 ** 10  # ... and this many multiply-adds a flat pass (e.g. 200,000 rows x 512 x 100)
 _GROUP_PASSES = 5  # Lloyd passes of the groups' centroids over the seeding sample
-_REACH = 2  # the groups a row searches: of its nearest coarse centroids (1 left blobs on a border split)
+# The groups a row searches (of its nearest coarse centroids): 2 when seeding (1 put a seed on each side of a
+# blob on a group border), 1 in the passes (2 cost 1.3-1.6x the time for 1-2% lower inertia; issue 23).
+_SEED_REACH, _PASS_REACH = 2, 1
 
 
 @dataclass
@@ -512,7 +514,7 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
         sizes = torch.bincount(group, minlength=len(coarse)).numpy()
     kept = np.flatnonzero(sizes)  # (a coarse centroid no sample row chose has no group)
     coarse = coarse[torch.from_numpy(kept).to(coarse.device)]
-    reach = _Geometry(coarse).nearest(sample, min(_REACH, len(coarse)))[1].cpu()
+    reach = _Geometry(coarse).nearest(sample, min(_SEED_REACH, len(coarse)))[1].cpu()
     group = reach[:, 0]
     seeds, seed_group = _seed_in_groups(sample, num_clusters, reach, rng, progress)
     starts = torch.searchsorted(seed_group, torch.arange(len(kept) + 1))
@@ -696,16 +698,16 @@ class _Bounds:
 class _Groups:
     """Two-level passes (the hierarchical k-means of SuperKMeans and of
     faiss's IVF training, kept exact within a group): the centroids are
-    split into G ~ sqrt(K) groups, each group's seeded from the seeding-sample
-    rows nearest to one of G coarse centroids (:func:`_seed_groups`). A row
-    belongs to the group of its nearest coarse centroid (found once: the
-    coarse centroids stay) and a pass finds its nearest centroid among that
-    group's K_g ~ K / G only. Within the group, Hamerly's bounds (as
-    :class:`_Bounds`, loosened by the group's own largest drift) let most rows
-    skip once the centroids settle. A row on a group border can miss a
-    nearer centroid of the next group; what that costs is the inertia
-    measured in benchmarks/RESULTS.md (issue 23). The assignment of every
-    row after the fit (:func:`assign`) is over all K, exact."""
+    split into G ~ sqrt(K) groups, seeded from the seeding sample by
+    k-means++ within the groups (:func:`_seed_groups`). A row searches the
+    groups of its _PASS_REACH nearest coarse centroids (found once: the
+    coarse centroids stay), K_g ~ K / G centroids a group instead of K.
+    Hamerly's bounds (as :class:`_Bounds`, loosened by the largest drift in
+    the row's groups) let rows skip once the centroids settle. A row on a
+    group border can miss a nearer centroid of the next group; what that
+    costs is the inertia measured in benchmarks/RESULTS.md (issue 23). The
+    assignment of every row after the fit (:func:`assign`) is over all K,
+    exact."""
     STATE = ("assigned", "group", "upper", "lower")
     movers = torch.zeros(0, dtype=torch.int64)  # (no movers: a group's largest drift loosens only its rows)
 
@@ -714,7 +716,7 @@ class _Groups:
         self.coarse = groups["coarse"].to(device)  # [G, D]
         self.starts = groups["starts"].tolist()  # group g owns centroids [starts[g], starts[g + 1])
         self.sample_group = groups["sample_group"]  # [S]: the group of each seeding-sample row
-        reach = min(_REACH, len(self.coarse))
+        reach = min(_PASS_REACH, len(self.coarse))
         self.group = torch.full((rows, reach), -1, dtype=torch.int64, device=device)  # -1: not found yet
         self.upper = torch.full((rows,), float("inf"), device=device)
         self.lower = torch.zeros(rows, device=device)
