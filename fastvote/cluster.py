@@ -381,12 +381,12 @@ def _seed_in_groups(sample: Tensor, num_clusters: int, reach: Tensor, rng: np.ra
     reach_np = reach[perm].numpy()
     own = reach_np[:, 0]
     groups = int(own.max()) + 1
-    bounds = np.searchsorted(own, np.arange(groups + 1))
-    seconds = [np.zeros(0, dtype=np.int64)] * groups
+    edges = np.searchsorted(own, np.arange(groups + 1))  # group g's own rows: [edges[g], edges[g + 1])
+    second = [np.zeros(0, dtype=np.int64)] * groups  # the rows searching group g second
     if reach_np.shape[1] > 1:
         by_second = np.argsort(reach_np[:, 1], kind="stable")
         cuts = np.searchsorted(reach_np[by_second, 1], np.arange(groups + 1))
-        seconds = [by_second[cuts[g]:cuts[g + 1]] for g in range(groups)]
+        second = [by_second[cuts[g]:cuts[g + 1]] for g in range(groups)]
     d2 = torch.full((len(x),), float("inf"), device=x.device)
     centers: List[int] = []
 
@@ -395,16 +395,16 @@ def _seed_in_groups(sample: Tensor, num_clusters: int, reach: Tensor, rng: np.ra
         for g in np.unique(own[new]):
             mine = torch.from_numpy(new[own[new] == g]).to(x.device)
             c, c_sq = x[mine], sq[mine]
-            lo, hi = bounds[g], bounds[g + 1]
+            lo, hi = edges[g], edges[g + 1]
             block = torch.addmm(sq[lo:hi, None] + c_sq[None], x[lo:hi], c.T, alpha=-2).clamp_(min=0)
             torch.minimum(d2[lo:hi], block.min(1).values, out=d2[lo:hi])
-            if len(seconds[g]):
-                rows = torch.from_numpy(seconds[g]).to(x.device)
+            if len(second[g]):
+                rows = torch.from_numpy(second[g]).to(x.device)
                 block = torch.addmm(sq[rows, None] + c_sq[None], x[rows], c.T, alpha=-2).clamp_(min=0)
                 d2[rows] = torch.minimum(d2[rows], block.min(1).values)
         d2[torch.from_numpy(new).to(x.device)] = 0
 
-    add(np.array([rng.integers(bounds[g], bounds[g + 1]) for g in range(groups)], dtype=np.int64))
+    add(np.array([rng.integers(edges[g], edges[g + 1]) for g in range(groups)], dtype=np.int64))
     trials = _TRIALS * (2 + int(np.log(num_clusters)))
     with tqdm(total=num_clusters, desc="k-means seeding", leave=False, disable=bars.disable(progress)) as bar:
         bar.update(len(centers))
