@@ -392,8 +392,10 @@ def _seed_in_groups(sample: Tensor, num_clusters: int, reach: Tensor, rng: np.ra
 
     def add(new: np.ndarray) -> None:
         centers.extend(new.tolist())
-        for g in np.unique(own[new]):
-            mine = torch.from_numpy(new[own[new] == g]).to(x.device)
+        by_group = new[np.argsort(own[new], kind="stable")]
+        cuts = np.searchsorted(own[by_group], np.arange(groups + 1))
+        for g in np.flatnonzero(np.diff(cuts)):
+            mine = torch.from_numpy(by_group[cuts[g]:cuts[g + 1]]).to(x.device)
             c, c_sq = x[mine], sq[mine]
             lo, hi = edges[g], edges[g + 1]
             block = torch.addmm(sq[lo:hi, None] + c_sq[None], x[lo:hi], c.T, alpha=-2).clamp_(min=0)
@@ -449,7 +451,10 @@ def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.
     scale = float(weights[candidates].max())
     between = (torch.addmm(c_sq[:, None] + c_sq[None], c, c.T, alpha=-2).clamp_(min=0) / scale).cpu().numpy()
     if reach is not None:  # row t, column i: t covers i only if i searches t's group (no longer symmetric)
-        covers = (reach[candidates][None, :, :] == reach[candidates, 0][:, None, None]).any(2)
+        searched, own = reach[candidates], reach[candidates, 0]
+        covers = searched[None, :, 0] == own[:, None]
+        for r in range(1, reach.shape[1]):
+            covers |= searched[None, :, r] == own[:, None]
         between[~covers] = np.inf
     now = (weights[candidates] / scale).astype(np.float32)
     # importance weights: a candidate stands for count / (draws x its probability) of the sample
