@@ -753,12 +753,12 @@ class _Groups:
                                                    self.starts)
         d2, idx = torch.empty_like(d2_sorted), torch.empty_like(idx_sorted)
         d2[by_group], idx[by_group] = d2_sorted, idx_sorted
-        # each row's best two of its groups' (the groups' centroids are disjoint); ties -> lower index
-        d2, idx = d2.reshape(len(need), 2 * reach), idx.reshape(len(need), 2 * reach)
-        by_index = torch.argsort(torch.where(idx < 0, k, idx), 1)
-        d2, idx = d2.gather(1, by_index), idx.gather(1, by_index)
-        best = torch.sort(d2, dim=1, stable=True).indices[:, :2]
-        d2, idx = d2.gather(1, best), idx.gather(1, best)
+        if reach > 1:  # each row's best two of its groups' (the groups' centroids are disjoint); ties -> lower index
+            d2, idx = d2.reshape(len(need), 2 * reach), idx.reshape(len(need), 2 * reach)
+            by_index = torch.argsort(torch.where(idx < 0, k, idx), 1)
+            d2, idx = d2.gather(1, by_index), idx.gather(1, by_index)
+            best = torch.sort(d2, dim=1, stable=True).indices[:, :2]
+            d2, idx = d2.gather(1, best), idx.gather(1, best)
         s = slack[need]
         assigned[need] = idx[:, 0]
         upper[need] = (d2[:, 0] + s).sqrt()

@@ -263,18 +263,20 @@ def _check_logits(op: str, logits: Tensor) -> None:
     _check_finite(op, logits, "logits", squares=False)
 
 
-def _check_features_centroids(op: str, features: Tensor, centroids: Tensor) -> None:
+def _check_features_centroids(op: str, features: Tensor, centroids: Tensor, arg: str = "centroids",
+                              rows: str = "K", one: str = "centroid") -> None:
+    """features [N, D] against `arg` [rows, D] (sample_scores: targets [M, D], "target row")."""
     _check_matrix(op, features, "features", "[N, D]")
-    _check_matrix(op, centroids, "centroids", "[K, D]")
+    _check_matrix(op, centroids, arg, f"[{rows}, D]")
     if centroids.shape[0] < 1:
-        raise ValueError(f"fastvote.{op}: centroids has K=0 rows; expected at least one centroid")
+        raise ValueError(f"fastvote.{op}: {arg} has {rows}=0 rows; expected at least one {one}")
     if features.shape[1] != centroids.shape[1]:
-        raise ValueError(f"fastvote.{op}: features has D={features.shape[1]} but centroids has "
+        raise ValueError(f"fastvote.{op}: features has D={features.shape[1]} but {arg} has "
                          f"D={centroids.shape[1]}; expected the same feature dimension")
     if features.shape[1] < 1:
         raise ValueError(f"fastvote.{op}: features has D=0; expected at least one feature dimension")
-    _check_same_device(op, features, "features", centroids, "centroids")
-    _check_finite(op, centroids, "centroids")
+    _check_same_device(op, features, "features", centroids, arg)
+    _check_finite(op, centroids, arg)
     _check_finite(op, features, "features")
 
 
@@ -477,18 +479,7 @@ if HAS_EXTENSION:
 
 
 def _check_features_targets(op: str, features: Tensor, targets: Tensor) -> None:
-    _check_matrix(op, features, "features", "[N, D]")
-    _check_matrix(op, targets, "targets", "[M, D]")
-    if targets.shape[0] < 1:
-        raise ValueError(f"fastvote.{op}: targets has M=0 rows; expected at least one target row")
-    if features.shape[1] != targets.shape[1]:
-        raise ValueError(f"fastvote.{op}: features has D={features.shape[1]} but targets has "
-                         f"D={targets.shape[1]}; expected the same feature dimension")
-    if features.shape[1] < 1:
-        raise ValueError(f"fastvote.{op}: features has D=0; expected at least one feature dimension")
-    _check_same_device(op, features, "features", targets, "targets")
-    _check_finite(op, targets, "targets")
-    _check_finite(op, features, "features")
+    _check_features_centroids(op, features, targets, "targets", "M", "target row")
 
 
 def sample_scores_exact(features: Tensor, targets: Tensor, k: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
