@@ -1,7 +1,7 @@
 """Resumable passes: columns of rows written in committed chunks.
 
 A long pass (the surrogate over a source) commits what it has computed every
-few seconds as one ``.npy`` file per column and chunk, ``parts/<column>/
+two seconds (:class:`Pace`) as one ``.npy`` file per column and chunk, ``parts/<column>/
 <start>-<stop>.npy`` (rows [start, stop) of the stream), each published
 atomically (fastvote.atomic), so a kill loses at most the chunk in flight.
 The part files' names are the index of what is covered: no index file is
@@ -22,6 +22,7 @@ This module imports from fastvote only ``atomic`` and ``data.npy`` (storage).
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -38,19 +39,20 @@ import numpy as np
 from .atomic import atomic_path, remove_stale, write_json
 from .data.npy import NpyRows, NpyWriter
 
-__all__ = ["ChunkedColumns", "Committer", "Interrupted", "interruptible", "chunk_seconds", "save_state", "load_state",
-           "RESUME_HINT"]
+__all__ = ["ChunkedColumns", "Committer", "Interrupted", "Pace", "interruptible", "chunk_seconds", "save_state",
+           "load_state", "RESUME_HINT"]
 
 _PART = re.compile(r"^(\d+)-(\d+)\.npy$")
 RESUME_HINT = "interrupted; rerun the same command to resume"
 CHUNK_BYTES = 256 << 20  # a chunk also ends at this size, so a fast GPU pass holds bounded memory
 
 
-def chunk_seconds() -> float:
-    """Seconds of compute a chunk holds (FASTVOTE_CHUNK_SECONDS, default 10):
-    the most work a kill loses. A commit costs a write and an fsync of the
-    chunk's bytes, well under 1% of 10 s of surrogate compute."""
-    text = os.environ.get("FASTVOTE_CHUNK_SECONDS", "10")
+def chunk_seconds() -> Optional[float]:
+    """FASTVOTE_CHUNK_SECONDS: the seconds of work between commits, pinned;
+    None when unset (:class:`Pace` then chooses)."""
+    text = os.environ.get("FASTVOTE_CHUNK_SECONDS")
+    if text is None:
+        return None
     try:
         seconds = float(text)
     except ValueError:
@@ -58,6 +60,36 @@ def chunk_seconds() -> float:
     if not seconds > 0:
         raise ValueError(f"FASTVOTE_CHUNK_SECONDS={text!r}; expected a positive number of seconds")
     return seconds
+
+
+class Pace:
+    """When a pass commits next: every 2 s of work, the most a kill loses (a
+    rerun also pays ~5 s of start-up, so shorter chunks buy little), but never
+    so often that commits cost over 2% of the pass (a slow disk or a large
+    k-means state commits less often). FASTVOTE_CHUNK_SECONDS pins the interval.
+
+        pace = Pace()
+        if pace.due():
+            with pace.committing():
+                ...
+    """
+
+    SECONDS, COST_SHARE = 2.0, 0.02
+
+    def __init__(self):
+        self.pinned = chunk_seconds()
+        self._since, self._cost = time.monotonic(), 0.0
+
+    def due(self) -> bool:
+        interval = self.pinned or max(self.SECONDS, self._cost / self.COST_SHARE)
+        return time.monotonic() - self._since >= interval
+
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        self._since = time.monotonic()
+        self._cost = self._since - started
 
 
 class Interrupted(KeyboardInterrupt):
@@ -136,6 +168,7 @@ class ChunkedColumns:
 
     def __init__(self, folder: str | os.PathLike, key: dict):
         self.root = Path(folder) / "parts"
+        self._listed: Dict[str, List[Tuple[int, int, Path]]] = {}
         self.key = json.loads(json.dumps(key, default=str))
         keyfile = self.root / "key.json"
         try:
@@ -152,16 +185,18 @@ class ChunkedColumns:
     def _columns(self) -> List[Path]:
         return [d for d in self.root.iterdir() if d.is_dir()] if self.root.is_dir() else []
 
-    def _parts(self, column: str) -> List[Tuple[int, int, Path]]:
-        folder = self.root / column
-        if not folder.is_dir():
-            return []
-        found = []
-        for path in folder.iterdir():
-            match = _PART.match(path.name)
-            if match:
-                found.append((int(match.group(1)), int(match.group(2)), path))
-        return sorted(found)
+    def _parts(self, column: str, fresh: bool = False) -> List[Tuple[int, int, Path]]:
+        """The column's committed parts, sorted: listed once, then kept up to
+        date by commit (fresh=True lists again, for parts other ranks wrote)."""
+        if fresh or column not in self._listed:
+            folder, found = self.root / column, []
+            if folder.is_dir():
+                for path in folder.iterdir():
+                    match = _PART.match(path.name)
+                    if match:
+                        found.append((int(match.group(1)), int(match.group(2)), path))
+            self._listed[column] = sorted(found)
+        return self._listed[column]
 
     def covered(self, columns: Sequence[str], rows: range) -> List[Tuple[int, int]]:
         """The intervals of `rows` that every column has committed."""
@@ -176,16 +211,19 @@ class ChunkedColumns:
         (the beton writer's encoded images) gives stop and is read back by
         :meth:`blocks`."""
         for column, block in arrays.items():
-            path = self.root / column / f"{start}-{start + len(block) if stop is None else stop}.npy"
+            end = start + len(block) if stop is None else stop
+            listed = self._parts(column)
+            path = self.root / column / f"{start}-{end}.npy"
             with atomic_path(path, kind="partial") as tmp:
                 np.save(tmp, np.ascontiguousarray(block))
+            bisect.insort(listed, (start, end, path))
 
     def read(self, column: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a column from its parts (they must be covered)."""
         blocks, at = [], start
         parts = self._parts(column)
         while at < stop:
-            part = next(((a, b, p) for a, b, p in parts if a <= at < b), None)
+            part = self._part_at(parts, at) or self._part_at(self._parts(column, fresh=True), at)
             if part is None:
                 raise FileNotFoundError(f"{self.root / column}: row {at} is not in any committed chunk")
             a, b, path = part
@@ -193,6 +231,13 @@ class ChunkedColumns:
             blocks.append(NpyRows(path).read(at - a, end - a))
             at = end
         return np.concatenate(blocks) if len(blocks) != 1 else blocks[0]
+
+    @staticmethod
+    def _part_at(parts: List[Tuple[int, int, Path]], row: int) -> Optional[Tuple[int, int, Path]]:
+        """The part holding `row`: the last one starting at or before it, as a
+        rule (parts overlap only after a resume with another world size)."""
+        i = bisect.bisect_right(parts, (row, float("inf")))
+        return next((parts[j] for j in range(i - 1, -1, -1) if row < parts[j][1]), None)
 
     def blocks(self, column: str, start: int) -> Iterator[Tuple[int, int, np.ndarray]]:
         """(start, stop, the part's array) of the parts that follow each other
@@ -217,12 +262,13 @@ class ChunkedColumns:
 
     def _remove(self, inside) -> None:
         for column in self._columns():
-            for a, b, path in self._parts(column.name):
+            for a, b, path in self._parts(column.name, fresh=True):
                 if inside(a, b):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
             with contextlib.suppress(OSError):
                 column.rmdir()  # only when empty
+        self._listed.clear()
         if not self._columns():
             with contextlib.suppress(FileNotFoundError):
                 (self.root / "key.json").unlink()
@@ -233,14 +279,14 @@ class ChunkedColumns:
 
 class Committer:
     """Collects a pass's computed blocks from row `start` and commits them as
-    one chunk every chunk_seconds() (or CHUNK_BYTES), at block boundaries."""
+    one chunk when its :class:`Pace` says so (or at CHUNK_BYTES), at block
+    boundaries."""
 
     def __init__(self, parts: ChunkedColumns, start: int):
         self.parts, self.start = parts, start
-        self.seconds = chunk_seconds()
+        self.pace = Pace()
         self._blocks: Dict[str, list] = {}
         self._bytes = self._rows = 0
-        self._since = time.monotonic()
 
     def add(self, arrays: Dict[str, np.ndarray], rows: Optional[int] = None) -> None:
         """Blocks of the next `rows` rows (default: the first block's length)."""
@@ -248,18 +294,18 @@ class Committer:
             self._blocks.setdefault(column, []).append(block)
             self._bytes += block.nbytes
         self._rows += len(next(iter(arrays.values()))) if rows is None else rows
-        if time.monotonic() - self._since >= self.seconds or self._bytes >= CHUNK_BYTES:
+        if self.pace.due() or self._bytes >= CHUNK_BYTES:
             self.flush()
 
     def flush(self) -> None:
         """Commits what was collected; then honours a pending Ctrl-C."""
-        if self._blocks:
-            arrays = {c: np.concatenate(b) for c, b in self._blocks.items()}
-            self.parts.commit(self.start, arrays, self.start + self._rows)
-            self.start += self._rows
-        self._blocks, self._bytes, self._rows, self._since = {}, 0, 0, time.monotonic()
+        with self.pace.committing():
+            if self._blocks:
+                arrays = {c: np.concatenate(b) for c, b in self._blocks.items()}
+                self.parts.commit(self.start, arrays, self.start + self._rows)
+                self.start += self._rows
+            self._blocks, self._bytes, self._rows = {}, 0, 0
         check()
-
 
 
 # ---------------------------------------------------------------- step checkpoints

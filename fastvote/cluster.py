@@ -161,7 +161,7 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
 
     checkpoint: a folder (the caller's, keyed by the stream's content) where
         the seeding result and the state after each pass (and every
-        fastvote.chunks.chunk_seconds() within a pass) are saved; a rerun with
+        chunk (fastvote.chunks.Pace) within a pass) are saved; a rerun with
         the same arguments resumes from the last save with the same bits as an
         uninterrupted fit. The state is K x D (centroids, float64
         sums) plus this rank's fitting rows' bounds (at most
@@ -252,7 +252,7 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
         chunks.check()  # a Ctrl-C stops here, the state saved
 
     for it in range(first, 0 if converged else iterations):
-        started, saved_at = time.perf_counter(), time.monotonic()
+        started, pace = time.perf_counter(), chunks.Pace()
         if not skip:
             computed = torch.zeros(1, dtype=torch.float64)
             result.movers.append(len(rows_state.movers))
@@ -271,10 +271,10 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
             else:
                 _move_rows(sums, counts, x, before, assigned)
             computed += n
-            # a long pass saves its state within, too: a kill loses at most chunk_seconds() of it
-            if pass_path is not None and time.monotonic() - saved_at >= chunks.chunk_seconds():
-                save(it, done)
-                saved_at = time.monotonic()
+            # a long pass saves its state within, too: a kill loses at most a chunk of it (chunks.Pace)
+            if pass_path is not None and pace.due():
+                with pace.committing():
+                    save(it, done)
         _check_replay(fitted, len(rows_state.assigned))
         skip = 0
         packed = torch.cat([sums, counts[:, None], computed[:, None].expand(num_clusters, 1)], 1)

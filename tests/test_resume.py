@@ -299,3 +299,54 @@ def test_ctrl_c_stops_cluster_prune_after_a_saved_step(pool, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "fastvote cluster-prune: interrupted; rerun the same command to resume"
     assert (out / "resume" / "kmeans-seeded.pkl").is_file() and not (out / "centroids.npy").exists()
+
+
+def test_pace_commits_every_two_seconds_unless_commits_are_slow(monkeypatch):
+    from fastvote import chunks
+
+    now = [100.0]
+    monkeypatch.setattr(chunks.time, "monotonic", lambda: now[0])
+    monkeypatch.delenv("FASTVOTE_CHUNK_SECONDS", raising=False)
+    pace = chunks.Pace()
+    now[0] += 1.9
+    assert not pace.due()
+    now[0] += 0.1
+    assert pace.due()
+    with pace.committing():
+        now[0] += 0.1  # a commit of 0.1 s: the next one waits 5 s, so commits stay at 2% of the pass
+    now[0] += 4.9
+    assert not pace.due()
+    now[0] += 0.1
+    assert pace.due()
+    monkeypatch.setenv("FASTVOTE_CHUNK_SECONDS", "0.5")  # pinned: whatever a commit costs
+    pinned = chunks.Pace()
+    with pinned.committing():
+        now[0] += 10
+    now[0] += 0.5
+    assert pinned.due()
+    monkeypatch.setenv("FASTVOTE_CHUNK_SECONDS", "soon")
+    with pytest.raises(ValueError, match="FASTVOTE_CHUNK_SECONDS='soon'; expected a positive number"):
+        chunks.Pace()
+
+
+def test_parts_are_read_back_from_one_listing_and_overlaps(tmp_path):
+    """Reads find rows in parts committed by this process, listed before it
+    started, written by another (a rank) after the listing, and overlapping."""
+    from fastvote import chunks
+
+    rows = np.arange(100, dtype=np.int64)[:, None] * 10 + np.arange(3)
+    first = chunks.ChunkedColumns(tmp_path, {"k": 1})
+    first.commit(0, {"x": rows[0:30]})
+    first.commit(30, {"x": rows[30:50]})
+    again = chunks.ChunkedColumns(tmp_path, {"k": 1})  # a rerun lists them
+    assert again.covered(["x"], range(100)) == [(0, 50)]
+    first.commit(50, {"x": rows[50:80]})  # another writer, after the rerun's listing
+    again.commit(40, {"x": rows[40:55]})  # overlapping, as after a resume with another world size
+    again.commit(80, {"x": rows[80:90]})
+    for a, b in [(0, 1), (29, 31), (45, 85), (79, 90), (89, 90)]:
+        np.testing.assert_array_equal(again.read("x", a, b), rows[a:b])
+    with pytest.raises(FileNotFoundError, match="row 90 is not in any committed chunk"):
+        again.read("x", 85, 95)
+    assert again.covered(["x"], range(100)) == [(0, 90)]
+    again.remove(range(0, 90))
+    assert not (tmp_path / "parts").exists()
