@@ -301,6 +301,35 @@ def test_ctrl_c_stops_cluster_prune_after_a_saved_step(pool, tmp_path):
     assert (out / "resume" / "kmeans-seeded.pkl").is_file() and not (out / "centroids.npy").exists()
 
 
+def test_ctrl_c_under_torchrun_stops_the_ranks_and_the_rerun_resumes(pool, tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to torchrun and to both ranks: each
+    rank stops at its next save with the one line (torchrun then reports the
+    signal itself), and the rerun resumes within the pass where the ranks
+    stopped and writes what an uninterrupted two-rank run writes."""
+    from test_distributed import free_port
+
+    def torchrun(out):
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(HERE / "resume_worker.py"),
+                *cluster_args(pool, out)]
+
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    subprocess.run(torchrun(whole), env=EVERY_STEP, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(torchrun(out), env=EVERY_STEP, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own process group: the terminal's, for the Ctrl-C
+    for line in proc.stdout:
+        if line.startswith("committed kmeans-pass"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "fastvote cluster-prune: interrupted; rerun the same command to resume" in err
+    assert not (out / "centroids.npy").exists()
+    rerun = subprocess.run(torchrun(out), env=EVERY_STEP, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "[fastvote] resuming k-means: the seeding" in rerun.stdout
+    assert outputs(out) == outputs(whole)
+
+
 def test_pace_commits_every_two_seconds_unless_commits_are_slow(monkeypatch):
     from fastvote import chunks
 
