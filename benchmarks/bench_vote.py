@@ -29,15 +29,17 @@ status 1 when any failed other than by memory).
     python benchmarks/bench_vote.py --results benchmarks/RESULTS.md   # append the table
     python benchmarks/bench_vote.py --weights            # fused votes only, each weight
                                                          # (count, rank, soft)
-    python benchmarks/bench_vote.py --certified          # CPU: the fp32 kernel against the
+    python benchmarks/bench_vote.py --certified          # the fp32 kernel against the
                                                          # certified bf16 path, side by side
 
---certified times fm_vote and nearest_centroids under each CPU kernel pinned by
-FASTVOTE_CPU_KERNEL: the fp32 one this CPU runs, "bf16emu" (the certified path
-with VDPBF16PS emulated: for tests, slower than fp32) and "avx512bf16" (native,
-where the CPU has AVX512_BF16). Its status column gives the share of rows the
-certificate sent back to the fp32 kernel, and whether the answers were
-identical to the fp32 kernel's (they must be). --certified-rows caps N.
+--certified times fm_vote and nearest_centroids under each kernel pinned by
+FASTVOTE_CPU_KERNEL (CPU: the fp32 one this CPU runs, "bf16emu", the certified
+path with VDPBF16PS emulated, for tests and slower than fp32, and "avx512bf16",
+native, where the CPU has AVX512_BF16) or FASTVOTE_CUDA_KERNEL (CUDA: "fp32",
+the fused kernel, and "bf16", the certified path on tensor cores). Its status
+column gives the share of rows the certificate sent back to the fp32 kernel,
+and whether the answers were identical to the fp32 kernel's (they must be).
+--certified-rows caps N. On CUDA the default run ends with these rows too.
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ CUDA_SHAPES = [(1_000_000, 1000, 512, 1), (1_000_000, 1000, 512, 5), (20_000, 10
 QUICK_SHAPES = [(4_000, 300, 64, 1), (4_000, 300, 64, 5), (1_000, 5_000, 67, 5)]
 CPU_LOGITS = [(100_000, 1000, 5)]
 CERTIFIED_SHAPES = [(100_000, 1000, 512, 5), (20_000, 100_000, 512, 5)]
+CUDA_CERTIFIED = [(1_000_000, 1000, 512, 5), (20_000, 100_000, 512, 5)]
 QUICK_CERTIFIED = [(4_000, 300, 64, 5), (1_000, 5_000, 67, 5)]
 CUDA_LOGITS = [(1_000_000, 1000, 1), (1_000_000, 1000, 5)]
 QUICK_LOGITS = [(4_000, 300, 1), (4_000, 300, 5)]
@@ -457,12 +460,24 @@ def bench_weights(rec, device, fm_shapes, lm_shapes, metric, repeats):
                           repeats, lambda s: {"rows_per_s": n / s, "gb_per_s": n * num * 4 / s / 1e9})
 
 
-def cpu_kernel_names() -> List[str]:
-    """The fp32 kernel this CPU runs, then the certified bf16 ones it can run."""
+# The variable that pins a device's kernel, and the certified path's counters.
+KERNEL_ENV = {"cpu": "FASTVOTE_CPU_KERNEL", "cuda": "FASTVOTE_CUDA_KERNEL"}
+
+
+def bf16_stats(device) -> tuple:
+    from fastvote import _C
+
+    return _C.cuda_bf16_stats() if device.type == "cuda" else _C.cpu_bf16_stats()
+
+
+def kernel_names(device) -> List[str]:
+    """The fp32 kernel, then the certified bf16 ones: on the CPU those this CPU runs."""
+    if device.type == "cuda":
+        return ["fp32", "bf16"]
     from fastvote import _C
 
     def runs(name):
-        with pinned_kernel(name):
+        with pinned_kernel(device, name):
             try:
                 _C.cpu_kernel()
                 return True
@@ -474,31 +489,33 @@ def cpu_kernel_names() -> List[str]:
 
 
 @contextlib.contextmanager
-def pinned_kernel(name: str):
-    before = os.environ.get("FASTVOTE_CPU_KERNEL")
-    os.environ["FASTVOTE_CPU_KERNEL"] = name
+def pinned_kernel(device, name: str):
+    variable = KERNEL_ENV[device.type]
+    before = os.environ.get(variable)
+    os.environ[variable] = name
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("FASTVOTE_CPU_KERNEL", None)
+            os.environ.pop(variable, None)
         else:
-            os.environ["FASTVOTE_CPU_KERNEL"] = before
+            os.environ[variable] = before
 
 
-def bench_certified(rec, shapes, metrics, repeats, max_rows):
-    """fm_vote and nearest_centroids under each CPU kernel, side by side; the
-    certified ones' rows give their fallback share and whether their answers
-    equal the fp32 kernel's (an error row if not)."""
-    from fastvote import _C
-
-    device = torch.device("cpu")
-    names = cpu_kernel_names()
+def bench_certified(rec, device, shapes, metrics, repeats, max_rows):
+    """fm_vote and nearest_centroids under each kernel of the device, side by
+    side; the certified ones' rows give their fallback share and whether their
+    answers equal the fp32 kernel's (an error row if not)."""
+    names = kernel_names(device)
     for n, num, dim, k in shapes:
         n = min(n, max_rows) if max_rows else n
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(n, dim, generator=g)
-        c = torch.randn(num, dim, generator=g)
+        base = {"op": "fm_vote", "metric": "-", "N": n, "K": num, "D": dim, "k": k}
+        if (n + num) * dim * 4 > MEMORY_SHARE[device.type] * free_bytes(device):
+            rec.add({**base, "method": "inputs", "status": "skipped: the inputs do not fit"})
+            continue
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n, dim, device=device, generator=g)
+        c = torch.randn(num, dim, device=device, generator=g)
         for metric in metrics:
             calls = {"fm_vote": lambda: ops.fm_vote(x, c, k, metric),
                      "nearest_centroids": lambda: ops.nearest_centroids(x, c, k, metric)}
@@ -507,14 +524,14 @@ def bench_certified(rec, shapes, metrics, repeats, max_rows):
                 expected = None
                 for name in names:
                     row = {**base, "method": f"fused-{name}", "status": "ok"}
-                    rows0, fallback0 = _C.cpu_bf16_stats()
+                    rows0, fallback0 = bf16_stats(device)
                     try:
-                        with pinned_kernel(name):
+                        with pinned_kernel(device, name):
                             seconds, peak, out = timed(call, device, repeats)
                     except Exception as exc:  # recorded, not fatal
                         rec.add({**row, "status": _outcome(exc)})
                         continue
-                    rows1, fallback1 = _C.cpu_bf16_stats()
+                    rows1, fallback1 = bf16_stats(device)
                     row.update(seconds=seconds, peak_mib=peak / 2**20, rows_per_s=n / seconds,
                                tflops=2.0 * n * num * dim / seconds / 1e12)
                     if expected is None:  # the fp32 kernel, first
@@ -526,6 +543,8 @@ def bench_certified(rec, shapes, metrics, repeats, max_rows):
                         row["status"] = (f"ok, identical, {100 * row['fallback']:.3f}% of rows fell back" if same
                                          else "error: the answers differ from the fp32 kernel's")
                     rec.add(row)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
         del x, c
 
 
@@ -626,8 +645,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--weights", action="store_true",
                    help="time the fused ops alone with each vote weight instead of the contenders")
     p.add_argument("--certified", action="store_true",
-                   help="CPU: the fp32 kernel against the certified bf16 path (emulated, and native where "
-                        "the CPU has AVX512_BF16), fm_vote and nearest_centroids")
+                   help="the fp32 kernel against the certified bf16 path (CPU: emulated, and native where "
+                        "the CPU has AVX512_BF16; CUDA: tensor cores), fm_vote and nearest_centroids")
     p.add_argument("--certified-rows", type=int, default=0, help="--certified: at most this many rows (N)")
     p.add_argument("--jsonl", help="append each row here as a JSON line, as it is measured")
     p.add_argument("--markdown", help="write the table here (rewritten after each row)")
@@ -652,11 +671,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     header = f"### bench_vote {dt.date.today().isoformat()} — {machine(device)}\n\nCommand: `{command}`"
     rec = Recorder(header, args.jsonl, args.markdown, torch.cuda.get_device_name(device)
                    if device.type == "cuda" else machine(device))
+    certified_shapes = QUICK_CERTIFIED if args.quick else CUDA_CERTIFIED if device.type == "cuda" else CERTIFIED_SHAPES
     if args.certified:
-        if device.type != "cpu":
-            raise SystemExit("--certified times the CPU kernels: use --device cpu")
-        bench_certified(rec, QUICK_CERTIFIED if args.quick else CERTIFIED_SHAPES, metrics, args.repeats,
-                        args.certified_rows)
+        bench_certified(rec, device, certified_shapes, metrics, args.repeats, args.certified_rows)
     elif args.weights:
         bench_weights(rec, device, fm_shapes, lm_shapes, metrics[0], args.repeats)
     else:
@@ -668,6 +685,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         memory_rows = MEMORY_ROWS["quick"] if args.quick else MEMORY_ROWS.get(device.type)
         if memory_rows:
             bench_memory(rec, device, memory_rows)
+        if device.type == "cuda":  # last: a fault in the opt-in path cannot cost the rows above
+            bench_certified(rec, device, certified_shapes, metrics, args.repeats, 0)
     rec.header = header + f" ({time.time() - started:.0f} s)"
     table = markdown(rec.rows, rec.header)
     for line in speedups(rec.rows):

@@ -8,7 +8,8 @@
 #   env          versions, nvidia-smi, the interpreter's ninja, the device's name
 #   build        the extension with its CUDA kernels, in place
 #   tests-cuda   tests/test_cuda.py alone (a sticky CUDA error cannot fail other files)
-#   bench        benchmarks/bench_vote.py: every row written as it is measured
+#   bench        benchmarks/bench_vote.py: every row written as it is measured; last,
+#                the fused fp32 kernel against the certified bf16 path (FASTVOTE_CUDA_KERNEL=bf16)
 #   memcheck     compute-sanitizer memcheck over benchmarks/sanitize_ops.py
 #   tests-other  the CUDA cases of tests/test_ops.py, and tests/test_gpu_settings.py
 #   racecheck    compute-sanitizer racecheck over benchmarks/sanitize_ops.py
@@ -67,8 +68,8 @@ BENCH_BY_S=300      # the benchmark must have started by then (estimated)
 STEP_TABLE="
 env          5  15 versions, nvidia-smi, ninja, the device
 build       75 110 the extension with its CUDA kernels, in place (MAX_JOBS=16)
-tests-cuda  60  90 tests/test_cuda.py, alone
-bench       60 120 benchmarks/bench_vote.py, rows written as measured
+tests-cuda  65  90 tests/test_cuda.py, alone
+bench       70 120 benchmarks/bench_vote.py, rows written as measured, fp32 vs certified bf16 last
 memcheck    30  45 compute-sanitizer memcheck, benchmarks/sanitize_ops.py
 tests-other 35  50 tests/test_ops.py -k cuda, tests/test_gpu_settings.py
 racecheck   25  35 compute-sanitizer racecheck, benchmarks/sanitize_ops.py

@@ -3,8 +3,11 @@
 racecheck`): each fused-kernel layout (vector loads, scalar rows, transposed),
 k in {1, 5, 64} and the sorted path (k > 64), the centroid split with its
 merge (N=3, K=3000), shared and global histograms, strided and offset
-lm_vote, the score reductions and class_centroids (D = 0 too). Results are
-checked against the CPU backend so a silent wrong answer fails as well.
+lm_vote, the score reductions and class_centroids (D = 0 too), and the
+certified bf16 path (FASTVOTE_CUDA_KERNEL=bf16: packing, tensor-core
+candidates, their split and merge, the re-rank and the fallback). Results are
+checked against the CPU backend (the bf16 path: against the fused fp32 kernel)
+so a silent wrong answer fails as well.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitize_ops.py
 """
@@ -20,12 +23,12 @@ def cpu(name, *args):
     return getattr(torch.ops.fastvote, name)(*[a.cpu() if torch.is_tensor(a) else a for a in args])
 
 
-def check(what, got, expected):
+def check(what, got, expected, against="CPU"):
     got = [t.cpu() for t in (got if isinstance(got, tuple) else (got,))]
     expected = expected if isinstance(expected, tuple) else (expected,)
     for g, e in zip(got, expected):
         if not torch.equal(g, e):
-            raise SystemExit(f"sanitize_ops: {what}: CUDA and CPU disagree")
+            raise SystemExit(f"sanitize_ops: {what}: CUDA and {against} disagree")
 
 
 def main() -> int:
@@ -89,6 +92,25 @@ def main() -> int:
         ref_sums, ref_counts = cpu("class_centroids", x, labels, num_classes)
         if not torch.equal(counts.cpu(), ref_counts) or not torch.allclose(sums.cpu(), ref_sums):
             raise SystemExit(f"sanitize_ops: class_centroids K={num_classes} D={dim}: CUDA and CPU disagree")
+
+    # Last (a fault in the opt-in path cannot hide the kernels above): the
+    # certified bf16 path against the fused fp32 kernel: odd D, a row tile
+    # edge, k at the path's limit (55), the split (N=3, K=3000), integer rows
+    # (ties: many fall back) and random ones (most are proven).
+    for n, num, dim, k in ((300, 200, 67, 5), (129, 70, 33, 55), (3, 3000, 40, 5)):
+        for name, x, c in (("ints", ints(n, dim), ints(num, dim)),
+                           ("random", torch.randn(n, dim, generator=g), torch.randn(num, dim, generator=g))):
+            xc, cc = x.cuda(), c.cuda()
+            for metric in ("l2", "cosine"):
+                os.environ["FASTVOTE_CUDA_KERNEL"] = "bf16"
+                got = ops.nearest_centroids(xc, cc, k, metric), ops.fm_vote(xc, cc, k, metric, "soft", 0.5)
+                os.environ["FASTVOTE_CUDA_KERNEL"] = "fp32"
+                expected = ops.nearest_centroids(xc, cc, k, metric), ops.fm_vote(xc, cc, k, metric, "soft", 0.5)
+                what = f"bf16 path {name} ({n}, {num}, {dim}, {k}) {metric}"
+                check(f"{what} nearest_centroids", got[0], tuple(t.cpu() for t in expected[0]), "the fused kernel")
+                check(f"{what} fm_vote", got[1], expected[1].cpu(), "the fused kernel")
+    del os.environ["FASTVOTE_CUDA_KERNEL"]
+
     torch.cuda.synchronize()
     print("sanitize_ops: every kernel ran and agreed with the CPU")
     return 0

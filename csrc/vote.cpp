@@ -162,6 +162,14 @@ std::tuple<at::Tensor, at::Tensor> nearest_in_groups(const at::Tensor& features,
                                                      const at::Tensor& centroid_starts, int64_t k);
 std::pair<int64_t, int64_t> cpu_certified_stats();
 
+// The certified bf16 CUDA path's counters (csrc/cuda/vote_kernel.cu); none
+// without the CUDA kernels.
+#ifdef FASTVOTE_WITH_CUDA
+std::pair<int64_t, int64_t> cuda_certified_stats();
+#else
+std::pair<int64_t, int64_t> cuda_certified_stats() { return {0, 0}; }
+#endif
+
 }  // namespace fastvote
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -175,6 +183,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_bf16_stats", &fastvote::cpu_certified_stats,
         "(rows, fallback_rows): rows scored by the certified bf16 CPU path since import, and "
         "those whose top-k it could not certify and the fp32 kernel scored again.");
+  m.def("cuda_bf16_stats", &fastvote::cuda_certified_stats,
+        "(rows, fallback_rows): rows scored by the certified bf16 CUDA path "
+        "(FASTVOTE_CUDA_KERNEL=bf16) since import, and those whose top-k it could not certify "
+        "and the fused fp32 kernel scored again. (0, 0) in a build without CUDA kernels.");
 #ifdef FASTVOTE_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

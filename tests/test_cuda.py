@@ -14,6 +14,7 @@ exact, so CUDA, CPU and the reference must be EQUAL, ties included; on random
 floats picks are compared on the rows without near-ties (where float32
 rounding may legitimately reorder), and values within float32 tolerance.
 """
+import contextlib
 import os
 
 import pytest
@@ -727,3 +728,290 @@ def test_sample_scores_errors_name_its_arguments():
 @device_only  # the CUDA kernel's own claims (float64 RMS, its tie order); faked, the CPU kernel stands in
 def test_sample_scores_opcheck():
     torch.library.opcheck(torch.ops.fastvote.sample_scores.default, (_x(20, 9).cuda(), _x(6, 9).cuda(), 3))
+
+
+# ---------------------------------------------------------------- issue 23: certified bf16 candidates
+# FASTVOTE_CUDA_KERNEL=bf16: fm_vote / nearest_centroids from bf16 tensor-core
+# candidates (csrc/cuda/certified.cuh), an exact re-rank with the fused
+# kernel's arithmetic and a proof (csrc/include/fastvote/certify.h); rows it
+# cannot prove go through the fused kernel. Its answers must be IDENTICAL to
+# the fused fp32 kernel's: indices, values and every vote weight (the CPU
+# path's tests, tests/test_bf16_candidates.py, in the same shapes).
+# _C.cuda_bf16_stats() counts the rows through the path and those that fell
+# back, so the proof is seen to work both ways. Faked onto the CPU the switch
+# does nothing: the identities hold trivially, and the row counts are not checked.
+
+FAKE = os.environ.get("FASTVOTE_FAKE_CUDA") == "1"
+BF16_M = 8  # certify::kExtraCandidates: the path runs when K > k + 8 ...
+BF16_MAX_K = 55  # ... and the k + 8 + 1 candidates fit the fused kernel's lists of 64
+BF16_VOTES = (("count", 1.0), ("rank", 1.0), ("soft", 1.0), ("soft", 0.05))
+BF16_ANSWERS = ("values", "indices", "count", "rank", "soft", "soft t=0.05")
+
+
+@contextlib.contextmanager
+def cuda_kernel(name):
+    """Pins FASTVOTE_CUDA_KERNEL (the ops read it at every call)."""
+    before = os.environ.get("FASTVOTE_CUDA_KERNEL")
+    os.environ["FASTVOTE_CUDA_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["FASTVOTE_CUDA_KERNEL"]
+        else:
+            os.environ["FASTVOTE_CUDA_KERNEL"] = before
+
+
+def bf16_stats():
+    from fastvote import _C
+
+    return _C.cuda_bf16_stats()
+
+
+def fm_answers(x, c, k, metric):
+    """Every answer the path gives (1 + len(BF16_VOTES) calls), on the CPU:
+    the picks and values, and the votes of each weight."""
+    values, indices = ops.nearest_centroids(x, c, k, metric)
+    votes = [ops.fm_vote(x, c, k, metric, weight, temperature) for weight, temperature in BF16_VOTES]
+    return [t.cpu() for t in [values, indices] + votes]
+
+
+def shared_with_the_cpu(x, c, metric):
+    """The answers the CPU kernel gives bit for bit as the fused CUDA kernel:
+    all of them where the rows' squared norms are exact (small integers);
+    else l2's picks and votes only, since the CPU adds a row's squares in 16
+    lanes and CUDA in d order (row_sqnorm), which can round apart: l2 values
+    add the norm, and cosine keys scale by it."""
+    exact = all(t.numel() == 0 or (torch.equal(t, t.round()) and float(t.abs().max()) <= 64)
+                for t in (x.float(), c.float()))
+    if exact:
+        return set(BF16_ANSWERS)
+    return set(BF16_ANSWERS) - {"values"} if metric == "l2" else set()
+
+
+def assert_bf16_identical(x, c, k, metric):
+    """The bf16 path's answers equal the fused fp32 kernel's (and the CPU's,
+    where they share its arithmetic), bit for bit; returns the rows through
+    the path in one call and how many of them fell back."""
+    xc, cc = cuda(x, c)
+    with cuda_kernel("fp32"):
+        expected = fm_answers(xc, cc, k, metric)
+    before = bf16_stats()
+    with cuda_kernel("bf16"):
+        got = fm_answers(xc, cc, k, metric)
+    after = bf16_stats()
+    cpu = fm_answers(x, c, k, metric)
+    shared = shared_with_the_cpu(x, c, metric)
+    for name, e, g, h in zip(BF16_ANSWERS, expected, got, cpu):
+        assert e.dtype == g.dtype and e.shape == g.shape, name
+        assert torch.equal(e, g), f"{metric}: the bf16 path's {name} differ from the fused fp32 kernel's"
+        if name in shared:
+            assert torch.equal(g, h), f"{metric}: {name} differ from the CPU kernel's (the fused fp32 kernel's agree)"
+    calls = 1 + len(BF16_VOTES)
+    rows, fallbacks = after[0] - before[0], after[1] - before[1]
+    takes_path = x.shape[0] > 0 and c.shape[0] > k + BF16_M and k <= BF16_MAX_K
+    if not FAKE:
+        assert rows == (calls * x.shape[0] if takes_path else 0) and fallbacks % calls == 0
+    return rows // calls, fallbacks // calls
+
+
+# (N, K, D, k): D = 1, 3, 33, 257 (below and across the pass's 32-feature stages:
+# zero padding), one row, no rows, k = K and K = 1 (no centroid outside the
+# candidates: the fused kernel alone), row and centroid tile edges (128, 64),
+# k = 55 (the path's largest) and 56 (the fused kernel's).
+BF16_SHAPES = [(300, 40, 67, 5), (257, 100, 130, 7), (1, 50, 33, 1), (0, 20, 8, 3), (100, 30, 1, 2),
+               (100, 30, 3, 1), (64, 37, 257, 3), (129, 25, 9, 25), (50, 1, 5, 1), (40, 14, 16, 5),
+               (200, 65, 32, 1), (130, 100, 40, 55), (60, 100, 24, 56)]
+
+
+@pytest.mark.parametrize("n,num,dim,k", BF16_SHAPES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_bf16_random_inputs(n, num, dim, k, metric):
+    g = gen(n * 7 + num * 3 + dim)
+    x = torch.randn(n, dim, generator=g)
+    c = torch.randn(num, dim, generator=g)
+    assert_bf16_identical(x, c, k, metric)
+
+
+@pytest.mark.parametrize("n,num,dim,k", [(300, 40, 67, 5), (129, 200, 33, 3), (1, 30, 1, 1), (70, 60, 257, 10)])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_bf16_integer_inputs_equal_the_cpu(n, num, dim, k, metric):
+    # Exact norms: every answer is the CPU's too, ties (many, and decided by index) included.
+    x, c = integer_inputs(n, num, dim, seed=n + num + dim)
+    assert_bf16_identical(x, c, k, metric)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_bf16_features_far_from_the_origin(metric):
+    # A large common offset: what centring is for (the bound would fail without it).
+    g = gen(1)
+    offset = torch.rand(48, generator=g) * 50
+    x = offset + torch.randn(400, 48, generator=g)
+    c = offset + torch.randn(60, 48, generator=g)
+    rows, fallbacks = assert_bf16_identical(x, c, 3, metric)
+    assert FAKE or (rows == 400 and fallbacks < 40), f"{fallbacks} of 400 rows unproven"
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_bf16_near_ties_fall_back(metric):
+    # Rows at the centre of centroids on a sphere around it: every key within
+    # rounding of the others, so no row's top-k can be proven from bf16.
+    g = gen(2)
+    centre = torch.randn(1, 40, generator=g)
+    c = centre + torch.nn.functional.normalize(torch.randn(50, 40, generator=g), dim=1)
+    x = centre + 1e-5 * torch.randn(120, 40, generator=g)
+    if metric == "cosine":  # near-ties of angle: centroids at equal angles from the rows
+        x = centre.expand(120, 40) + 1e-6 * torch.randn(120, 40, generator=g)
+        c = torch.cat([centre + 1e-6 * torch.randn(25, 40, generator=g), 2 * centre + 1e-6 * torch.randn(25, 40, generator=g)])
+    rows, fallbacks = assert_bf16_identical(x, c, 5, metric)
+    assert FAKE or (rows == 120 and fallbacks > 60), f"only {fallbacks} of 120 near-tied rows fell back"
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_bf16_well_separated_rows_are_proven(metric):
+    g = gen(3)
+    c = 10 * torch.randn(200, 64, generator=g)
+    x = c[torch.randint(0, 200, (500,), generator=g)] + 0.1 * torch.randn(500, 64, generator=g)
+    rows, fallbacks = assert_bf16_identical(x, c, 5, metric)
+    assert FAKE or (rows == 500 and fallbacks <= 5), f"{fallbacks} of 500 well-separated rows fell back"
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("k", [1, 2, 10])
+def test_bf16_duplicated_centroids(metric, k):
+    # Exact ties: the lower index must win, as in the fused kernel.
+    g = gen(4)
+    base = torch.randn(19, 33, generator=g)
+    c = torch.cat([base, base, base[:5]])
+    x = torch.randn(200, 33, generator=g)
+    assert_bf16_identical(x, c, k, metric)
+
+
+@pytest.mark.parametrize("scale", [1e18, 1e17, 1e-18, 1e-30])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_bf16_huge_and_tiny_norms(scale, metric):
+    # Keys that overflow float32 (1e18: l2 keys near 1e38) or rows whose bf16
+    # products flush (1e-30): the proof must fail there, and the fused kernel answer.
+    g = gen(5)
+    x = torch.randn(90, 33, generator=g) * scale
+    c = torch.randn(40, 33, generator=g) * scale
+    assert_bf16_identical(x, c, 4, metric)
+
+
+def test_bf16_mixed_magnitudes_and_zero_rows():
+    g = gen(6)
+    x = torch.randn(100, 20, generator=g) * torch.logspace(-20, 15, 100).unsqueeze(1)
+    x[::7] = 0.0
+    c = torch.randn(60, 20, generator=g) * torch.logspace(-15, 10, 60).unsqueeze(1)
+    c[3] = 0.0
+    for metric in ("l2", "cosine"):
+        assert_bf16_identical(x, c, 3, metric)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_bf16_other_dtypes(dtype):
+    g = gen(7)
+    x = torch.randn(150, 70, generator=g).to(dtype)
+    c = torch.randn(45, 70, generator=g).to(dtype)
+    assert_bf16_identical(x, c, 3, "l2")
+    assert_bf16_identical(x, c, 3, "cosine")
+
+
+@pytest.mark.parametrize("layout", ["strided", "transposed", "offset"])
+def test_bf16_any_strides(layout):
+    # The path reads rows with any strides (packing, and again in the re-rank).
+    g = gen(8)
+    if layout == "strided":
+        x = torch.randn(2 * 301, 3 * 45, generator=g)[::2, ::3]
+    elif layout == "transposed":
+        x = torch.randn(45, 301, generator=g).t()
+    else:
+        x = torch.randn(301 * 45 + 1, generator=g)[1:].view(301, 45)
+    c = torch.randn(150, 2 * 45, generator=g)[:, ::2]
+    for metric in ("l2", "cosine"):
+        assert_bf16_identical(x, c, 4, metric)
+
+
+def test_bf16_centroids_split_across_blocks():
+    # Few rows, many centroid tiles: the candidate lists are split over blocks and merged.
+    for n, num, dim, k in ((3, 3000, 40, 5), (1, 20_000, 16, 55), (200, 9000, 12, 2)):
+        g = gen(n + num)
+        assert_bf16_identical(torch.randn(n, dim, generator=g), torch.randn(num, dim, generator=g), k, "l2")
+
+
+def test_bf16_many_chunks():
+    # 4,080 rows a chunk at D = 8,200 (2^25 packed features): two chunks, the
+    # second's rows numbered from its offset (picks, fallbacks, errors).
+    g = gen(10)
+    x, c = torch.randn(4500, 8200, generator=g), torch.randn(12, 8200, generator=g)
+    rows, _ = assert_bf16_identical(x, c, 2, "l2")
+    assert FAKE or rows == 4500
+    x[4321, 7] = float("nan")
+    with cuda_kernel("bf16"), pytest.raises(ValueError, match="fm_vote: features row 4321 contains NaN"):
+        ops.fm_vote(*cuda(x, c), 2)
+
+
+# Bad rows and centroids through the path: the fused kernel's errors (K > k + 8).
+BF16_NON_FINITE = [
+    (lambda: ops.fm_vote(with_value(_x(3000, 5), 1234, float("nan")).cuda(), _x(30, 5).cuda(), 3),
+     ["fm_vote", "features row 1234"]),
+    (lambda: ops.fm_vote(with_value(with_value(_x(3000, 5), 2500, float("nan")), 1300, float("inf")).cuda(),
+                         _x(300, 5).cuda(), 2, "cosine", "soft"), ["features row 1300"]),
+    (lambda: ops.nearest_centroids(with_value(_x(40, 5), 7, float("inf")).cuda(), _x(30, 5).cuda()),
+     ["nearest_centroids", "features row 7"]),
+    (lambda: ops.fm_vote(with_value(_x(40, 5), 8, 1e30).cuda(), _x(30, 5).cuda()), ["features row 8"]),
+    (lambda: ops.fm_vote(with_value(_x(40, 5), 3, float("nan")).cuda(),
+                         with_value(_x(30, 5), 2, float("nan")).cuda()), ["centroids row 2"]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BF16_NON_FINITE)))
+def test_bf16_non_finite_inputs_raise_the_same_errors(case):
+    call, words = BF16_NON_FINITE[case]
+    with cuda_kernel("bf16"), pytest.raises(ValueError) as info:
+        call()
+    for w in words + ["NaN or Inf"]:
+        assert w in str(info.value), f"{w!r} missing from: {info.value}"
+    x, c = integer_inputs(40, 30, 5, seed=1)  # and the path works after the error
+    with cuda_kernel("bf16"):
+        assert torch.equal(ops.fm_vote(*cuda(x, c), 3).cpu(), ops.fm_vote_reference(x, c, 3))
+
+
+@device_only  # faked onto the CPU, the CPU kernels stand in and do not read the variable
+def test_bf16_switch_is_opt_in_and_checked(monkeypatch):
+    monkeypatch.delenv("FASTVOTE_CUDA_KERNEL", raising=False)
+    g = gen(9)
+    x, c = cuda(torch.randn(50, 16, generator=g), torch.randn(40, 16, generator=g))
+    before = bf16_stats()
+    ops.fm_vote(x, c, 5)
+    with cuda_kernel("fp32"):
+        ops.nearest_centroids(x, c, 5)
+    assert bf16_stats() == before, "the fused fp32 kernel is the default"
+    with cuda_kernel("bf16"):
+        ops.fm_vote(x, c, 5)
+        assert bf16_stats()[0] == before[0] + 50
+        ops.fm_vote(x, c, 32)  # K <= k + 8: the fused kernel
+        ops.fm_vote(x, torch.cat([c, c]), 56)  # k above the path's lists
+        assert bf16_stats()[0] == before[0] + 50
+    with cuda_kernel("tf32"):
+        for call in (lambda: ops.fm_vote(x, c, 5), lambda: ops.nearest_centroids(x, c, 65)):
+            with pytest.raises(ValueError, match="FASTVOTE_CUDA_KERNEL=tf32 is unknown; expected 'fp32'"):
+                call()
+
+
+@device_only  # the share of rows the proof leaves is the device's to measure
+@pytest.mark.parametrize("n,num,dim", [(20_000, 1000, 128), (2000, 20_000, 64)])
+def test_bf16_fallback_on_gaussian_inputs_is_small(n, num, dim):
+    g = torch.Generator(device="cuda").manual_seed(n + num)
+    x = torch.randn(n, dim, device="cuda", generator=g)
+    c = torch.randn(num, dim, device="cuda", generator=g)
+    for metric in ("l2", "cosine"):
+        with cuda_kernel("fp32"):
+            expected = ops.nearest_centroids(x, c, 5, metric), ops.fm_vote(x, c, 5, metric, "soft")
+        before = bf16_stats()
+        with cuda_kernel("bf16"):
+            got = ops.nearest_centroids(x, c, 5, metric), ops.fm_vote(x, c, 5, metric, "soft")
+        rows, fallbacks = (a - b for a, b in zip(bf16_stats(), before))
+        assert torch.equal(got[0][0], expected[0][0]) and torch.equal(got[0][1], expected[0][1])
+        assert torch.equal(got[1], expected[1])
+        assert rows == 2 * n and fallbacks / rows < 0.01, f"{metric}: {fallbacks / 2} of {n} rows fell back"

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "fastvote/certify.h"
+
 #if defined(__x86_64__)
 #include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr
 #endif
@@ -17,14 +19,7 @@ namespace fastvote {
 namespace cpu {
 namespace {
 
-// bf16 bits of v, rounded to nearest even; bf16 denormals (which is what
-// every float below 2^-126 becomes, or zero) flush to a zero of v's sign.
-inline uint32_t bf16_bits(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, sizeof(b));
-  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-  return (b & 0x7F800000u) == 0 ? (b >> 16) & 0x8000u : rounded;
-}
+using certify::bf16_bits;  // the conversion both backends use (fastvote/certify.h)
 
 // A bf16 as fp32 is its bits in the upper half.
 inline float bf16_high(uint32_t pair) {
@@ -33,12 +28,7 @@ inline float bf16_high(uint32_t pair) {
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
-inline float bf16_low(uint32_t pair) {
-  const uint32_t bits = pair << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+inline float bf16_low(uint32_t pair) { return certify::bf16_value(pair); }  // reads the low 16 bits
 
 // One VDPBF16PS lane step as Intel's SDM defines it: the odd (high) pair's
 // product is added first, then the even one's, each as one fp32 FMA rounded

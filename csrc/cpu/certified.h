@@ -3,36 +3,28 @@
 // emulation) that keeps each row's best k + m approximate keys, an exact
 // re-rank of those with the fp32 kernel's own arithmetic, and a rigorous bound
 // on the bf16 pass's error that proves no other centroid can enter the row's
-// top-k. Rows it cannot prove are scored again by the fp32 kernel.
+// top-k (fastvote/certify.h, shared with the CUDA path). Rows it cannot
+// prove are scored again by the fp32 kernel.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "fastvote/certify.h"
 #include "fastvote/topk.h"
 #include "tile_kernel.h"
 
 namespace fastvote {
 namespace cpu {
 
-// m: candidates re-ranked beyond the k asked for. More make the proof fail
-// less often (the (k+m+1)-th approximate key lies further from the k-th) and
-// cost (k + m) * D exact multiply-adds per row. On Gaussian rows and
-// centroids (D = 512, k = 5) m = 3 left 5% of the rows unproven at K = 1000
-// and 18% at K = 100,000; m = 8 left 0.01% and 0.3%.
-constexpr int kExtraCandidates = 8;
-
 // Per op: the centroids as the bf16 pass reads them, and the bound's
-// per-centroid terms, maximised over the centroids (see certified.cpp).
+// per-centroid terms, maximised over the centroids (fastvote/certify.h).
 struct CertifiedCentroids {
   int64_t count = 0, dim = 0, pairs = 0;
   std::vector<uint32_t> packed;   // [count][pairs] bf16 pairs of w_j - nu
   std::vector<float> bias, ones;  // beta_j rounded to float, and scale 1
   std::vector<float> mu, nu;      // the row and centroid centres [dim]
-  double mu_nu = 0, mu_nu_err = 0, nu_norm = 0;
-  double w_norm = 0, w_err = 0, beta_err = 0, beta_max = 0;  // max over j
-  double w_exact = 0, c_norm = 0, scale_max = 0, bias_max = 0;
-  bool finite = true;  // false: every row goes to the fp32 kernel
+  certify::CentroidTerms terms{};  // terms.finite 0: every row goes to the fp32 kernel
 };
 
 // True when the kernels have a bf16 pass and there are centroids left

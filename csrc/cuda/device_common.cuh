@@ -38,6 +38,7 @@ __device__ __forceinline__ float to_float(T v) {
 
 // False for NaN and +-Inf; no overload ambiguity between std and CUDA math.
 __device__ __forceinline__ bool is_finite(float v) { return fabsf(v) <= FLT_MAX; }
+__device__ __forceinline__ bool is_finite(double v) { return fabs(v) <= DBL_MAX; }
 
 // Sum of squares of one row, in order and without FMA contraction: the same
 // float arithmetic as the CPU backend, so cosine normalisation is bit-equal.

@@ -8,8 +8,10 @@
 // int64 flag on the device (atomicMin), keep such rows out of the votes, and
 // carry on. Once all of an op's kernels are queued, the op reads those 16
 // bytes back -- its single host synchronisation, after the work rather than
-// between launches -- and raises the CPU backend's error. Everything else
-// runs on the current stream with workspace from the caching allocator.
+// between launches (the opt-in certified bf16 path adds one: how many rows
+// it hands back to the fused kernel) -- and raises the CPU backend's error.
+// Everything else runs on the current stream with workspace from the caching
+// allocator.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,6 +21,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -27,6 +30,8 @@
 #include <tuple>
 #include <utility>
 
+#include "certified.cuh"
+#include "fastvote/certify.h"
 #include "fastvote/checks.h"
 #include "fastvote/topk.h"
 #include "fm_kernel.cuh"
@@ -146,6 +151,22 @@ at::Tensor votes_from_units(const at::Tensor& units) {
 // An int64 tensor as the uint64 the device atomics add to.
 unsigned long long* as_u64(at::Tensor& t) {
   return reinterpret_cast<unsigned long long*>(t.mutable_data_ptr<int64_t>());
+}
+
+// Row groups for the column-reduction kernels: enough blocks to fill the GPU.
+int64_t rows_per_group(int64_t n, int64_t col_blocks, const Device& dev) {
+  const int64_t groups = std::clamp<int64_t>(ceil_div(8 * dev.sms, col_blocks), 1, 65535);
+  return std::max<int64_t>(ceil_div(n, groups), 1);
+}
+
+// out[j] = sum of partial[:, j] in row-group order (deterministic; see reduce_kernels.cuh).
+void sum_partials(const at::Tensor& partial, at::Tensor& out) {
+  const int64_t cols = partial.size(1);
+  reduce::sum_partials_kernel<<<grid_for(cols, reduce::kThreads), reduce::kThreads, 0,
+                                current_stream()>>>(partial.const_data_ptr<double>(),
+                                                    partial.size(0), cols,
+                                                    out.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---- fm_vote / nearest_centroids -------------------------------------------
@@ -361,6 +382,231 @@ void add_sorted_votes(const at::Tensor& top_keys, const at::Tensor& top_idx, Wei
 
 int64_t sort_chunk_rows(int64_t num_classes) { return std::max<int64_t>(1, kSortChunk / num_classes); }
 
+// ---- the certified bf16 path (certified.cuh) ---------------------------------
+
+// Rows through the certified path since the process started, and how many of
+// them the proof sent back to the fused kernel (_C.cuda_bf16_stats()).
+std::atomic<int64_t> g_certified_rows{0}, g_certified_fallback_rows{0};
+
+// FASTVOTE_CUDA_KERNEL=bf16 answers fm_vote / nearest_centroids through the
+// certified bf16 tensor-core path, whose answers are the fused kernel's, bit
+// for bit; "fp32" (or unset) keeps them on the fused fp32 kernel. The path is
+// opt-in until a GPU run has checked it. Read at every call.
+bool certified_requested(const at::Tensor& features) {
+  const char* value = std::getenv("FASTVOTE_CUDA_KERNEL");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "fp32") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(value, "bf16") == 0, "fastvote: FASTVOTE_CUDA_KERNEL=", value,
+                    " is unknown; expected 'fp32' (the fused fp32 kernel, the default) or 'bf16' "
+                    "(certified bf16 tensor-core candidates, the same answers)");
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, features.get_device()));
+  TORCH_CHECK(major >= 8, "fastvote: FASTVOTE_CUDA_KERNEL=bf16 needs bf16 tensor cores (compute "
+              "capability 8.0 or later); this GPU's is ", major, ".x");
+  return true;
+}
+
+// Whether a call takes the certified path: rows to score, centroids left
+// outside the k + m candidates, lists of k + m + 1 that the fused kernel's
+// list code holds, and D padded to the pass's stages within an int.
+bool certified_applies(int64_t n, int64_t num_c, int64_t dim, int64_t k) {
+  return n > 0 && num_c > k + certify::kExtraCandidates && k <= certified::kMaxK &&
+         dim <= INT_MAX - certified::kBK;
+}
+
+// Rows a chunk of the certified path packs at a time: 2^25 bf16 features
+// (64 MB), with their candidate lists and bound terms.
+int64_t certified_chunk_rows(int64_t dp) { return std::max<int64_t>(certified::kBM, (int64_t{1} << 25) / dp); }
+
+// The centroids as the candidate pass reads them, and the bound's centroid
+// terms, on the device.
+struct CertifiedCentroids {
+  at::Tensor packed;    // int16 [K][dp]: bf16 of w_j - nu, zero padded
+  at::Tensor beta_hat;  // float32 [K]: the pass's bias
+  at::Tensor mu, nu;    // float32 [D]: the row and centroid centres
+  at::Tensor terms;     // bytes of one certify::CentroidTerms
+  int dp;               // D rounded up to the pass's stages (kBK)
+};
+
+CertifiedCentroids prepare_certified(const Centroids& c, Metric metric, const Device& dev) {
+  const int64_t count = c.count();
+  const int64_t dim = c.dim();
+  const at::TensorOptions opts = c.storage.options();
+  CertifiedCentroids cc;
+  cc.dp = static_cast<int>(ceil_div(dim, certified::kBK) * certified::kBK);
+  cc.packed = at::empty({count, cc.dp}, opts.dtype(at::kShort));
+  cc.beta_hat = at::empty({count}, opts.dtype(at::kFloat));
+  cc.mu = at::empty({dim}, opts.dtype(at::kFloat));
+  cc.nu = at::empty({dim}, opts.dtype(at::kFloat));
+  cc.terms = at::zeros({static_cast<int64_t>(sizeof(certify::CentroidTerms))}, opts.dtype(at::kByte));
+  auto* terms = reinterpret_cast<certify::CentroidTerms*>(cc.terms.mutable_data_ptr<uint8_t>());
+
+  // The column sums of w_j = scale_j c_j, then the centres from them.
+  const int64_t col_blocks = ceil_div(dim, 32);
+  const int64_t group = rows_per_group(count, col_blocks, dev);
+  const int64_t groups = ceil_div(count, group);
+  at::Tensor partial = at::empty({groups, dim}, opts.dtype(at::kDouble));
+  at::Tensor sums = at::empty({dim}, opts.dtype(at::kDouble));
+  reduce::column_sums_kernel<float>
+      <<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(groups)), reduce::kThreads, 0,
+         current_stream()>>>(c.storage.const_data_ptr<float>(), c.storage.stride(0), 1, count,
+                             static_cast<int>(dim), c.scale.const_data_ptr<float>(), group,
+                             partial.mutable_data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sum_partials(partial, sums);
+  certified::centres_kernel<<<1, certified::kThreads, 0, current_stream()>>>(
+      sums.const_data_ptr<double>(), static_cast<int>(count), static_cast<int>(dim), metric,
+      cc.mu.mutable_data_ptr<float>(), cc.nu.mutable_data_ptr<float>(), terms);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(count, certified::kWarps), 65535));
+  certified::pack_centroids_kernel<<<blocks, certified::kThreads, 0, current_stream()>>>(
+      c.storage.const_data_ptr<float>(), c.storage.stride(0), static_cast<int>(count),
+      static_cast<int>(dim), cc.dp, c.bias.const_data_ptr<float>(), c.scale.const_data_ptr<float>(),
+      cc.mu.const_data_ptr<float>(), cc.nu.const_data_ptr<float>(),
+      reinterpret_cast<uint16_t*>(cc.packed.mutable_data_ptr<int16_t>()),
+      cc.beta_hat.mutable_data_ptr<float>(), terms);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cc;
+}
+
+// What the certified path writes: fm_vote's votes, or nearest_centroids' picks.
+struct CertifiedOut {
+  at::Tensor units;            // [K] counts or fixed-point units
+  at::Tensor values, indices;  // [N, k]
+};
+
+// fm_vote (Vote) or nearest_centroids (Nearest) through the certified path:
+// chunks of rows packed, their candidates, the exact re-rank and the proof,
+// then the rows it could not prove through the fused kernel, gathered (votes
+// are integer sums: the same in any order). Reading back how many rows fell
+// back is the path's one host synchronisation besides the op's error flags.
+void run_certified(fm::Mode mode, const at::Tensor& features, const Centroids& c, Metric metric,
+                   int k, Weight weight, float inv_temperature, long long* bad_row,
+                   const CertifiedOut& out) {
+  const int64_t n = features.size(0);
+  const int num_c = static_cast<int>(c.count());
+  const int dim = static_cast<int>(c.dim());
+  const int kl = k + certify::kExtraCandidates + 1;
+  const Device dev = device_info(features);
+  const CertifiedCentroids cc = prepare_certified(c, metric, dev);
+  const certify::PassError pass = certify::tensor_core_error(cc.dp / 16);
+  const auto* terms = reinterpret_cast<const certify::CentroidTerms*>(cc.terms.const_data_ptr<uint8_t>());
+
+  const at::TensorOptions opts = features.options();
+  const int64_t chunk = std::min(n, certified_chunk_rows(cc.dp));
+  at::Tensor packed = at::empty({chunk, cc.dp}, opts.dtype(at::kShort));
+  at::Tensor info = at::empty({chunk * static_cast<int64_t>(sizeof(certified::RowInfo))}, opts.dtype(at::kByte));
+  at::Tensor cand_keys = at::empty({chunk, kl}, opts.dtype(at::kFloat));
+  at::Tensor cand_idx = at::empty({chunk, kl}, opts.dtype(at::kInt));
+  at::Tensor fallback = at::empty({n}, opts.dtype(at::kLong));
+  at::Tensor fallback_count = at::zeros({1}, opts.dtype(at::kLong));
+  at::Tensor units = out.units;
+  auto* packed_rows = reinterpret_cast<uint16_t*>(packed.mutable_data_ptr<int16_t>());
+  auto* row_info = reinterpret_cast<certified::RowInfo*>(info.mutable_data_ptr<uint8_t>());
+
+  const size_t candidates_smem = certified::candidates_smem_bytes(kl);
+  TORCH_CHECK(candidates_smem <= static_cast<size_t>(dev.smem_optin), "fastvote: k=", k, " needs ",
+              candidates_smem, " bytes of shared memory per block; this GPU allows ", dev.smem_optin);
+  const int64_t resident = resident_blocks(certified::candidates_kernel, certified::kThreads, candidates_smem, dev);
+  const int64_t col_tiles = ceil_div(num_c, certified::kBN);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
+                                  "fastvote_certified", [&] {
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      const int64_t rows = std::min(chunk, n - r0);
+      const at::Tensor x = features.narrow(0, r0, rows);
+      certified::pack_rows_kernel<scalar_t>
+          <<<grid_for(rows, certified::kWarps), certified::kThreads, 0, current_stream()>>>(
+              x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), rows, r0, dim, cc.dp, metric,
+              cc.mu.const_data_ptr<float>(), cc.nu.const_data_ptr<float>(), terms, packed_rows,
+              row_info, bad_row);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+      const int64_t row_tiles = ceil_div(rows, certified::kBM);
+      const auto [splits, tiles_per_split] = choose_splits(row_tiles, col_tiles, resident);
+      at::Tensor part_keys, part_idx, arrivals;
+      certified::CandidateArgs a{};
+      a.items = row_tiles * splits;
+      if (splits > 1) {
+        part_keys = at::empty({a.items * certified::kBM * kl}, opts.dtype(at::kFloat));
+        part_idx = at::empty({a.items * certified::kBM * kl}, opts.dtype(at::kInt));
+        arrivals = at::zeros({row_tiles}, opts.dtype(at::kInt));
+        a.part_keys = part_keys.mutable_data_ptr<float>();
+        a.part_idx = part_idx.mutable_data_ptr<int>();
+        a.arrivals = arrivals.mutable_data_ptr<int>();
+      }
+      a.rows = reinterpret_cast<const uint32_t*>(packed_rows);
+      a.cents = reinterpret_cast<const uint32_t*>(cc.packed.const_data_ptr<int16_t>());
+      a.n = rows;
+      a.dp = cc.dp;
+      a.num_c = num_c;
+      a.beta_hat = cc.beta_hat.const_data_ptr<float>();
+      a.kl = kl;
+      a.splits = static_cast<int>(splits);
+      a.tiles_per_split = static_cast<int>(tiles_per_split);
+      a.cand_keys = cand_keys.mutable_data_ptr<float>();
+      a.cand_idx = cand_idx.mutable_data_ptr<int>();
+      certified::candidates_kernel<<<static_cast<unsigned>(std::min(a.items, resident)), certified::kThreads,
+                                     candidates_smem, current_stream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+      certified::RerankArgs<scalar_t> b{};
+      b.x = x.const_data_ptr<scalar_t>();
+      b.xs0 = x.stride(0);
+      b.xs1 = x.stride(1);
+      b.n = rows;
+      b.row_offset = r0;
+      b.dim = dim;
+      b.c = c.storage.const_data_ptr<float>();
+      b.ldc = c.storage.stride(0);
+      b.num_c = num_c;
+      b.bias = c.bias.const_data_ptr<float>();
+      b.scale = c.scale.const_data_ptr<float>();
+      b.metric = metric;
+      b.vote = mode == fm::Mode::Vote;
+      b.weight = weight;
+      b.inv_temperature = inv_temperature;
+      b.k = k;
+      b.cand_keys = cand_keys.const_data_ptr<float>();
+      b.cand_idx = cand_idx.const_data_ptr<int>();
+      b.info = row_info;
+      b.terms = terms;
+      b.pass = pass;
+      if (b.vote) {
+        b.votes = as_u64(units);
+      } else {
+        b.values = out.values.mutable_data_ptr<float>();
+        b.indices = out.indices.mutable_data_ptr<int64_t>();
+      }
+      b.fallback = fallback.mutable_data_ptr<int64_t>();
+      b.fallback_count = as_u64(fallback_count);
+      certified::rerank_kernel<scalar_t>
+          <<<grid_for(rows, certified::kRerankRows), certified::kThreads,
+             certified::rerank_smem_bytes(k), current_stream()>>>(b);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+
+  const int64_t fallen = fallback_count.item<int64_t>();
+  g_certified_rows += n;
+  g_certified_fallback_rows += fallen;
+  if (fallen == 0) return;
+  const at::Tensor unproven = fallback.narrow(0, 0, fallen);
+  const at::Tensor again = features.index_select(0, unproven);  // finite rows: bad_row stays untouched
+  FusedOut fused;
+  if (mode == fm::Mode::Vote) {
+    fused.votes = as_u64(units);
+    run_fused(fm::Mode::Vote, again, 0, c, metric, k, weight, inv_temperature, bad_row, fused);
+    return;
+  }
+  at::Tensor values = at::empty({fallen, k}, opts.dtype(at::kFloat));
+  at::Tensor indices = at::empty({fallen, k}, opts.dtype(at::kLong));
+  fused.values = values.mutable_data_ptr<float>();
+  fused.indices = indices.mutable_data_ptr<int64_t>();
+  run_fused(fm::Mode::Nearest, again, 0, c, metric, k, Weight::Count, 1.0f, bad_row, fused);
+  out.values.index_copy_(0, unproven, values);
+  out.indices.index_copy_(0, unproven, indices);
+}
+
 at::Tensor fm_vote_cuda(const at::Tensor& features, const at::Tensor& centroids, int64_t k,
                         c10::string_view metric_name, c10::string_view weight_name,
                         double temperature) {
@@ -372,13 +618,17 @@ at::Tensor fm_vote_cuda(const at::Tensor& features, const at::Tensor& centroids,
   check_limits("fm_vote", centroids.size(0), centroids.size(1));
   check_weighted_rows("fm_vote", features.size(0), weight);
   const c10::cuda::CUDAGuard guard(features.device());
+  const bool bf16 = certified_requested(features);
 
   ErrorFlags flags(features);
   const Centroids c = prepare_centroids(centroids, metric, flags);
   const int64_t n = features.size(0);
   const int64_t num_c = c.count();
   at::Tensor units = at::zeros({num_c}, features.options().dtype(at::kLong));
-  if (k <= kMaxListK) {
+  if (bf16 && certified_applies(n, num_c, c.dim(), k)) {
+    run_certified(fm::Mode::Vote, features, c, metric, static_cast<int>(k), weight, inv_t, flags.row(),
+                  {units, {}, {}});
+  } else if (k <= kMaxListK) {
     FusedOut out;
     out.votes = as_u64(units);
     run_fused(fm::Mode::Vote, features, 0, c, metric, static_cast<int>(k), weight, inv_t,
@@ -404,13 +654,17 @@ std::tuple<at::Tensor, at::Tensor> nearest_centroids_cuda(const at::Tensor& feat
   const Metric metric = parse_metric("nearest_centroids", metric_name);
   check_limits("nearest_centroids", centroids.size(0), centroids.size(1));
   const c10::cuda::CUDAGuard guard(features.device());
+  const bool bf16 = certified_requested(features);
 
   ErrorFlags flags(features);
   const Centroids c = prepare_centroids(centroids, metric, flags);
   const int64_t n = features.size(0);
   at::Tensor values = at::empty({n, k}, features.options().dtype(at::kFloat));
   at::Tensor indices = at::empty({n, k}, features.options().dtype(at::kLong));
-  if (k <= kMaxListK) {
+  if (bf16 && certified_applies(n, c.count(), c.dim(), k)) {
+    run_certified(fm::Mode::Nearest, features, c, metric, static_cast<int>(k), Weight::Count, 1.0f,
+                  flags.row(), {{}, values, indices});
+  } else if (k <= kMaxListK) {
     FusedOut out;
     out.values = values.mutable_data_ptr<float>();
     out.indices = indices.mutable_data_ptr<int64_t>();
@@ -513,22 +767,6 @@ at::Tensor lm_vote_cuda(const at::Tensor& logits, int64_t k, c10::string_view we
 }
 
 // ---- lm_scores, fm_scores, class_centroids ----------------------------------
-
-// Row groups for the column-reduction kernels: enough blocks to fill the GPU.
-int64_t rows_per_group(int64_t n, int64_t col_blocks, const Device& dev) {
-  const int64_t groups = std::clamp<int64_t>(ceil_div(8 * dev.sms, col_blocks), 1, 65535);
-  return std::max<int64_t>(ceil_div(n, groups), 1);
-}
-
-// out[j] = sum of partial[:, j] in row-group order (deterministic; see reduce_kernels.cuh).
-void sum_partials(const at::Tensor& partial, at::Tensor& out) {
-  const int64_t cols = partial.size(1);
-  reduce::sum_partials_kernel<<<grid_for(cols, reduce::kThreads), reduce::kThreads, 0,
-                                current_stream()>>>(partial.const_data_ptr<double>(),
-                                                    partial.size(0), cols,
-                                                    out.mutable_data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 at::Tensor lm_scores_cuda(const at::Tensor& logits) {
   check_logits("lm_scores", logits);
@@ -686,6 +924,10 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_cuda(const at::Tensor& featur
 
 }  // namespace
 }  // namespace cuda
+
+std::pair<int64_t, int64_t> cuda_certified_stats() {
+  return {cuda::g_certified_rows.load(), cuda::g_certified_fallback_rows.load()};
+}
 
 TORCH_LIBRARY_IMPL(fastvote, CUDA, m) {
   m.impl("lm_vote", &cuda::lm_vote_cuda);

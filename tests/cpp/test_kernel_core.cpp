@@ -1,7 +1,9 @@
 // ctest: what every backend shares (csrc/include/fastvote/topk.h) and the CPU
 // tile micro-kernels, each variant this CPU runs, against plain references;
 // the certified bf16 path: its conversion, its emulated VDPBF16PS, the native
-// one where the CPU has it, and its answers against the fp32 kernel's.
+// one where the CPU has it, and its answers against the fp32 kernel's; the
+// CUDA path's tensor-core error bound against an adversarial emulation of the
+// hardware model it assumes (fastvote/certify.h).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -14,6 +16,7 @@
 
 #include "bf16.h"
 #include "certified.h"
+#include "fastvote/certify.h"
 #include "fastvote/topk.h"
 #include "tile_kernel.h"
 
@@ -414,7 +417,7 @@ void test_certified_tile() {
     const fastvote::cpu::CertifiedStats before = fastvote::cpu::certified_stats();
     run(true, kc, ic);
     const fastvote::cpu::CertifiedStats after = fastvote::cpu::certified_stats();
-    const bool expect_tiles = s.num > s.k + fastvote::cpu::kExtraCandidates;
+    const bool expect_tiles = s.num > s.k + fastvote::certify::kExtraCandidates;
     CHECK(after.rows - before.rows == (expect_tiles ? s.rows : 0), "rows counted");
     for (size_t i = 0; i < k32.size(); ++i) {
       CHECK(to_bits(k32[i]) == to_bits(kc[i]) && i32[i] == ic[i], "certified vs fp32, shape (%d,%d,%d,%d) entry %zu",
@@ -425,6 +428,155 @@ void test_certified_tile() {
       CHECK(fallbacks == s.rows, "near-ties: every row falls back (%lld of %d)", (long long)fallbacks, s.rows);
     }
   }
+}
+
+
+// certify::tensor_core_error against its model, emulated adversarially: a
+// chain of L instructions, each adding 16 bf16 products to the running sum
+// through a random tree of fused adders (random fan-in and order), each
+// aligning its operands to the largest with exactly 24 bits (the others cut
+// in a random direction) and rounding its sum to fp32 in a random direction;
+// products, incoming sums and results below 2^-126 flushed at random. The
+// arithmetic is exact: every value is an __int128 times 2^grid.
+class TensorCoreModel {
+ public:
+  TensorCoreModel(int grid, uint64_t seed) : grid_(grid), rng_(seed) {}
+
+  // A float as an integer multiple of 2^grid (exact: the grid lies below its last bit).
+  __int128 on_grid(double v) const {
+    int e = 0;
+    const double m = std::frexp(v, &e);  // v = m 2^e, |m| in [0.5, 1)
+    const auto mant = static_cast<__int128>(std::ldexp(m, 53));
+    const int shift = e - 53 - grid_;
+    return shift >= 0 ? mant * (static_cast<__int128>(1) << shift) : mant / (static_cast<__int128>(1) << -shift);
+  }
+  long double value(__int128 v) const { return std::ldexp(static_cast<long double>(v), grid_); }
+
+  // The emulated D~ of y^.w^ (bf16 values as floats, D a multiple of 16).
+  __int128 dot(const std::vector<float>& y, const std::vector<float>& w) {
+    __int128 acc = 0;
+    for (size_t d0 = 0; d0 < y.size(); d0 += 16) {
+      std::vector<__int128> ops{maybe_flush(acc)};
+      for (size_t d = d0; d < d0 + 16; ++d) {
+        ops.push_back(maybe_flush(on_grid(static_cast<double>(y[d]) * static_cast<double>(w[d]))));
+      }
+      while (ops.size() > 1) {  // a random node of s >= 2 random operands
+        std::shuffle(ops.begin(), ops.end(), rng_);
+        const size_t s = 2 + rng_() % (ops.size() - 1);
+        const __int128 sum = node(std::vector<__int128>(ops.end() - s, ops.end()));
+        ops.resize(ops.size() - s);
+        ops.push_back(sum);
+      }
+      acc = ops[0];
+    }
+    return acc;
+  }
+
+ private:
+  static int top_bit(__int128 v) {
+    unsigned __int128 a = v < 0 ? -static_cast<unsigned __int128>(v) : static_cast<unsigned __int128>(v);
+    int bit = -1;
+    while (a != 0) {
+      a >>= 1;
+      ++bit;
+    }
+    return bit;
+  }
+  // v cut to a multiple of 2^(grid + shift): down, up, toward zero or to nearest, at random.
+  __int128 cut(__int128 v, int shift) {
+    if (shift <= 0) return v;
+    const __int128 unit = static_cast<__int128>(1) << shift;
+    __int128 down = v / unit * unit;
+    if (down > v) down -= unit;  // division truncates toward zero
+    const __int128 up = down == v ? v : down + unit;
+    switch (rng_() % 4) {
+      case 0: return down;
+      case 1: return up;
+      case 2: return v >= 0 ? down : up;
+      default: return v - down < up - v ? down : up;
+    }
+  }
+  // Below 2^-126: flushed to zero half the time.
+  __int128 maybe_flush(__int128 v) {
+    return v != 0 && top_bit(v) + grid_ < -126 && rng_() % 2 ? 0 : v;
+  }
+  // A fused adder: align to the largest operand's leading bit - 23, add, round to fp32.
+  __int128 node(const std::vector<__int128>& ops) {
+    __int128 largest = 0;
+    for (const __int128 o : ops) largest = std::max(largest, o < 0 ? -o : o);
+    const int align = top_bit(largest) - 23;
+    __int128 sum = 0;
+    for (const __int128 o : ops) sum += cut(o, align);
+    if (sum == 0) return 0;
+    const int exponent = std::max(top_bit(sum) + grid_ - 23, -149);  // fp32's last bit, or the subnormal one
+    return maybe_flush(cut(sum, exponent - grid_));
+  }
+
+  int grid_;
+  std::mt19937_64 rng_;
+};
+
+void test_tensor_core_bound() {
+  std::mt19937 rng(23);
+  // (bf16 exponent range, grid): normal magnitudes, and ones whose products straddle 2^-126.
+  struct Range { int lo, hi, grid; };
+  double worst = 0;  // the largest error seen, as a share of the bound
+  for (const Range range : {Range{-20, 20, -60}, Range{-95, -55, -210}}) {
+    TensorCoreModel model(range.grid, rng());
+    for (int trial = 0; trial < 400; ++trial) {
+      const int steps = 1 + static_cast<int>(rng() % 8);
+      const int dim = 16 * steps;
+      std::vector<float> y(dim), w(dim);
+      const int pattern = trial % 3;
+      for (int d = 0; d < dim; ++d) {
+        const auto bf16 = [&](int lo, int hi) {
+          const float m = (rng() % 2 ? -1.0f : 1.0f) * (1.0f + static_cast<float>(rng() % 256) / 256.0f);
+          const int e = lo + static_cast<int>(rng() % static_cast<unsigned>(hi - lo + 1));
+          return fastvote::certify::bf16_value(fastvote::certify::bf16_bits(std::ldexp(m, e)));
+        };
+        y[d] = bf16(range.lo, range.hi);
+        // 0: independent; 1: w = +-y, heavy cancellation; 2: one huge product among small ones.
+        w[d] = pattern == 0 ? bf16(range.lo, range.hi)
+             : pattern == 1 ? (d % 2 ? -y[d] : y[d])
+                            : (d == 3 ? bf16(range.hi, range.hi) : bf16(range.lo, range.lo + 4));
+      }
+      __int128 exact = 0;
+      long double magnitude = 0;
+      for (int d = 0; d < dim; ++d) {
+        const __int128 p = model.on_grid(static_cast<double>(y[d]) * static_cast<double>(w[d]));
+        exact += p;
+        magnitude += std::fabs(model.value(p));
+      }
+      const __int128 got = model.dot(y, w);
+      const long double error = std::fabs(model.value(got - exact));
+      const fastvote::certify::PassError pass = fastvote::certify::tensor_core_error(steps);
+      const long double bound = pass.rel * magnitude + pass.abs;
+      CHECK(error <= bound, "tensor-core model, %d steps, pattern %d: error %Lg above the bound %Lg", steps, pattern,
+            error, bound);
+      if (bound > 0) worst = std::max(worst, static_cast<double>(error / bound));
+    }
+  }
+  // The emulation must actually err (else this test proves nothing): beyond one fp32 rounding.
+  CHECK(worst > 0.01, "the emulated tensor cores never came near the bound (%g of it)", worst);
+  std::printf("tensor-core model: largest error %.3f of the bound\n", worst);
+}
+
+// certify() on hand-made terms: a wide gap proves, a narrow one or NaN does not.
+void test_certify_decisions() {
+  fastvote::certify::CentroidTerms cc{};
+  cc.w_norm = cc.w_exact = 2.0;
+  cc.c_norm = 1.0;
+  cc.w_err = 2.0 * 0x1p-9;
+  cc.scale_max = 2.0;
+  cc.bias_max = 1.0;
+  cc.finite = 1;
+  const fastvote::certify::RowTerms rb = fastvote::certify::row_terms(cc, 1.0, 0x1p-9, 1.0, 0.0, 64);
+  const fastvote::certify::PassError pass = fastvote::certify::tensor_core_error(4);
+  CHECK(fastvote::certify::certify(cc, 64, pass, rb, 1.0f, 0.5f), "a gap of 0.5 against errors near 0.01 is proven");
+  CHECK(!fastvote::certify::certify(cc, 64, pass, rb, 1.0f, 0.999f), "a gap of 0.001 is not");
+  CHECK(!fastvote::certify::certify(cc, 64, pass, rb, NAN, 0.5f), "NaN is never proven");
+  cc.finite = 0;
+  CHECK(!fastvote::certify::certify(cc, 64, pass, rb, 1.0f, 0.5f), "non-finite centroid terms prove nothing");
 }
 
 }  // namespace
@@ -440,6 +592,8 @@ int main() {
   test_bf16_pair_step();
   test_bf16_candidate_pass();
   test_certified_tile();
+  test_tensor_core_bound();
+  test_certify_decisions();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

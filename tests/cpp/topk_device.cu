@@ -1,5 +1,7 @@
-// Instantiates the shared top-k header in device code, so the CMake build
-// proves nvcc accepts it even where torch's headers are not available.
+// Instantiates the shared top-k header and the certified path's bound in
+// device code, so the CMake build proves nvcc accepts them even where torch's
+// headers are not available.
+#include "fastvote/certify.h"
 #include "fastvote/topk.h"
 
 __global__ void topk_device_check(const float* keys_in, int n, int k, float* keys_out,
@@ -20,4 +22,11 @@ __global__ void topk_device_check(const float* keys_in, int n, int k, float* key
     idx_out[r] = idx[r];
     units_out[r] = fastvote::fixed_units(weights_out[r]);
   }
+}
+
+__global__ void certify_device_check(const fastvote::certify::CentroidTerms* cc,
+                                     const fastvote::certify::RowTerms* rb, const float* a_out,
+                                     const float* kth, int64_t dim, bool* proven) {
+  *proven = fastvote::certify::certify(*cc, dim, fastvote::certify::tensor_core_error((dim + 15) / 16), *rb,
+                                       *a_out, *kth);
 }
