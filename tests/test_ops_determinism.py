@@ -268,3 +268,23 @@ def test_centroid_norms_are_summed_in_d_order():
     assert torch.equal(values[0], in_order.float()[indices[0]])
     # The data tells the orders apart: a warp-order sum rounds differently for some rows.
     assert (warp_order_norms(c).float() != in_order.float()).sum() > 0
+
+
+def test_row_norms_are_summed_in_sixteen_lanes():
+    # Against a zero centroid the l2 values are the rows' ||x||^2 as the tile kernel packs them: dimension
+    # d added into float32 partial d % 16 (no FMA), then the partials pairwise. The CUDA fused kernel
+    # (row_sqnorm_lanes) and the certified path sum in this order too, for bit-equal keys and cosine scales.
+    x = torch.randn(1000, 77, generator=gen(23)) * 3
+    values, _ = ops.nearest_centroids(x, torch.zeros(1, 77), 1, "l2")
+    part = torch.zeros(len(x), 16)
+    for d in range(x.shape[1]):
+        part[:, d % 16] += x[:, d] * x[:, d]
+    width = 8
+    while width:
+        part[:, :width] += part[:, width:2 * width].clone()
+        width //= 2
+    assert torch.equal(values[:, 0], part[:, 0])
+    in_order = torch.zeros(len(x))
+    for d in range(x.shape[1]):
+        in_order += x[:, d] * x[:, d]
+    assert not torch.equal(in_order, part[:, 0])  # the data tells the orders apart

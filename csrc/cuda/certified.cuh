@@ -165,8 +165,9 @@ __global__ void __launch_bounds__(kThreads)
 // ---- the rows -----------------------------------------------------------------
 
 // Warp per row of the chunk: the squared norm in the fused kernel's order
-// (row_sqnorm: each lane squares one element, every lane adds them in d
-// order), the NaN/Inf check, the row as the fused kernel reads it, y, and
+// (row_sqnorm_lanes: lanes l and l + 16 square dimensions d0 + l and
+// d0 + 16 + l, and lane l adds both to partial l % 16, in d order; then the
+// partials pairwise), the NaN/Inf check, the row as the fused kernel reads it, y, and
 // bf16(fl(y - mu)) into packed [n][dp] (zero padded), with the row's terms.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -179,14 +180,21 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; row < n;
        row += static_cast<int64_t>(gridDim.x) * kWarps) {
     const scalar_t* p = x + row * xs0;
-    float sq = 0.0f;
+    const int part = lane % kNormLanes;
+    float sq = 0.0f;  // lane l < 16: partial l (lanes 16-31 hold copies)
     for (int d0 = 0; d0 < dim; d0 += 32) {
       const int d = d0 + lane;
       const float v = d < dim ? to_float(p[d * xs1]) : 0.0f;
       const float square = __fmul_rn(v, v);
-      const int width = min(32, dim - d0);
-      for (int i = 0; i < width; ++i) sq = __fadd_rn(sq, __shfl_sync(kFullMask, square, i));
+      const float first = __shfl_sync(kFullMask, square, part);
+      const float second = __shfl_sync(kFullMask, square, part + kNormLanes);
+      if (d0 + part < dim) sq = __fadd_rn(sq, first);
+      if (d0 + kNormLanes + part < dim) sq = __fadd_rn(sq, second);
     }
+    for (int width = kNormLanes / 2; width > 0; width /= 2) {
+      sq = __fadd_rn(sq, __shfl_down_sync(kFullMask, sq, width));  // (lanes >= width: unused)
+    }
+    sq = __shfl_sync(kFullMask, sq, 0);
     const bool finite = is_finite(sq);
     if (!finite && lane == 0) atomicMin(bad_row, static_cast<long long>(row_offset + row));
     const float inv = cosine && finite ? inverse_norm(sq) : 1.0f;

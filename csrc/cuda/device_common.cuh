@@ -41,7 +41,7 @@ __device__ __forceinline__ bool is_finite(float v) { return fabsf(v) <= FLT_MAX;
 __device__ __forceinline__ bool is_finite(double v) { return fabs(v) <= DBL_MAX; }
 
 // Sum of squares of one row, in order and without FMA contraction: the same
-// float arithmetic as the CPU backend, so cosine normalisation is bit-equal.
+// float arithmetic as the CPU's fm_scores, so its cosine scale is bit-equal.
 template <typename T>
 __device__ float row_sqnorm(const T* row, int64_t stride, int dim) {
   float sq = 0.0f;
@@ -50,6 +50,34 @@ __device__ float row_sqnorm(const T* row, int64_t stride, int dim) {
     sq = __fadd_rn(sq, __fmul_rn(v, v));
   }
   return sq;
+}
+
+// The squared norm in the order of the CPU's tile kernel (pack_rows):
+// dimension d adds into partial d % kNormLanes, in d order, without FMA;
+// then the partials pairwise (l += l + 8, + 4, + 2, + 1). The fused kernel's
+// keys, cosine scale and distances are then bit-equal to the CPU's.
+constexpr int kNormLanes = 16;
+
+template <typename T>
+__device__ float row_sqnorm_lanes(const T* row, int64_t stride, int dim) {
+  float part[kNormLanes];
+#pragma unroll
+  for (int l = 0; l < kNormLanes; ++l) part[l] = 0.0f;
+  for (int d0 = 0; d0 < dim; d0 += kNormLanes) {
+#pragma unroll
+    for (int l = 0; l < kNormLanes; ++l) {
+      if (d0 + l < dim) {
+        const float v = to_float(row[static_cast<int64_t>(d0 + l) * stride]);
+        part[l] = __fadd_rn(part[l], __fmul_rn(v, v));
+      }
+    }
+  }
+#pragma unroll
+  for (int width = kNormLanes / 2; width > 0; width /= 2) {
+#pragma unroll
+    for (int l = 0; l < width; ++l) part[l] = __fadd_rn(part[l], part[l + width]);
+  }
+  return part[0];
 }
 
 __device__ __forceinline__ float inverse_norm(float sq) {

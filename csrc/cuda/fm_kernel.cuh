@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 2) fused_kernel(const Args<scalar_t>
       const int64_t row = row0 + tid;
       float sq = 0.0f;
       if (row < a.n) {
-        sq = row_sqnorm(a.x + row * a.xs0, a.xs1, a.dim);
+        sq = row_sqnorm_lanes(a.x + row * a.xs0, a.xs1, a.dim);
         if (!is_finite(sq)) atomicMin(a.bad_row, static_cast<long long>(a.row_offset + row));
         if (a.sq_out != nullptr) a.sq_out[row] = sq;
       }
