@@ -166,8 +166,14 @@ class ChunkedColumns:
         parts.publish("features", cache / "features.npy", range(0, n))
     """
 
-    def __init__(self, folder: str | os.PathLike, key: dict):
+    def __init__(self, folder: str | os.PathLike, key: dict, shared: bool = False):
+        """shared: other processes (torchrun ranks, each its own rows) commit
+        here at the same time; then removing one's parts leaves the folders
+        and key.json (removing a folder another rank has just made, to write
+        into, failed its commit, and parts without their key.json could be
+        taken for another input's)."""
         self.root = Path(folder) / "parts"
+        self.shared = shared
         self._listed: Dict[str, List[Tuple[int, int, Path]]] = {}
         self.key = json.loads(json.dumps(key, default=str))
         keyfile = self.root / "key.json"
@@ -257,19 +263,21 @@ class ChunkedColumns:
         return Path(path)
 
     def remove(self, rows: range) -> None:
-        """Deletes the parts inside `rows` (the folder too once nothing is left)."""
-        self._remove(lambda a, b: rows.start <= a and b <= rows.stop)
+        """Deletes the parts inside `rows` (the folders too once nothing is
+        left, unless shared)."""
+        self._remove(lambda a, b: rows.start <= a and b <= rows.stop, tidy=not self.shared)
 
-    def _remove(self, inside) -> None:
+    def _remove(self, inside, tidy: bool = True) -> None:
         for column in self._columns():
             for a, b, path in self._parts(column.name, fresh=True):
                 if inside(a, b):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
-            with contextlib.suppress(OSError):
-                column.rmdir()  # only when empty
+            if tidy:
+                with contextlib.suppress(OSError):
+                    column.rmdir()  # only when empty
         self._listed.clear()
-        if not self._columns():
+        if tidy and not self._columns():
             with contextlib.suppress(FileNotFoundError):
                 (self.root / "key.json").unlink()
             remove_stale(self.root)

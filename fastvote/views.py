@@ -176,7 +176,8 @@ class ModelView(_SourceRows):
             yield from self._run(want, rows)
             return
         parts = chunks.ChunkedColumns(self.cache, {"source": self.data.fingerprint, "rows": self.data.num_rows,
-                                                    "surrogate": self.surrogate_fingerprint, "prep": self.prep})
+                                                    "surrogate": self.surrogate_fingerprint, "prep": self.prep},
+                                      shared=shard and distributed.active())
         # batches start where an uninterrupted pass's do; a batch counts as cached only whole
         starts = list(range(rows.start, rows.stop, self.batch_size))
         ends = starts[1:] + [rows.stop]

@@ -57,7 +57,7 @@ def committed(cache: Path) -> set:
     rows, sizes = None, []
     for column in COLUMNS:
         mine = set()
-        for part in (cache / "parts" / column).glob("*-*.npy"):
+        for part in (cache / "parts" / column).glob("[0-9]*-[0-9]*.npy"):  # (not a killed commit's temporary)
             a, b = map(int, part.stem.split("-"))
             mine |= set(range(a, b))
             sizes.append(b - a)
@@ -379,3 +379,18 @@ def test_parts_are_read_back_from_one_listing_and_overlaps(tmp_path):
     assert again.covered(["x"], range(100)) == [(0, 90)]
     again.remove(range(0, 90))
     assert not (tmp_path / "parts").exists()
+
+
+def test_shared_parts_leave_the_folders_to_the_other_ranks(tmp_path):
+    """Under torchrun each rank commits its own rows into one folder: a rank
+    done with its rows removes its parts only, so another rank's commit never
+    finds its folder or key.json gone."""
+    from fastvote import chunks
+
+    key = {"k": 1}
+    first, second = (chunks.ChunkedColumns(tmp_path, key, shared=True) for _ in range(2))
+    first.commit(0, {"x": np.zeros((10, 2))})
+    first.remove(range(0, 10))  # its rows done: the column folder is empty now, and stays
+    assert (tmp_path / "parts" / "x").is_dir() and (tmp_path / "parts" / "key.json").is_file()
+    second.commit(10, {"x": np.ones((5, 2))})
+    np.testing.assert_array_equal(chunks.ChunkedColumns(tmp_path, key).read("x", 10, 15), np.ones((5, 2)))
