@@ -387,15 +387,24 @@ def run_contender(rec, device, base, contender, repeats, rates, *, sample=None, 
     return votes
 
 
+def fm_inputs(rec, device, base):
+    """Seeded Gaussian rows [N, D] and centroids [K, D] for the row `base`
+    describes, or None (a skipped row recorded) when they do not fit."""
+    n, num, dim = base["N"], base["K"], base["D"]
+    if (n + num) * dim * 4 > MEMORY_SHARE[device.type] * free_bytes(device):
+        rec.add({**base, "method": "inputs", "status": "skipped: the inputs do not fit"})
+        return None
+    g = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(n, dim, device=device, generator=g), torch.randn(num, dim, device=device, generator=g)
+
+
 def bench_fm(rec, device, shapes, metric, repeats):
     for n, num, dim, k in shapes:
         base = {"op": "fm_vote", "metric": metric, "N": n, "K": num, "D": dim, "k": k}
-        if (n + num) * dim * 4 > MEMORY_SHARE[device.type] * free_bytes(device):
-            rec.add({**base, "method": "inputs", "status": "skipped: the inputs do not fit"})
+        inputs = fm_inputs(rec, device, base)
+        if inputs is None:
             continue
-        g = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(n, dim, device=device, generator=g)
-        c = torch.randn(num, dim, device=device, generator=g)
+        x, c = inputs
         sample = x[:SAMPLE_ROWS]
         try:
             ref_picks = reference_picks(sample, c, k, metric).cpu()
@@ -510,12 +519,10 @@ def bench_certified(rec, device, shapes, metrics, repeats, max_rows):
     for n, num, dim, k in shapes:
         n = min(n, max_rows) if max_rows else n
         base = {"op": "fm_vote", "metric": "-", "N": n, "K": num, "D": dim, "k": k}
-        if (n + num) * dim * 4 > MEMORY_SHARE[device.type] * free_bytes(device):
-            rec.add({**base, "method": "inputs", "status": "skipped: the inputs do not fit"})
+        inputs = fm_inputs(rec, device, base)
+        if inputs is None:
             continue
-        g = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(n, dim, device=device, generator=g)
-        c = torch.randn(num, dim, device=device, generator=g)
+        x, c = inputs
         for metric in metrics:
             calls = {"fm_vote": lambda: ops.fm_vote(x, c, k, metric),
                      "nearest_centroids": lambda: ops.nearest_centroids(x, c, k, metric)}

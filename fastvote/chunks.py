@@ -229,7 +229,10 @@ class ChunkedColumns:
         blocks, at = [], start
         parts = self._parts(column)
         while at < stop:
-            part = self._part_at(parts, at) or self._part_at(self._parts(column, fresh=True), at)
+            part = self._part_at(parts, at)
+            if part is None:  # committed after the listing (another rank's)?
+                parts = self._parts(column, fresh=True)
+                part = self._part_at(parts, at)
             if part is None:
                 raise FileNotFoundError(f"{self.root / column}: row {at} is not in any committed chunk")
             a, b, path = part
