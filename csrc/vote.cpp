@@ -161,6 +161,10 @@ std::tuple<at::Tensor, at::Tensor> nearest_in_groups(const at::Tensor& features,
                                                      const at::Tensor& centroids,
                                                      const at::Tensor& centroid_starts, int64_t k);
 std::pair<int64_t, int64_t> cpu_certified_stats();
+// k-means++ seeding's greedy picks of a round (csrc/cpu/kmeans_seeding.cpp;
+// CPU tensors, not an op: only fastvote.cluster calls it).
+at::Tensor greedy_picks(const at::Tensor& between, const at::Tensor& now, const at::Tensor& weight,
+                        const at::Tensor& uniforms);
 
 // The certified bf16 CUDA path's counters (csrc/cuda/vote_kernel.cu); none
 // without the CUDA kernels.
@@ -180,6 +184,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Rows features[order] sorted by group (row_starts [G + 1]) against their own group's "
         "centroids (centroid_starts [G + 1]): squared distances [len(order), k] and indices "
         "(inf / -1 where a group has fewer than k centroids). CPU tensors.");
+  m.def("greedy_picks", &fastvote::greedy_picks,
+        "k-means++ seeding's greedy picks of a round: the positions [<= b] picked among M "
+        "candidates (between [M, M] float32, now and weight [M] float32, uniforms [b, trials] "
+        "float64); fewer than b when every candidate is covered first. CPU tensors.");
   m.def("cpu_bf16_stats", &fastvote::cpu_certified_stats,
         "(rows, fallback_rows): rows scored by the certified bf16 CPU path since import, and "
         "those whose top-k it could not certify and the fp32 kernel scored again.");

@@ -449,17 +449,20 @@ def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.
     candidates' importance-weighted potential (sum of now / drawn, an
     estimate of the sample's total squared distance) most, as
     scikit-learn's greedy k-means++ does over the whole sample. The picks
-    run in numpy on one candidate-distance matrix (one GEMM a round): a
-    pick is a few small array operations, not thread-pool calls. reach
-    [S, R]: a center covers only the rows that search its group, reach[:, 0]
-    (weights are the distances to those groups' centers)."""
+    run on one candidate-distance matrix (one GEMM a round), in one
+    compiled call (:func:`_greedy_picks` without the extension). The round
+    draws its b x `trials` uniforms up front, and all of them even when
+    every candidate is covered before the b-th pick (fewer picks; the next
+    round draws fresh candidates): the generator's state after a round
+    depends on b and trials only. reach [S, R]: a center covers only the
+    rows that search its group, reach[:, 0] (weights are the distances to
+    those groups' centers)."""
     draws = rng.choice(len(x), size=min(max(_OVERSAMPLE * b, _MIN_POOL), _POOL), p=weights / weights.sum())
     candidates, count = np.unique(draws, return_counts=True)  # a row drawn twice counts twice
     c = x[torch.from_numpy(candidates).to(x.device)]
     c_sq = c.pow(2).sum(1)
-    # The picks in float32 (float64 doubles a pick's time), in units of the largest drawn distance (no
-    # underflow whatever the features' scale), into buffers reused by every pick (a fresh [trials, M] array
-    # each pick is a page-faulting allocation: 5x the pick).
+    # The candidates' distances in float32 (float64 doubles the matrix the picks read), in units of the largest
+    # drawn distance (no underflow whatever the features' scale).
     scale = float(weights[candidates].max())
     between = (torch.addmm(c_sq[:, None] + c_sq[None], c, c.T, alpha=-2).clamp_(min=0) / scale).cpu().numpy()
     if reach is not None:  # row t, column i: t covers i only if i searches t's group (no longer symmetric)
@@ -471,21 +474,43 @@ def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.
     now = (weights[candidates] / scale).astype(np.float32)
     # importance weights: a candidate stands for count / (draws x its probability) of the sample
     weight = (count / (weights[candidates] / scale)).astype(np.float32)
-    rows = np.empty((trials, len(candidates)), np.float32)
+    uniforms = rng.random((b, trials))
+    if ops.HAS_EXTENSION:
+        from fastvote import _C
+
+        picked = _C.greedy_picks(torch.from_numpy(between), torch.from_numpy(now), torch.from_numpy(weight),
+                                 torch.from_numpy(uniforms)).numpy()
+    else:
+        picked = _greedy_picks(between, now, weight, uniforms)
+    return candidates[picked].tolist()
+
+
+def _greedy_picks(between: np.ndarray, now: np.ndarray, weight: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """_C.greedy_picks in numpy: the positions of a round's picks among M
+    candidates (between [M, M], row t what candidate t covers; now, weight
+    [M]; uniforms [b, trials] in [0, 1)), fewer than b when every candidate
+    is covered first. The same picks as the compiled call but for a score
+    tie within float64 rounding (its sums run in another order)."""
+    # The potential's cumulative sum and the trials' scores in float64, as the compiled call: a draw is
+    # searched to the last candidate, and trials of near-equal scores are compared.
+    weight = weight.astype(np.float64)
+    # Buffers reused by every pick (a fresh [trials, M] array each pick is a page-faulting allocation: 5x the pick).
+    rows = np.empty((uniforms.shape[1], len(now)), np.float32)
+    covered = np.empty(rows.shape, np.float64)
     picked = []
-    for _ in range(b):
+    for u in uniforms:
         cumulative = np.cumsum(now * weight)
         if cumulative[-1] <= 1e-12:  # every candidate is covered: the next round draws fresh ones
             break
-        tries = np.searchsorted(cumulative, rng.random(trials) * cumulative[-1], side="right")
-        tries = np.minimum(tries, len(candidates) - 1)  # (a draw rounded up to the total)
+        tries = np.searchsorted(cumulative, u * cumulative[-1], side="right")
+        tries = np.minimum(tries, len(now) - 1)  # (a draw rounded up to the total)
         np.take(between, tries, axis=0, out=rows)  # row t: what trial t covers
-        np.minimum(rows, now, out=rows)
-        j = int(tries[int((rows @ weight).argmin())])
-        picked.append(int(candidates[j]))
+        np.minimum(rows, now, out=covered)
+        j = int(tries[int((covered @ weight).argmin())])
+        picked.append(j)
         now = np.minimum(now, between[j])
         now[j] = 0
-    return picked
+    return np.asarray(picked, dtype=np.int64)
 
 
 def _refine(sample: Tensor, centroids: Tensor, metric: str, passes: int = SAMPLE_PASSES) -> Tensor:

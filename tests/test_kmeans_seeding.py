@@ -4,10 +4,14 @@ and Lloyd's passes never undo it (one blob split, two merged). The seeding's
 greedy k-means++ in rounds judged too few trials a pick (2 in a round of 1-6
 picks, where scikit-learn takes 2 + ln K) and merged two blobs for about half
 the seeds on these data; scikit-learn's KMeans(n_init=1) for about a third."""
+import bisect
+import math
+
 import numpy as np
+import pytest
 import torch
 
-from fastvote import cluster
+from fastvote import cluster, ops
 
 SEEDS = 10
 
@@ -61,3 +65,122 @@ def test_kmeans_recovers_every_well_separated_blob_for_every_seed():
               if not recovered(labels, cluster.kmeans(lambda: xt.split(4096), 20, seed=s, progress=False)[1])]
     assert not missed, (f"fastvote merged two blobs (and split another) for seeds {missed}: it recovered every blob "
                         f"for {SEEDS - len(missed)}/{SEEDS} seeds; {sklearn_rate(x, labels, 20)} on the same data")
+
+
+# ---------------------------------------------------------------- a round's greedy picks
+
+compiled = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="fastvote._C is not built")
+
+
+def reference_picks(between, now, weight, uniforms):
+    """The greedy picks one trial at a time in plain Python: the potential
+    sum(now * weight) is drawn from by bisection (numpy's searchsorted
+    side="right", clamped to the last candidate), each trial scored exactly
+    (math.fsum), the lowest score kept (the first trial on a tie)."""
+    now, weight, picked = now.astype(np.float64), weight.astype(np.float64), []
+    for u in uniforms:
+        cumulative = np.cumsum(now * weight).tolist()
+        if cumulative[-1] <= 1e-12:
+            break
+        best = None
+        for draw in u * cumulative[-1]:
+            j = min(bisect.bisect_right(cumulative, draw), len(now) - 1)
+            score = math.fsum(np.minimum(between[j], now) * weight)
+            if best is None or score < best[0]:
+                best = (score, j)
+        picked.append(best[1])
+        now = np.minimum(now, between[best[1]])
+        now[best[1]] = 0
+    return picked
+
+
+def round_inputs(m, picks, trials, seed, integers=False):
+    """A round's candidate distances (inf where a candidate cannot cover
+    another), each candidate's distance now (0 for a covered third) and
+    importance weight, and the uniforms. integers=True: small integer values,
+    whose sums are exact in any order, so trials tie and the tie rule shows."""
+    g = np.random.default_rng(seed)
+    if integers:
+        between = g.integers(0, 4, (m, m)).astype(np.float32)
+        now, weight = g.integers(0, 4, m).astype(np.float32), g.integers(1, 3, m).astype(np.float32)
+    else:
+        points = g.normal(size=(m, 3))
+        between = ((points[:, None] - points[None]) ** 2).sum(-1).astype(np.float32)
+        now, weight = g.random(m).astype(np.float32) * 9, (1 / (0.01 + g.random(m))).astype(np.float32)
+    between[g.random((m, m)) < 0.3] = np.inf
+    np.fill_diagonal(between, 0)
+    now[g.random(m) < 1 / 3] = 0
+    return between, now, weight, g.random((picks, trials))
+
+
+def compiled_picks(between, now, weight, uniforms):
+    from fastvote import _C
+
+    return _C.greedy_picks(*map(torch.from_numpy, (between, now, weight, uniforms))).tolist()
+
+
+@pytest.mark.parametrize("m, picks, trials, integers", [
+    (300, 40, 24, False), (257, 64, 1, False), (100, 30, 33, True), (50, 20, 1, True), (12, 40, 5, False)])
+def test_greedy_picks_equal_the_reference(m, picks, trials, integers):
+    """The compiled picks and the numpy fallback's equal the plain reference
+    on random rounds, covered candidates included; ties (integer inputs) go
+    to the first trial; (12, 40): b above the candidates that can be
+    covered, the picks stop when every one is."""
+    for seed in range(5):
+        between, now, weight, uniforms = round_inputs(m, picks, trials, seed, integers)
+        expected = reference_picks(between, now, weight, uniforms)
+        assert 0 < len(expected) <= picks
+        if m < picks:
+            assert len(expected) < picks and len(set(expected)) == len(expected)
+        assert cluster._greedy_picks(between, now, weight, uniforms).tolist() == expected
+        if ops.HAS_EXTENSION:
+            assert compiled_picks(between, now, weight, uniforms) == expected
+
+
+def test_picks_stop_when_every_candidate_is_covered():
+    """A candidate that covers only itself: one pick each of the candidates
+    not yet covered (in the order drawn), then none (the rest of b unused)."""
+    between = np.full((6, 6), np.inf, np.float32)
+    np.fill_diagonal(between, 0)
+    now, weight = np.array([0, 1, 0, 2, 3, 0], np.float32), np.ones(6, np.float32)
+    uniforms = np.random.default_rng(0).random((8, 3))
+    expected = reference_picks(between, now, weight, uniforms)
+    assert sorted(expected) == [1, 3, 4]
+    assert cluster._greedy_picks(between, now, weight, uniforms).tolist() == expected
+    if ops.HAS_EXTENSION:
+        assert compiled_picks(between, now, weight, uniforms) == expected
+
+
+def test_round_draws_all_its_uniforms_even_when_it_stops_early():
+    """_pick_in_round's candidates are 3 rows (the only ones of distance > 0),
+    so a round of b = 10 stops after at most 3 picks; the generator has still
+    drawn the pool and all b x trials uniforms."""
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(40, 4)).astype(np.float32))
+    weights = np.zeros(40)
+    weights[[3, 17, 29]] = [1.0, 2.0, 0.5]
+    rng, replay = np.random.default_rng(7), np.random.default_rng(7)
+    picked = cluster._pick_in_round(x, weights, 10, 4, rng)
+    assert 1 <= len(picked) <= 3 and set(picked) <= {3, 17, 29}
+    replay.choice(40, size=cluster._MIN_POOL, p=weights / weights.sum())
+    replay.random((10, 4))
+    assert rng.random() == replay.random()
+
+
+@compiled
+@pytest.mark.parametrize("change, error, message", [
+    (dict(between=np.zeros((4, 4))), TypeError, "between has dtype Double; expected Float"),
+    (dict(between=np.zeros((4, 5), np.float32)), ValueError, r"between \[4, 5\] and weight \[4\] must be"),
+    (dict(now=np.zeros((4, 1), np.float32)), ValueError, r"now must be a 1-D tensor \[M\], got shape \[4, 1\]"),
+    (dict(now=np.zeros(0, np.float32)), ValueError, "now has no candidates"),
+    (dict(weight=np.zeros(3, np.float32)), ValueError, r"weight \[3\] must be \[M, M\] and \[M\]"),
+    (dict(uniforms=np.zeros(3)), ValueError, "uniforms must be a 2-D tensor"),
+    (dict(uniforms=np.zeros((3, 2), np.float32)), TypeError, "uniforms has dtype Float; expected Double"),
+    (dict(uniforms=np.zeros((3, 0))), ValueError, r"uniforms \[3, 0\] has no trials"),
+])
+def test_greedy_picks_bad_arguments_name_the_argument(change, error, message):
+    args = dict(between=np.zeros((4, 4), np.float32), now=np.ones(4, np.float32), weight=np.ones(4, np.float32),
+                uniforms=np.zeros((3, 2)))
+    args.update(change)
+    with pytest.raises(error, match=message) as exc:
+        compiled_picks(**args)
+    assert "\n" not in str(exc.value)

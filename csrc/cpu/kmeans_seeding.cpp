@@ -1,0 +1,100 @@
+// k-means++ seeding's greedy picks (fastvote/cluster.py, _pick_in_round): a
+// round's b picks over its M candidates in one call. In numpy a pick was
+// several array calls on [trials, M] arrays; here it is one pass over the
+// trials' rows of the candidate distances. Not an op: only fastvote.cluster
+// calls it. One thread, sums in a fixed order: the picks depend on the
+// arguments alone.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace fastvote {
+namespace cpu {
+namespace {
+
+constexpr const char* kOp = "greedy_picks";
+constexpr int kLanes = 8;  // partial sums of a score (independent adds the compiler can vectorise)
+constexpr double kCovered = 1e-12;  // a potential this small: every candidate is covered
+
+void check_array(const at::Tensor& t, const char* arg, at::ScalarType dtype, int64_t dims,
+                 const char* shape) {
+  TORCH_CHECK_VALUE(t.dim() == dims, "fastvote.", kOp, ": ", arg, " must be a ", dims,
+                    "-D tensor ", shape, ", got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "fastvote.", kOp, ": ", arg, " has dtype ",
+                   t.scalar_type(), "; expected ", dtype);
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "fastvote.", kOp, ": ", arg, " is on ", t.device(),
+                    "; expected a CPU tensor");
+}
+
+// What trial row `row` leaves of the potential: sum_i weight[i] * min(row[i], now[i]), in
+// float64 (scores of near-equal trials are compared), in kLanes interleaved partial sums
+// added in a fixed order.
+double score(const float* row, const float* now, const double* weight, int64_t m) {
+  double lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= m; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane[l] += weight[i + l] * std::min(row[i + l], now[i + l]);
+  }
+  double total = 0;
+  for (; i < m; ++i) total += weight[i] * std::min(row[i], now[i]);
+  for (int l = 0; l < kLanes; ++l) total += lane[l];
+  return total;
+}
+
+}  // namespace
+}  // namespace cpu
+
+at::Tensor greedy_picks(const at::Tensor& between, const at::Tensor& now, const at::Tensor& weight,
+                        const at::Tensor& uniforms) {
+  using namespace cpu;
+  check_array(between, "between", at::kFloat, 2, "[M, M]");
+  check_array(now, "now", at::kFloat, 1, "[M]");
+  check_array(weight, "weight", at::kFloat, 1, "[M]");
+  check_array(uniforms, "uniforms", at::kDouble, 2, "[b, trials]");
+  const int64_t m = now.size(0);
+  TORCH_CHECK_VALUE(m >= 1, "fastvote.", kOp, ": now has no candidates; expected M >= 1");
+  TORCH_CHECK_VALUE(between.size(0) == m && between.size(1) == m && weight.size(0) == m,
+                    "fastvote.", kOp, ": between ", between.sizes(), " and weight ",
+                    weight.sizes(), " must be [M, M] and [M] for the M=", m,
+                    " candidates of now");
+  TORCH_CHECK_VALUE(uniforms.size(1) >= 1, "fastvote.", kOp, ": uniforms ", uniforms.sizes(),
+                    " has no trials; expected [b, trials] with trials >= 1");
+  const at::Tensor b_at = between.contiguous(), u_at = uniforms.contiguous();
+  const float* dist = b_at.const_data_ptr<float>();
+  const double* u = u_at.const_data_ptr<double>();
+  const int64_t picks = uniforms.size(0), trials = uniforms.size(1);
+  const at::Tensor now_at = now.contiguous(), weight_at = weight.to(at::kDouble).contiguous();
+  std::vector<float> left(now_at.const_data_ptr<float>(), now_at.const_data_ptr<float>() + m);
+  const double* w = weight_at.const_data_ptr<double>();
+  // The cumulative potential in float64: the draws are searched in it to the last candidate.
+  std::vector<double> cumulative(m);
+  std::vector<int64_t> picked;
+  for (int64_t p = 0; p < picks; ++p) {
+    double total = 0;
+    for (int64_t i = 0; i < m; ++i) cumulative[i] = total += static_cast<double>(left[i]) * w[i];
+    if (total <= kCovered) break;  // the rest of the round's uniforms go unused
+    int64_t best = -1;
+    double best_score = 0;
+    for (int64_t t = 0; t < trials; ++t) {
+      // numpy's searchsorted(side="right"): the first candidate whose cumulative exceeds the
+      // draw, clamped to the last (a draw rounded up to the total).
+      const double draw = u[p * trials + t] * total;
+      const int64_t j = std::min<int64_t>(
+          std::upper_bound(cumulative.begin(), cumulative.end(), draw) - cumulative.begin(), m - 1);
+      const double s = score(dist + j * m, left.data(), w, m);
+      if (best < 0 || s < best_score) {  // ties: the first trial, as numpy's argmin
+        best = j;
+        best_score = s;
+      }
+    }
+    picked.push_back(best);
+    const float* covered = dist + best * m;
+    for (int64_t i = 0; i < m; ++i) left[i] = std::min(left[i], covered[i]);
+    left[best] = 0;
+  }
+  return at::tensor(picked, at::kLong);
+}
+
+}  // namespace fastvote
