@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <limits>
 #include <utility>
@@ -131,6 +132,24 @@ struct RowAt {
   int64_t operator()(int64_t i) const { return order[i]; }
 };
 
+// Asks for the cache lines of rows [first, end) (contiguous ones: x.s1 == 1).
+// Gathered rows lie anywhere in the input, where the hardware prefetcher does
+// not see them coming; packing one slab while the next one's rows arrive hides
+// most of the memory latency.
+template <typename scalar_t, typename Rows>
+void prefetch_rows(const Matrix<scalar_t>& x, int64_t first, int64_t end, int64_t dim, Rows row_at) {
+#if defined(__GNUC__)
+  constexpr uintptr_t kLine = 64;
+  for (int64_t i = first; i < end; ++i) {
+    const uintptr_t row = reinterpret_cast<uintptr_t>(x.data + row_at(i) * x.s0);
+    const uintptr_t row_end = row + dim * sizeof(scalar_t);
+    for (uintptr_t line = row & ~(kLine - 1); line < row_end; line += kLine) {
+      __builtin_prefetch(reinterpret_cast<const void*>(line));
+    }
+  }
+#endif
+}
+
 // Packs rows [row0, row0 + rows) (of the input, or as row_at maps them) into
 // slabs (see tile_kernel.h) and stores each row's squared norm. Returns the
 // first input row with NaN/Inf, or -1.
@@ -146,8 +165,13 @@ int64_t pack_rows(const Matrix<scalar_t>& x, int64_t row0, int64_t rows, int64_t
                   Metric metric, float* packed, float* sqnorm, Rows row_at = {}) {
   constexpr int kLanes = 16;
   constexpr int64_t kChunk = 32;
+  const bool prefetch = !std::is_same_v<Rows, SameRow> && x.s1 == 1;
+  if (prefetch) prefetch_rows(x, row0, row0 + std::min<int64_t>(kSlab, rows), dim, row_at);
   for (int64_t s0 = 0; s0 < rows; s0 += kSlab) {
     const int64_t in_slab = std::min<int64_t>(kSlab, rows - s0);
+    if (prefetch && s0 + kSlab < rows) {
+      prefetch_rows(x, row0 + s0 + kSlab, row0 + std::min(rows, s0 + 2 * kSlab), dim, row_at);
+    }
     float* slab = packed + (s0 / kSlab) * dim * kSlab;
     float part[kSlab][kLanes] = {};
     int64_t src[kSlab];
