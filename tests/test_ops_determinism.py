@@ -270,12 +270,9 @@ def test_centroid_norms_are_summed_in_d_order():
     assert (warp_order_norms(c).float() != in_order.float()).sum() > 0
 
 
-def test_row_norms_are_summed_in_sixteen_lanes():
-    # Against a zero centroid the l2 values are the rows' ||x||^2 as the tile kernel packs them: dimension
-    # d added into float32 partial d % 16 (no FMA), then the partials pairwise. The CUDA fused kernel
-    # (row_sqnorm_lanes) and the certified path sum in this order too, for bit-equal keys and cosine scales.
-    x = torch.randn(1000, 77, generator=gen(23)) * 3
-    values, _ = ops.nearest_centroids(x, torch.zeros(1, 77), 1, "l2")
+def sixteen_lane_norms(x):
+    """Float32 ||x||^2 per row in the CPU packing's order: dimension d added into
+    partial d % 16 (a multiply, then an add), then the partials pairwise."""
     part = torch.zeros(len(x), 16)
     for d in range(x.shape[1]):
         part[:, d % 16] += x[:, d] * x[:, d]
@@ -283,8 +280,109 @@ def test_row_norms_are_summed_in_sixteen_lanes():
     while width:
         part[:, :width] += part[:, width:2 * width].clone()
         width //= 2
-    assert torch.equal(values[:, 0], part[:, 0])
+    return part[:, 0]
+
+
+def test_row_norms_are_summed_in_sixteen_lanes():
+    # Against a zero centroid the l2 values are the rows' ||x||^2 as the tile kernel packs them: dimension
+    # d added into float32 partial d % 16 (no FMA), then the partials pairwise. The CUDA fused kernel
+    # (row_sqnorm_lanes) and the certified path sum in this order too, for bit-equal keys and cosine scales.
+    x = torch.randn(1000, 77, generator=gen(23)) * 3
+    values, _ = ops.nearest_centroids(x, torch.zeros(1, 77), 1, "l2")
+    assert torch.equal(values[:, 0], sixteen_lane_norms(x))
     in_order = torch.zeros(len(x))
     for d in range(x.shape[1]):
         in_order += x[:, d] * x[:, d]
-    assert not torch.equal(in_order, part[:, 0])  # the data tells the orders apart
+    assert not torch.equal(in_order, sixteen_lane_norms(x))  # the data tells the orders apart
+
+
+# ---------------------------------------------------------------- packing
+
+GROUP_SIZES = torch.arange(1, 71)  # one group of each size: every partial slab, in both halves
+
+
+def grouped(n_groups, per_group):
+    """row_starts for GROUP_SIZES, and centroid_starts for per_group centroids a group."""
+    row_starts = torch.cat([torch.zeros(1, dtype=torch.long), GROUP_SIZES.cumsum(0)])
+    return row_starts, torch.arange(n_groups + 1) * per_group
+
+
+def strided_copy(x):
+    """x with stride(1) != 1: packed by the scalar code under every kernel."""
+    out = torch.empty(x.shape[1], x.shape[0], dtype=x.dtype).t()
+    out.copy_(x)
+    return out
+
+
+def assert_same(a, b):
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("dim", [1, 3, 15, 16, 17, 33, 257, 512])
+def test_vector_packing_writes_the_scalar_packings_bits(dim, monkeypatch):
+    # The kernels' vectorised pack_slab (contiguous float32 rows) must write the slab bytes and norm bits
+    # of the scalar packing, which packs every other layout and dtype, and everything under
+    # FASTVOTE_CPU_KERNEL=portable. The same tile kernel on both packings gives equal bits unless the
+    # slabs or norms differ. Rows are gathered through a permutation, as k-means' passes gather them.
+    from conftest import cpu_kernels
+    from fastvote import _C
+
+    g = gen(24)
+    n, groups = int(GROUP_SIZES.sum()), len(GROUP_SIZES)
+    x = torch.randn(n, dim, generator=g) * 3
+    order = torch.randperm(n, generator=g)
+    c = torch.randn(3 * groups, dim, generator=g)
+    row_starts, centroid_starts = grouped(groups, 3)
+    norms = sixteen_lane_norms(x)
+    # Against a basis vector e_j a cosine value is the packed x_j / ||x||, exactly.
+    eye = torch.eye(dim)
+    # 1.0f / max(sqrtf(norm), 1e-12f), rounded once each through float64 (torch's float32 sqrt and
+    # division may be off by an ulp).
+    inv = (1 / norms.double().sqrt().float().clamp_min(1e-12).double()).float()
+    scaled = x * inv[:, None]
+    # The float64 reference of the grouped l2 values.
+    member = torch.repeat_interleave(torch.arange(groups), GROUP_SIZES)
+    d2 = ((x[order].double()[:, None, :] - c.double().view(groups, 3, dim)[member]) ** 2).sum(-1)
+    for kernel in cpu_kernels():
+        monkeypatch.setenv("FASTVOTE_CPU_KERNEL", kernel)
+        picks = _C.nearest_in_groups(x, order, row_starts, c, centroid_starts, 2)
+        assert_same(picks, _C.nearest_in_groups(strided_copy(x), order, row_starts, c, centroid_starts, 2))
+        torch.testing.assert_close(picks[0].double(), d2.sort(dim=1).values[:, :2],
+                                   rtol=1e-5, atol=1e-5 * float(norms.max()))
+        zero, _ = _C.nearest_in_groups(x, order, row_starts, torch.zeros(groups, dim), grouped(groups, 1)[1], 1)
+        assert torch.equal(zero[:, 0], norms[order])
+        for dtype in (torch.float64, torch.bfloat16):  # converted as static_cast<float> while packing
+            assert_same(_C.nearest_in_groups(x.to(dtype), order, row_starts, c, centroid_starts, 2),
+                        _C.nearest_in_groups(x.to(dtype).float(), order, row_starts, c, centroid_starts, 2))
+        for metric in ("l2", "cosine"):
+            for rows in (1, 16, 17, 31, 33, 70, n):
+                assert_same(ops.nearest_centroids(x[:rows], c[:12], 3, metric),
+                            ops.nearest_centroids(strided_copy(x[:rows]), c[:12], 3, metric))
+            assert torch.equal(ops.fm_vote(x, c[:12], 3, metric, "rank"),
+                               ops.fm_vote(strided_copy(x), c[:12], 3, metric, "rank"))
+        values, indices = ops.nearest_centroids(x[:70], eye, dim, "cosine")
+        assert torch.equal(values, scaled[:70].gather(1, indices))
+        assert torch.equal(indices.sort(dim=1).values, torch.arange(dim).expand(70, dim))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e20])
+def test_both_packings_report_the_first_bad_row(bad, monkeypatch):
+    # NaN, Inf, or a square that overflows float32, in a partial slab's tail dimension: every kernel and
+    # both packings name the same input row.
+    from conftest import cpu_kernels
+    from fastvote import _C
+
+    g = gen(25)
+    n, groups, dim = int(GROUP_SIZES.sum()), len(GROUP_SIZES), 17
+    x = torch.randn(n, dim, generator=g)
+    x[2000, 16] = bad
+    order = torch.randperm(n, generator=g)
+    c = torch.randn(groups, dim, generator=g)
+    row_starts, centroid_starts = grouped(groups, 1)
+    for kernel in cpu_kernels():
+        monkeypatch.setenv("FASTVOTE_CPU_KERNEL", kernel)
+        for features in (x, strided_copy(x)):
+            with pytest.raises(ValueError, match="features row 2000 contains NaN or Inf"):
+                _C.nearest_in_groups(features, order, row_starts, c, centroid_starts, 1)
+            with pytest.raises(ValueError, match="features row 2000 contains NaN or Inf"):
+                ops.nearest_centroids(features, c, 1, "cosine")

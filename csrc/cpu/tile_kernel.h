@@ -52,6 +52,14 @@ using SquaresTileFn = void (*)(const TileJob&, double* row_sums);
 // Top-k keys (-logit) of one contiguous float32 row of n logits into
 // keys[k] / indices[k]; false if the row holds NaN or Inf.
 using LogitsRowFn = bool (*)(const float* row, int64_t n, int k, float* keys, int64_t* indices);
+// Packs one slab (see kSlab) from n <= kSlab contiguous float32 rows rows[r]
+// of dim features: slab[d * kSlab + r] = rows[r][d] (zero for r >= n), and
+// sqnorm[r] = the row's squared norm in a fixed order, the CUDA kernels' too:
+// dimension d added into float32 partial d % 16 (a multiply, then an add: no
+// FMA), then the 16 partials added pairwise (partial l += partial l + w for
+// w = 8, 4, 2, 1). Every variant writes the same bits.
+using PackSlabFn = void (*)(const float* const* rows, int n, int64_t dim, float* slab,
+                            float* sqnorm);
 
 struct Kernels {
   TileFn tile;
@@ -64,6 +72,9 @@ struct Kernels {
   // theirs equal bit for bit.
   Bf16TileFn candidates;
   ExactKeysFn exact_keys;
+  // A vectorised pack_slab; null where the callers' scalar packing (any
+  // dtype, any stride) is the one to use, as in "portable".
+  PackSlabFn pack_slab;
 };
 
 // The fastest variants the running CPU supports (AVX-512 with the certified
