@@ -345,9 +345,9 @@ def _seed(sample: Tensor, num_clusters: int, rng: np.random.Generator, progress:
     over candidates drawn by D^2 sampling (:func:`_pick_in_round`); one
     [S, b] GEMM a round updates the distances."""
     x = sample - sample.mean(0)  # distances are translation-invariant; centring cuts GEMM cancellation
-    sq = x.pow(2).sum(1)
+    sq = _sq_norms(x)
     centers = [int(rng.integers(0, len(x)))]
-    d2 = (x - x[centers[0]]).pow(2).sum(1)
+    d2 = _sq_norms(x - x[centers[0]])
     # Trials a pick scale with K, as scikit-learn's greedy k-means++ takes them (2 + ln K), and 3 times as
     # many: a trial is judged by the potential estimated from the round's candidates, not summed over the
     # sample. With 2 + ln(b) (2 in a round of 1-6 picks, 3-4 at K = 20) the rounds put two seeds in one of 20
@@ -464,7 +464,7 @@ def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.
     draws = rng.choice(len(x), size=min(max(_OVERSAMPLE * b, _MIN_POOL), _POOL), p=weights / weights.sum())
     candidates, count = np.unique(draws, return_counts=True)  # a row drawn twice counts twice
     c = x[torch.from_numpy(candidates).to(x.device)]
-    c_sq = c.pow(2).sum(1)
+    c_sq = _sq_norms(c)
     # The candidates' distances in float32 (float64 doubles the matrix the picks read), in units of the largest
     # drawn distance (no underflow whatever the features' scale).
     scale = float(weights[candidates].max())
@@ -554,23 +554,37 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
     # share of the potential: balanced, 1 / wanted^2 each. Groups over twice that are split into m parts (a
     # part costing ~1 / m^2 of the group), up to _SPLIT_ROUNDS rounds, at most 4 wanted groups in all (one
     # split by rows alone left 4.7x the balanced cost at K = 10,000; issue 23).
+    d2, nearest = _Geometry(coarse).nearest(sample, 1)
+    group, d2 = nearest[:, 0].cpu(), d2[:, 0].double().cpu()
     for _ in range(_SPLIT_ROUNDS):
-        d2, nearest = _Geometry(coarse).nearest(sample, 1)
-        group = nearest[:, 0].cpu()
         rows = torch.bincount(group, minlength=len(coarse)).double()
-        potential = torch.zeros(len(coarse), dtype=torch.float64).index_add_(0, group, d2[:, 0].double().cpu())
+        potential = torch.zeros(len(coarse), dtype=torch.float64).index_add_(0, group, d2)
         cost = rows / rows.sum() * potential / potential.sum().clamp(min=1e-300) * wanted ** 2
         parts = torch.minimum(cost.sqrt().ceil(), rows).long()
         split = (cost > 2) & (parts > 1)
         if not bool(split.any()) or len(coarse) + int((parts[split] - 1).sum()) > min(4 * wanted, num_clusters):
             break
-        coarse = torch.cat([coarse_fit(sample[(group == g).nonzero()[:, 0].to(sample.device)], int(parts[g]))
-                            if split[g] else coarse[g:g + 1] for g in range(len(coarse))])
-    group = _Geometry(coarse).nearest(sample, 1)[1][:, 0].cpu()
-    sizes = torch.bincount(group, minlength=len(coarse)).numpy()
-    kept = np.flatnonzero(sizes)  # (a coarse centroid no sample row chose has no group)
-    coarse = coarse[torch.from_numpy(kept).to(coarse.device)]
+        # A split group's rows choose among its parts only (the other groups' rows stay): part 0 takes the
+        # group's place, the others come after the last group.
+        pieces, count = [coarse.clone()], len(coarse)
+        for g in split.nonzero()[:, 0].tolist():
+            mine = (group == g).nonzero()[:, 0]
+            rows_g = sample[mine.to(sample.device)]
+            fitted = coarse_fit(rows_g, int(parts[g]))
+            part_d2, part = _Geometry(fitted).nearest(rows_g, 1)
+            part = part[:, 0].cpu()
+            group[mine] = torch.where(part == 0, g, count + part - 1)
+            d2[mine] = part_d2[:, 0].double().cpu()
+            pieces[0][g] = fitted[0]
+            pieces.append(fitted[1:])
+            count += len(fitted) - 1
+        coarse = torch.cat(pieces)
+    # Each sample row's nearest two coarse centroids; a coarse centroid no row has nearest makes no group
     reach = _Geometry(coarse).nearest(sample, min(_SEED_REACH, len(coarse)))[1].cpu()
+    kept = np.flatnonzero(torch.bincount(reach[:, 0], minlength=len(coarse)).numpy())
+    if len(kept) < len(coarse):
+        coarse = coarse[torch.from_numpy(kept).to(coarse.device)]
+        reach = _Geometry(coarse).nearest(sample, min(_SEED_REACH, len(coarse)))[1].cpu()
     group = reach[:, 0]
     seeds, seed_group = _seed_in_groups(sample, num_clusters, reach, rng, progress)
     starts = torch.searchsorted(seed_group, torch.arange(len(kept) + 1))
@@ -598,7 +612,7 @@ class _Geometry:
 
     def __init__(self, centroids: Tensor, previous: Optional["_Geometry"] = None, drift: Optional[Tensor] = None):
         self.centroids = centroids
-        self.sq = centroids.pow(2).sum(1)
+        self.sq = _sq_norms(centroids)
         self._half_gap: Optional[Tensor] = None
         self._previous, self._drift = previous, drift
 
