@@ -2,6 +2,9 @@
 compiled within-group search against a float64 reference and the per-group
 loop, the seeding within groups, the bounds' exactness, the choice, and the
 clusters found."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +166,40 @@ def test_fit_reports_its_groups_and_flat_stays_flat():
     assert cluster.fit(lambda: [xt], 50, hierarchical=False, **kw).groups == 0
     two = cluster.fit(lambda: [xt], 50, hierarchical=True, **kw)
     assert 7 <= two.groups <= 14 and two.centroids.shape == (50, 8)
+
+
+def test_groups_are_split_by_their_cost(monkeypatch):
+    """The benchmark's anisotropic mixture (bench_kmeans.blobs: Dirichlet sizes,
+    per-cluster axis spreads), small: a row costs the passes its group's
+    centroids, and a big broad group also gets many seeds, so splitting the
+    costly groups cuts the distances a row computes (43 -> 16 centroids a
+    row here); without the split rounds there are sqrt(K) groups."""
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        from bench_kmeans import blobs
+    finally:
+        sys.path.remove(bench)
+    x = torch.from_numpy(blobs(16000, 128, 200, 0, anisotropic=True)[0])
+
+    def work_a_row(rounds):
+        monkeypatch.setattr(cluster, "_SPLIT_ROUNDS", rounds)
+        _, groups = cluster._seed_groups(x, 400, np.random.default_rng(0), "l2", progress=False)
+        rows = torch.bincount(groups["sample_group"], minlength=len(groups["coarse"])).double()
+        return float((rows * torch.diff(groups["starts"]).double()).sum() / rows.sum()), len(groups["coarse"])
+
+    rounds = cluster._SPLIT_ROUNDS
+    (unsplit, few), (split, many) = work_a_row(0), work_a_row(rounds)
+    assert few == 20 < many <= 4 * 20 and split < 0.5 * unsplit, (unsplit, few, split, many)
+
+
+def test_two_level_fits_seed_from_a_smaller_sample():
+    """Two levels seed from 4 sample rows a cluster, at least 16,000; a fit
+    that turns out flat (a short pass) draws the flat sample, 16 a cluster."""
+    torch.manual_seed(0)
+    x = torch.randn(70000, 8)
+    kw = dict(rows=range(len(x)), num_rows=len(x), iterations=1, progress=False)
+    assert cluster.fit(lambda: x.split(8192), 4500, hierarchical=True, **kw).seed_rows == 18000
+    assert cluster.fit(lambda: x.split(8192), 2000, hierarchical=True, **kw).seed_rows == 16000
+    flat = cluster.fit(lambda: x.split(8192), 4500, **kw)  # 4,500 x 70,000 x 8 multiply-adds: flat
+    assert flat.groups == 0 and flat.seed_rows == 70000
