@@ -554,24 +554,24 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
     # share of the potential: balanced, 1 / wanted^2 each. Groups over twice that are split into m parts (a
     # part costing ~1 / m^2 of the group), up to _SPLIT_ROUNDS rounds, at most 4 wanted groups in all (one
     # split by rows alone left 4.7x the balanced cost at K = 10,000; issue 23).
-    for _ in range(_SPLIT_ROUNDS):
-        # (every sample row chooses among all groups again: letting only a split group's rows choose among
-        # its parts left worse groups, inertia 1.4537e8 vs 1.4400e8 at K = 1,000, 1.0523e8 vs 1.0479e8 at
-        # K = 10,000)
-        d2, nearest = _Geometry(coarse).nearest(sample, 1)
-        group = nearest[:, 0].cpu()
+    for round_ in range(_SPLIT_ROUNDS + 1):
+        # Each sample row's nearest two coarse centroids, found again after every split round (letting only a
+        # split group's rows choose among its parts left worse groups: inertia 1.4537e8 vs 1.4400e8 at
+        # K = 1,000, 1.0523e8 vs 1.0479e8 at K = 10,000)
+        d2, reach = _Geometry(coarse).nearest(sample, min(_SEED_REACH, len(coarse)))
+        reach = reach.cpu()
+        group = reach[:, 0]
         rows = torch.bincount(group, minlength=len(coarse)).double()
         potential = torch.zeros(len(coarse), dtype=torch.float64).index_add_(0, group, d2[:, 0].double().cpu())
         cost = rows / rows.sum() * potential / potential.sum().clamp(min=1e-300) * wanted ** 2
         parts = torch.minimum(cost.sqrt().ceil(), rows).long()
         split = (cost > 2) & (parts > 1)
-        if not bool(split.any()) or len(coarse) + int((parts[split] - 1).sum()) > min(4 * wanted, num_clusters):
+        if round_ == _SPLIT_ROUNDS or not bool(split.any()) or \
+                len(coarse) + int((parts[split] - 1).sum()) > min(4 * wanted, num_clusters):
             break
         coarse = torch.cat([coarse_fit(sample[(group == g).nonzero()[:, 0].to(sample.device)], int(parts[g]))
                             if split[g] else coarse[g:g + 1] for g in range(len(coarse))])
-    # Each sample row's nearest two coarse centroids; a coarse centroid no row has nearest makes no group
-    reach = _Geometry(coarse).nearest(sample, min(_SEED_REACH, len(coarse)))[1].cpu()
-    kept = np.flatnonzero(torch.bincount(reach[:, 0], minlength=len(coarse)).numpy())
+    kept = np.flatnonzero(rows.numpy())  # (a coarse centroid no sample row has nearest makes no group)
     if len(kept) < len(coarse):
         coarse = coarse[torch.from_numpy(kept).to(coarse.device)]
         reach = _Geometry(coarse).nearest(sample, min(_SEED_REACH, len(coarse)))[1].cpu()
@@ -791,7 +791,7 @@ class _Groups:
         k, reach = len(geometry.centroids), self.group.shape[1]
         work = 0.0
         if bool((group < 0).any()):  # the first pass: each row's groups
-            group.copy_(_nearest(x, self.coarse, self.coarse.pow(2).sum(1), reach)[1])
+            group.copy_(_nearest(x, self.coarse, _sq_norms(self.coarse), reach)[1])
             work += len(x) * len(self.coarse) / k
         x_sq = _row_sq_norms(self.sq, at, x)
         slack = _SLACK * (x_sq + geometry.sq.max())
