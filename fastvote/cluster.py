@@ -301,7 +301,7 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
         empty = (members == 0).to(device)
         updated[empty] = centroids[empty]  # (then restarted)
         result.restarts += rows_state.restart_empty(updated, members, sample, rng)
-        drift = torch.linalg.vector_norm(updated.double() - centroids.double(), dim=1).float()
+        drift = _drift(updated, centroids)
         # Few rows a cluster: the exact centroid gaps (K x K) would cost more than 2% of a pass; bound them
         chained = isinstance(rows_state, _Bounds) and 50 * num_clusters > result.fit_rows
         geometry = _Geometry(updated, geometry, drift) if chained else _Geometry(updated)
@@ -385,41 +385,41 @@ def _seed_in_groups(sample: Tensor, num_clusters: int, reach: Tensor, rng: np.ra
     (splitting K in proportion to the groups' rows put two seeds in one of
     several separated blobs and none in another), and a blob on a group
     border gets one seed, not one a side. A round's distance update is one
-    GEMM a group, of the rows searching it by its new centers: R S K / G in
-    all. Returns the [K, D] seeds sorted by group and each one's group [K]
+    compiled call (:func:`_nearest_in_groups`): the rows searching a group
+    by its new centers, R S K / G distances in all. Returns the [K, D] seeds sorted by group and each one's group [K]
     (stable: within a group, in the order picked)."""
     # The rows in order of their own group (one copy, the centred one _seed makes too): a group's own rows
-    # are a slice, and only the rows that search it second are gathered in a round.
+    # are a slice (its first center is drawn from it), read in order by the distance updates.
     perm = torch.argsort(reach[:, 0], stable=True)
     x = sample[perm.to(sample.device)]
     x -= sample.mean(0)
-    sq = _sq_norms(x)
     reach_np = reach[perm].numpy()
     own = reach_np[:, 0]
     groups = int(own.max()) + 1
     edges = np.searchsorted(own, np.arange(groups + 1))  # group g's own rows: [edges[g], edges[g + 1])
-    second = [np.zeros(0, dtype=np.int64)] * groups  # the rows searching group g second
-    if reach_np.shape[1] > 1:
-        by_second = np.argsort(reach_np[:, 1], kind="stable")
-        cuts = np.searchsorted(reach_np[by_second, 1], np.arange(groups + 1))
-        second = [by_second[cuts[g]:cuts[g + 1]] for g in range(groups)]
+    # Every (row, group it searches) entry, the entries of one group side by side: a round's distance update
+    # is one compiled call over the entries of the groups that got centers (a GEMM a group and a gather of
+    # the rows searching it second cost 40x their arithmetic at ~30 centers a group).
+    entry_group = reach_np.reshape(-1)
+    by_entry = np.argsort(entry_group, kind="stable")
+    entry_row = torch.from_numpy(by_entry // reach_np.shape[1])
+    entry_group = entry_group[by_entry]
+    entry_edges = np.searchsorted(entry_group, np.arange(groups + 1))
     d2 = torch.full((len(x),), float("inf"), device=x.device)
     centers: List[int] = []
 
     def add(new: np.ndarray) -> None:
         centers.extend(new.tolist())
         by_group = new[np.argsort(own[new], kind="stable")]
-        cuts = np.searchsorted(own[by_group], np.arange(groups + 1))
-        for g in np.flatnonzero(np.diff(cuts)):
-            mine = torch.from_numpy(by_group[cuts[g]:cuts[g + 1]]).to(x.device)
-            c, c_sq = x[mine], sq[mine]
-            lo, hi = edges[g], edges[g + 1]
-            block = torch.addmm(sq[lo:hi, None] + c_sq[None], x[lo:hi], c.T, alpha=-2).clamp_(min=0)
-            torch.minimum(d2[lo:hi], block.min(1).values, out=d2[lo:hi])
-            if len(second[g]):
-                rows = torch.from_numpy(second[g]).to(x.device)
-                block = torch.addmm(sq[rows, None] + c_sq[None], x[rows], c.T, alpha=-2).clamp_(min=0)
-                d2[rows] = torch.minimum(d2[rows], block.min(1).values)
+        got = np.bincount(own[by_group], minlength=groups)
+        hit = got[entry_group] > 0
+        rows = entry_row[torch.from_numpy(hit)]
+        sizes = np.diff(entry_edges)[got > 0]  # each hit group's entries, in group order
+        row_starts = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)]))
+        starts = np.concatenate([[0], np.cumsum(got[got > 0])]).tolist()
+        nearest, _ = _nearest_in_groups(x, rows.to(x.device), row_starts, _Geometry(x[torch.from_numpy(by_group)]),
+                                        starts, k=1)
+        d2.scatter_reduce_(0, rows.to(x.device), nearest[:, 0], "amin")
         d2[torch.from_numpy(new).to(x.device)] = 0
 
     add(np.array([rng.integers(edges[g], edges[g + 1]) for g in range(groups)], dtype=np.int64))
@@ -468,13 +468,15 @@ def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.
     # The candidates' distances in float32 (float64 doubles the matrix the picks read), in units of the largest
     # drawn distance (no underflow whatever the features' scale).
     scale = float(weights[candidates].max())
-    between = (torch.addmm(c_sq[:, None] + c_sq[None], c, c.T, alpha=-2).clamp_(min=0) / scale).cpu().numpy()
+    between = torch.addmm(c_sq[:, None] + c_sq[None], c, c.T, alpha=-2).clamp_(min=0).div_(scale)
     if reach is not None:  # row t, column i: t covers i only if i searches t's group (no longer symmetric)
-        searched, own = reach[candidates], reach[candidates, 0]
-        covers = searched[None, :, 0] == own[:, None]
-        for r in range(1, reach.shape[1]):
-            covers |= searched[None, :, r] == own[:, None]
-        between[~covers] = np.inf
+        # (torch's element-wise ops, not numpy's: 5x faster on the M x M mask)
+        searched = torch.from_numpy(reach[candidates]).to(x.device)
+        covers = searched[None, :, 0] == searched[:, None, 0]
+        for r in range(1, searched.shape[1]):
+            covers |= searched[None, :, r] == searched[:, None, 0]
+        between.masked_fill_(~covers, float("inf"))
+    between = between.cpu().numpy()
     now = (weights[candidates] / scale).astype(np.float32)
     # importance weights: a candidate stands for count / (draws x its probability) of the sample
     weight = (count / (weights[candidates] / scale)).astype(np.float32)
@@ -530,6 +532,27 @@ def _refine(sample: Tensor, centroids: Tensor, metric: str, passes: int = SAMPLE
     return centroids
 
 
+def _refine_in_groups(fits: List[Tuple[Tensor, Tensor]], metric: str, passes: int) -> List[Tensor]:
+    """:func:`_refine` of several (rows, centroids) pairs at once, each pair's
+    rows choosing among its own centroids: a compiled call a pass for all
+    pairs (80 small fits, a call each, cost 0.4 s of the seeding at K =
+    10,000)."""
+    if not fits:
+        return []
+    rows, centroids = torch.cat([r for r, _ in fits]), torch.cat([c for _, c in fits])
+    row_starts = torch.as_tensor(np.cumsum([0] + [len(r) for r, _ in fits]))
+    starts = np.cumsum([0] + [len(c) for _, c in fits]).tolist()
+    order = torch.arange(len(rows), device=rows.device)
+    for _ in range(passes):
+        _, idx = _nearest_in_groups(rows, order, row_starts, _Geometry(centroids), starts, k=1)
+        sums, counts = ops.class_centroids(rows, idx[:, 0], len(centroids))
+        means = (sums / counts.clamp(min=1).to(sums)[:, None]).to(centroids)
+        if metric == "cosine":
+            means = torch.nn.functional.normalize(means, dim=1)
+        centroids = torch.where((counts > 0).to(centroids.device)[:, None], means, centroids)
+    return list(centroids.split([len(c) for _, c in fits]))
+
+
 def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, metric: str,
                  progress: bool) -> Tuple[Tensor, dict]:
     """The seeds of two-level passes (:class:`_Groups`), from the seeding
@@ -541,14 +564,14 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
     made the fit worse: the passes over all rows do it). Returns the [K, D]
     seeds, ordered by group, and the groups (coarse [G, D], starts [G + 1],
     sample_group [S])."""
-    def coarse_fit(rows: Tensor, count: int) -> Tensor:
+    def seeded(rows: Tensor, count: int) -> Tuple[Tensor, Tensor]:
         if len(rows) > MAX_ROWS_PER_CLUSTER * count:  # (more rows than a centroid needs, as in fit())
             rows = rows[torch.from_numpy(np.sort(rng.choice(len(rows), MAX_ROWS_PER_CLUSTER * count,
                                                             replace=False))).to(rows.device)]
-        return _refine(rows, _seed(rows, count, rng, progress=False), metric, _GROUP_PASSES)
+        return rows, _seed(rows, count, rng, progress=False)
 
     wanted = math.ceil(math.sqrt(num_clusters))
-    coarse = coarse_fit(sample, wanted)
+    coarse = _refine(*seeded(sample, wanted), metric, _GROUP_PASSES)
     # A row costs the passes its group's centroids, and a group's seeds follow its share of the sample's
     # potential (k-means++; correlation 0.995 at K = 10,000), so a group costs its share of the rows times its
     # share of the potential: balanced, 1 / wanted^2 each. Groups over twice that are split into m parts (a
@@ -569,8 +592,10 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
         if round_ == _SPLIT_ROUNDS or not bool(split.any()) or \
                 len(coarse) + int((parts[split] - 1).sum()) > min(4 * wanted, num_clusters):
             break
-        coarse = torch.cat([coarse_fit(sample[(group == g).nonzero()[:, 0].to(sample.device)], int(parts[g]))
-                            if split[g] else coarse[g:g + 1] for g in range(len(coarse))])
+        fits = [seeded(sample[(group == g).nonzero()[:, 0].to(sample.device)], int(parts[g])) if split[g]
+                else (None, coarse[g:g + 1]) for g in range(len(coarse))]
+        refined = iter(_refine_in_groups([f for f in fits if f[0] is not None], metric, _GROUP_PASSES))
+        coarse = torch.cat([c if rows is None else next(refined) for rows, c in fits])
     kept = np.flatnonzero(rows.numpy())  # (a coarse centroid no sample row has nearest makes no group)
     if len(kept) < len(coarse):
         coarse = coarse[torch.from_numpy(kept).to(coarse.device)]
@@ -844,32 +869,32 @@ class _Groups:
 
 
 def _nearest_in_groups(x: Tensor, order: Tensor, row_starts: Tensor, geometry: "_Geometry",
-                       starts: List[int]) -> Tuple[Tensor, Tensor]:
-    """Squared distances [B, 2] and indices [B, 2] of the two nearest
+                       starts: List[int], k: int = 2) -> Tuple[Tensor, Tensor]:
+    """Squared distances [B, k] and indices [B, k] of the k nearest
     centroids within its group of each row x[order] (sorted by group: group
     g's rows are [row_starts[g], row_starts[g + 1]) of order, its centroids
-    [starts[g], starts[g + 1])); inf / -1 where a group has one centroid. One
+    [starts[g], starts[g + 1])); inf / -1 where a group has fewer. One
     compiled call on CPU, gathering the rows as it packs them (the fused
     kernel's per-call set-up, a hundred times a batch, cost more than the
     distances); elsewhere :func:`_nearest_in_groups_loop`."""
     if _gemm_is_faster(x.device) or not ops.HAS_EXTENSION or x.device.type != "cpu":
-        return _nearest_in_groups_loop(x, order, row_starts, geometry, starts)
+        return _nearest_in_groups_loop(x, order, row_starts, geometry, starts, k)
     from fastvote import _C
 
-    return _C.nearest_in_groups(x, order, row_starts, geometry.centroids, torch.as_tensor(starts), 2)
+    return _C.nearest_in_groups(x, order, row_starts, geometry.centroids, torch.as_tensor(starts), k)
 
 
 def _nearest_in_groups_loop(x: Tensor, order: Tensor, row_starts: Tensor, geometry: "_Geometry",
-                            starts: List[int]) -> Tuple[Tensor, Tensor]:
+                            starts: List[int], k: int = 2) -> Tuple[Tensor, Tensor]:
     """:func:`_nearest_in_groups` as a nearest-centroid call per group."""
     rows = x[order]
-    d2 = torch.full((len(rows), 2), float("inf"), device=rows.device)
-    idx = torch.full((len(rows), 2), -1, dtype=torch.int64, device=rows.device)
+    d2 = torch.full((len(rows), k), float("inf"), device=rows.device)
+    idx = torch.full((len(rows), k), -1, dtype=torch.int64, device=rows.device)
     edges = row_starts.tolist()
     for g in range(len(starts) - 1):
         a, b, lo, hi = edges[g], edges[g + 1], starts[g], starts[g + 1]
         if a < b:
-            v, i = _nearest(rows[a:b], geometry.centroids[lo:hi], geometry.sq[lo:hi], min(2, hi - lo))
+            v, i = _nearest(rows[a:b], geometry.centroids[lo:hi], geometry.sq[lo:hi], min(k, hi - lo))
             d2[a:b, :v.shape[1]], idx[a:b, :i.shape[1]] = v, i + lo
     return d2, idx
 
@@ -964,6 +989,19 @@ def _gather(batches: Batches, rows: range, picks: np.ndarray, sharded: bool, met
 def _rows(batch: Tensor, metric: str, device: torch.device) -> Tensor:
     x = batch.to(device).float()
     return torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x
+
+
+def _drift(updated: Tensor, centroids: Tensor) -> Tensor:
+    """[K] float32: how far each centroid moved, never less than the exact
+    distance (the bounds stay bounds). In float32, rounded up by (D + 3) units
+    of its last place: the subtraction's rounding and any order of the D
+    squares' sum are within gamma_(D+2) of the squared distance, the square root
+    within one more unit (Higham, ch. 3); plus sqrt(D) 2^-74.5, what the squares
+    lost below float32's least value can add. The float64 copies took 48 ms a
+    pass at K = 10,000, D = 512 (issue 23)."""
+    d = updated.shape[1]
+    return torch.linalg.vector_norm(updated - centroids, dim=1).mul_(1 + (d + 3) * 2.0 ** -24) \
+        .add_(math.sqrt(d) * 2.0 ** -74.5)
 
 
 def _exact_d2(x: Tensor, centroids: Tensor, assigned: Tensor) -> Tensor:

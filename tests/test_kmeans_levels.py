@@ -26,18 +26,19 @@ def _groups_case(n, d, starts, seed):
     return x, c, group, order, row_starts
 
 
-def _reference(x, c, group, order, starts):
+def _reference(x, c, group, order, starts, k=2):
     dist = torch.cdist(x[order].double(), c.double()).square()
-    d2 = torch.full((len(order), 2), float("inf"), dtype=torch.float64)
-    idx = torch.full((len(order), 2), -1)
+    d2 = torch.full((len(order), k), float("inf"), dtype=torch.float64)
+    idx = torch.full((len(order), k), -1)
     for g in range(len(starts) - 1):
         rows, (lo, hi) = (group == g).nonzero()[:, 0], starts[g:g + 2]
         if len(rows) and hi > lo:
             values, at = dist[rows, lo:hi].sort(dim=1, stable=True)
-            d2[rows, :min(2, hi - lo)], idx[rows, :min(2, hi - lo)] = values[:, :2], at[:, :2] + lo
+            d2[rows, :min(k, hi - lo)], idx[rows, :min(k, hi - lo)] = values[:, :k], at[:, :k] + lo
     return d2, idx
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])  # 1: the seeding's distance updates; 2: the passes
 @pytest.mark.parametrize("n,d,starts", [
     (700, 33, [0, 1, 9, 9, 40, 41]),  # a one-centroid group, a group without rows or centroids
     (1, 3, [0, 5]),  # one row, one group
@@ -45,19 +46,48 @@ def _reference(x, c, group, order, starts):
     (2000, 512, [0, 100, 230, 300]),  # the benchmark's width, tiles of several groups
     (300, 1, [0, 3, 7]),  # D = 1
 ])
-def test_nearest_in_groups_matches_float64_and_the_loop(n, d, starts):
+def test_nearest_in_groups_matches_float64_and_the_loop(n, d, starts, k):
     from fastvote import _C
 
     x, c, group, order, row_starts = _groups_case(n, d, starts, seed=n + d)
-    d2, idx = _C.nearest_in_groups(x, order, row_starts, c, torch.tensor(starts), 2)
-    ref_d2, ref_idx = _reference(x, c, group, order, starts)
+    d2, idx = _C.nearest_in_groups(x, order, row_starts, c, torch.tensor(starts), k)
+    ref_d2, ref_idx = _reference(x, c, group, order, starts, k)
     assert torch.equal(idx[:, 0], ref_idx[:, 0])
     assert torch.equal(torch.isinf(d2), torch.isinf(ref_d2)) and torch.equal(idx == -1, ref_idx == -1)
     finite = torch.isfinite(ref_d2)
     torch.testing.assert_close(d2[finite].double(), ref_d2[finite], rtol=1e-5, atol=1e-3)
     # the per-group loop (other devices, AVX2-only CPUs) agrees with the compiled call
-    loop_d2, loop_idx = cluster._nearest_in_groups_loop(x, order, row_starts, cluster._Geometry(c), starts)
-    assert torch.equal(loop_idx[:, 0], idx[:, 0])
+    loop_d2, loop_idx = cluster._nearest_in_groups_loop(x, order, row_starts, cluster._Geometry(c), starts, k)
+    assert torch.equal(loop_idx[:, 0], idx[:, 0]) and loop_idx.shape == idx.shape
+
+
+def test_refining_groups_at_once_equals_refining_each():
+    """The split groups' Lloyd passes in one call a pass give each group the
+    centroids its own passes give (a group of one centroid, one of as many
+    centroids as rows, one centroid no row chooses)."""
+    g = torch.Generator().manual_seed(3)
+    fits = [(torch.randn(n, 37, generator=g) + 5 * i, torch.randn(m, 37, generator=g) + 5 * i)
+            for i, (n, m) in enumerate([(400, 7), (3, 3), (50, 1), (90, 4)])]
+    fits[3][1][0] += 1e4  # far from every row: chosen by none, it stays
+    together = cluster._refine_in_groups(fits, "l2", 5)
+    for (rows, seeds), got in zip(fits, together):
+        assert torch.equal(got, cluster._refine(rows, seeds, "l2", 5))
+    assert torch.equal(together[3][0], fits[3][1][0]) and cluster._refine_in_groups([], "l2", 5) == []
+
+
+def test_drift_is_never_below_the_exact_distance():
+    """The passes' bounds loosen by each centroid's drift, computed in float32
+    and rounded up: never below the float64 distance, on odd D, huge and tiny
+    norms, moves far below the norms' unit of rounding and no move at all."""
+    g = torch.Generator().manual_seed(5)
+    for d in (1, 3, 512, 1027):
+        c = torch.randn(4000, d, generator=g) * torch.logspace(-20, 15, 4000)[:, None]
+        moved = c + torch.randn(4000, d, generator=g) * c.abs() * torch.logspace(-7, 0, 4000)[:, None]
+        moved[:5] = c[:5]
+        drift = cluster._drift(moved, c)
+        exact = torch.linalg.vector_norm(moved.double() - c.double(), dim=1)
+        assert bool((drift.double() >= exact).all()) and bool((drift[:5] < 1e-20).all())
+        assert bool((drift.double() <= exact * (1 + 1e-3) + 1e-20).all())  # (and not loose)
 
 
 def test_nearest_in_groups_near_ties_take_the_lower_index():

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -251,6 +252,21 @@ def test_class_centroids(device, label_dtype, dtype):
     assert sums.dtype == torch.float64 and counts.dtype == torch.int64
     assert torch.equal(counts.cpu(), ref_counts) and int(counts[11:].sum()) == 0
     torch.testing.assert_close(sums.cpu(), ref_sums, rtol=1e-12, atol=1e-9)
+
+
+def test_class_centroids_add_each_class_in_row_order():
+    """The CPU kernel adds a class's rows in row order (it visits them sorted
+    by class): float64 sums equal to numpy's sequential np.add.at bit for bit,
+    with more classes than rows, a class of one row, odd D and huge values."""
+    g = gen(4)
+    x = torch.randn(2_001, 515, generator=g) * torch.logspace(-3, 30, 2_001)[:, None]
+    labels = torch.randint(0, 3_000, (2_001,), generator=g)
+    labels[7] = 2_999
+    sums, counts = ops.class_centroids(x, labels, 3_000)
+    expected = np.zeros((3_000, 515))
+    np.add.at(expected, labels.numpy(), x.double().numpy())
+    assert np.array_equal(sums.numpy(), expected)
+    assert torch.equal(counts, torch.bincount(labels, minlength=3_000))
 
 
 def test_class_centroids_are_summable_over_batches(device):

@@ -12,9 +12,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -383,6 +383,15 @@ __attribute__((target_clones("fma", "default"))) void add_weighted_votes(
   for (int i = 0; i < k; ++i) hist[indices[i]] += fixed_units(scratch[i]);
 }
 
+// dst[d] += row[d] in float64, for class_centroids' sums; cloned for AVX-512 and AVX2 (without
+// them the x86-64 baseline converts two floats an instruction: 4x slower). One rounding an
+// element whatever the width: the same sums on every CPU.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void add_floats(double* dst,
+                                                                            const float* row,
+                                                                            int64_t n) {
+  for (int64_t d = 0; d < n; ++d) dst[d] += static_cast<double>(row[d]);
+}
+
 // Adds one row's k picks (keys sorted best first) to a vote histogram.
 void add_votes(uint64_t* hist, const float* keys, const int64_t* indices, int k, Weight weight,
                float inv_temperature, float* scratch) {
@@ -618,6 +627,13 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_cpu(const at::Tensor& feature
   }
   at::Tensor sums = at::zeros({num_classes, dim}, at::TensorOptions().dtype(at::kDouble));
   double* s = sums.mutable_data_ptr<double>();
+  // The rows in order of their class (a stable counting sort: each class still adds its rows in
+  // row order, the same bits): a class's sums stay in cache while its rows are added. In row
+  // order every row's sums were a cache miss once K x D outgrew the cache (80 ms a 65,536-row
+  // batch at K = 10,000, D = 512).
+  std::vector<int64_t> order(n), next(num_classes);
+  for (int64_t j = 0, at = 0; j < num_classes; at += cnt[j], ++j) next[j] = at;
+  for (int64_t i = 0; i < n; ++i) order[next[l[i]]++] = i;
   // Threads own disjoint column blocks: no races, no per-thread K x D copies.
   constexpr int64_t kColumns = 64;
   const int64_t blocks = (dim + kColumns - 1) / kColumns;
@@ -631,9 +647,15 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_cpu(const at::Tensor& feature
 #pragma omp parallel for num_threads(num_workers(blocks)) schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t d0 = b * kColumns, d1 = std::min(dim, d0 + kColumns);
-      for (int64_t i = 0; i < n; ++i) {
+      for (const int64_t i : order) {
         double* dst = s + l[i] * dim;
         const scalar_t* row = x.data + i * x.s0;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (x.s1 == 1) {
+            add_floats(dst + d0, row + d0, d1 - d0);
+            continue;
+          }
+        }
         if (x.s1 == 1) {
           for (int64_t d = d0; d < d1; ++d) dst[d] += static_cast<float>(row[d]);
         } else {
