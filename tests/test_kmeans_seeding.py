@@ -94,11 +94,13 @@ def reference_picks(between, now, weight, uniforms):
     return picked
 
 
-def round_inputs(m, picks, trials, seed, integers=False):
+def round_inputs(m, picks, trials, seed, integers=False, apart=0.3):
     """A round's candidate distances (inf where a candidate cannot cover
-    another), each candidate's distance now (0 for a covered third) and
-    importance weight, and the uniforms. integers=True: small integer values,
-    whose sums are exact in any order, so trials tie and the tie rule shows."""
+    another: a share `apart` of the pairs; over 3/4, as in two-level seeding,
+    the compiled call reads the finite entries only), each candidate's
+    distance now (0 for a covered third) and importance weight, and the
+    uniforms. integers=True: small integer values, whose sums are exact in
+    any order, so trials tie and the tie rule shows."""
     g = np.random.default_rng(seed)
     if integers:
         between = g.integers(0, 4, (m, m)).astype(np.float32)
@@ -107,7 +109,7 @@ def round_inputs(m, picks, trials, seed, integers=False):
         points = g.normal(size=(m, 3))
         between = ((points[:, None] - points[None]) ** 2).sum(-1).astype(np.float32)
         now, weight = g.random(m).astype(np.float32) * 9, (1 / (0.01 + g.random(m))).astype(np.float32)
-    between[g.random((m, m)) < 0.3] = np.inf
+    between[g.random((m, m)) < apart] = np.inf
     np.fill_diagonal(between, 0)
     now[g.random(m) < 1 / 3] = 0
     return between, now, weight, g.random((picks, trials))
@@ -119,15 +121,16 @@ def compiled_picks(between, now, weight, uniforms):
     return _C.greedy_picks(*map(torch.from_numpy, (between, now, weight, uniforms))).tolist()
 
 
+@pytest.mark.parametrize("apart", [0.3, 0.97])  # the compiled call's dense and sparse reads
 @pytest.mark.parametrize("m, picks, trials, integers", [
     (300, 40, 24, False), (257, 64, 1, False), (100, 30, 33, True), (50, 20, 1, True), (12, 40, 5, False)])
-def test_greedy_picks_equal_the_reference(m, picks, trials, integers):
+def test_greedy_picks_equal_the_reference(m, picks, trials, integers, apart):
     """The compiled picks and the numpy fallback's equal the plain reference
     on random rounds, covered candidates included; ties (integer inputs) go
     to the first trial; (12, 40): b above the candidates that can be
     covered, the picks stop when every one is."""
     for seed in range(5):
-        between, now, weight, uniforms = round_inputs(m, picks, trials, seed, integers)
+        between, now, weight, uniforms = round_inputs(m, picks, trials, seed, integers, apart)
         expected = reference_picks(between, now, weight, uniforms)
         assert 0 < len(expected) <= picks
         if m < picks:

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -48,6 +49,45 @@ double score(const float* row, const float* now, const double* weight, int64_t m
   return total;
 }
 
+// What trial row `row` removes from the potential where it covers (its finite entries, at
+// `cols`): sum_i weight[i] * (now[i] - min(row[i], now[i])), in float64.
+double gain(const int32_t* cols, const float* row, int64_t count, const float* now,
+            const double* weight) {
+  double total = 0;
+  for (int64_t e = 0; e < count; ++e) {
+    const int32_t i = cols[e];
+    total += weight[i] * (static_cast<double>(now[i]) - std::min(row[e], now[i]));
+  }
+  return total;
+}
+
+// The finite entries of each row of `between` [m, m], or none when over a quarter of them are
+// finite (flat seeding: every candidate covers every other; the dense rows are read then).
+struct Covers {
+  std::vector<int64_t> start;  // row t's entries: [start[t], start[t + 1])
+  std::vector<int32_t> cols;
+  std::vector<float> dist;
+
+  bool build(const float* between, int64_t m) {
+    int64_t finite = 0;
+    for (int64_t e = 0; e < m * m; ++e) finite += between[e] != INFINITY;
+    if (finite > m * m / 4) return false;
+    start.assign(m + 1, 0);
+    cols.reserve(finite);
+    dist.reserve(finite);
+    for (int64_t t = 0; t < m; ++t) {
+      for (int64_t i = 0; i < m; ++i) {
+        if (between[t * m + i] != INFINITY) {
+          cols.push_back(static_cast<int32_t>(i));
+          dist.push_back(between[t * m + i]);
+        }
+      }
+      start[t + 1] = static_cast<int64_t>(cols.size());
+    }
+    return true;
+  }
+};
+
 }  // namespace
 }  // namespace cpu
 
@@ -73,6 +113,12 @@ at::Tensor greedy_picks(const at::Tensor& between, const at::Tensor& now, const 
   const at::Tensor now_at = now.contiguous(), weight_at = weight.to(at::kDouble).contiguous();
   std::vector<float> left(now_at.const_data_ptr<float>(), now_at.const_data_ptr<float>() + m);
   const double* w = weight_at.const_data_ptr<double>();
+  // Two-level seeding covers ~1% of the pairs (a candidate covers only the candidates searching
+  // its group): the trials then read their finite entries only and are judged by what they
+  // remove from the potential (the same order of trials as the dense scores, but for a tie within
+  // float64 rounding).
+  Covers covers;
+  const bool sparse = covers.build(dist, m);
   // The cumulative potential in float64: the draws are searched in it to the last candidate.
   std::vector<double> cumulative(m);
   std::vector<int64_t> picked;
@@ -88,15 +134,25 @@ at::Tensor greedy_picks(const at::Tensor& between, const at::Tensor& now, const 
       const double draw = u[p * trials + t] * total;
       const int64_t j = std::min<int64_t>(
           std::upper_bound(cumulative.begin(), cumulative.end(), draw) - cumulative.begin(), m - 1);
-      const double s = score(dist + j * m, left.data(), w, m);
+      const int64_t e = sparse ? covers.start[j] : 0;
+      const double s = sparse ? -gain(covers.cols.data() + e, covers.dist.data() + e,
+                                      covers.start[j + 1] - e, left.data(), w)
+                              : score(dist + j * m, left.data(), w, m);
       if (best < 0 || s < best_score) {  // ties: the first trial, as numpy's argmin
         best = j;
         best_score = s;
       }
     }
     picked.push_back(best);
-    const float* covered = dist + best * m;
-    for (int64_t i = 0; i < m; ++i) left[i] = std::min(left[i], covered[i]);
+    if (sparse) {
+      for (int64_t e = covers.start[best]; e < covers.start[best + 1]; ++e) {
+        float& l = left[covers.cols[e]];
+        l = std::min(l, covers.dist[e]);
+      }
+    } else {
+      const float* covered = dist + best * m;
+      for (int64_t i = 0; i < m; ++i) left[i] = std::min(left[i], covered[i]);
+    }
     left[best] = 0;
   }
   return at::tensor(picked, at::kLong);
