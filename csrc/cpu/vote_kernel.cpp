@@ -232,6 +232,17 @@ int64_t pack_rows(const Matrix<scalar_t>& x, int64_t row0, int64_t rows, int64_t
     if (prefetch && s0 + kSlab < rows) {
       prefetch_rows(x, row0 + s0 + kSlab, row0 + std::min(rows, s0 + 2 * kSlab), dim, row_at);
     }
+    // Gathered rows for pack_slab: the first two lines of each of the next slab's rows, so that
+    // their fetches (and the hardware prefetcher's streams after them) start while this slab is
+    // packed (k-means' within-group passes: 0.56 -> 0.42 us a row at 34 centroids a group, the
+    // in-order rows' 0.38; the whole rows, as the scalar path asks, measured slower).
+    if (pack != nullptr && !std::is_same_v<Rows, SameRow> && s0 + kSlab < rows) {
+      for (int64_t r = s0 + kSlab; r < std::min(rows, s0 + 2 * kSlab); ++r) {
+        const char* at = reinterpret_cast<const char*>(x.data + row_at(row0 + r) * x.s0);
+        __builtin_prefetch(at);
+        __builtin_prefetch(at + 64);
+      }
+    }
     float* slab = packed + (s0 / kSlab) * dim * kSlab;
     int64_t src[kSlab];
     for (int64_t r = 0; r < in_slab; ++r) src[r] = row_at(row0 + s0 + r);
