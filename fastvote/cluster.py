@@ -471,7 +471,7 @@ def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.
     scale = float(weights[candidates].max())
     between = torch.addmm(c_sq[:, None] + c_sq[None], c, c.T, alpha=-2).clamp_(min=0).div_(scale)
     if reach is not None:  # row t, column i: t covers i only if i searches t's group (no longer symmetric)
-        # (torch's element-wise ops, not numpy's: 5x faster on the M x M mask)
+        # (in torch's element-wise ops: 10-18 ms a 2,048 x 2,048 mask at 2 threads, numpy's 18-21 ms)
         searched = torch.from_numpy(reach[candidates]).to(x.device)
         covers = searched[None, :, 0] == searched[:, None, 0]
         for r in range(1, searched.shape[1]):
