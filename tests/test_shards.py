@@ -363,6 +363,25 @@ def test_a_shard_changed_between_passes_is_an_error(pool):
         next(source.chunks(shard))
 
 
+def test_rows_are_checked_finite_until_a_shard_was_read_whole(pool, monkeypatch):
+    """A shard's NaN/Inf test runs on its reads until one has gone through
+    every row (a pass stopped early checks again), then stops: a file
+    changed since is refused before any row is read."""
+    folder, _, _ = pool
+    source = ShardSource(folder, chunk_rows=100)
+    shard = source.shards[0]
+    tested = []
+    real = np.isfinite
+    monkeypatch.setattr(np, "isfinite", lambda block: tested.append(len(block)) or real(block))
+    next(source.chunks(shard))  # one chunk, then stopped
+    list(source.chunks(shard))
+    assert tested == [100, 100, 100, 50]
+    list(source.chunks(shard))
+    assert tested == [100, 100, 100, 50]  # read whole once: not tested again
+    list(source.chunks(source.shards[1]))
+    assert len(tested) > 4  # (another shard is)
+
+
 def test_cli_cluster_prune(pool, tmp_path, capsys):
     folder, target, _ = pool
     out = tmp_path / "out"
