@@ -525,12 +525,18 @@ def _refine(sample: Tensor, centroids: Tensor, metric: str, passes: int = SAMPLE
     every rank); a centroid no sample row chose stays where it is."""
     for _ in range(passes):
         _, idx = _Geometry(centroids).nearest(sample, 1)
-        sums, counts = ops.class_centroids(sample, idx[:, 0], len(centroids))
-        means = (sums / counts.clamp(min=1).to(sums)[:, None]).to(centroids)
-        if metric == "cosine":
-            means = torch.nn.functional.normalize(means, dim=1)
-        centroids = torch.where((counts > 0).to(centroids.device)[:, None], means, centroids)
+        centroids = _means(sample, idx[:, 0], centroids, metric)
     return centroids
+
+
+def _means(rows: Tensor, chosen: Tensor, centroids: Tensor, metric: str) -> Tensor:
+    """A Lloyd update: each centroid the mean of the rows that chose it
+    (unit-normalised for cosine); a centroid none chose stays."""
+    sums, counts = ops.class_centroids(rows, chosen, len(centroids))
+    means = (sums / counts.clamp(min=1).to(sums)[:, None]).to(centroids)
+    if metric == "cosine":
+        means = torch.nn.functional.normalize(means, dim=1)
+    return torch.where((counts > 0).to(centroids.device)[:, None], means, centroids)
 
 
 def _refine_in_groups(fits: List[Tuple[Tensor, Tensor]], metric: str, passes: int) -> List[Tensor]:
@@ -546,11 +552,7 @@ def _refine_in_groups(fits: List[Tuple[Tensor, Tensor]], metric: str, passes: in
     order = torch.arange(len(rows), device=rows.device)
     for _ in range(passes):
         _, idx = _nearest_in_groups(rows, order, row_starts, _Geometry(centroids), starts, k=1)
-        sums, counts = ops.class_centroids(rows, idx[:, 0], len(centroids))
-        means = (sums / counts.clamp(min=1).to(sums)[:, None]).to(centroids)
-        if metric == "cosine":
-            means = torch.nn.functional.normalize(means, dim=1)
-        centroids = torch.where((counts > 0).to(centroids.device)[:, None], means, centroids)
+        centroids = _means(rows, idx[:, 0], centroids, metric)
     return list(centroids.split([len(c) for _, c in fits]))
 
 

@@ -113,7 +113,7 @@ at::Tensor greedy_picks(const at::Tensor& between, const at::Tensor& now, const 
   const at::Tensor now_at = now.contiguous(), weight_at = weight.to(at::kDouble).contiguous();
   std::vector<float> left(now_at.const_data_ptr<float>(), now_at.const_data_ptr<float>() + m);
   const double* w = weight_at.const_data_ptr<double>();
-  // Two-level seeding covers ~1% of the pairs (a candidate covers only the candidates searching
+  // Two-level seeding covers ~2% of the pairs (a candidate covers only the candidates searching
   // its group): the trials then read their finite entries only and are judged by what they
   // remove from the potential (the same order of trials as the dense scores, but for a tie within
   // float64 rounding).

@@ -640,8 +640,8 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_cpu(const at::Tensor& feature
   double* s = sums.mutable_data_ptr<double>();
   // The rows in order of their class (a stable counting sort: each class still adds its rows in
   // row order, the same bits): a class's sums stay in cache while its rows are added. In row
-  // order every row's sums were a cache miss once K x D outgrew the cache (80 ms a 65,536-row
-  // batch at K = 10,000, D = 512).
+  // order every row's sums were a cache miss once K x D outgrew the cache (a 65,536-row batch at
+  // K = 10,000, D = 512: 61 ms in row order, 40 ms in class order).
   std::vector<int64_t> order(n), next(num_classes);
   for (int64_t j = 0, at = 0; j < num_classes; at += cnt[j], ++j) next[j] = at;
   for (int64_t i = 0; i < n; ++i) order[next[l[i]]++] = i;
@@ -661,14 +661,12 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_cpu(const at::Tensor& feature
       for (const int64_t i : order) {
         double* dst = s + l[i] * dim;
         const scalar_t* row = x.data + i * x.s0;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (x.s1 == 1) {
-            add_floats(dst + d0, row + d0, d1 - d0);
-            continue;
-          }
-        }
         if (x.s1 == 1) {
-          for (int64_t d = d0; d < d1; ++d) dst[d] += static_cast<float>(row[d]);
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            add_floats(dst + d0, row + d0, d1 - d0);
+          } else {
+            for (int64_t d = d0; d < d1; ++d) dst[d] += static_cast<float>(row[d]);
+          }
         } else {
           for (int64_t d = d0; d < d1; ++d) dst[d] += static_cast<float>(row[d * x.s1]);
         }

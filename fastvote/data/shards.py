@@ -151,10 +151,11 @@ class ShardSource:
             blocks = (whole[lo:lo + self.chunk_rows] for lo in range(0, shard.rows, self.chunk_rows))
         row = 0
         for block in blocks:
-            bad = ~np.isfinite(block).all(1) if check else None
-            if check and bad.any():
-                raise ValueError(f"{self.what} shard {shard.path} row {row + int(bad.argmax())} contains NaN or Inf; "
-                                 "expected finite embeddings (drop or fix that row)")
+            if check:
+                bad = ~np.isfinite(block).all(1)
+                if bad.any():
+                    raise ValueError(f"{self.what} shard {shard.path} row {row + int(bad.argmax())} contains NaN or "
+                                     "Inf; expected finite embeddings (drop or fix that row)")
             row += len(block)
             yield block
         if row != shard.rows:
