@@ -365,6 +365,38 @@ def test_vector_packing_writes_the_scalar_packings_bits(dim, monkeypatch):
         assert torch.equal(indices.sort(dim=1).values, torch.arange(dim).expand(70, dim))
 
 
+@pytest.mark.parametrize("dim", [1, 17, 33, 512])
+def test_rows_read_as_they_lie_give_the_packed_rows_bits(dim, monkeypatch):
+    # nearest_in_groups reads contiguous float32 rows straight from memory on AVX-512 (GroupFn: no
+    # packing), in blocks of 8 rows and 48 centroids; other layouts are packed for the tile kernel.
+    # Both must give the same bits: groups of 1 to 130 centroids (a block's every remainder, several
+    # blocks, a group larger than a 32-centroid slab), 1 to 1,100 rows (several 512-row tasks of one
+    # group), near-ties (duplicated centroids), norms up to 1e15, k = 1, 2, 3 and k above a group's size.
+    from conftest import cpu_kernels
+    from fastvote import _C
+
+    g = gen(26)
+    sizes = [1, 2, 15, 16, 17, 31, 47, 48, 49, 64, 97, 130]
+    rows_per = [3, 1, 9, 8, 17, 1100, 40, 7, 600, 33, 12, 520]
+    c = torch.randn(sum(sizes), dim, generator=g)
+    c[5] = c[4]  # a near-tie pair inside one group: the lower index must win
+    centroid_starts = torch.tensor([0] + sizes).cumsum(0)
+    n = sum(rows_per)
+    x = torch.randn(n, dim, generator=g) * torch.logspace(-3, 15, n)[torch.randperm(n, generator=g)][:, None]
+    x[:4] = c[4]  # rows exactly on a duplicated centroid
+    order = torch.randperm(n, generator=g)
+    row_starts = torch.tensor([0] + rows_per).cumsum(0)
+    for kernel in cpu_kernels():
+        monkeypatch.setenv("FASTVOTE_CPU_KERNEL", kernel)
+        for k in (1, 2, 3, 200):
+            direct = _C.nearest_in_groups(x, order, row_starts, c, centroid_starts, k)
+            assert_same(direct, _C.nearest_in_groups(strided_copy(x), order, row_starts, c, centroid_starts, k))
+            assert bool((direct[1][:, 0] >= 0).all())  # every row found a centroid of its group
+        # the rows on centroid 4 = 5 (group 2's) take 4, then 5
+        _, idx = _C.nearest_in_groups(x, torch.arange(4), torch.tensor([0, 0, 0] + [4] * 10), c, centroid_starts, 2)
+        assert idx.tolist() == [[4, 5]] * 4
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e20])
 def test_both_packings_report_the_first_bad_row(bad, monkeypatch):
     # NaN, Inf, or a square that overflows float32, in a partial slab's tail dimension: every kernel and

@@ -61,6 +61,29 @@ using LogitsRowFn = bool (*)(const float* row, int64_t n, int k, float* keys, in
 using PackSlabFn = void (*)(const float* const* rows, int n, int64_t dim, float* slab,
                             float* sqnorm);
 
+// k-means' within-group search (nearest_in_groups) straight from the rows:
+// n contiguous float32 rows (rows[i], dim features each) against one group's
+// `count` centroids, packed as pack_slab packs rows (ceil(count / kSlab) slabs
+// of [dim][kSlab]). Writes each row's top-k keys and indices (within the
+// group; counts[i] of the k slots filled) and its squared norm, all with the
+// bits of packing the rows and running `tile` (each key's fma chain over d,
+// the norm in pack_slab's order, candidates in increasing index).
+struct GroupJob {
+  const float* const* rows;
+  int64_t n;
+  int64_t dim;
+  const float* slabs;
+  int64_t count;
+  const float* bias;   // [count]
+  const float* scale;  // [count]
+  int k;
+  float* keys;       // [n][k]
+  int64_t* indices;  // [n][k]
+  int* counts;       // [n]
+  float* sqnorm;     // [n]
+};
+using GroupFn = void (*)(const GroupJob&);
+
 struct Kernels {
   TileFn tile;
   LogitsRowFn logits_row;
@@ -75,6 +98,8 @@ struct Kernels {
   // A vectorised pack_slab; null where the callers' scalar packing (any
   // dtype, any stride) is the one to use, as in "portable".
   PackSlabFn pack_slab;
+  // A vectorised GroupFn; null where nearest_in_groups packs the rows for `tile`.
+  GroupFn group_rows;
 };
 
 // The fastest variants the running CPU supports (AVX-512 with the certified

@@ -45,6 +45,10 @@ int64_t tile_rows(int64_t dim) {
   return std::clamp<int64_t>(rows, kSlab, 8 * kSlab);
 }
 
+// Rows per task of nearest_in_groups' GroupFn path (no packed tile to keep in
+// L2; a group's centroids are packed once a task).
+constexpr int64_t kGroupTileRows = 512;
+
 int num_workers(int64_t tasks) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks)));
 }
@@ -757,14 +761,21 @@ std::tuple<at::Tensor, at::Tensor> nearest_in_groups_impl(const at::Tensor& feat
   TORCH_CHECK_VALUE(r[0] == 0 && r[groups] == n && g0[0] == 0 && g0[groups] == centroids.size(0),
                     "fastvote.", op, ": the offsets must run from 0 to the rows (", n,
                     ") and to the centroids (", centroids.size(0), ")");
+  // Float32 rows as they lie go straight to the kernels' GroupFn (packing them cost more than
+  // their distances to a few dozen centroids); others are packed for the tile kernel.
+  const Kernels& chosen = kernels();
+  const GroupFn direct =
+      features.scalar_type() == at::kFloat && features.stride(1) == 1 ? chosen.group_rows : nullptr;
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (group, first row of the tile)
-  const int64_t tile = tile_rows(features.size(1));
+  const int64_t tile = direct != nullptr ? kGroupTileRows : tile_rows(features.size(1));
+  int64_t largest = 0;  // centroids of the largest group
   for (int64_t g = 0; g < groups; ++g) {
     TORCH_CHECK_VALUE(r[g] <= r[g + 1] && g0[g] <= g0[g + 1], "fastvote.", op,
                       ": offsets must not decrease; group ", g, " does");
     TORCH_CHECK_VALUE(r[g] == r[g + 1] || g0[g] < g0[g + 1], "fastvote.", op, ": group ", g,
                       " has rows but no centroids");
     for (int64_t row0 = r[g]; row0 < r[g + 1]; row0 += tile) tasks.emplace_back(g, row0);
+    largest = std::max(largest, g0[g + 1] - g0[g]);
   }
   const Centroids c = prepare_centroids(op, centroids, Metric::L2);
   // Rows of a group with fewer than k centroids keep inf / -1 in the slots it cannot fill.
@@ -773,40 +784,66 @@ std::tuple<at::Tensor, at::Tensor> nearest_in_groups_impl(const at::Tensor& feat
   float* v = values.mutable_data_ptr<float>();
   int64_t* ix = indices.mutable_data_ptr<int64_t>();
   const int64_t dim = features.size(1);
-  const Kernels& chosen = kernels();
-  const TileFn kernel = chosen.tile;
   FirstBadRow bad;
   dispatch_float(features.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const Matrix<scalar_t> x(features);
 #pragma omp parallel num_threads(num_workers(static_cast<int64_t>(tasks.size())))
     {
-      PackedTile packed(tile * dim);
-      std::vector<float> keys(tile * k), thresholds(tile), sqnorm(tile);
+      // the packed rows (tile kernel), or the packed centroids of the group last packed (GroupFn)
+      const int64_t slabs = direct != nullptr ? (largest + kSlab - 1) / kSlab : (tile + kSlab - 1) / kSlab;
+      PackedTile packed(slabs * kSlab * dim);
+      int64_t packed_group = -1;
+      std::vector<float> keys(tile * k), thresholds(tile), sqnorm(std::max<int64_t>(tile, kSlab));
       std::vector<int64_t> idx(tile * k);
       std::vector<int> counts(tile);
+      std::vector<const float*> from(std::max<int64_t>(tile, kSlab));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < static_cast<int64_t>(tasks.size()); ++t) {
         if (bad.any()) continue;
         const auto [g, row0] = tasks[t];
         const int64_t rows = std::min(tile, r[g + 1] - row0);
-        const int64_t first_bad =
-            pack_rows(x, row0, rows, dim, Metric::L2, chosen.pack_slab, packed.data,
-                      sqnorm.data(), RowAt{at_row});
-        if (first_bad >= 0) {
-          bad.record(first_bad);
-          continue;
+        const int64_t lo = g0[g], count = g0[g + 1] - lo;
+        const int kk = static_cast<int>(std::min<int64_t>(k, count));
+        if (direct != nullptr) {
+          if (packed_group != g) {  // (a thread's tasks of one group are often in a row)
+            for (int64_t j0 = 0; j0 < count; j0 += kSlab) {
+              const int in_slab = static_cast<int>(std::min<int64_t>(kSlab, count - j0));
+              for (int j = 0; j < in_slab; ++j) from[j] = c.data + (lo + j0 + j) * c.ldc;
+              chosen.pack_slab(from.data(), in_slab, dim, packed.data + j0 * dim, sqnorm.data());
+            }
+            packed_group = g;
+          }
+          for (int64_t i = 0; i < rows; ++i) {
+            from[i] = reinterpret_cast<const float*>(x.data + at_row[row0 + i] * x.s0);
+          }
+          direct({from.data(), rows, dim, packed.data, count, c.bias.data() + lo, c.scale.data() + lo,
+                  kk, keys.data(), idx.data(), counts.data(), sqnorm.data()});
+          int64_t first_bad = kNoRow;  // one test catches NaN, Inf and squares that overflow float32
+          for (int64_t i = 0; i < rows; ++i) {
+            if (!std::isfinite(sqnorm[i])) first_bad = std::min(first_bad, at_row[row0 + i]);
+          }
+          if (first_bad != kNoRow) {
+            bad.record(first_bad);
+            continue;
+          }
+        } else {
+          const int64_t first_bad =
+              pack_rows(x, row0, rows, dim, Metric::L2, chosen.pack_slab, packed.data,
+                        sqnorm.data(), RowAt{at_row});
+          if (first_bad >= 0) {
+            bad.record(first_bad);
+            continue;
+          }
+          std::fill(counts.begin(), counts.end(), 0);
+          std::fill(thresholds.begin(), thresholds.begin() + rows, NAN);
+          std::fill(thresholds.begin() + rows, thresholds.end(), -INFINITY);
+          const TileJob job{packed.data,        rows,        dim, c.data + lo * c.ldc,
+                            c.ldc,              count,       c.bias.data() + lo,
+                            c.scale.data() + lo, kk,         keys.data(), idx.data(),
+                            counts.data(),      thresholds.data()};
+          chosen.tile(job);
         }
-        const int64_t lo = g0[g];
-        const int kk = static_cast<int>(std::min<int64_t>(k, g0[g + 1] - lo));
-        std::fill(counts.begin(), counts.end(), 0);
-        std::fill(thresholds.begin(), thresholds.begin() + rows, NAN);
-        std::fill(thresholds.begin() + rows, thresholds.end(), -INFINITY);
-        const TileJob job{packed.data,        rows,          dim, c.data + lo * c.ldc,
-                          c.ldc,              g0[g + 1] - lo, c.bias.data() + lo,
-                          c.scale.data() + lo, kk,           keys.data(), idx.data(),
-                          counts.data(),      thresholds.data()};
-        kernel(job);
         for (int64_t i = 0; i < rows; ++i) {
           for (int j = 0; j < kk; ++j) {
             v[(row0 + i) * k + j] = std::max(keys[i * kk + j] + sqnorm[i], 0.0f);
