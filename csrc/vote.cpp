@@ -165,6 +165,9 @@ std::pair<int64_t, int64_t> cpu_certified_stats();
 // CPU tensors, not an op: only fastvote.cluster calls it).
 at::Tensor greedy_picks(const at::Tensor& between, const at::Tensor& now, const at::Tensor& weight,
                         const at::Tensor& uniforms);
+at::Tensor greedy_picks_in_groups(const at::Tensor& candidates, const at::Tensor& sq, const at::Tensor& searched,
+                                  double scale, const at::Tensor& now, const at::Tensor& weight,
+                                  const at::Tensor& uniforms);
 
 // The certified bf16 CUDA path's counters (csrc/cuda/vote_kernel.cu); none
 // without the CUDA kernels.
@@ -188,6 +191,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "k-means++ seeding's greedy picks of a round: the positions [<= b] picked among M "
         "candidates (between [M, M] float32, now and weight [M] float32, uniforms [b, trials] "
         "float64); fewer than b when every candidate is covered first. CPU tensors.");
+  m.def("greedy_picks_in_groups", &fastvote::greedy_picks_in_groups,
+        "greedy_picks of two-level seeding, the distances computed for the covering pairs only: "
+        "candidate t covers i when i searches t's group (candidates [M, D] float32, sq [M] float32 "
+        "their squared norms, searched [M, R] int64 each one's groups, its own first; distances "
+        "divided by scale). CPU tensors.");
   m.def("cpu_bf16_stats", &fastvote::cpu_certified_stats,
         "(rows, fallback_rows): rows scored by the certified bf16 CPU path since import, and "
         "those whose top-k it could not certify and the fp32 kernel scored again.");

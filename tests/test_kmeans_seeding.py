@@ -170,6 +170,60 @@ def test_round_draws_all_its_uniforms_even_when_it_stops_early():
 
 
 @compiled
+@pytest.mark.parametrize("dim, reach", [(1, 1), (17, 2), (64, 2), (33, 3)])
+def test_picks_in_groups_equal_the_masked_dense_picks(dim, reach):
+    """Two-level seeding's picks from the covering pairs alone (computed in
+    the compiled call) equal greedy_picks on the dense distance matrix
+    masked where t cannot cover i: integer coordinates make every distance
+    exact in both, so any difference is in which pairs cover, or in the
+    picks. Duplicated candidates (distance 0) and a group nobody searches
+    but its own candidate included."""
+    from fastvote import _C
+
+    g = np.random.default_rng(dim)
+    m, groups = 300, 20
+    x = torch.from_numpy(g.integers(-3, 4, (m, dim)).astype(np.float32))
+    x[7] = x[3]
+    searched = np.stack([g.permutation(groups)[:reach] for _ in range(m)])
+    searched[11] = [groups + 1] + list(searched[11, 1:])  # a group of one candidate
+    sq = torch.linalg.vector_norm(x, dim=1).square()
+    scale = 37.0
+    between = torch.addmm(sq[:, None] + sq[None], x, x.T, alpha=-2).clamp_(min=0).div_(scale)
+    covers = (searched[None, :, :] == searched[:, None, :1]).any(-1)
+    between[torch.from_numpy(~covers)] = float("inf")
+    for seed in range(3):
+        _, now, weight, uniforms = round_inputs(m, 60, 9, seed)
+        dense = compiled_picks(between.numpy(), now, weight, uniforms)
+        args = map(torch.from_numpy, (now, weight, uniforms))
+        assert _C.greedy_picks_in_groups(x, sq, torch.from_numpy(searched), scale, *args).tolist() == dense
+        assert dense == reference_picks(between.numpy(), now, weight, uniforms)
+
+
+@compiled
+@pytest.mark.parametrize("change, error, message", [
+    (dict(candidates=np.zeros((4, 3))), TypeError, "candidates has dtype Double; expected Float"),
+    (dict(sq=np.zeros(5, np.float32)), ValueError, r"candidates \[4, 3\], sq \[5\], searched \[4, 2\]"),
+    (dict(searched=np.zeros((4, 2), np.int32)), TypeError, "searched has dtype Int; expected Long"),
+    (dict(searched=-np.ones((4, 2), np.int64)), IndexError, "searched holds group -1; expected >= 0"),
+    (dict(scale=0.0), ValueError, "scale=0 is invalid; expected > 0"),
+    (dict(uniforms=np.zeros((3, 0))), ValueError, r"uniforms \[3, 0\] has no trials"),
+])
+def test_picks_in_groups_bad_arguments_name_the_argument(change, error, message):
+    from fastvote import _C
+
+    args = dict(candidates=np.zeros((4, 3), np.float32), sq=np.zeros(4, np.float32),
+                searched=np.zeros((4, 2), np.int64), scale=1.0, now=np.ones(4, np.float32),
+                weight=np.ones(4, np.float32), uniforms=np.zeros((3, 2)))
+    args.update(change)
+    scale = args.pop("scale")
+    tensors = {k: torch.from_numpy(v) for k, v in args.items()}
+    with pytest.raises(error, match=message) as exc:
+        _C.greedy_picks_in_groups(tensors["candidates"], tensors["sq"], tensors["searched"], scale,
+                                  tensors["now"], tensors["weight"], tensors["uniforms"])
+    assert "\n" not in str(exc.value)
+
+
+@compiled
 @pytest.mark.parametrize("change, error, message", [
     (dict(between=np.zeros((4, 4))), TypeError, "between has dtype Double; expected Float"),
     (dict(between=np.zeros((4, 5), np.float32)), ValueError, r"between \[4, 5\] and weight \[4\] must be"),
