@@ -569,19 +569,14 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
     sample alone: about sqrt(K) coarse centroids (k-means++ in rounds and
     _GROUP_PASSES Lloyd passes over at most MAX_ROWS_PER_CLUSTER sample rows
     a centroid; a group that would cost the passes over twice its share is
-    split the same way), then the K seeds by k-means++
+    split (:func:`_split`) and refined the same way), then the K seeds by k-means++
     within the groups (:func:`_seed_in_groups`; refining them on the sample
     made the fit worse: the passes over all rows do it). Returns the [K, D]
     seeds, ordered by group, and the groups (coarse [G, D], starts [G + 1],
     sample_group [S])."""
-    def seeded(rows: Tensor, count: int) -> Tuple[Tensor, Tensor]:
-        if len(rows) > MAX_ROWS_PER_CLUSTER * count:  # (more rows than a centroid needs, as in fit())
-            rows = rows[torch.from_numpy(np.sort(rng.choice(len(rows), MAX_ROWS_PER_CLUSTER * count,
-                                                            replace=False))).to(rows.device)]
-        return rows, _seed(rows, count, rng, progress=False)
-
     wanted = math.ceil(math.sqrt(num_clusters))
-    coarse = _refine(*seeded(sample, wanted), metric, _GROUP_PASSES)
+    drawn = _capped(sample, wanted, rng)
+    coarse = _refine(drawn, _seed(drawn, wanted, rng, progress=False), metric, _GROUP_PASSES)
     # A row costs the passes its group's centroids, and a group's seeds follow its share of the sample's
     # potential (k-means++; correlation 0.995 at K = 10,000), so a group costs its share of the rows times its
     # share of the potential: balanced, 1 / wanted^2 each. Groups over twice that are split into m parts (a
@@ -602,10 +597,8 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
         if round_ == _SPLIT_ROUNDS or not bool(split.any()) or \
                 len(coarse) + int((parts[split] - 1).sum()) > min(4 * wanted, num_clusters):
             break
-        fits = [seeded(sample[(group == g).nonzero()[:, 0].to(sample.device)], int(parts[g])) if split[g]
-                else (None, coarse[g:g + 1]) for g in range(len(coarse))]
-        refined = iter(_refine_in_groups([f for f in fits if f[0] is not None], metric, _GROUP_PASSES))
-        coarse = torch.cat([c if rows is None else next(refined) for rows, c in fits])
+        refined = iter(_refine_in_groups(_split(sample, group, parts, split, rng), metric, _GROUP_PASSES))
+        coarse = torch.cat([next(refined) if split[g] else coarse[g:g + 1] for g in range(len(coarse))])
     kept = np.flatnonzero(rows.numpy())  # (a coarse centroid no sample row has nearest makes no group)
     if len(kept) < len(coarse):
         coarse = coarse[torch.from_numpy(kept).to(coarse.device)]
@@ -614,6 +607,33 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
     seeds, seed_group = _seed_in_groups(sample, num_clusters, reach, rng, progress)
     starts = torch.searchsorted(seed_group, torch.arange(len(kept) + 1))
     return seeds, dict(coarse=coarse.cpu(), starts=starts, sample_group=group)
+
+
+def _split(sample: Tensor, group: Tensor, parts: Tensor, split: Tensor, rng: np.random.Generator
+           ) -> List[Tuple[Tensor, Tensor]]:
+    """The groups `split` [G] (bool) cut into about parts[g] each: (rows,
+    seeds) per split group, in group order, the rows at most
+    MAX_ROWS_PER_CLUSTER a part. The seeds of all of them come from one
+    k-means++ within the groups (:func:`_seed_in_groups`, each group's rows
+    searching it alone), which gives each group as many of the sum of the
+    parts as its potential asks for: at K = 10,000 a greedy k-means++ of
+    each group's own parts, 70-80 calls, took 0.45-0.55 s; one call takes
+    ~0.1 s, for the same inertia (within the spread over seeds at K = 1,000
+    and 10,000) and the separated blobs found as often."""
+    ids = split.nonzero()[:, 0].tolist()
+    rows = [_capped(sample[(group == g).nonzero()[:, 0].to(sample.device)], int(parts[g]), rng) for g in ids]
+    own = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(r) for r in rows]))
+    seeds, seed_group = _seed_in_groups(torch.cat(rows), int(parts[split].sum()), own[:, None], rng, False)
+    return list(zip(rows, seeds.split(torch.bincount(seed_group, minlength=len(ids)).tolist())))
+
+
+def _capped(rows: Tensor, count: int, rng: np.random.Generator) -> Tensor:
+    """At most MAX_ROWS_PER_CLUSTER rows a centroid of `rows` (a uniform
+    sample, in order): more than a centroid needs, as in fit()."""
+    if len(rows) <= MAX_ROWS_PER_CLUSTER * count:
+        return rows
+    return rows[torch.from_numpy(np.sort(rng.choice(len(rows), MAX_ROWS_PER_CLUSTER * count,
+                                                    replace=False))).to(rows.device)]
 
 
 def _two_level(hierarchical: Optional[bool], num_clusters: int, sample_rows: int, row_values: int) -> bool:
