@@ -90,6 +90,32 @@ def test_drift_is_never_below_the_exact_distance():
         assert bool((drift.double() <= exact * (1 + 1e-3) + 1e-20).all())  # (and not loose)
 
 
+def test_nearest_coarse_after_splits_equals_searching_again(monkeypatch):
+    """The split rounds' kept lists (cluster._NearestCoarse): after rounds
+    that replace some coarse centroids by 1 to 5 parts (one a duplicate of a
+    kept centroid: an exact tie, the lower index first), each row's two
+    nearest equal those of a search of all coarse centroids, bit for bit,
+    with M = 8, 3 and 2 (most rows then searched again)."""
+    g = torch.Generator().manual_seed(11)
+    sample = torch.randn(3000, 17, generator=g) * 3
+    for m, count in ((8, 30), (3, 30), (2, 30), (8, 3)):  # (8, 3): lists wider than the centroids
+        coarse = torch.randn(count, 17, generator=g) * 3
+        monkeypatch.setattr(cluster._NearestCoarse, "M", m)
+        nearest = cluster._NearestCoarse(sample, coarse)
+        for round_ in range(6):
+            split = torch.rand(len(coarse), generator=g) < 0.3
+            split[round_ % len(coarse)] = True
+            split[-1] = False  # (a centroid kept)
+            parts = [torch.randn(int(torch.randint(1, 6, (1,), generator=g)), 17, generator=g) * 3
+                     for _ in range(int(split.sum()))]
+            kept = (~split).nonzero()[:, 0]
+            parts[-1][0] = coarse[kept[0]]  # a part on a kept centroid
+            coarse = nearest.split(split, parts)
+            d2, idx = nearest.top(2)
+            want_d2, want_idx = cluster._Geometry(coarse).nearest(sample, 2)
+            assert torch.equal(d2, want_d2) and torch.equal(idx, want_idx)
+
+
 def test_nearest_in_groups_near_ties_take_the_lower_index():
     from fastvote import _C
 
