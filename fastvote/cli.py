@@ -435,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes run over a sample of this many rows a cluster; 0: over every row (default: 256)")
     levels = c.add_mutually_exclusive_group()
     levels.add_argument("--hierarchical", action="store_true", default=None,
-                        help="two-level k-means passes: each row against the centroids of its 2 nearest groups of "
-                             "~sqrt(K) (default: from K = 1,000 when a flat pass would be long)")
+                        help="two-level k-means passes: each row against the centroids of its nearest group of "
+                             "~sqrt(K) groups (default: from K = 1,000 when a flat pass would be long)")
     levels.add_argument("--flat", dest="hierarchical", action="store_false", default=None,
                         help="flat k-means passes: each row against all K centroids")
     c.add_argument("--embeddings-key", help="the .npz member holding the embeddings (default: the only 2-D float one)")
