@@ -275,6 +275,14 @@ int64_t pack_rows(const Matrix<scalar_t>& x, int64_t row0, int64_t rows, int64_t
   return -1;
 }
 
+// Empties a tile's top-k lists before the kernel fills them: no entries, and
+// thresholds that admit any key on the tile's `rows` and none on its padding.
+void empty_lists(std::vector<int>& counts, std::vector<float>& thresholds, int64_t rows) {
+  std::fill(counts.begin(), counts.end(), 0);
+  std::fill(thresholds.begin(), thresholds.begin() + rows, NAN);
+  std::fill(thresholds.begin() + rows, thresholds.end(), -INFINITY);
+}
+
 // Runs the fused top-k over all rows of `features` and hands each finished
 // tile to consume(thread, row0, rows, keys[rows][k], indices[rows][k], sqnorm[rows]).
 // run(job, row0) runs the micro-kernel on a packed tile (default: the top-k
@@ -309,9 +317,7 @@ void for_each_tile(const char* op, const at::Tensor& features, const Centroids& 
           bad.record(first_bad);
           continue;
         }
-        std::fill(counts.begin(), counts.end(), 0);
-        std::fill(thresholds.begin(), thresholds.begin() + rows, NAN);
-        std::fill(thresholds.begin() + rows, thresholds.end(), -INFINITY);
+        empty_lists(counts, thresholds, rows);
         const TileJob job{packed.data, rows,        dim,            c.data,
                           c.ldc,       c.count,     c.bias.data(),  c.scale.data(),
                           k,           keys.data(), indices.data(), counts.data(),
@@ -835,9 +841,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_in_groups_impl(const at::Tensor& feat
             bad.record(first_bad);
             continue;
           }
-          std::fill(counts.begin(), counts.end(), 0);
-          std::fill(thresholds.begin(), thresholds.begin() + rows, NAN);
-          std::fill(thresholds.begin() + rows, thresholds.end(), -INFINITY);
+          empty_lists(counts, thresholds, rows);
           const TileJob job{packed.data,        rows,        dim, c.data + lo * c.ldc,
                             c.ldc,              count,       c.bias.data() + lo,
                             c.scale.data() + lo, kk,         keys.data(), idx.data(),
