@@ -61,31 +61,12 @@ double gain(const int32_t* cols, const float* row, int64_t count, const float* n
   return total;
 }
 
-// The finite entries of each row of `between` [m, m], or none when over a quarter of them are
-// finite (flat seeding: every candidate covers every other; the dense rows are read then).
+// Which candidates each candidate covers, and at what distance (two-level seeding: the ~2% of pairs
+// where i searches t's group; build_group_covers).
 struct Covers {
   std::vector<int64_t> start;  // row t's entries: [start[t], start[t + 1])
   std::vector<int32_t> cols;
   std::vector<float> dist;
-
-  bool build(const float* between, int64_t m) {
-    int64_t finite = 0;
-    for (int64_t e = 0; e < m * m; ++e) finite += between[e] != INFINITY;
-    if (finite > m * m / 4) return false;
-    start.assign(m + 1, 0);
-    cols.reserve(finite);
-    dist.reserve(finite);
-    for (int64_t t = 0; t < m; ++t) {
-      for (int64_t i = 0; i < m; ++i) {
-        if (between[t * m + i] != INFINITY) {
-          cols.push_back(static_cast<int32_t>(i));
-          dist.push_back(between[t * m + i]);
-        }
-      }
-      start[t + 1] = static_cast<int64_t>(cols.size());
-    }
-    return true;
-  }
 };
 
 // x . y in 16 interleaved float32 partial sums added pairwise, each a multiply then an add (no
@@ -131,7 +112,7 @@ void build_group_covers(Covers& covers, const float* x, int64_t dim, const float
   }
   covers.cols.resize(covers.start[m]);
   covers.dist.resize(covers.start[m]);
-  const float inv = static_cast<float>(scale);
+  const float unit = static_cast<float>(scale);
   for (int64_t t = 0; t < m; ++t) {
     const int64_t g = searched[t * reach];
     int64_t e = covers.start[t];
@@ -139,7 +120,7 @@ void build_group_covers(Covers& covers, const float* x, int64_t dim, const float
       const int32_t i = searching[s];
       const float d2 = sq[t] + sq[i] - 2.0f * dot(x + t * dim, x + i * dim, dim);
       covers.cols[e] = i;
-      covers.dist[e] = std::max(d2, 0.0f) / inv;
+      covers.dist[e] = std::max(d2, 0.0f) / unit;
     }
   }
 }
@@ -217,13 +198,7 @@ at::Tensor greedy_picks(const at::Tensor& between, const at::Tensor& now, const 
                     weight.sizes(), " must be [M, M] and [M] for the M=", m,
                     " candidates of now");
   const at::Tensor b_at = between.contiguous();
-  // Where ~2% of the pairs are covered (two-level seeding, through greedy_picks_in_groups, which
-  // builds them directly) the trials read the covered entries only and are judged by what they
-  // remove from the potential (the same order of trials as the dense scores, but for a tie within
-  // float64 rounding).
-  Covers covers;
-  const bool sparse = covers.build(b_at.const_data_ptr<float>(), m);
-  return run_picks(sparse ? &covers : nullptr, b_at.const_data_ptr<float>(), now, weight, uniforms);
+  return run_picks(nullptr, b_at.const_data_ptr<float>(), now, weight, uniforms);
 }
 
 at::Tensor greedy_picks_in_groups(const at::Tensor& candidates, const at::Tensor& sq, const at::Tensor& searched,
