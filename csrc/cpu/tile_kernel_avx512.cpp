@@ -153,18 +153,23 @@ inline void group_dots(const float* const* x, const float* const* next, int64_t 
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < dim; ++d) {
-    if (next != nullptr && d % 16 == 0) {
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next[r] + d), _MM_HINT_T0);
+  for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+    if (next != nullptr) {
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next[r] + d0), _MM_HINT_T0);
     }
-    __m512 c[NV];
+    // (the prefetch's test outside the inner loop: inside, it left the compiler one register short,
+    // and it kept an accumulator on the stack)
+    const int64_t d1 = std::min(dim, d0 + 16);
+    for (int64_t d = d0; d < d1; ++d) {
+      __m512 c[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) c[v] = _mm512_load_ps(c0[v] + d * kSlab);
+      for (int v = 0; v < NV; ++v) c[v] = _mm512_load_ps(c0[v] + d * kSlab);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 xr = _mm512_set1_ps(x[r][d]);
+      for (int r = 0; r < R; ++r) {
+        const __m512 xr = _mm512_set1_ps(x[r][d]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(c[v], xr, acc[r][v]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(c[v], xr, acc[r][v]);
+      }
     }
   }
 }
@@ -205,6 +210,88 @@ void group_block(const GroupJob& job, const float* const* x, const float* const*
   group_insert<NV, R>(acc, job, row0, live, j0, valid, threshold);
 }
 
+// k <= 2 (every call k-means makes): a row keeps, per lane l, its best two
+// (key, index) among the centroids j = l (mod 16) scored so far, and merges
+// the 16 lanes once, at the end. The same list as topk_insert over every
+// candidate in increasing index (ranks_before's order: a lane sees its
+// candidates in increasing index, so a strict compare keeps a tie's lower
+// index; an empty slot is (+inf, kEmpty), which even a +inf key ranks
+// before), without the scalar insert and its mispredicted branches per
+// admitted lane: the first vector of a row admits all 16 (2/3 of a
+// 48-centroid group's time went to the epilogue). Keys are never NaN here:
+// the rows' and centroids' squared norms are finite (checked), so
+// |acc| <= |x| |c| stays finite.
+constexpr int kEmpty = INT32_MAX;
+
+struct LaneBest {
+  __m512 key[2];
+  __m512i idx[2];
+};
+
+// ranks_before (fastvote/topk.h) lane by lane: the lanes where (ka, ia) ranks before (kb, ib).
+inline __mmask16 ranks_before(__m512 ka, __m512i ia, __m512 kb, __m512i ib) {
+  return _mm512_cmp_ps_mask(ka, kb, _CMP_LT_OQ) |
+         (_mm512_cmp_ps_mask(ka, kb, _CMP_EQ_OQ) & _mm512_cmplt_epi32_mask(ia, ib));
+}
+
+template <int NV, int R>
+inline void group_lanes(const __m512 acc[R][NV], const GroupJob& job, int live, int64_t j0, int valid,
+                        LaneBest best[R]) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int v = 0; v < NV; ++v) {
+    const int in_vector = std::clamp(valid - 16 * v, 0, 16);
+    const __mmask16 lanes = static_cast<__mmask16>((1u << in_vector) - 1);
+    const __m512 bias = _mm512_maskz_loadu_ps(lanes, job.bias + j0 + 16 * v);
+    const __m512 scale = _mm512_maskz_loadu_ps(lanes, job.scale + j0 + 16 * v);
+    const __m512i j = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j0 + 16 * v)));
+    for (int r = 0; r < live; ++r) {
+      LaneBest& b = best[r];
+      const __m512 key = _mm512_fmadd_ps(scale, acc[r][v], bias);
+      const __mmask16 first = lanes & ranks_before(key, j, b.key[0], b.idx[0]);
+      const __mmask16 second = lanes & ~first & ranks_before(key, j, b.key[1], b.idx[1]);
+      b.key[1] = _mm512_mask_mov_ps(_mm512_mask_mov_ps(b.key[1], first, b.key[0]), second, key);
+      b.idx[1] = _mm512_mask_mov_epi32(_mm512_mask_mov_epi32(b.idx[1], first, b.idx[0]), second, j);
+      b.key[0] = _mm512_mask_mov_ps(b.key[0], first, key);
+      b.idx[0] = _mm512_mask_mov_epi32(b.idx[0], first, j);
+    }
+  }
+}
+
+template <int NV, int R>
+void group_block_lanes(const GroupJob& job, const float* const* x, const float* const* ahead, int live,
+                       int64_t j0, int valid, LaneBest best[R]) {
+  __m512 acc[R][NV];
+  group_dots<NV, R>(x, ahead, job.dim, job.slabs, j0, acc);
+  group_lanes<NV, R>(acc, job, live, j0, valid, best);
+}
+
+// The first of a row's 16 lane lists (ranks_before's order), removed from them: its key and index.
+// (A tree of lane swaps, lane l against lane l ^ w for w = 8, 4, 2, 1, leaves the first pair in every
+// lane. Zero-masked permutes: GCC 12 warns about the undefined sources of the unmasked shuffles and
+// of the reduce intrinsics.)
+inline void pop_best(LaneBest& b, float* key, int64_t* index) {
+  __m512 k = b.key[0];
+  __m512i i = b.idx[0];
+  for (int w = 8; w > 0; w /= 2) {
+    const __m512i swap = _mm512_xor_si512(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(w));
+    const __m512 other_k = _mm512_maskz_permutexvar_ps(0xFFFF, swap, k);
+    const __m512i other_i = _mm512_maskz_permutexvar_epi32(0xFFFF, swap, i);
+    const __mmask16 before = ranks_before(other_k, other_i, k, i);
+    k = _mm512_mask_mov_ps(k, before, other_k);
+    i = _mm512_mask_mov_epi32(i, before, other_i);
+  }
+  alignas(64) float keys[16];
+  alignas(64) int32_t indices[16];
+  _mm512_store_ps(keys, k);
+  _mm512_store_si512(indices, i);
+  *key = keys[0];
+  *index = indices[0];
+  const __mmask16 at = _mm512_cmpeq_epi32_mask(b.idx[0], i);
+  b.key[0] = _mm512_mask_mov_ps(b.key[0], at, b.key[1]);
+  b.idx[0] = _mm512_mask_mov_epi32(b.idx[0], at, b.idx[1]);
+}
+
 // GroupFn: blocks of 8 rows against blocks of up to 48 centroids (24
 // accumulators and 3 centroid vectors of the 32 registers), the last block of
 // as many vectors as it needs. (Blocks of 64 centroids, 6 rows, read the
@@ -219,18 +306,43 @@ void group_rows(const GroupJob& job) {
       x[r] = job.rows[row0 + std::min(r, live - 1)];
       next[r] = job.rows[std::min(job.n - 1, row0 + R + r)];
     }
-    float threshold[R];
-    for (int r = 0; r < live; ++r) {
-      job.counts[row0 + r] = 0;
-      threshold[r] = NAN;
-    }
-    for (int64_t j0 = 0; j0 < job.count; j0 += 48) {
-      const int valid = static_cast<int>(std::min<int64_t>(48, job.count - j0));
-      const float* const* ahead = j0 == 0 && row0 + R < job.n ? next : nullptr;
-      switch ((valid + 15) / 16) {
-        case 1: group_block<1, R>(job, x, ahead, row0, live, j0, valid, threshold); break;
-        case 2: group_block<2, R>(job, x, ahead, row0, live, j0, valid, threshold); break;
-        default: group_block<3, R>(job, x, ahead, row0, live, j0, valid, threshold); break;
+    if (job.k <= 2) {
+      LaneBest best[R];
+      for (int r = 0; r < live; ++r) {
+        best[r].key[0] = best[r].key[1] = _mm512_set1_ps(INFINITY);
+        best[r].idx[0] = best[r].idx[1] = _mm512_set1_epi32(kEmpty);
+      }
+      for (int64_t j0 = 0; j0 < job.count; j0 += 48) {
+        const int valid = static_cast<int>(std::min<int64_t>(48, job.count - j0));
+        const float* const* ahead = j0 == 0 && row0 + R < job.n ? next : nullptr;
+        switch ((valid + 15) / 16) {
+          case 1: group_block_lanes<1, R>(job, x, ahead, live, j0, valid, best); break;
+          case 2: group_block_lanes<2, R>(job, x, ahead, live, j0, valid, best); break;
+          default: group_block_lanes<3, R>(job, x, ahead, live, j0, valid, best); break;
+        }
+      }
+      for (int r = 0; r < live; ++r) {
+        const int64_t row = row0 + r;
+        int count = 0;
+        for (; count < job.k && count < job.count; ++count) {
+          pop_best(best[r], job.keys + row * job.k + count, job.indices + row * job.k + count);
+        }
+        job.counts[row] = count;
+      }
+    } else {
+      float threshold[R];
+      for (int r = 0; r < live; ++r) {
+        job.counts[row0 + r] = 0;
+        threshold[r] = NAN;
+      }
+      for (int64_t j0 = 0; j0 < job.count; j0 += 48) {
+        const int valid = static_cast<int>(std::min<int64_t>(48, job.count - j0));
+        const float* const* ahead = j0 == 0 && row0 + R < job.n ? next : nullptr;
+        switch ((valid + 15) / 16) {
+          case 1: group_block<1, R>(job, x, ahead, row0, live, j0, valid, threshold); break;
+          case 2: group_block<2, R>(job, x, ahead, row0, live, j0, valid, threshold); break;
+          default: group_block<3, R>(job, x, ahead, row0, live, j0, valid, threshold); break;
+        }
       }
     }
     for (int r = 0; r < live; ++r) job.sqnorm[row0 + r] = row_sqnorm(x[r], job.dim);
