@@ -397,6 +397,30 @@ def test_rows_read_as_they_lie_give_the_packed_rows_bits(dim, monkeypatch):
         assert idx.tolist() == [[4, 5]] * 4
 
 
+def test_keys_that_overflow_to_inf_rank_by_index(monkeypatch):
+    # Finite rows and centroids whose keys |c|^2 - 2 x.c overflow to +inf: every candidate ties at inf, so
+    # a row's list is its group's lowest indices, on both packings (the rows-as-they-lie kernel's lane
+    # lists start as (+inf, empty), which an inf key must still displace).
+    from conftest import cpu_kernels
+    from fastvote import _C
+
+    dim, big = 20, 1.5e19  # squares 2.25e38: finite; -2 x.c = 4.5e38: not
+    c = torch.zeros(50, dim)
+    c[:, 0] = big
+    c[7] = 0.0  # one finite key in the second group
+    x = torch.zeros(3, dim)
+    x[:, 0] = -big
+    centroid_starts, row_starts = torch.tensor([0, 5, 50]), torch.tensor([0, 1, 3])
+    for kernel in cpu_kernels():
+        monkeypatch.setenv("FASTVOTE_CPU_KERNEL", kernel)
+        for k in (1, 2, 3):
+            direct = _C.nearest_in_groups(x, torch.arange(3), row_starts, c, centroid_starts, k)
+            assert_same(direct, _C.nearest_in_groups(strided_copy(x), torch.arange(3), row_starts, c,
+                                                     centroid_starts, k))
+            assert direct[1].tolist() == [[0, 1, 2][:k], [7, 5, 6][:k], [7, 5, 6][:k]]
+            assert torch.isinf(direct[0][0]).all()
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e20])
 def test_both_packings_report_the_first_bad_row(bad, monkeypatch):
     # NaN, Inf, or a square that overflows float32, in a partial slab's tail dimension: every kernel and
