@@ -161,6 +161,10 @@ std::tuple<at::Tensor, at::Tensor> nearest_in_groups(const at::Tensor& features,
                                                      const at::Tensor& centroids,
                                                      const at::Tensor& centroid_starts, int64_t k);
 std::pair<int64_t, int64_t> cpu_certified_stats();
+// k-means' passes: the rows whose cluster changed move between the float64 sums and counts, in
+// place (CPU tensors; not an op: only fastvote.cluster calls it).
+void move_rows(at::Tensor& sums, at::Tensor& counts, const at::Tensor& features, const at::Tensor& before,
+               const at::Tensor& after);
 // k-means++ seeding's greedy picks of a round (csrc/cpu/kmeans_seeding.cpp;
 // CPU tensors, not an op: only fastvote.cluster calls it).
 at::Tensor greedy_picks(const at::Tensor& between, const at::Tensor& now, const at::Tensor& weight,
@@ -187,6 +191,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Rows features[order] sorted by group (row_starts [G + 1]) against their own group's "
         "centroids (centroid_starts [G + 1]): squared distances [len(order), k] and indices "
         "(inf / -1 where a group has fewer than k centroids). CPU tensors.");
+  m.def("move_rows", &fastvote::move_rows,
+        "The rows i of features [B, D] float32 whose cluster changed from before[i] to after[i] "
+        "([B] int64) move between sums [K, D] and counts [K] (float64, in place): added to the "
+        "new cluster's, then subtracted from the old's, each cluster's rows in row order. CPU tensors.");
   m.def("greedy_picks", &fastvote::greedy_picks,
         "k-means++ seeding's greedy picks of a round: the positions [<= b] picked among M "
         "candidates (between [M, M] float32, now and weight [M] float32, uniforms [b, trials] "

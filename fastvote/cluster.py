@@ -1023,7 +1023,14 @@ def _fitting_rows(batches: Batches, rows: range, picks: Optional[np.ndarray], me
 
 def _move_rows(sums: Tensor, counts: Tensor, x: Tensor, before: Tensor, after: Tensor) -> None:
     """The rows of x whose cluster changed from `before` to `after` move
-    their features and counts between the per-cluster sums (CPU float64, in place)."""
+    their features and counts between the per-cluster sums (CPU float64, in
+    place): one compiled call on CPU (no float64 copy of the moved rows; the
+    same bits), elsewhere the rows copied to the CPU and two index_put_ calls."""
+    if ops.HAS_EXTENSION and x.device.type == "cpu" and x.dtype == torch.float32:
+        from fastvote import _C
+
+        _C.move_rows(sums, counts, x, before, after)
+        return
     changed = (before != after).nonzero()[:, 0]
     if len(changed):
         rows = x[changed].double().cpu()

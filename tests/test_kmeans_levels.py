@@ -90,6 +90,49 @@ def test_drift_is_never_below_the_exact_distance():
         assert bool((drift.double() <= exact * (1 + 1e-3) + 1e-20).all())  # (and not loose)
 
 
+@pytest.mark.parametrize("rows,dim", [(1, 1), (40, 67), (3000, 130)])
+def test_moving_rows_gives_the_bits_of_index_put(rows, dim, monkeypatch):
+    # The compiled move (each cluster's rows added in row order, then subtracted) against the two
+    # index_put_ calls it replaces: the same float64 bits, even where the order of the adds matters
+    # (values over 12 orders of magnitude, a few clusters taking many rows), for contiguous and
+    # strided rows, with rows that stay (before == after) and one block of columns or several.
+    if not ops.HAS_EXTENSION:
+        pytest.skip("the compiled move needs the extension")
+    g = torch.Generator().manual_seed(rows + dim)
+    k = 7
+    x = torch.randn(rows, dim, generator=g) * torch.logspace(-6, 6, rows)[torch.randperm(rows, generator=g)][:, None]
+    before = torch.randint(0, k, (rows,), generator=g)
+    after = torch.where(torch.rand(rows, generator=g) < 0.3, before, torch.randint(0, k, (rows,), generator=g))
+    start = torch.randn(k, dim, generator=g, dtype=torch.float64) * 1e3
+    counts0 = torch.randint(0, 50, (k,), generator=g).double()
+    for features in (x, x.t().contiguous().t()):
+        sums, counts = start.clone(), counts0.clone()
+        cluster._move_rows(sums, counts, features, before, after)
+        monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+        ref_sums, ref_counts = start.clone(), counts0.clone()
+        cluster._move_rows(ref_sums, ref_counts, features, before, after)
+        monkeypatch.undo()
+        assert torch.equal(sums, ref_sums) and torch.equal(counts, ref_counts)
+        assert not torch.equal(sums, start) or bool((before == after).all())
+
+
+def test_moving_rows_refuses_bad_arguments():
+    if not ops.HAS_EXTENSION:
+        pytest.skip("the compiled move needs the extension")
+    from fastvote import _C
+
+    sums, counts, x = torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), torch.ones(2, 4)
+    with pytest.raises(IndexError, match="row 1 names cluster 3"):
+        _C.move_rows(sums, counts, x, torch.tensor([0, 1]), torch.tensor([2, 3]))
+    with pytest.raises(ValueError, match="sums must be a contiguous float64"):
+        _C.move_rows(sums.float(), counts, x, torch.tensor([0, 1]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="features must be a float32 \\[B, D\\] tensor, D = 4"):
+        _C.move_rows(sums, counts, torch.ones(2, 5), torch.tensor([0, 1]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="before and after must be \\[B\\] tensors, B = 2"):
+        _C.move_rows(sums, counts, x, torch.tensor([0]), torch.tensor([1, 2]))
+    assert torch.equal(sums, torch.zeros(3, 4, dtype=torch.float64))  # (nothing moved by a refused call)
+
+
 def test_nearest_coarse_after_splits_equals_searching_again(monkeypatch):
     """The split rounds' kept lists (cluster._NearestCoarse): after rounds
     that replace some coarse centroids by 1 to 5 parts (one a duplicate of a

@@ -413,6 +413,13 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void add_floats(dou
   for (int64_t d = 0; d < n; ++d) dst[d] += static_cast<double>(row[d]);
 }
 
+// dst[d] -= row[d] in float64 (move_rows; a - x is a + (-x), bit for bit).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void sub_floats(double* dst,
+                                                                            const float* row,
+                                                                            int64_t n) {
+  for (int64_t d = 0; d < n; ++d) dst[d] -= static_cast<double>(row[d]);
+}
+
 // Adds one row's k picks (keys sorted best first) to a vote histogram.
 void add_votes(uint64_t* hist, const float* keys, const int64_t* indices, int k, Weight weight,
                float inv_temperature, float* scratch) {
@@ -861,6 +868,79 @@ std::tuple<at::Tensor, at::Tensor> nearest_in_groups_impl(const at::Tensor& feat
   return {values, indices};
 }
 
+// k-means' passes after the first (fastvote/cluster.py, _move_rows): the rows i whose cluster
+// changed from before[i] to after[i] move between the float64 per-cluster sums [K, D] and counts
+// [K], in place: every such row added to its new cluster's sums, then subtracted from its old,
+// each cluster's rows in row order. The bits of two index_put_(accumulate=True) calls in row
+// order (torch's serial CPU loop), without the [M, D] float64 copy of the moved rows they need
+// (at K = 10,000 that copy, its page faults and the two calls took ~20 ms a batch).
+void move_rows_impl(at::Tensor& sums, at::Tensor& counts, const at::Tensor& features,
+                    const at::Tensor& before, const at::Tensor& after) {
+  constexpr const char* op = "fastvote.move_rows";
+  TORCH_CHECK_VALUE(sums.dim() == 2 && sums.scalar_type() == at::kDouble && sums.is_contiguous(), op,
+                    ": sums must be a contiguous float64 [K, D] tensor");
+  const int64_t num_clusters = sums.size(0), dim = sums.size(1);
+  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.scalar_type() == at::kDouble && counts.is_contiguous() &&
+                        counts.size(0) == num_clusters,
+                    op, ": counts must be a contiguous float64 [K] tensor, K = ", num_clusters);
+  TORCH_CHECK_VALUE(features.dim() == 2 && features.scalar_type() == at::kFloat && features.size(1) == dim, op,
+                    ": features must be a float32 [B, D] tensor, D = ", dim);
+  const int64_t n = features.size(0);
+  TORCH_CHECK_VALUE(before.dim() == 1 && after.dim() == 1 && before.size(0) == n && after.size(0) == n, op,
+                    ": before and after must be [B] tensors, B = ", n);
+  const at::Tensor from_t = before.to(at::kLong).contiguous(), to_t = after.to(at::kLong).contiguous();
+  const int64_t* from = from_t.const_data_ptr<int64_t>();
+  const int64_t* to = to_t.const_data_ptr<int64_t>();
+  // The moved rows by new cluster and by old (stable counting sorts: row order within a cluster).
+  std::vector<int64_t> next_to(num_clusters + 1, 0), next_from(num_clusters + 1, 0);
+  int64_t moved = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (const int64_t j : {from[i], to[i]}) {
+      TORCH_CHECK_INDEX(j >= 0 && j < num_clusters, op, ": row ", i, " names cluster ", j,
+                        "; expected 0 <= cluster < ", num_clusters);
+    }
+    if (from[i] != to[i]) {
+      ++next_to[to[i] + 1];
+      ++next_from[from[i] + 1];
+      ++moved;
+    }
+  }
+  for (int64_t j = 0; j < num_clusters; ++j) {
+    next_to[j + 1] += next_to[j];
+    next_from[j + 1] += next_from[j];
+  }
+  std::vector<int64_t> by_to(moved), by_from(moved);
+  for (int64_t i = 0; i < n; ++i) {
+    if (from[i] != to[i]) {
+      by_to[next_to[to[i]]++] = i;
+      by_from[next_from[from[i]]++] = i;
+    }
+  }
+  double* s = sums.mutable_data_ptr<double>();
+  double* c = counts.mutable_data_ptr<double>();
+  for (const int64_t i : by_to) c[to[i]] += 1.0;
+  for (const int64_t i : by_from) c[from[i]] -= 1.0;
+  const Matrix<float> x(features);
+  // Threads own disjoint column blocks (as class_centroids): each element's sum keeps its order.
+  constexpr int64_t kColumns = 64;
+  const int64_t blocks = (dim + kColumns - 1) / kColumns;
+#pragma omp parallel for num_threads(num_workers(moved > 256 ? blocks : 1)) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t d0 = b * kColumns, d1 = std::min(dim, d0 + kColumns);
+    for (const bool add : {true, false}) {
+      for (const int64_t i : add ? by_to : by_from) {
+        double* dst = s + (add ? to[i] : from[i]) * dim;
+        const float* row = x.data + i * x.s0;
+        if (x.s1 == 1) {
+          (add ? add_floats : sub_floats)(dst + d0, row + d0, d1 - d0);
+        } else {
+          for (int64_t d = d0; d < d1; ++d) dst[d] += add ? row[d * x.s1] : -row[d * x.s1];
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace cpu
 
@@ -870,6 +950,11 @@ std::tuple<at::Tensor, at::Tensor> nearest_in_groups(const at::Tensor& features,
                                                      const at::Tensor& centroids,
                                                      const at::Tensor& centroid_starts, int64_t k) {
   return cpu::nearest_in_groups_impl(features, order, row_starts, centroids, centroid_starts, k);
+}
+
+void move_rows(at::Tensor& sums, at::Tensor& counts, const at::Tensor& features, const at::Tensor& before,
+               const at::Tensor& after) {
+  cpu::move_rows_impl(sums, counts, features, before, after);
 }
 
 TORCH_LIBRARY_IMPL(fastvote, CPU, m) {
