@@ -112,10 +112,24 @@ Centroids prepare_centroids(const char* op, const at::Tensor& centroids, Metric 
   c.dim = c.storage.size(1);
   c.bias.resize(c.count);
   c.scale.resize(c.count);
+  // Each centroid's float64 sum of squares in feature order, four centroids at once (four
+  // independent chains of adds: a chain alone waits on each add's latency; k-means calls this
+  // every batch, K = 10,000 x 512 in 8 ms), over the threads when K x D is large.
+  constexpr int kChains = 4;
+  std::vector<double> sums(c.count);
+  const int64_t quads = (c.count + kChains - 1) / kChains;
+#pragma omp parallel for num_threads(num_workers(c.count * c.dim >= (1 << 20) ? quads : 1)) schedule(static)
+  for (int64_t q = 0; q < quads; ++q) {
+    const float* rows[kChains];
+    double sq[kChains] = {};
+    for (int i = 0; i < kChains; ++i) rows[i] = c.data + std::min(q * kChains + i, c.count - 1) * c.ldc;
+    for (int64_t d = 0; d < c.dim; ++d) {
+      for (int i = 0; i < kChains; ++i) sq[i] += static_cast<double>(rows[i][d]) * rows[i][d];
+    }
+    for (int i = 0; i < kChains && q * kChains + i < c.count; ++i) sums[q * kChains + i] = sq[i];
+  }
   for (int64_t j = 0; j < c.count; ++j) {
-    const float* row = c.data + j * c.ldc;
-    double sq = 0;
-    for (int64_t d = 0; d < c.dim; ++d) sq += static_cast<double>(row[d]) * row[d];
+    const double sq = sums[j];
     if (!std::isfinite(static_cast<float>(sq))) fail_non_finite(op, arg, j);
     if (metric == Metric::L2) {
       c.bias[j] = static_cast<float>(sq);
