@@ -418,20 +418,35 @@ __attribute__((target_clones("fma", "default"))) void add_weighted_votes(
   for (int i = 0; i < k; ++i) hist[indices[i]] += fixed_units(scratch[i]);
 }
 
-// dst[d] += row[d] in float64, for class_centroids' sums; cloned for AVX-512 and AVX2 (without
-// them the x86-64 baseline converts two floats an instruction: 4x slower). One rounding an
-// element whatever the width: the same sums on every CPU.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void add_floats(double* dst,
-                                                                            const float* row,
-                                                                            int64_t n) {
-  for (int64_t d = 0; d < n; ++d) dst[d] += static_cast<double>(row[d]);
+// sums[into[i]][d] += x[i][d] (subtract: -=) in float64 for the rows i = rows[0], rows[1], ... in
+// that order and the columns [d0, d1): class_centroids' and move_rows' loop. Cloned for AVX-512 and
+// AVX2 (without them the x86-64 baseline converts two floats an instruction: 4x slower), one
+// rounding an element whatever the width: the same sums on every CPU. The next rows' columns are
+// prefetched (in class order they lie anywhere in the batch).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void add_rows(
+    double* sums, int64_t dim, const float* x, int64_t ld, const int64_t* rows, int64_t n,
+    const int64_t* into, int64_t d0, int64_t d1, bool subtract) {
+  constexpr int64_t kAhead = 2;
+  for (int64_t t = 0; t < n; ++t) {
+    if (t + kAhead < n) {
+      const float* next = x + rows[t + kAhead] * ld;
+      for (int64_t d = d0; d < d1; d += 16) __builtin_prefetch(next + d);
+    }
+    const int64_t i = rows[t];
+    double* dst = sums + into[i] * dim;
+    const float* row = x + i * ld;
+    if (subtract) {
+      for (int64_t d = d0; d < d1; ++d) dst[d] -= static_cast<double>(row[d]);
+    } else {
+      for (int64_t d = d0; d < d1; ++d) dst[d] += static_cast<double>(row[d]);
+    }
+  }
 }
 
-// dst[d] -= row[d] in float64 (move_rows; a - x is a + (-x), bit for bit).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void sub_floats(double* dst,
-                                                                            const float* row,
-                                                                            int64_t n) {
-  for (int64_t d = 0; d < n; ++d) dst[d] -= static_cast<double>(row[d]);
+// Thread t's columns of D when `threads` threads split them (whole cache lines of floats).
+std::pair<int64_t, int64_t> thread_columns(int64_t dim, int t, int threads) {
+  const int64_t lines = (dim + 15) / 16;
+  return {std::min(dim, lines * t / threads * 16), std::min(dim, lines * (t + 1) / threads * 16)};
 }
 
 // Adds one row's k picks (keys sorted best first) to a vote histogram.
@@ -669,16 +684,20 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_cpu(const at::Tensor& feature
   }
   at::Tensor sums = at::zeros({num_classes, dim}, at::TensorOptions().dtype(at::kDouble));
   double* s = sums.mutable_data_ptr<double>();
-  // The rows in order of their class (a stable counting sort: each class still adds its rows in
-  // row order, the same bits): a class's sums stay in cache while its rows are added. In row
-  // order every row's sums were a cache miss once K x D outgrew the cache (a 65,536-row batch at
-  // K = 10,000, D = 512: 61 ms in row order, 40 ms in class order).
-  std::vector<int64_t> order(n), next(num_classes);
-  for (int64_t j = 0, at = 0; j < num_classes; at += cnt[j], ++j) next[j] = at;
-  for (int64_t i = 0; i < n; ++i) order[next[l[i]]++] = i;
-  // Threads own disjoint column blocks: no races, no per-thread K x D copies.
-  constexpr int64_t kColumns = 64;
-  const int64_t blocks = (dim + kColumns - 1) / kColumns;
+  // Each class adds its rows in row order (the bits), the rows taken in row order while the K x D
+  // sums fit in cache, else in class order (a stable counting sort), so that a class's sums stay
+  // in cache while its rows are added: at K = 10,000, D = 512 a 65,536-row batch took 61 ms in row
+  // order, 40 ms in class order, where the seeding's small K read every row in 64-column pieces.
+  std::vector<int64_t> order(n);
+  if (num_classes * dim * static_cast<int64_t>(sizeof(double)) <= (1 << 20)) {
+    for (int64_t i = 0; i < n; ++i) order[i] = i;
+  } else {
+    std::vector<int64_t> next(num_classes);
+    for (int64_t j = 0, at = 0; j < num_classes; at += cnt[j], ++j) next[j] = at;
+    for (int64_t i = 0; i < n; ++i) order[next[l[i]]++] = i;
+  }
+  // Threads own disjoint column ranges: no races, no per-thread K x D copies.
+  const int threads = num_workers(n * dim >= (1 << 16) ? (dim + 15) / 16 : 1);
   FirstBadRow bad;
   dispatch_float(features.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -686,21 +705,18 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_cpu(const at::Tensor& feature
     // Summed without a test per value (a loop the compiler vectorises): float64 sums of finite
     // float32 values cannot overflow, so a non-finite sum means a NaN/Inf input, whose first row
     // a second, checking pass finds.
-#pragma omp parallel for num_threads(num_workers(blocks)) schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t d0 = b * kColumns, d1 = std::min(dim, d0 + kColumns);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; ++t) {
+      const auto [d0, d1] = thread_columns(dim, t, threads);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (x.s1 == 1) {
+          add_rows(s, dim, x.data, x.s0, order.data(), n, l, d0, d1, false);
+          continue;
+        }
+      }
       for (const int64_t i : order) {
         double* dst = s + l[i] * dim;
-        const scalar_t* row = x.data + i * x.s0;
-        if (x.s1 == 1) {
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            add_floats(dst + d0, row + d0, d1 - d0);
-          } else {
-            for (int64_t d = d0; d < d1; ++d) dst[d] += static_cast<float>(row[d]);
-          }
-        } else {
-          for (int64_t d = d0; d < d1; ++d) dst[d] += static_cast<float>(row[d * x.s1]);
-        }
+        for (int64_t d = d0; d < d1; ++d) dst[d] += x(i, d);
       }
     }
     bool finite = true;
@@ -934,24 +950,14 @@ void move_rows_impl(at::Tensor& sums, at::Tensor& counts, const at::Tensor& feat
   double* c = counts.mutable_data_ptr<double>();
   for (const int64_t i : by_to) c[to[i]] += 1.0;
   for (const int64_t i : by_from) c[from[i]] -= 1.0;
-  const Matrix<float> x(features);
-  // Threads own disjoint column blocks (as class_centroids): each element's sum keeps its order.
-  constexpr int64_t kColumns = 64;
-  const int64_t blocks = (dim + kColumns - 1) / kColumns;
-#pragma omp parallel for num_threads(num_workers(moved > 256 ? blocks : 1)) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t d0 = b * kColumns, d1 = std::min(dim, d0 + kColumns);
-    for (const bool add : {true, false}) {
-      for (const int64_t i : add ? by_to : by_from) {
-        double* dst = s + (add ? to[i] : from[i]) * dim;
-        const float* row = x.data + i * x.s0;
-        if (x.s1 == 1) {
-          (add ? add_floats : sub_floats)(dst + d0, row + d0, d1 - d0);
-        } else {
-          for (int64_t d = d0; d < d1; ++d) dst[d] += add ? row[d * x.s1] : -row[d * x.s1];
-        }
-      }
-    }
+  const at::Tensor rows = features.stride(1) == 1 ? features : features.contiguous();
+  const int threads = num_workers(moved * dim >= (1 << 16) ? (dim + 15) / 16 : 1);
+  // Threads own disjoint column ranges (as class_centroids): each element's sum keeps its order.
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int t = 0; t < threads; ++t) {
+    const auto [d0, d1] = thread_columns(dim, t, threads);
+    add_rows(s, dim, rows.const_data_ptr<float>(), rows.stride(0), by_to.data(), moved, to, d0, d1, false);
+    add_rows(s, dim, rows.const_data_ptr<float>(), rows.stride(0), by_from.data(), moved, from, d0, d1, true);
   }
 }
 
