@@ -165,6 +165,9 @@ std::pair<int64_t, int64_t> cpu_certified_stats();
 // place (CPU tensors; not an op: only fastvote.cluster calls it).
 void move_rows(at::Tensor& sums, at::Tensor& counts, const at::Tensor& features, const at::Tensor& before,
                const at::Tensor& after);
+// ... and the pass's new centroids and their drifts (CPU tensors).
+std::tuple<at::Tensor, at::Tensor> lloyd_means(const at::Tensor& sums, const at::Tensor& counts,
+                                               const at::Tensor& centroids, bool normalize);
 // k-means++ seeding's greedy picks of a round (csrc/cpu/kmeans_seeding.cpp;
 // CPU tensors, not an op: only fastvote.cluster calls it).
 at::Tensor greedy_picks(const at::Tensor& between, const at::Tensor& now, const at::Tensor& weight,
@@ -195,6 +198,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The rows i of features [B, D] float32 whose cluster changed from before[i] to after[i] "
         "([B] int64) move between sums [K, D] and counts [K] (float64, in place): added to the "
         "new cluster's, then subtracted from the old's, each cluster's rows in row order. CPU tensors.");
+  m.def("lloyd_means", &fastvote::lloyd_means,
+        "A k-means pass's new centroids [K, D] float32 from the float64 sums [K, D] and counts [K] "
+        "(the means, unit-normalised where normalize; an empty cluster keeps its centroid [K, D]), "
+        "and each one's drift [K] float32, never below the exact distance. CPU tensors.");
   m.def("greedy_picks", &fastvote::greedy_picks,
         "k-means++ seeding's greedy picks of a round: the positions [<= b] picked among M "
         "candidates (between [M, M] float32, now and weight [M] float32, uniforms [b, trials] "

@@ -294,14 +294,12 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
             packed = torch.cat([sums, counts[:, None], computed[:, None].expand(num_clusters, 1)], 1)
             packed = distributed.all_reduce_(packed)
             total, members, work = packed[:, :-2], packed[:, -2], float(packed[0, -1])
-        updated = total / members.clamp(min=1)[:, None]
-        if metric == "cosine":
-            updated = torch.nn.functional.normalize(updated, dim=1)
-        updated = updated.float().to(device)
-        empty = (members == 0).to(device)
-        updated[empty] = centroids[empty]  # (then restarted)
-        result.restarts += rows_state.restart_empty(updated, members, sample, rng)
-        drift = _drift(updated, centroids)
+        updated, drift = _means_and_drift(total, members, centroids, metric)
+        restarts = rows_state.restart_empty(updated, members, sample, rng)
+        if restarts:  # (the empty clusters' centroids moved to sample rows)
+            empty = (members == 0).to(device)
+            drift[empty] = _drift(updated[empty], centroids[empty])
+        result.restarts += restarts
         # Few rows a cluster: the exact centroid gaps (K x K) would cost more than 2% of a pass; bound them
         chained = isinstance(rows_state, _Bounds) and 50 * num_clusters > result.fit_rows
         geometry = _Geometry(updated, geometry, drift) if chained else _Geometry(updated)
@@ -1096,6 +1094,27 @@ def _gather(batches: Batches, rows: range, picks: np.ndarray, sharded: bool, met
 def _rows(batch: Tensor, metric: str, device: torch.device) -> Tensor:
     x = batch.to(device).float()
     return torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x
+
+
+def _means_and_drift(sums: Tensor, counts: Tensor, centroids: Tensor, metric: str) -> Tuple[Tensor, Tensor]:
+    """The end of a pass: the new centroids (float32 [K, D] on the
+    centroids' device: each cluster's mean of float64 `sums` over `counts`,
+    unit-normalised for cosine; an empty cluster's stays where it was) and
+    how far each moved (:func:`_drift`'s bound). One compiled pass over the
+    K x D values (at K = 10,000, D = 512 the division, cast and drift in
+    torch took ~20 ms a pass), else torch."""
+    if ops.HAS_EXTENSION:
+        from fastvote import _C
+
+        updated, drift = _C.lloyd_means(sums, counts, centroids.cpu(), metric == "cosine")
+        return updated.to(centroids.device), drift.to(centroids.device)
+    updated = sums / counts.clamp(min=1)[:, None]
+    if metric == "cosine":
+        updated = torch.nn.functional.normalize(updated, dim=1)
+    updated = updated.float().to(centroids.device)
+    empty = (counts == 0).to(centroids.device)
+    updated[empty] = centroids[empty]
+    return updated, _drift(updated, centroids)
 
 
 def _drift(updated: Tensor, centroids: Tensor) -> Tensor:

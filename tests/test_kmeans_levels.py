@@ -133,6 +133,36 @@ def test_moving_rows_refuses_bad_arguments():
     assert torch.equal(sums, torch.zeros(3, 4, dtype=torch.float64))  # (nothing moved by a refused call)
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_means_and_drift_compiled_match_torch(metric, monkeypatch):
+    # The compiled end of a pass against torch's: the l2 means are the same bits (one float64 division,
+    # one rounding to float32), the cosine ones within an ulp (the norm's sum runs in another order);
+    # an empty cluster keeps its centroid; every drift bounds the exact distance from above, tightly.
+    if not ops.HAS_EXTENSION:
+        pytest.skip("the compiled end of a pass needs the extension")
+    g = torch.Generator().manual_seed(5)
+    k, dim = 40, 67
+    counts = torch.randint(0, 30, (k,), generator=g).double()
+    counts[[0, 7]] = 0
+    sums = torch.randn(k, dim, generator=g, dtype=torch.float64) * counts[:, None] * 1e3
+    sums[3] *= 1e-30  # tiny and huge means
+    sums[4] *= 1e25
+    centroids = torch.randn(k, dim, generator=g)
+    updated, drift = cluster._means_and_drift(sums, counts, centroids, metric)
+    monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+    ref_updated, ref_drift = cluster._means_and_drift(sums, counts, centroids, metric)
+    monkeypatch.undo()
+    if metric == "l2":
+        assert torch.equal(updated, ref_updated)
+    else:
+        torch.testing.assert_close(updated, ref_updated, rtol=2 ** -23, atol=0)
+    assert torch.equal(updated[[0, 7]], centroids[[0, 7]])
+    exact = (updated.double() - centroids.double()).norm(dim=1)
+    assert bool((drift.double() >= exact).all())
+    assert bool((drift.double() <= exact * (1 + 1e-6) + 1e-30).all())
+    assert drift[0] == 0 and drift[7] == 0
+
+
 def test_nearest_coarse_after_splits_equals_searching_again(monkeypatch):
     """The split rounds' kept lists (cluster._NearestCoarse): after rounds
     that replace some coarse centroids by 1 to 5 parts (one a duplicate of a
