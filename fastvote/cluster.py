@@ -898,6 +898,7 @@ class _Groups:
         self.assigned = torch.zeros(rows, dtype=torch.int64, device=device)
         self.coarse = groups["coarse"].to(device)  # [G, D]
         self.starts = groups["starts"].tolist()  # group g owns centroids [starts[g], starts[g + 1])
+        self.centroid_group = torch.repeat_interleave(torch.diff(groups["starts"])).to(device)  # [K]
         self.sample_group = groups["sample_group"]  # [S]: the group of each seeding-sample row
         reach = min(_PASS_REACH, len(self.coarse))
         self.group = torch.full((rows, reach), -1, dtype=torch.int64, device=device)  # -1: not found yet
@@ -949,7 +950,7 @@ class _Groups:
         (its own centroid's included: a little looser than Hamerly's, still a
         bound, and one maximum a group)."""
         self.upper += drift[self.assigned]
-        largest = torch.stack([drift[lo:hi].max() for lo, hi in zip(self.starts[:-1], self.starts[1:])])
+        largest = drift.new_zeros(len(self.starts) - 1).scatter_reduce_(0, self.centroid_group, drift, "amax")
         self.lower = (self.lower - largest[self.group.clamp(min=0)].max(1).values).clamp_(min=0)
 
     def restart_empty(self, centroids: Tensor, counts: Tensor, sample: Tensor, rng: np.random.Generator) -> int:
