@@ -160,6 +160,10 @@ std::tuple<at::Tensor, at::Tensor> nearest_in_groups(const at::Tensor& features,
                                                      const at::Tensor& row_starts,
                                                      const at::Tensor& centroids,
                                                      const at::Tensor& centroid_starts, int64_t k);
+// ... and one batch of its passes, the bounds updated in place (returns the distances computed).
+int64_t update_in_groups(const at::Tensor& features, const at::Tensor& order, const at::Tensor& row_starts,
+                         const at::Tensor& centroids, const at::Tensor& centroid_starts, at::Tensor& assigned,
+                         at::Tensor& upper, at::Tensor& lower, const at::Tensor& slack);
 std::pair<int64_t, int64_t> cpu_certified_stats();
 // k-means' passes: the rows whose cluster changed move between the float64 sums and counts, in
 // place (CPU tensors; not an op: only fastvote.cluster calls it).
@@ -194,6 +198,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Rows features[order] sorted by group (row_starts [G + 1]) against their own group's "
         "centroids (centroid_starts [G + 1]): squared distances [len(order), k] and indices "
         "(inf / -1 where a group has fewer than k centroids). CPU tensors.");
+  m.def("update_in_groups", &fastvote::update_in_groups,
+        "One batch of k-means' two-level passes, in place: the rows features[order] (sorted by "
+        "group as for nearest_in_groups) whose upper bound exceeds their lower take their group's "
+        "nearest two: assigned (int64 [B]), upper = sqrt(d2_1 + slack), lower = sqrt(max(d2_2 - "
+        "slack, 0)) (float32 [B]); returns the distances computed. CPU tensors.");
   m.def("move_rows", &fastvote::move_rows,
         "The rows i of features [B, D] float32 whose cluster changed from before[i] to after[i] "
         "([B] int64) move between sums [K, D] and counts [K] (float64, in place): added to the "

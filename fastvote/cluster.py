@@ -52,7 +52,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -899,6 +899,8 @@ class _Groups:
         self.coarse = groups["coarse"].to(device)  # [G, D]
         self.starts = groups["starts"].tolist()  # group g owns centroids [starts[g], starts[g + 1])
         self.centroid_group = torch.repeat_interleave(torch.diff(groups["starts"])).to(device)  # [K]
+        self.starts_tensor, self.group_ids = groups["starts"], torch.arange(len(self.starts))
+        self.by_group: Dict[int, Tuple[Tensor, Tensor]] = {}  # first row of a batch: (its rows by group, offsets)
         self.sample_group = groups["sample_group"]  # [S]: the group of each seeding-sample row
         reach = min(_PASS_REACH, len(self.coarse))
         self.group = torch.full((rows, reach), -1, dtype=torch.int64, device=device)  # -1: not found yet
@@ -918,6 +920,14 @@ class _Groups:
             work += len(x) * len(self.coarse) / k
         x_sq = _row_sq_norms(self.sq, at, x)
         slack = _SLACK * (x_sq + geometry.sq.max())
+        if reach == 1 and _compiled_groups(x.device):  # one compiled call: the search and the bounds' update
+            if at.start not in self.by_group:  # this batch's rows sorted by group (the groups stay: once)
+                order = torch.argsort(group[:, 0], stable=True)
+                self.by_group[at.start] = order, torch.searchsorted(group[order, 0], self.group_ids)
+            from fastvote import _C
+
+            return assigned, work + _C.update_in_groups(x, *self.by_group[at.start], geometry.centroids,
+                                                        self.starts_tensor, assigned, upper, lower, slack) / k
         # (No tightening of the upper bounds by the exact distance first, as _Bounds does: at ~30 centroids a
         # group that gather cost ~1.8 us a row, the kernel on the row ~0.6 us.)
         need = (upper > lower).nonzero()[:, 0]
@@ -975,7 +985,7 @@ def _nearest_in_groups(x: Tensor, order: Tensor, row_starts: Tensor, geometry: "
     compiled call on CPU, gathering the rows as it packs them (the fused
     kernel's per-call set-up, a hundred times a batch, cost more than the
     distances); elsewhere :func:`_nearest_in_groups_loop`."""
-    if _gemm_is_faster(x.device) or not ops.HAS_EXTENSION or x.device.type != "cpu":
+    if not _compiled_groups(x.device):
         return _nearest_in_groups_loop(x, order, row_starts, geometry, starts, k)
     from fastvote import _C
 
@@ -1157,6 +1167,13 @@ def _gemm_is_faster(device: torch.device) -> bool:
     1.6x faster (benchmarks/RESULTS.md, issue 15); the fused AVX-512 kernel is
     2x the GEMM (issue 2), and its certified bf16 variant gives the same answers."""
     return device.type == "cpu" and ops.cpu_kernel() not in ("avx512", "avx512bf16")
+
+
+def _compiled_groups(device: torch.device) -> bool:
+    """Whether the within-group searches run compiled (_C.nearest_in_groups,
+    _C.update_in_groups): on CPU where the fused kernel is the faster (see
+    :func:`_gemm_is_faster`); elsewhere a nearest-centroid call a group."""
+    return device.type == "cpu" and ops.HAS_EXTENSION and not _gemm_is_faster(device)
 
 
 def _check_replay(got: int, expected: int) -> None:

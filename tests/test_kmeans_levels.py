@@ -163,6 +163,48 @@ def test_means_and_drift_compiled_match_torch(metric, monkeypatch):
     assert drift[0] == 0 and drift[7] == 0
 
 
+def test_updating_a_batch_in_groups_equals_searching_its_rows():
+    # _C.update_in_groups (a pass's batch, in place) against nearest_in_groups on the rows whose
+    # bounds fail and the bounds computed from its answers in torch: the same bits; rows whose bounds
+    # hold are left as they were; groups of one centroid give lower = inf; state given as strided views.
+    if not ops.HAS_EXTENSION:
+        pytest.skip("the compiled update needs the extension")
+    from fastvote import _C
+
+    g = torch.Generator().manual_seed(9)
+    sizes, rows_per = [1, 3, 16, 17, 50], [5, 40, 0, 33, 70]
+    c = torch.randn(sum(sizes), 33, generator=g)
+    starts = torch.tensor([0] + sizes).cumsum(0)
+    n = sum(rows_per)
+    x = torch.randn(n, 33, generator=g) * 2
+    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(rows_per))[torch.randperm(n, generator=g)]
+    order = torch.argsort(group, stable=True)
+    row_starts = torch.searchsorted(group[order], torch.arange(len(sizes) + 1))
+    state = torch.zeros(3, 2 * n)  # upper, lower, slack as every other value of a row
+    upper, lower, slack = state[0, ::2], state[1, ::2], state[2, ::2]
+    upper.copy_(torch.rand(n, generator=g) * 10)
+    lower.copy_(torch.rand(n, generator=g) * 10)
+    slack.copy_(torch.rand(n, generator=g) * 1e-3)
+    assigned = torch.randint(0, 100, (2 * n,), generator=g)[::2]
+    before = [t.clone() for t in (assigned, upper, lower)]
+    need = upper > lower
+    work = _C.update_in_groups(x, order, row_starts, c, starts, assigned, upper, lower, slack)
+    sub = order[need[order]]
+    sub_group = group[sub]
+    d2, idx = _C.nearest_in_groups(x, sub, torch.searchsorted(sub_group, torch.arange(len(sizes) + 1)), c, starts, 2)
+    assert torch.equal(assigned[sub], idx[:, 0])
+    assert torch.equal(upper[sub], (d2[:, 0] + slack[sub]).sqrt())
+    assert torch.equal(lower[sub], (d2[:, 1] - slack[sub]).clamp(min=0).sqrt())
+    assert bool(torch.isinf(lower[sub][sub_group == 0]).all())
+    for now, was in zip((assigned, upper, lower), before):
+        assert torch.equal(now[~need], was[~need])
+    assert work == int((torch.tensor(sizes)[group] * need).sum())
+    with pytest.raises(ValueError, match="upper, lower and slack must be float32 \\[B\\] tensors"):
+        _C.update_in_groups(x, order, row_starts, c, starts, assigned, upper[:5], lower, slack)
+    with pytest.raises(IndexError, match="order\\[0\\]=500 is out of range"):
+        _C.update_in_groups(x, torch.full_like(order, 500), row_starts, c, starts, assigned, upper, lower, slack)
+
+
 def test_nearest_coarse_after_splits_equals_searching_again(monkeypatch):
     """The split rounds' kept lists (cluster._NearestCoarse): after rounds
     that replace some coarse centroids by 1 to 5 parts (one a duplicate of a
@@ -250,7 +292,9 @@ def _blobs(k, per, dim, seed, spread=8.0):
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_bounds_skip_rows_and_never_change_the_passes(monkeypatch, metric):
     """The within-group bounds only skip work: the passes give the same
-    centroids when every row is recomputed every pass."""
+    centroids when every row is recomputed every pass, and the compiled
+    batch update (_C.update_in_groups) the same as the torch one around a
+    nearest-centroid call a group (CPUs where the GEMM is faster)."""
     x, _ = _blobs(60, 40, 24, seed=1, spread=1.0)  # overlapping: rows change cluster for several passes
     xt = torch.from_numpy(x)
 
@@ -261,6 +305,10 @@ def test_bounds_skip_rows_and_never_change_the_passes(monkeypatch, metric):
     bounded = run()
     later = bounded.computed[1:]  # the bounds skip work from the second pass on
     assert bounded.groups >= 8 and sum(later) < 0.8 * len(later) * bounded.computed[0]
+    with monkeypatch.context() as patch:
+        patch.setattr(cluster, "_compiled_groups", lambda device: False)
+        looped = run()
+    assert torch.equal(bounded.centroids, looped.centroids) and bounded.computed == looped.computed
     moved = cluster._Groups.moved
 
     def forget(self, drift, geometry, sharded):
