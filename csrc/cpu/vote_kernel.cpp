@@ -871,27 +871,47 @@ void search_in_groups(const char* op, const at::Tensor& features, const int64_t*
   if (bad.any()) fail_non_finite(op, "features", bad.row.load());
 }
 
-// The offsets' checks of nearest_in_groups and update_in_groups: n rows in `groups` groups
-// (row_starts r), centroid_starts g0 over the K centroids, every row of a group with centroids.
-void check_group_offsets(const char* op, const int64_t* r, const int64_t* g0, int64_t groups, int64_t n,
-                         int64_t num_centroids) {
-  TORCH_CHECK_VALUE(r[0] == 0 && r[groups] == n && g0[0] == 0 && g0[groups] == num_centroids, "fastvote.", op,
-                    ": the offsets must run from 0 to the rows (", n, ") and to the centroids (", num_centroids,
-                    ")");
-  for (int64_t g = 0; g < groups; ++g) {
-    TORCH_CHECK_VALUE(r[g] <= r[g + 1] && g0[g] <= g0[g + 1], "fastvote.", op,
-                      ": offsets must not decrease; group ", g, " does");
-    TORCH_CHECK_VALUE(r[g] == r[g + 1] || g0[g] < g0[g + 1], "fastvote.", op, ": group ", g,
+// nearest_in_groups' and update_in_groups' rows and groups, checked: n rows order[i], each in
+// range, in G groups (row_starts r, G + 1 offsets from 0 to n) over the centroids (centroid_starts
+// g0, from 0 to K), neither decreasing, every group with rows having centroids.
+struct GroupedRows {
+  at::Tensor order, row_starts, centroid_starts;  // (int64, contiguous: the pointers' owners)
+  const int64_t* at_row;
+  const int64_t* r;
+  const int64_t* g0;
+  int64_t n, groups;
+};
+
+GroupedRows grouped_rows(const char* op, const at::Tensor& features, const at::Tensor& order,
+                         const at::Tensor& row_starts, const at::Tensor& centroids,
+                         const at::Tensor& centroid_starts) {
+  check_features_centroids(op, features, centroids);
+  GroupedRows g;
+  g.order = order.to(at::kLong).contiguous();
+  g.row_starts = row_starts.to(at::kLong).contiguous();
+  g.centroid_starts = centroid_starts.to(at::kLong).contiguous();
+  g.at_row = g.order.const_data_ptr<int64_t>();
+  g.r = g.row_starts.const_data_ptr<int64_t>();
+  g.g0 = g.centroid_starts.const_data_ptr<int64_t>();
+  g.n = g.order.numel();
+  g.groups = g.row_starts.numel() - 1;
+  TORCH_CHECK_VALUE(g.groups >= 1 && g.centroid_starts.numel() == g.row_starts.numel(), "fastvote.", op,
+                    ": row_starts and centroid_starts must both hold groups + 1 >= 2 offsets; got ",
+                    g.row_starts.numel(), " and ", g.centroid_starts.numel());
+  for (int64_t i = 0; i < g.n; ++i) {
+    TORCH_CHECK_INDEX(g.at_row[i] >= 0 && g.at_row[i] < features.size(0), "fastvote.", op, ": order[", i, "]=",
+                      g.at_row[i], " is out of range; expected 0 <= order < ", features.size(0));
+  }
+  TORCH_CHECK_VALUE(g.r[0] == 0 && g.r[g.groups] == g.n && g.g0[0] == 0 && g.g0[g.groups] == centroids.size(0),
+                    "fastvote.", op, ": the offsets must run from 0 to the rows (", g.n, ") and to the centroids (",
+                    centroids.size(0), ")");
+  for (int64_t k = 0; k < g.groups; ++k) {
+    TORCH_CHECK_VALUE(g.r[k] <= g.r[k + 1] && g.g0[k] <= g.g0[k + 1], "fastvote.", op,
+                      ": offsets must not decrease; group ", k, " does");
+    TORCH_CHECK_VALUE(g.r[k] == g.r[k + 1] || g.g0[k] < g.g0[k + 1], "fastvote.", op, ": group ", k,
                       " has rows but no centroids");
   }
-}
-
-// The rows' positions order[i] (i < n), each in range.
-void check_order(const char* op, const int64_t* at_row, int64_t n, int64_t rows) {
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK_INDEX(at_row[i] >= 0 && at_row[i] < rows, "fastvote.", op, ": order[", i, "]=", at_row[i],
-                      " is out of range; expected 0 <= order < ", rows);
-  }
+  return g;
 }
 
 std::tuple<at::Tensor, at::Tensor> nearest_in_groups_impl(const at::Tensor& features,
@@ -901,26 +921,15 @@ std::tuple<at::Tensor, at::Tensor> nearest_in_groups_impl(const at::Tensor& feat
                                                           const at::Tensor& centroid_starts,
                                                           int64_t k) {
   constexpr const char* op = "nearest_in_groups";
-  check_features_centroids(op, features, centroids);
   TORCH_CHECK_VALUE(k >= 1, "fastvote.", op, ": k=", k, " is invalid; expected >= 1");
-  const at::Tensor rs = row_starts.to(at::kLong).contiguous();
-  const at::Tensor cs = centroid_starts.to(at::kLong).contiguous();
-  const int64_t groups = rs.numel() - 1;
-  TORCH_CHECK_VALUE(groups >= 1 && cs.numel() == rs.numel(), "fastvote.", op,
-                    ": row_starts and centroid_starts must both hold groups + 1 >= 2 offsets; got ",
-                    rs.numel(), " and ", cs.numel());
-  const at::Tensor rows_at = order.to(at::kLong).contiguous();
-  const int64_t* at_row = rows_at.const_data_ptr<int64_t>();
-  const int64_t n = rows_at.numel();
-  check_order(op, at_row, n, features.size(0));
-  check_group_offsets(op, rs.const_data_ptr<int64_t>(), cs.const_data_ptr<int64_t>(), groups, n,
-                      centroids.size(0));
+  const GroupedRows g = grouped_rows(op, features, order, row_starts, centroids, centroid_starts);
+  const int64_t n = g.n;
   at::Tensor values = at::empty({n, k}, features.options().dtype(at::kFloat));
   at::Tensor indices = at::empty({n, k}, features.options().dtype(at::kLong));
   float* v = values.mutable_data_ptr<float>();
   int64_t* ix = indices.mutable_data_ptr<int64_t>();
-  search_in_groups(op, features, at_row, rs.const_data_ptr<int64_t>(), cs.const_data_ptr<int64_t>(), groups,
-                   centroids, k, [&](int64_t i, const float* d2, const int64_t* idx) {
+  search_in_groups(op, features, g.at_row, g.r, g.g0, g.groups, centroids, k,
+                   [&](int64_t i, const float* d2, const int64_t* idx) {
                      std::copy(d2, d2 + k, v + i * k);
                      std::copy(idx, idx + k, ix + i * k);
                    });
@@ -938,7 +947,7 @@ int64_t update_in_groups_impl(const at::Tensor& features, const at::Tensor& orde
                               const at::Tensor& centroids, const at::Tensor& centroid_starts, at::Tensor& assigned,
                               at::Tensor& upper, at::Tensor& lower, const at::Tensor& slack) {
   constexpr const char* op = "update_in_groups";
-  check_features_centroids(op, features, centroids);
+  const GroupedRows g = grouped_rows(op, features, order, row_starts, centroids, centroid_starts);
   const int64_t rows = features.size(0);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&upper, &lower, &slack}) {
     TORCH_CHECK_VALUE(t->dim() == 1 && t->scalar_type() == at::kFloat && t->size(0) == rows, "fastvote.", op,
@@ -946,37 +955,24 @@ int64_t update_in_groups_impl(const at::Tensor& features, const at::Tensor& orde
   }
   TORCH_CHECK_VALUE(assigned.dim() == 1 && assigned.scalar_type() == at::kLong && assigned.size(0) == rows,
                     "fastvote.", op, ": assigned must be an int64 [B] tensor, B = ", rows);
-  const at::Tensor rs = row_starts.to(at::kLong).contiguous();
-  const at::Tensor cs = centroid_starts.to(at::kLong).contiguous();
-  const int64_t groups = rs.numel() - 1;
-  TORCH_CHECK_VALUE(groups >= 1 && cs.numel() == rs.numel(), "fastvote.", op,
-                    ": row_starts and centroid_starts must both hold groups + 1 >= 2 offsets; got ",
-                    rs.numel(), " and ", cs.numel());
-  const at::Tensor rows_at = order.to(at::kLong).contiguous();
-  const int64_t* at_row = rows_at.const_data_ptr<int64_t>();
-  const int64_t n = rows_at.numel();
-  const int64_t* r = rs.const_data_ptr<int64_t>();
-  const int64_t* g0 = cs.const_data_ptr<int64_t>();
-  check_order(op, at_row, n, rows);
-  check_group_offsets(op, r, g0, groups, n, centroids.size(0));
   // (strided views of the fit's state: read and written through their strides)
   auto a = assigned.accessor<int64_t, 1>();
   auto up = upper.accessor<float, 1>();
   auto low = lower.accessor<float, 1>();
   const auto s = slack.accessor<float, 1>();
   // the rows to search, still sorted by group
-  std::vector<int64_t> need, need_starts(groups + 1, 0);
-  need.reserve(n);
+  std::vector<int64_t> need, need_starts(g.groups + 1, 0);
+  need.reserve(g.n);
   int64_t pairs = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t i = r[g]; i < r[g + 1]; ++i) {
-      if (up[at_row[i]] > low[at_row[i]]) need.push_back(at_row[i]);
+  for (int64_t k = 0; k < g.groups; ++k) {
+    for (int64_t i = g.r[k]; i < g.r[k + 1]; ++i) {
+      if (up[g.at_row[i]] > low[g.at_row[i]]) need.push_back(g.at_row[i]);
     }
-    need_starts[g + 1] = static_cast<int64_t>(need.size());
-    pairs += (need_starts[g + 1] - need_starts[g]) * (g0[g + 1] - g0[g]);
+    need_starts[k + 1] = static_cast<int64_t>(need.size());
+    pairs += (need_starts[k + 1] - need_starts[k]) * (g.g0[k + 1] - g.g0[k]);
   }
   if (need.empty()) return 0;
-  search_in_groups(op, features, need.data(), need_starts.data(), g0, groups, centroids, 2,
+  search_in_groups(op, features, need.data(), need_starts.data(), g.g0, g.groups, centroids, 2,
                    [&](int64_t i, const float* d2, const int64_t* idx) {
                      const int64_t row = need[i];
                      a[row] = idx[0];
