@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "fastvote/topk.h"
 #include "tile_kernel.h"
@@ -202,14 +203,6 @@ inline void group_insert(const __m512 acc[R][NV], const GroupJob& job, int64_t r
   }
 }
 
-template <int NV, int R>
-void group_block(const GroupJob& job, const float* const* x, const float* const* ahead, int64_t row0,
-                 int live, int64_t j0, int valid, float threshold[R]) {
-  __m512 acc[R][NV];
-  group_dots<NV, R>(x, ahead, job.dim, job.slabs, j0, acc);
-  group_insert<NV, R>(acc, job, row0, live, j0, valid, threshold);
-}
-
 // k <= 2 (every call k-means makes): a row keeps, per lane l, its best two
 // (key, index) among the centroids j = l (mod 16) scored so far, and merges
 // the 16 lanes once, at the end. The same list as topk_insert over every
@@ -257,14 +250,6 @@ inline void group_lanes(const __m512 acc[R][NV], const GroupJob& job, int live, 
   }
 }
 
-template <int NV, int R>
-void group_block_lanes(const GroupJob& job, const float* const* x, const float* const* ahead, int live,
-                       int64_t j0, int valid, LaneBest best[R]) {
-  __m512 acc[R][NV];
-  group_dots<NV, R>(x, ahead, job.dim, job.slabs, j0, acc);
-  group_lanes<NV, R>(acc, job, live, j0, valid, best);
-}
-
 // The first of a row's 16 lane lists (ranks_before's order), removed from them: its key and index.
 // (A tree of lane swaps, lane l against lane l ^ w for w = 8, 4, 2, 1, leaves the first pair in every
 // lane. Zero-masked permutes: GCC 12 warns about the undefined sources of the unmasked shuffles and
@@ -292,10 +277,31 @@ inline void pop_best(LaneBest& b, float* key, int64_t* index) {
   b.idx[0] = _mm512_mask_mov_epi32(b.idx[0], at, b.idx[1]);
 }
 
-// GroupFn: blocks of 8 rows against blocks of up to 48 centroids (24
-// accumulators and 3 centroid vectors of the 32 registers), the last block of
-// as many vectors as it needs. (Blocks of 64 centroids, 6 rows, read the
-// centroids from L2 at ~40 bytes a cycle and ran at 2/3 of the fp32 peak.)
+// The rows x against the group's centroids in blocks of up to 48 (24 accumulators and 3 centroid
+// vectors of the 32 registers), the last block of as many vectors as it needs: epilogue(acc, j0,
+// valid) takes each block's accumulators acc[R][NV] (centroids j0 on, `valid` of its lanes). The
+// next block of rows (`next`, if any) is prefetched during the first. (Blocks of 64 centroids, 6
+// rows, read the centroids from L2 at ~40 bytes a cycle and ran at 2/3 of the fp32 peak.)
+template <int R, class Epilogue>
+void for_each_block(const GroupJob& job, const float* const* x, const float* const* next, Epilogue&& epilogue) {
+  for (int64_t j0 = 0; j0 < job.count; j0 += 48) {
+    const int valid = static_cast<int>(std::min<int64_t>(48, job.count - j0));
+    const float* const* ahead = j0 == 0 ? next : nullptr;
+    const auto block = [&](auto vectors) {
+      constexpr int NV = decltype(vectors)::value;
+      __m512 acc[R][NV];
+      group_dots<NV, R>(x, ahead, job.dim, job.slabs, j0, acc);
+      epilogue(vectors, acc, j0, valid);
+    };
+    switch ((valid + 15) / 16) {
+      case 1: block(std::integral_constant<int, 1>{}); break;
+      case 2: block(std::integral_constant<int, 2>{}); break;
+      default: block(std::integral_constant<int, 3>{}); break;
+    }
+  }
+}
+
+// GroupFn: blocks of 8 rows, each against every block of the group's centroids (for_each_block).
 void group_rows(const GroupJob& job) {
   constexpr int R = 8;
   for (int64_t row0 = 0; row0 < job.n; row0 += R) {
@@ -306,21 +312,16 @@ void group_rows(const GroupJob& job) {
       x[r] = job.rows[row0 + std::min(r, live - 1)];
       next[r] = job.rows[std::min(job.n - 1, row0 + R + r)];
     }
+    const float* const* ahead = row0 + R < job.n ? next : nullptr;
     if (job.k <= 2) {
       LaneBest best[R];
       for (int r = 0; r < live; ++r) {
         best[r].key[0] = best[r].key[1] = _mm512_set1_ps(INFINITY);
         best[r].idx[0] = best[r].idx[1] = _mm512_set1_epi32(kEmpty);
       }
-      for (int64_t j0 = 0; j0 < job.count; j0 += 48) {
-        const int valid = static_cast<int>(std::min<int64_t>(48, job.count - j0));
-        const float* const* ahead = j0 == 0 && row0 + R < job.n ? next : nullptr;
-        switch ((valid + 15) / 16) {
-          case 1: group_block_lanes<1, R>(job, x, ahead, live, j0, valid, best); break;
-          case 2: group_block_lanes<2, R>(job, x, ahead, live, j0, valid, best); break;
-          default: group_block_lanes<3, R>(job, x, ahead, live, j0, valid, best); break;
-        }
-      }
+      for_each_block<R>(job, x, ahead, [&](auto vectors, const auto& acc, int64_t j0, int valid) {
+        group_lanes<decltype(vectors)::value, R>(acc, job, live, j0, valid, best);
+      });
       for (int r = 0; r < live; ++r) {
         const int64_t row = row0 + r;
         int count = 0;
@@ -335,15 +336,9 @@ void group_rows(const GroupJob& job) {
         job.counts[row0 + r] = 0;
         threshold[r] = NAN;
       }
-      for (int64_t j0 = 0; j0 < job.count; j0 += 48) {
-        const int valid = static_cast<int>(std::min<int64_t>(48, job.count - j0));
-        const float* const* ahead = j0 == 0 && row0 + R < job.n ? next : nullptr;
-        switch ((valid + 15) / 16) {
-          case 1: group_block<1, R>(job, x, ahead, row0, live, j0, valid, threshold); break;
-          case 2: group_block<2, R>(job, x, ahead, row0, live, j0, valid, threshold); break;
-          default: group_block<3, R>(job, x, ahead, row0, live, j0, valid, threshold); break;
-        }
-      }
+      for_each_block<R>(job, x, ahead, [&](auto vectors, const auto& acc, int64_t j0, int valid) {
+        group_insert<decltype(vectors)::value, R>(acc, job, row0, live, j0, valid, threshold);
+      });
     }
     for (int r = 0; r < live; ++r) job.sqnorm[row0 + r] = row_sqnorm(x[r], job.dim);
   }
