@@ -34,8 +34,9 @@ status 1 when any failed other than by memory).
 
 --certified times fm_vote and nearest_centroids under each kernel pinned by
 FASTVOTE_CPU_KERNEL (CPU: the fp32 one this CPU runs, "bf16emu", the certified
-path with VDPBF16PS emulated, for tests and slower than fp32, and "avx512bf16",
-native, where the CPU has AVX512_BF16) or FASTVOTE_CUDA_KERNEL (CUDA: "fp32",
+path with VDPBF16PS emulated, for tests and slower than fp32, "avx512bf16",
+native, where the CPU has AVX512_BF16, and "amxbf16", on AMX tiles, where it has
+AMX-BF16) or FASTVOTE_CUDA_KERNEL (CUDA: "fp32",
 the fused kernel, and "bf16", the certified path on tensor cores). Its status
 column gives the share of rows the certificate sent back to the fp32 kernel,
 and whether the answers were identical to the fp32 kernel's (they must be).
@@ -494,7 +495,7 @@ def kernel_names(device) -> List[str]:
                 return False
 
     fp32 = next(name for name in ("avx512", "avx2", "portable") if runs(name))
-    return [fp32] + [name for name in ("bf16emu", "avx512bf16") if runs(name)]
+    return [fp32] + [name for name in ("bf16emu", "avx512bf16", "amxbf16") if runs(name)]
 
 
 @contextlib.contextmanager

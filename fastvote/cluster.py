@@ -1166,7 +1166,7 @@ def _gemm_is_faster(device: torch.device) -> bool:
     kernel is the AVX2 one (e.g. Zen 3), where torch's GEMM (MKL) plus a min is
     1.6x faster (benchmarks/RESULTS.md, issue 15); the fused AVX-512 kernel is
     2x the GEMM (issue 2), and its certified bf16 variant gives the same answers."""
-    return device.type == "cpu" and ops.cpu_kernel() not in ("avx512", "avx512bf16")
+    return device.type == "cpu" and ops.cpu_kernel() not in ("avx512", "avx512bf16", "amxbf16")
 
 
 def _compiled_groups(device: torch.device) -> bool:

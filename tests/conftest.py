@@ -25,7 +25,7 @@ def cpu_kernels():
     from fastvote import _C
 
     names = []
-    for name in ("avx512bf16", "avx512", "avx2", "portable", "bf16emu"):
+    for name in ("amxbf16", "avx512bf16", "avx512", "avx2", "portable", "bf16emu"):
         os.environ["FASTVOTE_CPU_KERNEL"] = name
         try:
             _C.cpu_kernel()

@@ -40,8 +40,9 @@ def _cpu_flags():
 
 
 HAS_NATIVE = _runs("avx512bf16")
+HAS_AMX = _runs("amxbf16")
 FP32 = next((name for name in ("avx512", "avx2") if _runs(name)), None)
-CERTIFIED = ["bf16emu"] + (["avx512bf16"] if HAS_NATIVE else [])
+CERTIFIED = ["bf16emu"] + (["avx512bf16"] if HAS_NATIVE else []) + (["amxbf16"] if HAS_AMX else [])
 M = 8  # kExtraCandidates (csrc/cpu/certified.h): K must exceed k + M for the path to run
 
 pytestmark = pytest.mark.skipif(FP32 is None, reason="no fp32 FMA kernel (avx512/avx2) to compare with")
@@ -102,15 +103,35 @@ def gen(seed):
 
 # ---------------------------------------------------------------- selection
 
+def _vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
 def test_kernel_names_and_automatic_choice():
     assert _runs("bf16emu"), "the emulation runs on every CPU"
-    native_cpu = "avx512_bf16" in _cpu_flags() and "avx512f" in _cpu_flags()
+    flags = _cpu_flags()
+    native_cpu = "avx512_bf16" in flags and "avx512f" in flags
     assert HAS_NATIVE == native_cpu
-    # The native path where the CPU has it; else today's fp32 kernels, never the emulation.
-    assert _C.cpu_kernel() == "avx512bf16" if native_cpu else _C.cpu_kernel() in {"avx512", "avx2", "portable"}
-    if not HAS_NATIVE:
-        with pytest.raises((RuntimeError, ValueError), match="avx512bf16.*not available.*bf16emu"):
-            pinned("avx512bf16", _C.cpu_kernel)
+    # AMX needs Linux's permission too, so the flag is necessary, not sufficient.
+    assert not HAS_AMX or ("amx_bf16" in flags and "avx512f" in flags)
+    # The bf16 pass that pays where the CPU has one: AMX tiles, else VDPBF16PS on
+    # AMD (on Intel it runs at half the fp32 FMA's rate); else today's fp32
+    # kernels, never the emulation.
+    if HAS_AMX:
+        expected = {"amxbf16"}
+    elif native_cpu and _vendor() == "AuthenticAMD":
+        expected = {"avx512bf16"}
+    else:
+        expected = {"avx512", "avx2", "portable"}
+    assert _C.cpu_kernel() in expected
+    for name, runs in (("avx512bf16", HAS_NATIVE), ("amxbf16", HAS_AMX)):
+        if not runs:
+            with pytest.raises((RuntimeError, ValueError), match=f"{name}.*not available.*bf16emu"):
+                pinned(name, _C.cpu_kernel)
 
 
 # ---------------------------------------------------------------- identical answers

@@ -85,7 +85,7 @@ def test_compiled_ops_are_under_test():
     assert ops.HAS_EXTENSION
     from fastvote import _C
 
-    assert _C.cpu_kernel() in {"avx512bf16", "avx512", "avx2", "portable"}
+    assert _C.cpu_kernel() in {"amxbf16", "avx512bf16", "avx512", "avx2", "portable"}
     assert ops.fm_vote.__module__ == "fastvote.ops"
     assert ops._dispatch("fm_vote", torch.zeros(1)) is torch.ops.fastvote.fm_vote
     assert ops._WITH_CUDA == bool(_C.with_cuda)

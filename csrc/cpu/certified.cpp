@@ -17,6 +17,11 @@ namespace {
 
 std::atomic<int64_t> g_rows{0}, g_fallback_rows{0};
 
+// The re-rank's first batch: the k best approximate keys and at least this
+// many more, rounded up to whole batches of ExactKeysFn's chains. On
+// Gaussian rows (D = 512, k = 5) 3 more prove most rows (certify.h).
+constexpr int kFirstBatchExtra = 3, kExactChains = 8;
+
 // certify::norm_bound for a float sum of n squares (1 or 2 roundings each,
 // whether or not the compiler fuses them; gradual underflow loses <= 2^-150 each).
 double norm_bound_f32(float sum, int64_t n) {
@@ -89,21 +94,26 @@ certify::CentroidBound pack_centroid(const CertifiedCentroids& cc, const float* 
   return certify::centroid_bound(hat_sq, err_sq, c_sq, beta, beta_abs, dim);
 }
 
+
+int64_t round_up(int64_t n, int64_t block) { return (n + block - 1) / block * block; }
+
 }  // namespace
 
 bool use_certified(const Kernels& kernels, int64_t num_centroids, int k) {
   return kernels.candidates != nullptr && num_centroids > k + certify::kExtraCandidates;
 }
 
-CertifiedCentroids prepare_certified(const float* centroids, int64_t ldc, int64_t count,
-                                     int64_t dim, const float* bias, const float* scale,
-                                     Metric metric) {
+CertifiedCentroids prepare_certified(const Kernels& kernels, const float* centroids, int64_t ldc,
+                                     int64_t count, int64_t dim, const float* bias,
+                                     const float* scale, Metric metric) {
   const Mxcsr ieee(0);  // gradual underflow, as the bound assumes
   CertifiedCentroids cc;
   cc.count = count;
   cc.dim = dim;
   cc.pairs = (dim + 1) / 2;
-  cc.packed.assign(count * cc.pairs, 0u);
+  cc.shape = kernels.candidate_shape;
+  cc.stride = round_up(cc.pairs, cc.shape.pair_block);
+  cc.packed.assign(round_up(count, cc.shape.centroid_block) * cc.stride, 0u);
   cc.bias.resize(count);
   cc.ones.assign(count, 1.0f);
   cc.mu.resize(dim);
@@ -137,7 +147,7 @@ CertifiedCentroids prepare_certified(const float* centroids, int64_t ldc, int64_
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < count; ++j) {
       const certify::CentroidBound b = pack_centroid(cc, centroids + j * ldc, bias[j], scale[j],
-                                                     cc.packed.data() + j * cc.pairs);
+                                                     cc.packed.data() + j * cc.stride);
       cc.bias[j] = b.beta_hat;
       finite = finite && std::isfinite(b.hat) && std::isfinite(b.err) && std::isfinite(b.beta_err) &&
                std::isfinite(b.beta_abs);
@@ -164,14 +174,14 @@ CertifiedCentroids prepare_certified(const float* centroids, int64_t ldc, int64_
 }
 
 void certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const TileJob& job) {
-  const int64_t rows = job.rows, dim = job.dim, pairs = cc.pairs;
+  const int64_t rows = job.rows, dim = job.dim, pairs = cc.stride;
   const int k = job.k;
   const int kc = k + certify::kExtraCandidates;  // candidates
   const int kl = kc + 1;                // ... and the best approximate key outside them
   const int64_t slabs = (rows + kSlab - 1) / kSlab;
 
   std::vector<certify::RowTerms> bounds(rows);
-  std::vector<uint32_t> packed(slabs * pairs * kSlab);
+  std::vector<uint32_t> packed(slabs * pairs * kSlab, 0u);  // pairs past the row's: zero
   {
     const Mxcsr ieee(0);
     RowSums sums;
@@ -193,27 +203,40 @@ void certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const 
                          kl,            approx.data(), approx_idx.data(), approx_counts.data(),
                          thresholds.data()};
   kernels.candidates(pass);
-  const certify::PassError pass_error = certify::fma_chain_error(2 * pairs);
+  const certify::PassError pass_error =
+      cc.shape.products_per_step == 0
+          ? certify::fma_chain_error(2 * pairs)
+          : certify::tensor_core_error(2 * pairs / cc.shape.products_per_step, cc.shape.products_per_step);
 
-  // Exact re-rank, in increasing centroid order (topk_insert's tie rule is
-  // explicit, the order only mirrors the fp32 kernel's), then the proof.
+  // Exact re-rank of the candidates in two batches, the best approximate
+  // keys first: most rows are proven after the first, with the next
+  // candidate's approximate key as A_out (every centroid not re-ranked has an
+  // approximate key at least that: the list is sorted). A batch goes in
+  // increasing centroid order (topk_insert's tie rule is explicit, the order
+  // only mirrors the fp32 kernel's).
+  const int first = std::min(kc, (k + kFirstBatchExtra + kExactChains - 1) / kExactChains * kExactChains);
   std::vector<int64_t> fallback;
   std::vector<float> row(dim), exact(kc);
   std::vector<int64_t> cand(kc);
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = job.packed + (r / kSlab) * dim * kSlab + r % kSlab;
     for (int64_t d = 0; d < dim; ++d) row[d] = src[d * kSlab];
-    std::copy_n(approx_idx.begin() + r * kl, kc, cand.begin());
-    std::sort(cand.begin(), cand.end());
-    kernels.exact_keys(row.data(), dim, job.centroids, job.ldc, job.bias, job.scale, cand.data(),
-                       kc, exact.data());
     float* keys = job.keys + r * k;
     int64_t* idx = job.indices + r * k;
     int count = 0;
-    for (int i = 0; i < kc; ++i) count = topk_insert(keys, idx, count, k, exact[i], cand[i]);
+    bool proven = false;
+    for (int begin = 0; begin < kc && !proven;) {
+      const int end = begin == 0 ? first : kc;
+      std::copy(approx_idx.begin() + r * kl + begin, approx_idx.begin() + r * kl + end, cand.begin());
+      std::sort(cand.begin(), cand.begin() + (end - begin));
+      kernels.exact_keys(row.data(), dim, job.centroids, job.ldc, job.bias, job.scale, cand.data(),
+                         end - begin, exact.data());
+      for (int i = 0; i < end - begin; ++i) count = topk_insert(keys, idx, count, k, exact[i], cand[i]);
+      proven = approx_counts[r] == kl && count == k &&
+               certify::certify(cc.terms, dim, pass_error, bounds[r], approx[r * kl + end], keys[k - 1]);
+      begin = end;
+    }
     job.counts[r] = count;
-    const bool proven = approx_counts[r] == kl &&
-                        certify::certify(cc.terms, dim, pass_error, bounds[r], approx[r * kl + kc], keys[k - 1]);
     if (!proven) fallback.push_back(r);
   }
 

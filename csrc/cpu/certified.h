@@ -21,7 +21,9 @@ namespace cpu {
 // per-centroid terms, maximised over the centroids (fastvote/certify.h).
 struct CertifiedCentroids {
   int64_t count = 0, dim = 0, pairs = 0;
-  std::vector<uint32_t> packed;   // [count][pairs] bf16 pairs of w_j - nu
+  CandidateShape shape;  // of the pass they are packed for
+  int64_t stride = 0;    // pairs padded to shape.pair_block
+  std::vector<uint32_t> packed;   // [count padded to shape.centroid_block][stride] bf16 pairs of w_j - nu
   std::vector<float> bias, ones;  // beta_j rounded to float, and scale 1
   std::vector<float> mu, nu;      // the row and centroid centres [dim]
   certify::CentroidTerms terms{};  // terms.finite 0: every row goes to the fp32 kernel
@@ -31,10 +33,11 @@ struct CertifiedCentroids {
 // outside the candidates (otherwise the fp32 kernel alone is the answer).
 bool use_certified(const Kernels& kernels, int64_t num_centroids, int k);
 
-// centroids/bias/scale as the fp32 kernel reads them (key = bias + scale * x.c).
-CertifiedCentroids prepare_certified(const float* centroids, int64_t ldc, int64_t count,
-                                     int64_t dim, const float* bias, const float* scale,
-                                     Metric metric);
+// centroids/bias/scale as the fp32 kernel reads them (key = bias + scale * x.c),
+// packed for kernels.candidates.
+CertifiedCentroids prepare_certified(const Kernels& kernels, const float* centroids, int64_t ldc,
+                                     int64_t count, int64_t dim, const float* bias,
+                                     const float* scale, Metric metric);
 
 // The fp32 tile kernel's job (packed fp32 rows, k, outputs), answered through
 // the certified path: job's keys, indices and counts are those kernels.tile

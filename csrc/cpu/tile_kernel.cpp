@@ -64,8 +64,12 @@ std::vector<Kernels> supported() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) {
-    if (__builtin_cpu_supports("avx512bf16")) out.push_back(kernels_avx512bf16());
+    // VDPBF16PS pays only where it outruns the fp32 FMA: AMD's Zen 4/5.
+    const bool bf16 = __builtin_cpu_supports("avx512bf16"), fast_bf16 = bf16 && __builtin_cpu_is("amd");
+    if (cpu_has_amx_bf16()) out.push_back(kernels_amxbf16());
+    if (fast_bf16) out.push_back(kernels_avx512bf16());
     out.push_back(kernels_avx512());
+    if (bf16 && !fast_bf16) out.push_back(kernels_avx512bf16());
     bf16emu = kernels_avx512_bf16emu();
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.push_back(kernels_avx2());
@@ -75,7 +79,7 @@ std::vector<Kernels> supported() {
   return out;
 }
 
-// FASTVOTE_CPU_KERNEL=avx512bf16|avx512|avx2|portable|bf16emu pins a variant
+// FASTVOTE_CPU_KERNEL=amxbf16|avx512bf16|avx512|avx2|portable|bf16emu pins a variant
 // (tests run each one this CPU supports); it is read on every call, so it can
 // change at run time.
 const Kernels& choose_kernels() {

@@ -37,8 +37,19 @@ using Bf16TileJob = BasicTileJob<uint32_t>;
 
 using TileFn = void (*)(const TileJob&);
 // The bf16 candidate pass: the tile kernel's loop and epilogue with each fp32
-// fma replaced by one VDPBF16PS step per pair (native, or emulated bit for bit).
+// fma replaced by one VDPBF16PS step per pair (native, or emulated bit for
+// bit), or its AMX twin (TDPBF16PS tiles).
 using Bf16TileFn = void (*)(const Bf16TileJob&);
+// What a candidate pass needs of its operands, and how it errs.
+struct CandidateShape {
+  // dim (pairs) and each centroid row (ldc) are zero padded to a multiple of
+  // pair_block, and the centroids to a multiple of centroid_block rows.
+  int pair_block = 1, centroid_block = 1;
+  // 0: a VDPBF16PS chain, pair after pair (certify::fma_chain_error); else
+  // steps of this many products added in an unspecified order and rounding
+  // (certify::tensor_core_error).
+  int products_per_step = 0;
+};
 // The exact fp32 keys of n chosen centroids of one row (row: dim contiguous
 // floats), with the tile kernel's arithmetic: acc = fma(c[d], x[d], acc) for
 // d = 0, 1, ..., then key = fma(scale, acc, bias). Same bits as `tile`.
@@ -100,13 +111,16 @@ struct Kernels {
   PackSlabFn pack_slab;
   // A vectorised GroupFn; null where nearest_in_groups packs the rows for `tile`.
   GroupFn group_rows;
+  CandidateShape candidate_shape;  // of `candidates`
 };
 
-// The fastest variants the running CPU supports (AVX-512 with the certified
-// bf16 pass where the CPU has AVX512_BF16, AVX-512, AVX2+FMA, portable),
-// unless FASTVOTE_CPU_KERNEL pins one; "bf16emu", the certified pass with
-// VDPBF16PS emulated in fp32 FMAs (slower than fp32: for tests), runs on
-// every CPU but only when pinned.
+// The fastest variants the running CPU supports, unless FASTVOTE_CPU_KERNEL
+// pins one: AVX-512 with the certified bf16 pass on AMX tiles where the CPU
+// has AMX-BF16 ("amxbf16"), else with VDPBF16PS on AMD CPUs with AVX512_BF16
+// ("avx512bf16": Zen 4/5 run it at twice the fp32 FMA's rate; Intel's run it
+// at half, so there it is only pinned), then AVX-512, AVX2+FMA, portable.
+// "bf16emu", the certified pass with VDPBF16PS emulated in fp32 FMAs (slower
+// than fp32: for tests), runs on every CPU but only when pinned.
 const Kernels& kernels();
 inline TileFn tile_kernel() { return kernels().tile; }
 inline const char* tile_kernel_name() { return kernels().name; }
@@ -116,6 +130,8 @@ Kernels kernels_avx2();
 Kernels kernels_avx512();
 Kernels kernels_avx512_bf16emu();  // "bf16emu" on AVX-512F CPUs
 Kernels kernels_avx512bf16();
+Kernels kernels_amxbf16();
+bool cpu_has_amx_bf16();  // AMX-BF16, and Linux lets this process use the tiles
 #endif
 
 }  // namespace cpu

@@ -377,9 +377,12 @@ void test_bf16_candidate_pass() {
 
 // The certified path against the fp32 kernel it stands for: equal keys and
 // indices, on random rows and on near-ties, which must fall back.
-void test_certified_tile() {
-  const fastvote::cpu::Kernels* emu = pinned("bf16emu");
-  if (emu == nullptr) return;
+void test_certified_tile(const char* name) {
+  const fastvote::cpu::Kernels* certified_kernels = pinned(name);
+  if (certified_kernels == nullptr) {
+    std::printf("%s: not supported by this CPU, its certified tile skipped\n", name);
+    return;
+  }
   const int kSlab = fastvote::cpu::kSlab;
   std::mt19937 rng(5);
   std::normal_distribution<float> normal;
@@ -406,10 +409,10 @@ void test_certified_tile() {
       std::vector<int> counts(s.rows, 0);
       const fastvote::cpu::TileJob job{packed.data(), s.rows, s.dim, c.data(), s.dim, s.num, bias.data(),
                                        scale.data(), s.k, keys.data(), idx.data(), counts.data(), thresholds.data()};
-      if (!certified) return emu->tile(job);
+      if (!certified) return certified_kernels->tile(job);
       const fastvote::cpu::CertifiedCentroids cc = fastvote::cpu::prepare_certified(
-          c.data(), s.dim, s.num, s.dim, bias.data(), scale.data(), fastvote::Metric::L2);
-      fastvote::cpu::certified_tile(*emu, cc, job);
+          *certified_kernels, c.data(), s.dim, s.num, s.dim, bias.data(), scale.data(), fastvote::Metric::L2);
+      fastvote::cpu::certified_tile(*certified_kernels, cc, job);
     };
     std::vector<float> k32, kc;
     std::vector<int64_t> i32, ic;
@@ -420,16 +423,100 @@ void test_certified_tile() {
     const bool expect_tiles = s.num > s.k + fastvote::certify::kExtraCandidates;
     CHECK(after.rows - before.rows == (expect_tiles ? s.rows : 0), "rows counted");
     for (size_t i = 0; i < k32.size(); ++i) {
-      CHECK(to_bits(k32[i]) == to_bits(kc[i]) && i32[i] == ic[i], "certified vs fp32, shape (%d,%d,%d,%d) entry %zu",
-            s.rows, s.num, s.dim, s.k, i);
+      CHECK(to_bits(k32[i]) == to_bits(kc[i]) && i32[i] == ic[i], "%s certified vs fp32, shape (%d,%d,%d,%d) entry %zu",
+            name, s.rows, s.num, s.dim, s.k, i);
     }
     const int64_t fallbacks = after.fallback_rows - before.fallback_rows;
     if (s.spread < 1e-3f) {
-      CHECK(fallbacks == s.rows, "near-ties: every row falls back (%lld of %d)", (long long)fallbacks, s.rows);
+      CHECK(fallbacks == s.rows, "%s near-ties: every row falls back (%lld of %d)", name, (long long)fallbacks, s.rows);
     }
   }
 }
 
+
+// The AMX pass (TDPBF16PS), where it runs, against the order-free bound it
+// is certified with (certify::tensor_core_error, 32 products a step): every
+// key within gamma_{6PL} sum |products| (+ the flush terms) of the exact dot
+// product, computed exactly (every value an __int128 times 2^-60); and each
+// row's top-k list equal to the first k of its list of every key (the
+// epilogue keeps the best keys it computed, ties to the lower index).
+void test_amx_pass_bound() {
+  const fastvote::cpu::Kernels* amx = pinned("amxbf16");
+  if (amx == nullptr) {
+    std::printf("amxbf16: not supported by this CPU, its pass's bound check skipped\n");
+    return;
+  }
+  const fastvote::cpu::CandidateShape shape = amx->candidate_shape;
+  const int kSlab = fastvote::cpu::kSlab;
+  std::mt19937 rng(17);
+  std::uniform_int_distribution<int> exponent(-20, 20), mantissa(128, 255), coin(0, 1);
+  // A bf16 of 8 significant bits, exponent in [-20, 20]: products are exact
+  // multiples of 2^-54, sums of 1024 of them stay below 2^52.
+  const auto value = [&](int scale) {
+    const float v = std::ldexp(static_cast<float>(mantissa(rng)), exponent(rng) / scale - 7);
+    return coin(rng) ? -v : v;
+  };
+  struct Shape { int rows, num, pairs, k, scale; };
+  for (const Shape s : {Shape{33, 70, 16, 3, 1}, Shape{64, 32, 48, 5, 4}, Shape{1, 5, 256, 2, 20}, Shape{50, 40, 512, 7, 2}}) {
+    const int slabs = (s.rows + kSlab - 1) / kSlab;
+    const int padded = (s.num + shape.centroid_block - 1) / shape.centroid_block * shape.centroid_block;
+    std::vector<float> x(s.rows * 2 * s.pairs), c(s.num * 2 * s.pairs);
+    for (float& v : x) v = value(s.scale);
+    for (int j = 0; j < s.num; ++j)
+      for (int d = 0; d < 2 * s.pairs; ++d)  // every 3rd centroid nearly cancels row j's products
+        c[j * 2 * s.pairs + d] = (j % 3 == 0 && j < s.rows) ? -x[j * 2 * s.pairs + d] * (d % 5 ? 1.0f : 2.0f) : value(s.scale);
+    const auto bits = [](float v) { return fastvote::cpu::bf16_bits(v); };
+    std::vector<uint32_t> packed(slabs * s.pairs * kSlab, 0u), cp(padded * s.pairs, 0u);
+    for (int r = 0; r < s.rows; ++r)
+      for (int p = 0; p < s.pairs; ++p)
+        packed[(r / kSlab) * s.pairs * kSlab + p * kSlab + r % kSlab] =
+            bits(x[r * 2 * s.pairs + 2 * p]) | (bits(x[r * 2 * s.pairs + 2 * p + 1]) << 16);
+    for (int j = 0; j < s.num; ++j)
+      for (int p = 0; p < s.pairs; ++p)
+        cp[j * s.pairs + p] = bits(c[j * 2 * s.pairs + 2 * p]) | (bits(c[j * 2 * s.pairs + 2 * p + 1]) << 16);
+    std::vector<float> zeros(s.num, 0.0f), ones(s.num, 1.0f);
+    const auto run = [&](int k, std::vector<float>& keys, std::vector<int64_t>& idx) {
+      keys.assign(s.rows * k, 0.0f);
+      idx.assign(s.rows * k, -1);
+      std::vector<float> thresholds(slabs * kSlab, -INFINITY);
+      std::fill(thresholds.begin(), thresholds.begin() + s.rows, NAN);
+      std::vector<int> counts(s.rows, 0);
+      amx->candidates({packed.data(), s.rows, s.pairs, cp.data(), s.pairs, s.num, zeros.data(), ones.data(), k,
+                       keys.data(), idx.data(), counts.data(), thresholds.data()});
+    };
+    std::vector<float> all_keys, top_keys;
+    std::vector<int64_t> all_idx, top_idx;
+    run(s.num, all_keys, all_idx);
+    run(s.k, top_keys, top_idx);
+    const fastvote::certify::PassError pass =
+        fastvote::certify::tensor_core_error(2 * s.pairs / shape.products_per_step, shape.products_per_step);
+    double worst = 0;
+    for (int r = 0; r < s.rows; ++r) {
+      for (int i = 0; i < s.num; ++i) {
+        const int64_t j = all_idx[r * s.num + i];
+        __int128 exact = 0;
+        double magnitude = 0;
+        for (int d = 0; d < 2 * s.pairs; ++d) {
+          const double prod = static_cast<double>(x[r * 2 * s.pairs + d]) * c[j * 2 * s.pairs + d];  // exact
+          exact += static_cast<__int128>(std::ldexp(prod, 54));
+          magnitude += std::fabs(prod);
+        }
+        const double err = std::fabs(static_cast<double>(all_keys[r * s.num + i]) - std::ldexp(static_cast<double>(exact), -54));
+        const double bound = pass.rel * magnitude * (1 + 0x1p-40) + pass.abs;
+        worst = std::max(worst, err / bound);
+        CHECK(err <= bound, "amxbf16 pass, shape (%d,%d,%d) row %d centroid %lld: error %g over the bound %g",
+              s.rows, s.num, s.pairs, r, (long long)j, err, bound);
+      }
+      for (int i = 0; i < s.k; ++i) {
+        CHECK(to_bits(top_keys[r * s.k + i]) == to_bits(all_keys[r * s.num + i]) &&
+                  top_idx[r * s.k + i] == all_idx[r * s.num + i],
+              "amxbf16 pass, shape (%d,%d,%d): row %d's top-%d entry %d is not its list's", s.rows, s.num, s.pairs,
+              r, s.k, i);
+      }
+    }
+    std::printf("amxbf16 pass (%d,%d,%d): largest error %.3g of the bound\n", s.rows, s.num, s.pairs, worst);
+  }
+}
 
 // certify::tensor_core_error against its model, emulated adversarially: a
 // chain of L instructions, each adding 16 bf16 products to the running sum
@@ -587,11 +674,12 @@ int main() {
   test_weights();
   test_vote_exp();
   test_fixed_point();
-  for (const char* name : {"avx512", "avx2", "portable", "bf16emu", "avx512bf16"}) test_tile_variant(name);
+  for (const char* name : {"avx512", "avx2", "portable", "bf16emu", "avx512bf16", "amxbf16"}) test_tile_variant(name);
   test_bf16_conversion();
   test_bf16_pair_step();
   test_bf16_candidate_pass();
-  test_certified_tile();
+  for (const char* name : {"bf16emu", "avx512bf16", "amxbf16"}) test_certified_tile(name);
+  test_amx_pass_bound();
   test_tensor_core_bound();
   test_certify_decisions();
   if (failures) {

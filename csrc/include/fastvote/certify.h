@@ -179,44 +179,46 @@ FV_HOST_DEVICE PassError fma_chain_error(int64_t steps) {
   return {g, n * kTau * (1 + g)};
 }
 
-// (2) for CUDA: mma.sync.m16n8k16 with bf16 inputs and fp32 accumulation,
-// chained along D (`mma_steps` = L instructions, each adding 16 products to
-// the running sum it is given). PTX specifies neither the order nor the
-// rounding of that accumulation, so the bound assumes only this model of one
-// instruction:
+// (2) for tensor cores and AMX: CUDA's mma.sync.m16n8k16 with bf16 inputs
+// and fp32 accumulation (P = 16 products a step) or the CPU's TDPBF16PS
+// (P = 32), chained along D (`steps` = L instructions, each adding P
+// products to the running sum it is given). Neither PTX nor Intel specifies
+// the order or the rounding of that accumulation, so the bound assumes only
+// this model of one instruction:
 //   (a) a product of two bf16 values is exact (8-bit significands: 16 bits,
 //       inside fp32's 24), or below 2^-126 may be flushed or rounded (an
 //       error of at most tau);
-//   (b) its 17 operands (16 products and the incoming sum) are added by a
+//   (b) its P + 1 operands (P products and the incoming sum) are added by a
 //       tree of any shape and order whose nodes each take s >= 2 operands,
 //       align them to the largest keeping at least 24 bits below its leading
 //       bit (the others truncated or rounded in any direction: each loses
 //       less than 2^-23 max|o_i|), add them exactly, and round the sum to
 //       fp32 in any direction (less than 2^-23 of it), or lose at most tau
 //       below 2^-126 (flushed or subnormal).
-// A two-operand node is an fp32 addition in any rounding mode; a 17-operand
-// node is a fused multi-operand adder. A node then errs by less than
+// A two-operand node is an fp32 addition in any rounding mode; a (P + 1)-
+// operand node is a fused multi-operand adder. A node then errs by less than
 // 2^-23 ((s - 1) max|o_i| + |aligned sum|) <= ((1 + 2u)^(s+1) - 1) sum |o_i|.
 // By induction over the tree, a node's value is within (F - 1) A of the
 // exact sum of its leaves (A: the sum of their magnitudes, F: the largest
 // product of (1 + 2u)^(s+1) over the nodes above one of its leaves), plus
 // F tau per flush below it. On a leaf's path through one instruction, the
-// nodes' other operands hold disjoint sets of the other 16 leaves, so
-// sum (s - 1) <= 16 and there are at most 16 nodes: sum (s + 1) <= 48. The
+// nodes' other operands hold disjoint sets of the other P leaves, so
+// sum (s - 1) <= P and there are at most P nodes: sum (s + 1) <= 3P. The
 // running sum is one leaf of the next instruction, so over the chain
-// F <= (1 + 2u)^(48 L) <= 1 + gamma_{96 L}, and with at most 33 losses of
-// tau per instruction (16 products, 16 nodes, and the incoming sum, should
+// F <= (1 + 2u)^(3P L) <= 1 + gamma_{6P L}, and with at most 2P + 1 losses
+// of tau per instruction (P products, P nodes, and the incoming sum, should
 // the instruction flush a subnormal one) and Cauchy-Schwarz,
-//   |D~_j - y^.w^_j| <= gamma_{96 L} |y^||w^_j| + 33 L tau (1 + gamma_{96 L}).
-// This is an assumption about the hardware, not something PTX promises:
-// measured models of V100, T4 and A100 tensor cores (Fasi, Higham, Mikaitis
-// and Pranesh, 2021) are of this kind (products exact, operands aligned to
-// the largest, truncation); an accumulator narrower than fp32, as reported
-// for FP8 inputs on Hopper, is not. It has not been checked here on an H100.
-FV_HOST_DEVICE PassError tensor_core_error(int64_t mma_steps) {
-  const double steps = static_cast<double>(mma_steps);
-  const double g = gamma(96 * steps);
-  return {g, 33 * steps * kTau * (1 + g)};
+//   |D~_j - y^.w^_j| <= gamma_{6P L} |y^||w^_j| + (2P + 1) L tau (1 + gamma_{6P L}).
+// This is an assumption about the hardware, not something PTX or Intel
+// promises: measured models of V100, T4 and A100 tensor cores (Fasi, Higham,
+// Mikaitis and Pranesh, 2021) are of this kind (products exact, operands
+// aligned to the largest, truncation); an accumulator narrower than fp32, as
+// reported for FP8 inputs on Hopper, is not. It has not been checked here on
+// an H100; the C++ tests check TDPBF16PS against it, exactly, where it runs.
+FV_HOST_DEVICE PassError tensor_core_error(int64_t steps, int products = 16) {
+  const double l = static_cast<double>(steps), p = static_cast<double>(products);
+  const double g = gamma(6 * p * l);
+  return {g, (2 * p + 1) * l * kTau * (1 + g)};
 }
 
 // The certificate (the derivation at the top of this file): true when every
