@@ -37,8 +37,9 @@ differs:
   - Gradients. Only the input's gradient is computed (``torch.autograd.grad``): the
     parameters' ``.grad`` are never touched (the release accumulated attack
     gradients into them and cleared them before the step).
-  - Precision. ``amp`` (None: on for CUDA only, as :mod:`fastvote.train`) runs the
-    attack's forward under float16 autocast, as the release does; the loss is taken
+  - Precision. ``amp`` (None: on for CUDA and for CPUs with bf16 units, as
+    :mod:`fastvote.train`) runs the attack's forward under autocast: float16 on CUDA, as
+    the release does, bfloat16 on the CPU; the loss is taken
     in float32 and summed over the batch, not averaged, so per-sample input gradients
     are not shrunk by 1/B towards float16 underflow (the sign and the L2 direction are
     scale-free). With ``amp`` off, an enclosing autocast is disabled: the attack runs
@@ -64,7 +65,7 @@ from torch import Tensor, nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (two FFCV epochs)
 
 from . import progress as bars
-from .features import resolve_amp, split_batch
+from .features import autocast, resolve_amp, split_batch
 from .models import unwrap_model
 from .train import Perturb
 
@@ -105,7 +106,8 @@ class PGD:
         random_start: start from a uniform point of the eps-ball (L-inf: per pixel in
             [-eps, eps]; L2: a uniform cube point scaled into the ball, as ``robustness``).
         norm: "linf" or "l2".
-        amp: float16 autocast for the attack's forward passes; None -> on for CUDA only.
+        amp: autocast for the attack's forward passes (float16 on CUDA, bfloat16 on the
+            CPU); None -> on for CUDA and CPUs with bf16 units (:func:`fastvote.features.resolve_amp`).
         generator: draws the random start (None: the images' device's global generator,
             which ``train_classifier`` seeds every epoch). Drawn contiguous on its own
             device, so a start does not depend on the images' memory format; put it on
@@ -185,7 +187,7 @@ class PGD:
                 delta = self._start(pixels)
                 for _ in range(self.steps):
                     delta.requires_grad_(True)
-                    with torch.autocast(images.device.type, dtype=torch.float16, enabled=amp):
+                    with autocast(images.device, amp):
                         logits = net(base + delta / std)
                     # summed: each sample's input gradient is its own loss's, unscaled by B
                     loss = F.cross_entropy(logits.to(dtype), labels, reduction="sum")
@@ -262,8 +264,9 @@ def robust_accuracy(model: nn.Module, loader: Iterable, attack: Perturb, device,
         attack: ``attack(model, images, labels) -> images``, applied to every batch
             (a :class:`PGD`, or any :data:`fastvote.train.Perturb`).
         device: where to run.
-        amp: float16 autocast for the forward on the adversarial images; None -> on
-            for CUDA only (as :func:`fastvote.train.evaluate`; the attack has its own).
+        amp: autocast for the forward on the adversarial images (float16 on CUDA,
+            bfloat16 on the CPU); None -> on for CUDA and CPUs with bf16 units (the attack
+            has its own).
         progress, desc: a tqdm bar and its label.
     """
     device = torch.device(device)
@@ -281,8 +284,7 @@ def robust_accuracy(model: nn.Module, loader: Iterable, attack: Perturb, device,
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             adversarial = attack(model, images, labels)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16,
-                                                        enabled=amp):
+            with torch.inference_mode(), autocast(device, amp):
                 correct += (model(adversarial).argmax(1) == labels).sum()
             seen += len(labels)
     finally:

@@ -132,7 +132,8 @@ class MocoConfig:
         blur_p, blur_sigma: probability and sigma range of the Gaussian blur.
         seed: seeds every epoch's randomness together with the epoch index, and the
             projection head's and queue's initialisation.
-        amp: float16 autocast + GradScaler; None -> on for CUDA only.
+        amp: mixed precision (:func:`fastvote.features.resolve_amp`): float16 autocast + GradScaler on CUDA,
+            bfloat16 autocast on the CPU; None -> on for CUDA and for CPUs with bf16 units.
         log_every: iterations between progress-bar updates (each one syncs the device).
     """
 
@@ -654,11 +655,11 @@ def pretrain_moco(model: nn.Module, loader: Iterable, config: MocoConfig, *,
         moco.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(moco.encoder_q.parameters(), lr=config.lr,
                                 momentum=config.sgd_momentum, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = train.grad_scaler(device, amp)
     history: Dict[str, list] = {k: [] for k in ("epoch", "lr", "loss", "top1", "seconds")}
     state_path, resumed, start = train.resume(
         checkpoint_dir, STATE_FILE, _STATE_FORMAT, config, module=moco, optimizer=optimizer, scaler=scaler,
-        amp=amp, load=lambda m, state: m.load_state_dict(state["moco"]))
+        load=lambda m, state: m.load_state_dict(state["moco"]))
     history = resumed or history
 
     net: nn.Module = moco
@@ -695,7 +696,7 @@ def pretrain_moco(model: nn.Module, loader: Iterable, config: MocoConfig, *,
             atomic_save({
                 "format": _STATE_FORMAT, "epoch": epoch + 1, "config": dataclasses.asdict(config),
                 "moco": moco.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if amp else None, "history": history,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "history": history,
                 "rng": train.rng_state()}, state_path)
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)

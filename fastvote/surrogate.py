@@ -26,6 +26,7 @@ import torch
 from fastvote import data as fvdata
 from fastvote import distributed
 from fastvote.atomic import write_json
+from fastvote.features import autocast, resolve_amp
 from fastvote.inputs import Input, fingerprint_tensors
 
 DEFAULT_ARCH = "resnet18"
@@ -168,7 +169,9 @@ def _estimate_seconds(model: torch.nn.Module, recipe: Recipe, num_rows: int, dev
     timings = []
     for _ in range(2):
         started = time.perf_counter()
-        model(x).float().logsumexp(1).mean().backward()
+        with autocast(device, resolve_amp(recipe.config.amp, device)):  # as train_classifier steps
+            loss = model(x).float().logsumexp(1).mean()
+        loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timings.append(time.perf_counter() - started)

@@ -12,7 +12,8 @@ and resume helpers (:func:`seed_epoch`, :func:`set_loader_epoch`, :func:`resume`
 
 Loaders are any iterables of ``(images, labels[, identifiers])`` batches (images
 float [B, 3, H, W], labels int64 [B]): torch DataLoaders, or ``fastvote.data``'s
-FFCV loaders. AMP (float16 autocast + GradScaler) runs on CUDA only.
+FFCV loaders. AMP is float16 autocast + GradScaler on CUDA and bfloat16 autocast on the
+CPU (by default on CPUs with bf16 units: :func:`fastvote.features.resolve_amp`).
 
 Recipes follow the DP4TL release (SPEC.md, "The protocol to reproduce"):
 pretraining is SGD (momentum 0.9, weight decay 5e-5 on every parameter) with a
@@ -58,7 +59,7 @@ from torch import nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (two FFCV epochs)
 
 from . import data as fvdata, distributed, progress as bars
-from .features import iterate_outputs, resolve_amp, split_batch
+from .features import autocast, iterate_outputs, resolve_amp, split_batch
 from .rng import keeps_rng, rng_state, set_rng_state
 from .models import (Classifier, as_classifier, atomic_save, load_state_dict_flexible,
                      save_checkpoint, unwrap_model)
@@ -118,7 +119,8 @@ class TrainConfig:
         lr_peak_epoch: where the rate peaks, in epochs; None -> ``epochs * 2 / 16``
             (the release peaks at epoch 2 of 16).
         label_smoothing: cross-entropy label smoothing.
-        amp: float16 autocast + GradScaler; None -> on for CUDA only.
+        amp: mixed precision (:func:`fastvote.features.resolve_amp`): float16 autocast + GradScaler on CUDA,
+            bfloat16 autocast on the CPU; None -> on for CUDA and for CPUs with bf16 units.
         seed: seeds every epoch's randomness together with the epoch index.
         log_every: iterations between progress-bar updates (each one syncs the device).
         min_resolution, max_resolution, start_ramp, end_ramp: progressive resolution
@@ -335,7 +337,8 @@ def run_epoch(model: nn.Module, batches: Iterable, forward: Forward,
 
     ``model`` is put in train mode; then per batch i: ``inputs = prepare(batch)``
     (default :func:`to_device`); every param group's rate is set to ``lr_at(i)``;
-    ``loss, logits, labels = forward(inputs)`` under float16 autocast when ``amp``;
+    ``loss, logits, labels = forward(inputs)`` under autocast when ``amp`` (float16 on
+    CUDA, bfloat16 on the CPU);
     the GradScaler-scaled backward and step; ``on_step(inputs, logits, labels)``.
 
     Returns the mean loss and top-1 of ``logits`` over the pass's samples (of every
@@ -355,7 +358,7 @@ def run_epoch(model: nn.Module, batches: Iterable, forward: Forward,
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with autocast(device, amp):
             loss, logits, labels = forward(inputs)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -422,7 +425,7 @@ def _check_resumable(saved: Dict[str, Any], config, path: Path) -> None:
 
 
 def resume(checkpoint_dir, file: str, fmt: str, config, *, module: nn.Module,
-           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp: bool,
+           optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
            load: Callable[[nn.Module, Dict[str, Any]], None]
            ) -> Tuple[Optional[Path], Optional[Dict[str, list]], int]:
     """Where a resumable loop keeps its state, and what it resumes from.
@@ -443,12 +446,18 @@ def resume(checkpoint_dir, file: str, fmt: str, config, *, module: nn.Module,
     _check_resumable(state["config"], config, path)
     load(module, state)
     optimizer.load_state_dict(state["optimizer"])
-    if amp and state["scaler"] is not None:
+    if scaler.is_enabled() and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     # Each epoch re-seeds, so the loop does not need these; restoring them leaves
     # the caller's generators as an uninterrupted run would.
     set_rng_state(state["rng"])
     return path, state["history"], state["epoch"]
+
+
+def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """The loss scaler of a loop under ``amp``: float16 (CUDA) needs one; bfloat16 (the
+    CPU) has float32's range and does not, so there it is disabled (a pass-through)."""
+    return torch.amp.GradScaler("cuda", enabled=amp and torch.device(device).type == "cuda")
 
 
 def training_setup(model: nn.Module, config: TrainConfig, device: torch.device, amp: bool):
@@ -468,7 +477,7 @@ def training_setup(model: nn.Module, config: TrainConfig, device: torch.device, 
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = grad_scaler(device, amp)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     return optimizer, scaler, criterion
 
@@ -539,7 +548,7 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
     history: Dict[str, list] = {k: [] for k in
                                 ("epoch", "lr", "train_loss", "train_acc", "val_acc", "steps", "seconds")}
     state_path, resumed, start = resume(checkpoint_dir, STATE_FILE, _STATE_FORMAT, config, module=model,
-                                        optimizer=optimizer, scaler=scaler, amp=amp,
+                                        optimizer=optimizer, scaler=scaler,
                                         load=lambda m, state: load_state_dict_flexible(m, state["model"]))
     history = resumed or history
 
@@ -573,7 +582,7 @@ def train_classifier(model: nn.Module, train_loader: Iterable, config: TrainConf
             atomic_save({
                 "format": _STATE_FORMAT, "epoch": epoch + 1, "config": dataclasses.asdict(config),
                 "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if amp else None, "history": history,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "history": history,
                 "rng": rng_state()}, state_path)
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
@@ -660,8 +669,9 @@ def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
         optimizer: "adam" or "sgd" (with ``momentum``). The rate decays per iteration
             with a cosine to 0.
         seed: the head's initialisation and every epoch's randomness.
-        amp: float16 autocast for the network; None -> on for CUDA only (the cached
-            probe's head always trains in float32).
+        amp: mixed precision (:func:`fastvote.features.resolve_amp`): float16 autocast + GradScaler on CUDA,
+            bfloat16 autocast on the CPU; None -> on for CUDA and for CPUs with bf16 units. (The cached
+            probe's head always trains in float32.)
         device: where to run.
         progress: tqdm bars.
 
@@ -750,7 +760,7 @@ def finetune(model: nn.Module, train_loader: Iterable, val_loader: Iterable,
             return train_loader
 
     opt = _optimizer(trainable.parameters(), optimizer, lr, weight_decay, momentum)
-    scaler = torch.amp.GradScaler("cuda", enabled=train_amp)
+    scaler = grad_scaler(device, train_amp)
     criterion = nn.CrossEntropyLoss()
     lr_at = _cosine(lr, epochs * steps)
     history: Dict[str, list] = {k: [] for k in ("epoch", "lr", "train_loss", "train_acc",

@@ -154,15 +154,35 @@ def test_resume_refuses_another_config(digits, tmp_path):
                          progress=False, checkpoint_dir=tmp_path)
 
 
-def test_train_classifier_rejects_a_mismatched_loader_or_amp_off_cuda(digits):
+def test_train_classifier_rejects_a_mismatched_loader(digits):
     model = build_model("tiny", 10)
     with pytest.raises(ValueError, match="train_loader.batch_size=64 but config.batch_size=32"):
         train_classifier(model, loader(digits["train"], 64), TrainConfig(epochs=1, batch_size=32),
                          device="cpu", progress=False)
-    with pytest.raises(ValueError, match="amp=True on device='cpu'"):
-        train_classifier(model, loader(digits["train"], 64),
-                         TrainConfig(epochs=1, batch_size=64, amp=True), device="cpu",
-                         progress=False)
+
+
+@pytest.mark.parametrize("amp,dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_cpu_training_runs_in_bfloat16_under_amp(digits, tmp_path, amp, dtype):
+    # amp=True on the CPU: bfloat16 autocast (emulated where the CPU has no bf16 units),
+    # no loss scaling (bfloat16 has float32's range); the weights stay float32; a
+    # killed run resumes to the same weights.
+    seen = []
+    model = build_model("tiny", 10, seed=3)
+    model.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    config = TrainConfig(epochs=2, batch_size=32, lr=0.2, seed=3, amp=amp)
+    train = loader(digits["train"], 32, shuffle=True, limit=192)
+    history = train_classifier(model, train, config, device="cpu", progress=False,
+                               checkpoint_dir=tmp_path / "whole")
+    assert set(seen) == {dtype} and all(p.dtype == torch.float32 for p in model.parameters())
+    assert np.isfinite(history["train_loss"]).all() and history["train_loss"][-1] < history["train_loss"][0]
+    assert torch.load(tmp_path / "whole" / STATE_FILE, weights_only=True)["scaler"] is None
+    killed = build_model("tiny", 10, seed=3)
+    with pytest.raises(Killed):
+        train_classifier(killed, train, config, device="cpu", progress=False,
+                         checkpoint_dir=tmp_path / "killed", on_epoch_end=kill_after(0))
+    resumed = build_model("tiny", 10, seed=4)
+    train_classifier(resumed, train, config, device="cpu", progress=False, checkpoint_dir=tmp_path / "killed")
+    assert same(snapshot(model), snapshot(resumed))
 
 
 # --------------------------------------------------------------------------
