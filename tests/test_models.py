@@ -222,7 +222,8 @@ def test_iterate_outputs_streams_batches_with_labels_and_identifiers():
     model.eval()
     with torch.no_grad():
         expected_logits, expected_features = model.forward_both(images)
-    got = collect(model, loader, device="cpu", progress=False)
+    # amp=False: float32, as the reference (on a CPU with bf16 units the default is bfloat16)
+    got = collect(model, loader, device="cpu", progress=False, amp=False)
     assert torch.allclose(got["logits"], expected_logits, atol=1e-6)
     assert torch.allclose(got["features"], expected_features, atol=1e-6)
     assert torch.equal(got["identifiers"], torch.arange(100, 137))

@@ -94,7 +94,6 @@ certify::CentroidBound pack_centroid(const CertifiedCentroids& cc, const float* 
   return certify::centroid_bound(hat_sq, err_sq, c_sq, beta, beta_abs, dim);
 }
 
-
 int64_t round_up(int64_t n, int64_t block) { return (n + block - 1) / block * block; }
 
 }  // namespace
