@@ -62,7 +62,6 @@ void amx_tile(const Bf16TileJob& job) {
   const int64_t pairs = job.dim;  // a multiple of 16 (Kernels::candidate_pair_block)
   const int64_t num_slabs = (job.rows + kSlab - 1) / kSlab;
   const int64_t a_stride = job.ldc * sizeof(uint32_t), b_stride = kSlab * sizeof(uint32_t);
-  const int k = job.k;
   alignas(64) float acc[2][2][kBlock * kBlock];  // [centroid block][row half][centroid][lane]
 
   for (int64_t j0 = 0; j0 < job.num_centroids; j0 += 2 * kBlock) {
@@ -99,18 +98,7 @@ void amx_tile(const Bf16TileJob& job) {
           const int64_t row0 = r0 + half * kBlock;
           const __m512 key =
               _mm512_fmadd_ps(scale, _mm512_load_ps(acc[j / kBlock][half] + (j % kBlock) * kBlock), bias);
-          unsigned mask = Avx512::admits(key, Avx512::load(job.thresholds + row0));
-          if (!mask) continue;
-          alignas(64) float lane_keys[kBlock];
-          _mm512_store_ps(lane_keys, key);
-          for (; mask; mask &= mask - 1) {
-            const int lane = __builtin_ctz(mask);
-            const int64_t row = row0 + lane;
-            float* keys = job.keys + row * k;
-            int64_t* idx = job.indices + row * k;
-            job.counts[row] = topk_insert(keys, idx, job.counts[row], k, lane_keys[lane], cj);
-            job.thresholds[row] = reject_threshold(keys, job.counts[row], k);
-          }
+          insert_admitted<Avx512>(job, row0, key, cj);
         }
       }
     }

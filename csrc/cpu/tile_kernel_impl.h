@@ -59,6 +59,25 @@ struct RowSquareSums {
   }
 };
 
+// The epilogue's step for one vector of keys (rows row0 .. row0 + W - 1, one
+// centroid cj): a lane enters its row's list only if it beats the row's
+// threshold (rare once the lists fill up).
+template <class V, class Job>
+inline void insert_admitted(const Job& job, int64_t row0, typename V::Reg key, int64_t cj) {
+  unsigned mask = V::admits(key, V::load(job.thresholds + row0));
+  if (!mask) return;
+  float lane_keys[V::W];
+  V::store(lane_keys, key);
+  for (; mask; mask &= mask - 1) {
+    const int lane = __builtin_ctz(mask);
+    const int64_t row = row0 + lane;
+    float* keys = job.keys + row * job.k;
+    int64_t* idx = job.indices + row * job.k;
+    job.counts[row] = topk_insert(keys, idx, job.counts[row], job.k, lane_keys[lane], cj);
+    job.thresholds[row] = reject_threshold(keys, job.counts[row], job.k);
+  }
+}
+
 // MR centroids x (NV vectors of V::W rows) of accumulators live in registers.
 template <class V, int MR, int NV, class Dot, class RowSums>
 void run_tile_with(const BasicTileJob<typename Dot::Elem>& job, RowSums& row_sums) {
@@ -69,7 +88,6 @@ void run_tile_with(const BasicTileJob<typename Dot::Elem>& job, RowSums& row_sum
   static_assert(kSlab % kSub == 0, "a slab must split into whole register blocks");
   const int64_t dim = job.dim;
   const int64_t num_slabs = (job.rows + kSlab - 1) / kSlab;
-  const int k = job.k;
 
   for (int64_t j0 = 0; j0 < job.num_centroids; j0 += MR) {
     const int m = static_cast<int>(std::min<int64_t>(MR, job.num_centroids - j0));
@@ -100,9 +118,8 @@ void run_tile_with(const BasicTileJob<typename Dot::Elem>& job, RowSums& row_sum
           }
         }
 
-        // Epilogue: keys for this block; a lane enters the row's list only if
-        // it beats the row's threshold (rare once the lists fill up). j runs in
-        // increasing centroid order, as the tie rule requires.
+        // Epilogue: keys for this block, j in increasing centroid order, as
+        // the tie rule requires.
         row_sums.start();
         for (int j = 0; j < m; ++j) {
           const int64_t cj = j0 + j;
@@ -112,18 +129,7 @@ void run_tile_with(const BasicTileJob<typename Dot::Elem>& job, RowSums& row_sum
             const int64_t row0 = r0 + v * W;
             const Reg key = V::fma(scale, acc[j][v], bias);
             row_sums.add(v, key);
-            unsigned mask = V::admits(key, V::load(job.thresholds + row0));
-            if (!mask) continue;
-            float lane_keys[W];
-            V::store(lane_keys, key);
-            for (; mask; mask &= mask - 1) {
-              const int lane = __builtin_ctz(mask);
-              const int64_t row = row0 + lane;
-              float* keys = job.keys + row * k;
-              int64_t* idx = job.indices + row * k;
-              job.counts[row] = topk_insert(keys, idx, job.counts[row], k, lane_keys[lane], cj);
-              job.thresholds[row] = reject_threshold(keys, job.counts[row], k);
-            }
+            insert_admitted<V>(job, row0, key, cj);
           }
         }
         row_sums.finish(r0, job.rows);
