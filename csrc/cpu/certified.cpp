@@ -99,7 +99,8 @@ int64_t round_up(int64_t n, int64_t block) { return (n + block - 1) / block * bl
 }  // namespace
 
 bool use_certified(const Kernels& kernels, int64_t num_centroids, int k) {
-  return kernels.candidates != nullptr && num_centroids > k + certify::kExtraCandidates;
+  return kernels.candidates != nullptr && num_centroids > k + certify::kExtraCandidates &&
+         (num_centroids >= kMinCertifiedCentroids || kernels_pinned());
 }
 
 CertifiedCentroids prepare_certified(const Kernels& kernels, const float* centroids, int64_t ldc,

@@ -30,8 +30,17 @@ struct CertifiedCentroids {
 };
 
 // True when the kernels have a bf16 pass and there are centroids left
-// outside the candidates (otherwise the fp32 kernel alone is the answer).
+// outside the candidates (otherwise the fp32 kernel alone is the answer),
+// and, unless FASTVOTE_CPU_KERNEL pins the kernels, when the path pays:
+// from kMinCertifiedCentroids on.
 bool use_certified(const Kernels& kernels, int64_t num_centroids, int k);
+
+// Each row costs the path about 140 fp32 centroids' work whatever K is
+// (packing, the exact re-rank of the first 8 candidates), and its AMX pass
+// saves about a third of a centroid's at K ~ 1,000: nearest_centroids (k = 1,
+// D = 512) went from 0.11x the fp32 kernel at K = 16 to 0.74x at 512 and
+// 1.18x at 1,024 (RESULTS.md). k-means' seeding makes many small-K calls.
+constexpr int64_t kMinCertifiedCentroids = 800;
 
 // centroids/bias/scale as the fp32 kernel reads them (key = bias + scale * x.c),
 // packed for kernels.candidates.

@@ -99,5 +99,10 @@ const Kernels& choose_kernels() {
 
 const Kernels& kernels() { return choose_kernels(); }
 
+bool kernels_pinned() {
+  const char* want = std::getenv("FASTVOTE_CPU_KERNEL");
+  return want != nullptr && *want != '\0';
+}
+
 }  // namespace cpu
 }  // namespace fastvote

@@ -122,6 +122,7 @@ struct Kernels {
 // "bf16emu", the certified pass with VDPBF16PS emulated in fp32 FMAs (slower
 // than fp32: for tests), runs on every CPU but only when pinned.
 const Kernels& kernels();
+bool kernels_pinned();  // FASTVOTE_CPU_KERNEL names the variant
 inline TileFn tile_kernel() { return kernels().tile; }
 inline const char* tile_kernel_name() { return kernels().name; }
 
