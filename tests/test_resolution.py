@@ -121,8 +121,11 @@ warnings.simplefilter("ignore")
 import fastvote, test_resolution as t
 from fastvote.train import TrainConfig
 assert fastvote.data.backend() == "torch"
+# float32 training (amp=False): this answer was found in float32, and a surrogate of 12 steps on 48
+# images is at its edge: trained in bfloat16 (the default on CPUs with bf16 units) it keeps apple
+# instead of baboon (RESULTS.md, issue 23)
 result = fastvote.prune({str(betons['source'])!r}, {str(betons['target'])!r}, method="fm", keep=2, arch="resnet18",
-                        image_size=128, train_config=TrainConfig(epochs=4, batch_size=16, lr=0.05, seed=0),
+                        image_size=128, train_config=TrainConfig(epochs=4, batch_size=16, lr=0.05, seed=0, amp=False),
                         device="cpu", workdir={str(tmp_path / 'w')!r}, progress=False)
 assert set(result.kept_names) == set(t.TARGET), result.kept_names
 t._pretrain(result, [96, 128])

@@ -132,7 +132,9 @@ Kernels kernels_avx512();
 Kernels kernels_avx512_bf16emu();  // "bf16emu" on AVX-512F CPUs
 Kernels kernels_avx512bf16();
 Kernels kernels_amxbf16();
-bool cpu_has_amx_bf16();  // AMX-BF16, and Linux lets this process use the tiles
+// AMX-BF16, and Linux lets this process use the tiles. Call only where the CPU
+// has avx512f: its file is compiled for AVX-512.
+bool cpu_has_amx_bf16();
 #endif
 
 }  // namespace cpu
