@@ -25,8 +25,8 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (
 from . import progress as bars
 from .models import as_classifier
 
-__all__ = ["OUTPUTS", "BF16_FLAGS", "cpu_flags", "autocast_dtype", "precision", "resolve_amp", "autocast", "split_batch",
-           "iterate_outputs", "collect"]
+__all__ = ["OUTPUTS", "BF16_FLAGS", "cpu_flags", "autocast_dtype", "precision", "resolve_amp", "autocast",
+           "split_batch", "iterate_outputs", "collect"]
 
 OUTPUTS = ("logits", "features")
 # CPU flags (Linux /proc/cpuinfo names) of bf16 dot-product units; without them oneDNN

@@ -31,12 +31,17 @@ def _runs(name):
         del os.environ["FASTVOTE_CPU_KERNEL"]
 
 
-def _cpu_flags():
+def _cpuinfo(field):
+    """The first value of `field` in /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), "")
     except OSError:
-        return []
+        return ""
+
+
+def _cpu_flags():
+    return _cpuinfo("flags").split()
 
 
 HAS_NATIVE = _runs("avx512bf16")
@@ -103,14 +108,6 @@ def gen(seed):
 
 # ---------------------------------------------------------------- selection
 
-def _vendor():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
 def test_kernel_names_and_automatic_choice():
     assert _runs("bf16emu"), "the emulation runs on every CPU"
     flags = _cpu_flags()
@@ -123,7 +120,7 @@ def test_kernel_names_and_automatic_choice():
     # kernels, never the emulation.
     if HAS_AMX:
         expected = {"amxbf16"}
-    elif native_cpu and _vendor() == "AuthenticAMD":
+    elif native_cpu and _cpuinfo("vendor_id") == "AuthenticAMD":
         expected = {"avx512bf16"}
     else:
         expected = {"avx512", "avx2", "portable"}

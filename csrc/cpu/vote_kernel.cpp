@@ -46,7 +46,7 @@ int64_t tile_rows(int64_t dim) {
 }
 
 // Rows per tile of the certified path: its candidate pass streams every
-// centroid once a tile, so up to 8 fp32 tiles' rows (K = 100,000: 1.8x
+// centroid once a tile, so up to 8 fp32 tiles' rows (K = 100,000: 1.65x
 // faster than one, RESULTS.md), while each thread still gets 4 tiles.
 int64_t certified_tile_rows(int64_t n, int64_t dim) {
   const int64_t share = (n + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
