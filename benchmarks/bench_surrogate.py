@@ -15,6 +15,10 @@ channels_last.
 
     python benchmarks/bench_surrogate.py --threads 2 --rounds 5
     python benchmarks/bench_surrogate.py --train --models resnet18,small --rounds 3
+
+With --isa avx2 the process reruns itself with torch's own kernels, oneDNN and MKL capped at AVX2
+(ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS): the code paths of an AVX2-only
+CPU on this one, a stand-in until such a CPU measures it (its caches and clocks are this CPU's).
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def cpu_model() -> str:
@@ -96,12 +103,19 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="resnet18,small,efficientnet_lite0")
     p.add_argument("--skip-bf16", action="store_true", help="leave out bf16 (slow where emulated)")
     p.add_argument("--train", action="store_true", help="time training steps instead of the feature pass")
+    p.add_argument("--isa", choices=("native", "avx2"), default="native",
+                   help="avx2: run with torch's kernels, oneDNN and MKL capped at AVX2")
     args = p.parse_args(argv)
+    if args.isa == "avx2" and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":
+        # (the caps are read when torch first dispatches: set them for a fresh process)
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, **AVX2_CAPS})
     torch.set_num_threads(args.threads)
     flags = cpu_flags()
     units = sorted(flags & {"avx512_bf16", "amx_bf16"}) or ["none"]
     default = autocast_dtype(None, torch.device("cpu"))
-    print(f"{cpu_model()}; {args.threads} threads; torch {torch.__version__}; bf16 units: {', '.join(units)}; "
+    capped = f" capped at {torch.backends.cpu.get_cpu_capability()}" if args.isa != "native" else ""
+    print(f"{cpu_model()}{capped}; {args.threads} threads; torch {torch.__version__}; bf16 units: {', '.join(units)}; "
           f"fastvote's default here: {'bf16 autocast' if default else 'fp32'}, channels_last\n")
     modes = {"fp32 NCHW (before)": lambda m, x: raw_pass(m, x, False, False),
              "fp32 channels_last": lambda m, x: raw_pass(m, x, True, False),

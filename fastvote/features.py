@@ -25,7 +25,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (
 from . import progress as bars
 from .models import as_classifier
 
-__all__ = ["OUTPUTS", "BF16_FLAGS", "cpu_flags", "autocast_dtype", "precision", "resolve_amp", "autocast",
+__all__ = ["OUTPUTS", "BF16_FLAGS", "cpu_flags", "cpu_has_bf16_units", "autocast_dtype", "precision", "resolve_amp", "autocast",
            "split_batch", "iterate_outputs", "collect"]
 
 OUTPUTS = ("logits", "features")
@@ -48,17 +48,30 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
     return frozenset()
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has bf16 units (:data:`BF16_FLAGS`) and torch's oneDNN may use
+    them: ONEDNN_MAX_CPU_ISA=AVX2 (a user's cap, or benchmarks/bench_surrogate.py --isa
+    avx2) leaves bf16 emulated, so the default is float32 there."""
+    return any(f in cpu_flags() for f in BF16_FLAGS) and _onednn_runs_bf16()
+
+
+def _onednn_runs_bf16() -> bool:
+    """oneDNN's own check (its ISA cap included); True without oneDNN (no cap to honour)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if check is None else bool(check())
+
+
 def autocast_dtype(amp: Optional[bool], device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of a forward pass, None for float32.
 
-    ``amp=None``: float16 on CUDA, bfloat16 on a CPU with bf16 units (:data:`BF16_FLAGS`),
-    else float32. ``amp=True``: float16 on CUDA, bfloat16 on the CPU whatever its units
+    ``amp=None``: float16 on CUDA, bfloat16 on a CPU with bf16 units
+    (:func:`cpu_has_bf16_units`), else float32. ``amp=True``: float16 on CUDA, bfloat16 on the CPU whatever its units
     (emulated, slow, without them). ``amp=False``: float32."""
     device = torch.device(device)
     if amp is not None and not isinstance(amp, bool):
         raise ValueError(f"amp={amp!r}: expected None (the device's default), True or False")
     if amp is None:
-        amp = device.type == "cuda" or (device.type == "cpu" and any(f in cpu_flags() for f in BF16_FLAGS))
+        amp = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_units())
     if not amp:
         return None
     return torch.float16 if device.type == "cuda" else torch.bfloat16

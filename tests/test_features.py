@@ -13,6 +13,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 def fake_flags(monkeypatch, *flags):
     monkeypatch.setattr(features, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(features, "_onednn_runs_bf16", lambda: True)
 
 
 def test_cpu_flags_are_read_off_cpuinfo_and_empty_without_it(tmp_path):
@@ -37,6 +38,25 @@ def test_bf16_is_the_cpu_default_only_with_bf16_units(monkeypatch, flags, defaul
     assert autocast_dtype(True, CPU) == torch.bfloat16 and autocast_dtype(False, CPU) is None
     assert autocast_dtype(None, CUDA) == torch.float16 and autocast_dtype(False, CUDA) is None
     assert precision(False, CUDA) == "float32" and precision(None, CUDA) == "float16"
+
+
+def test_an_isa_cap_below_bf16_makes_float32_the_default(monkeypatch):
+    fake_flags(monkeypatch, "avx2", "avx512f", "amx_bf16")
+    monkeypatch.setattr(features, "_onednn_runs_bf16", lambda: False)
+    assert autocast_dtype(None, CPU) is None and autocast_dtype(True, CPU) == torch.bfloat16
+
+
+def test_onednn_reads_its_isa_cap_from_the_environment():
+    """The real check, in a fresh process (oneDNN reads the cap once): capped at AVX2,
+    no CPU runs bf16 natively, so the default is float32 on every CPU."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch; from fastvote import features; print(features.autocast_dtype(None, 'cpu'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}).stdout
+    assert out.strip() == "None"
 
 
 def test_amp_must_be_none_or_a_bool():
