@@ -60,8 +60,8 @@ struct RowSquareSums {
 };
 
 // The epilogue's step for one vector of keys (rows row0 .. row0 + W - 1, one
-// centroid cj): a lane enters its row's list only if it beats the row's
-// threshold (rare once the lists fill up).
+// centroid cj, above every centroid the lists hold): a lane enters its row's
+// list only if it beats the row's threshold (rare once the lists fill up).
 template <class V, class Job>
 inline void insert_admitted(const Job& job, int64_t row0, typename V::Reg key, int64_t cj) {
   unsigned mask = V::admits(key, V::load(job.thresholds + row0));
@@ -73,7 +73,7 @@ inline void insert_admitted(const Job& job, int64_t row0, typename V::Reg key, i
     const int64_t row = row0 + lane;
     float* keys = job.keys + row * job.k;
     int64_t* idx = job.indices + row * job.k;
-    job.counts[row] = topk_insert(keys, idx, job.counts[row], job.k, lane_keys[lane], cj);
+    job.counts[row] = topk_insert_later(keys, idx, job.counts[row], job.k, lane_keys[lane], cj);
     job.thresholds[row] = reject_threshold(keys, job.counts[row], job.k);
   }
 }

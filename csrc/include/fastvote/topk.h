@@ -57,6 +57,25 @@ FV_HOST_DEVICE int topk_insert(float* keys, Index* idx, int count, int k,
   return count < k ? count + 1 : k;
 }
 
+// topk_insert for an index above every index in the list (a row's keys in
+// increasing index order, as the tile kernels' epilogues give them): then
+// ranks_before is `key <` (a tie keeps the lower, listed index), so the shift
+// loop compares keys alone. The same list as topk_insert, NaN included.
+template <typename Index>
+FV_HOST_DEVICE int topk_insert_later(float* keys, Index* idx, int count, int k,
+                                     float key, Index index) {
+  if (count == k && !(key < keys[k - 1])) return count;
+  int pos = count < k ? count : k - 1;
+  while (pos > 0 && key < keys[pos - 1]) {
+    keys[pos] = keys[pos - 1];
+    idx[pos] = idx[pos - 1];
+    --pos;
+  }
+  keys[pos] = key;
+  idx[pos] = index;
+  return count < k ? count + 1 : k;
+}
+
 // exp(x) for x <= 0, the same bits on every backend. The CPU's libm expf and
 // CUDA's expf differ in the last place, which would make soft votes differ
 // between devices. This one uses only explicit fmaf (one rounding on host
