@@ -172,7 +172,8 @@ def cmd_surrogate(args) -> int:
     with distributed.main_first():
         src = inputs.resolve(args.source, "source", inputs.workdir_path(args.workdir), distributed.is_main())
     sur = surrogate.resolve(None, src, arch=args.arch, train_config=_train_config(args), image_size=args.image_size,
-                            mean=args.mean, std=args.std, seed=args.seed, workdir=inputs.workdir_path(args.workdir))
+                            mean=args.mean, std=args.std, seed=args.seed, workdir=inputs.workdir_path(args.workdir),
+                            device=device)
     recipe = dataclasses.replace(sur.recipe, flip=True) if args.flip else sur.recipe
     path, info = surrogate.train(recipe, src, out, device=device, progress=distributed.is_main(),
                                  workdir=inputs.workdir_path(args.workdir))

@@ -61,7 +61,7 @@ def export_outputs(data, out: Union[str, os.PathLike], *, source=None, surrogate
         raise ValueError(f"{target.description}: already precomputed outputs; expected images (a .beton, a "
                          "registry name or a Dataset)")
     sur = surrogates.resolve(surrogate, src, arch=arch, train_config=train_config, image_size=image_size, mean=mean,
-                             std=std, seed=seed, workdir=workdir)
+                             std=std, seed=seed, workdir=workdir, device=device)
     model = sur.model(device, progress)
     view = open_view(target, src, sur, model, batch_size=batch_size, device=device, workdir=workdir,
                      progress=progress)

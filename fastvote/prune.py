@@ -397,7 +397,7 @@ def prune(source, target, method: str = "lm", ratio: Optional[float] = None, *, 
     needs_model = ((src.outputs is None and bool(spec.needs["source"]))
                    or (bool(spec.needs["target"]) and any(t.outputs is None for t in tgts)))
     sur = surrogates.resolve(surrogate, src, arch=arch, train_config=train_config, image_size=image_size,
-                             mean=mean, std=std, seed=seed, workdir=workdir) if needs_model else None
+                             mean=mean, std=std, seed=seed, workdir=workdir, device=device) if needs_model else None
     # FM has no centroid for a class without samples: it cannot be voted for.
     _check_outputs(spec, src, tgts, sur, len(groups) - (len(absent) if spec.name == "fm" else 0))
 

@@ -26,7 +26,7 @@ import torch
 from fastvote import data as fvdata
 from fastvote import distributed
 from fastvote.atomic import write_json
-from fastvote.features import autocast, resolve_amp
+from fastvote.features import autocast, precision, resolve_amp
 from fastvote.inputs import Input, fingerprint_tensors
 
 DEFAULT_ARCH = "resnet18"
@@ -35,7 +35,8 @@ DEFAULT_ARCH = "resnet18"
 @dataclass(frozen=True)
 class Recipe:
     """How a surrogate is trained on a source; the weights depend on nothing
-    else (with the source), so this and the source fingerprint are the cache key.
+    else (with the source and the training's precision on the device), so these
+    are the cache key (:meth:`key`).
 
     The model is built under `seed` and the loader's order follows it
     (config.seed seeds each epoch's randomness)."""
@@ -62,9 +63,11 @@ class Recipe:
     def prep(self) -> dict:
         return {"resolution": self.resolution, "mean": list(self.mean), "std": list(self.std)}
 
-    def key(self, source_fingerprint: str) -> str:
+    def key(self, source_fingerprint: str, device) -> str:
+        """The cache key of the weights this recipe trains on `device`: with
+        amp=None a CPU with bf16 units trains in bfloat16, another in float32."""
         what = [source_fingerprint, self.arch, self.prep, repr(self.config), list(self.scale), list(self.ratio),
-                self.flip, self.seed]
+                self.flip, self.seed, precision(self.config.amp, device)]
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
@@ -112,7 +115,7 @@ def train(recipe: Recipe, source: Input, path: Path, *, device, progress: bool =
     from fastvote import models, train as fvtrain
     from fastvote.inputs import workdir_path
 
-    key = recipe.key(source.fingerprint)
+    key = recipe.key(source.fingerprint, device)
     info_path = path.with_name(path.name + ".json")
 
     def cached() -> Optional[dict]:
@@ -335,7 +338,7 @@ def check_arguments(surrogate, arch: str, image_size, mean, std) -> None:
 
 def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=None,
             image_size: Optional[int] = None, mean: Optional[Sequence[float]] = None,
-            std: Optional[Sequence[float]] = None, seed: int = 0, workdir: Path) -> Surrogate:
+            std: Optional[Sequence[float]] = None, seed: int = 0, workdir: Path, device=None) -> Surrogate:
     """Checks the `surrogate` argument and decides everything but the weights.
 
     surrogate: None (train `arch` on the source with `train_config`, default
@@ -343,7 +346,9 @@ def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=
     checkpoint, a state dict of `arch` as torchvision/timm ship them —
     .pth/.bin/.safetensors —, TorchScript, a pickled module); or an nn.Module
     (torchvision, timm, or any whose pooled features feed a final nn.Linear;
-    otherwise wrap it with fastvote.models.as_classifier(module, features=...))."""
+    otherwise wrap it with fastvote.models.as_classifier(module, features=...)).
+    device: where a surrogate to train will train (default: cuda if available),
+    which decides its precision and so its cache key."""
     from fastvote import models  # here, not at the top: torchvision's import is seconds a bad argument need not pay
     if isinstance(surrogate, torch.nn.Module):
         model = models.as_classifier(surrogate)  # a Classifier passes through: as_classifier(m, features=...) first
@@ -379,7 +384,7 @@ def resolve(surrogate, source: Input, *, arch: str = DEFAULT_ARCH, train_config=
         raise TypeError(f"train_config has type {type(config).__name__}; expected fastvote.train.TrainConfig")
     prep = _preprocessing({}, source, image_size, mean, std, "trained surrogate")
     recipe = Recipe.default(arch, prep["resolution"], prep["mean"], prep["std"], config, seed)
-    key = recipe.key(source.fingerprint)
+    key = recipe.key(source.fingerprint, distributed.resolve_device(device))
     path = workdir / "surrogates" / f"{arch}-{key}.pt"
     entry = {"kind": "trained", "arch": arch, "path": str(path.resolve()), "recipe_key": key, "config": repr(config)}
 

@@ -142,3 +142,20 @@ def test_cached_outputs_are_keyed_by_precision():
                                                                 "std": [0.25] * 3}, num_classes=5, entry={})
     keys = {p: sur.outputs_key(p) for p in ("float32", "bfloat16", "float16")}
     assert len(set(keys.values())) == 3 and sur.outputs_key("float32") == keys["float32"]
+
+
+def test_a_surrogates_cache_key_names_its_training_precision(monkeypatch):
+    """amp=None trains in bfloat16 on a CPU with bf16 units and in float32 on
+    another: two different surrogates, two cache entries; amp=False is one
+    everywhere; float16 on CUDA is another."""
+    from fastvote.surrogate import Recipe
+    from fastvote.train import TrainConfig
+
+    def key(amp, bf16_units, device="cpu"):
+        monkeypatch.setattr(features, "cpu_has_bf16_units", lambda: bf16_units)
+        recipe = Recipe.default("tiny", 8, (0.5,) * 3, (0.25,) * 3, TrainConfig(amp=amp), seed=0)
+        return recipe.key("source-fingerprint", device)
+
+    assert key(None, True) != key(None, False)
+    assert key(False, True) == key(False, False)
+    assert key(None, False, "cuda") == key(None, True, "cuda") != key(None, True)  # float16 on CUDA
