@@ -5,7 +5,8 @@ shared machine's load moves):
   fp32 NCHW            the CPU pass before issue 23 (eval, inference_mode)
   fp32 channels_last   weights and images channels-last
   bf16 channels_last   + bfloat16 autocast (native on avx512_bf16 / AMX, emulated and slow without)
-  fastvote default     fastvote.features.iterate_outputs with its defaults on this CPU
+  fastvote default     fastvote.features.iterate_outputs with its defaults on this CPU (from 8
+                       batches BatchNorms folded into the convolutions, its copy and trace timed too)
 Models: ResNet-18 at 224 px (the paper's surrogate, batch 64), the demo's "small" CNN at 16 px
 (batch 256) and EfficientNet-Lite0 at 224 px (the photo example's surrogate, where installed).
 
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--batches", type=int, default=2, help="batches a timed pass")
+    p.add_argument("--batches", type=int, default=8,
+                   help="batches a timed pass (fastvote's default folds BatchNorms from 8: FOLD_MIN_BATCHES)")
     p.add_argument("--models", default="resnet18,small,efficientnet_lite0")
     p.add_argument("--skip-bf16", action="store_true", help="leave out bf16 (slow where emulated)")
     p.add_argument("--train", action="store_true", help="time training steps instead of the feature pass")

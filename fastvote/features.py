@@ -29,6 +29,7 @@ __all__ = ["OUTPUTS", "BF16_FLAGS", "cpu_flags", "cpu_has_bf16_units", "autocast
            "split_batch", "iterate_outputs", "collect"]
 
 OUTPUTS = ("logits", "features")
+FOLD_MIN_BATCHES = 8  # a CPU pass this long (or of unknown length) runs with BatchNorms folded
 # CPU flags (Linux /proc/cpuinfo names) of bf16 dot-product units; without them oneDNN
 # emulates bf16 through fp32 and a bf16 pass is slower than fp32 (ResNet-18: 0.5x, measured)
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -132,7 +133,10 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device, want: Sequenc
         desc: the bar's label.
 
     On the CPU the model's 4-d weights are channels-last while the generator runs,
-    the caller's layout restored when it finishes or is closed.
+    the caller's layout restored when it finishes or is closed, and a pass of
+    :data:`FOLD_MIN_BATCHES` or more runs a copy with each BatchNorm folded into the
+    convolution before it (where the model traces with torch.fx; the same outputs
+    within float rounding).
 
     Yields:
         dict, all tensors on ``device`` (so a GPU voter never copies back to the host):
@@ -153,7 +157,12 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device, want: Sequenc
     net.eval()  # a view from as_classifier has its own copies of the modules on its head's path
     # CUDA keeps what it had: the images' layout as the loader gives them (channels-last)
     layout = torch.channels_last if device.type == "cpu" else None
-    restore = _to_layout(net, layout)
+    # On the CPU a pass of FOLD_MIN_BATCHES or more runs a copy with each BatchNorm folded into its
+    # convolution, where one traces (ResNet-18 1.1-1.16x, the demo's CNN 1.25-1.3x, fp32 and bf16;
+    # the copy and trace take 5-160 ms; RESULTS.md, issue 23)
+    long_pass = total is None or total >= FOLD_MIN_BATCHES
+    folded = _folded(net, want) if device.type == "cpu" and long_pass else None
+    restore = _to_layout(net, layout) if folded is None else _to_layout(folded, layout)
     try:
         for batch in tqdm(loader, total=total, desc=desc, disable=bars.disable(progress), unit="batch",
                           leave=False):
@@ -164,7 +173,9 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device, want: Sequenc
                 images = images.to(device, non_blocking=True)
                 if layout is not None and images.dim() == 4:
                     images = images.contiguous(memory_format=layout)
-                if want == ("logits",):
+                if folded is not None:
+                    computed = dict(zip(want, folded(images)))
+                elif want == ("logits",):
                     computed = {"logits": net(images)}
                 elif want == ("features",):
                     computed = {"features": net.features(images)}
@@ -179,6 +190,42 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device, want: Sequenc
     finally:
         restore()
         model.train(was_training)
+
+
+class _Outputs(nn.Module):
+    """The wanted outputs of a classifier as one forward (what torch.fx traces)."""
+
+    def __init__(self, net: nn.Module, want: Sequence[str]):
+        super().__init__()
+        self.net, self.want = net, tuple(want)
+
+    def forward(self, images: Tensor):
+        if self.want == ("logits",):
+            return (self.net(images),)
+        if self.want == ("features",):
+            return (self.net.features(images),)
+        logits, features = self.net.forward_both(images)
+        return tuple({"logits": logits, "features": features}[name] for name in self.want)
+
+
+def _folded(net: nn.Module, want: Sequence[str]) -> Optional[nn.Module]:
+    """A copy of the eval-mode `net` computing `want` (a tuple in that order),
+    each BatchNorm2d after a Conv2d folded into it (torch.fx's fuse: the same
+    function, within float rounding); None where nothing folds or the model
+    does not trace (TorchScript, data-dependent Python): the pass then runs `net`."""
+    def batch_norms(module: nn.Module) -> int:
+        return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+    before = batch_norms(net)
+    if not before:
+        return None
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(_Outputs(net, want))  # (a deep copy: the caller's model stays as it is)
+    except Exception:  # noqa: BLE001 -- anything fx cannot trace runs unfolded, as before
+        return None
+    return folded if batch_norms(folded) < before else None
 
 
 def _to_layout(module: nn.Module, layout: Optional[torch.memory_format]):

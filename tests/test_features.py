@@ -88,7 +88,11 @@ def test_the_pass_matches_float32_nchw_and_leaves_the_callers_layout(arch):
         assert p.is_contiguous(), name
 
 
-def test_a_channels_last_model_stays_channels_last_and_a_closed_pass_restores():
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_channels_last_model_stays_channels_last_and_a_closed_pass_restores(monkeypatch, fold):
+    monkeypatch.setattr(features, "FOLD_MIN_BATCHES", 2)  # (_batches(): 2)
+    if not fold:  # a model nothing folds in: the pass converts the caller's weights, then restores them
+        monkeypatch.setattr(features, "_folded", lambda net, want: None)
     model = build_model("small", 5, image_size=16, seed=0).eval().to(memory_format=torch.channels_last)
     convs = [p for p in model.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
@@ -98,9 +102,56 @@ def test_a_channels_last_model_stays_channels_last_and_a_closed_pass_restores():
     plain = build_model("small", 5, image_size=16, seed=0).eval()
     stream = iterate_outputs(plain, _batches(), device="cpu", progress=False)
     next(stream)
-    assert not all(p.is_contiguous() for p in plain.parameters() if p.dim() == 4)  # converted during the pass
+    # folded: the pass runs a copy, the caller's weights are never touched
+    assert all(p.is_contiguous() for p in plain.parameters() if p.dim() == 4) == fold
     stream.close()
     assert all(p.is_contiguous() for p in plain.parameters())
+
+
+@pytest.mark.parametrize("want", [("features",), ("logits",), ("features", "logits"), ("logits", "features")])
+def test_the_folded_pass_gives_every_output_and_leaves_the_model_as_it_was(want):
+    model = build_model("resnet18", 5, image_size=16, seed=0).eval()
+    assert features._folded(model, want) is not None  # ResNet-18 folds: its 20 BatchNorms follow convolutions
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = _batches(features.FOLD_MIN_BATCHES)
+    with torch.inference_mode():
+        expected = {"logits": torch.cat([model(x) for x, _ in batches]),
+                    "features": torch.cat([model.features(x) for x, _ in batches])}
+    got = collect(model, batches, device="cpu", want=want, amp=False, progress=False)
+    for name in want:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 20
+
+
+def test_a_short_pass_is_not_folded(monkeypatch):
+    calls = []
+    monkeypatch.setattr(features, "_folded", lambda net, want: calls.append(want))
+    model = build_model("small", 5, image_size=16, seed=0).eval()
+    collect(model, _batches(features.FOLD_MIN_BATCHES - 1), device="cpu", progress=False)
+    assert calls == []  # (copying and tracing the model would cost more than it saves)
+    collect(model, iter(_batches(1)), device="cpu", progress=False)  # unknown length: folded
+    assert len(calls) == 1
+
+
+def test_a_model_that_does_not_trace_runs_unfolded():
+    class Branchy(nn.Module):  # data-dependent Python: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+        def features(self, x):
+            x = self.bn(self.conv(x))
+            return (x if float(x.sum()) > 0 else -x).mean((2, 3))
+
+        def forward(self, x):
+            return self.fc(self.features(x))
+
+    model = Branchy().eval()
+    assert features._folded(model, ("features",)) is None
+    batches = _batches(features.FOLD_MIN_BATCHES)
+    got = collect(model, batches, device="cpu", want=("features",), amp=False, progress=False)["features"]
+    torch.testing.assert_close(got, _nchw_reference(model, batches), rtol=1e-5, atol=1e-5)
 
 
 def test_a_4d_buffer_is_restored_too():
