@@ -62,7 +62,21 @@ void amx_tile(const Bf16TileJob& job) {
   const int64_t pairs = job.dim;  // a multiple of 16 (Kernels::candidate_pair_block)
   const int64_t num_slabs = (job.rows + kSlab - 1) / kSlab;
   const int64_t a_stride = job.ldc * sizeof(uint32_t), b_stride = kSlab * sizeof(uint32_t);
-  alignas(64) float acc[2][2][kBlock * kBlock];  // [centroid block][row half][centroid][lane]
+  // [buffer][centroid block][row half][centroid][lane]: a block's keys are
+  // read by the epilogue while the next block's TDPBF16PS chain runs
+  alignas(64) float acc[2][2][2][kBlock * kBlock];
+  const auto epilogue = [&](const float (*keys)[2][kBlock * kBlock], int64_t j0, int64_t r0, int m) {
+    for (int j = 0; j < m; ++j) {
+      const int64_t cj = j0 + j;
+      const __m512 bias = _mm512_set1_ps(job.bias[cj]), scale = _mm512_set1_ps(job.scale[cj]);
+      for (int half = 0; half < 2; ++half) {
+        const __m512 key = _mm512_fmadd_ps(scale, _mm512_load_ps(keys[j / kBlock][half] + (j % kBlock) * kBlock), bias);
+        insert_admitted<Avx512>(job, r0 + half * kBlock, key, cj);
+      }
+    }
+  };
+  int buffer = 0, last_m = 0;  // the block whose keys wait in acc[buffer ^ 1] (last_m 0: none)
+  int64_t last_j0 = 0, last_r0 = 0;
 
   for (int64_t j0 = 0; j0 < job.num_centroids; j0 += 2 * kBlock) {
     // Centroid rows up to a multiple of 32 are there, zero (candidate_centroid_block).
@@ -85,24 +99,18 @@ void amx_tile(const Bf16TileJob& job) {
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      _tile_stored(0, acc[0][0], 64);
-      _tile_stored(1, acc[0][1], 64);
-      _tile_stored(2, acc[1][0], 64);
-      _tile_stored(3, acc[1][1], 64);
-
-      const int64_t r0 = s * kSlab;
-      for (int j = 0; j < m; ++j) {
-        const int64_t cj = j0 + j;
-        const __m512 bias = _mm512_set1_ps(job.bias[cj]), scale = _mm512_set1_ps(job.scale[cj]);
-        for (int half = 0; half < 2; ++half) {
-          const int64_t row0 = r0 + half * kBlock;
-          const __m512 key =
-              _mm512_fmadd_ps(scale, _mm512_load_ps(acc[j / kBlock][half] + (j % kBlock) * kBlock), bias);
-          insert_admitted<Avx512>(job, row0, key, cj);
-        }
-      }
+      // The previous block's epilogue, after this block's chain in program order: the core runs
+      // it while the tile unit works (each row still sees its centroids in increasing order).
+      if (last_m > 0) epilogue(acc[buffer ^ 1], last_j0, last_r0, last_m);
+      _tile_stored(0, acc[buffer][0][0], 64);
+      _tile_stored(1, acc[buffer][0][1], 64);
+      _tile_stored(2, acc[buffer][1][0], 64);
+      _tile_stored(3, acc[buffer][1][1], 64);
+      last_j0 = j0, last_r0 = s * kSlab, last_m = m;
+      buffer ^= 1;
     }
   }
+  if (last_m > 0) epilogue(acc[buffer ^ 1], last_j0, last_r0, last_m);
   _tile_release();
 }
 
