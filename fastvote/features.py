@@ -6,7 +6,8 @@ model in eval mode under ``torch.inference_mode`` and show a tqdm progress bar.
 By default (:func:`autocast_dtype`) the forward runs under float16 autocast on CUDA
 and bfloat16 autocast on a CPU with bf16 units (avx512_bf16 or AMX), in float32
 elsewhere; on the CPU, weights and images are channels-last for the pass (oneDNN's
-fast convolutions; 1.2-1.8x fp32 NCHW, benchmarks/RESULTS.md, issue 23).
+fast convolutions; 1.2-1.8x fp32 NCHW, benchmarks/RESULTS.md, issue 23), and a long
+pass folds each BatchNorm into its convolution (a traced copy of the model).
 
 A loader is any iterable of ``(images, labels)`` or ``(images, labels,
 identifiers)`` batches: images float [B, 3, H, W], labels and identifiers int64
@@ -25,8 +26,8 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() twice (
 from . import progress as bars
 from .models import as_classifier
 
-__all__ = ["OUTPUTS", "BF16_FLAGS", "cpu_flags", "cpu_has_bf16_units", "autocast_dtype", "precision", "resolve_amp", "autocast",
-           "split_batch", "iterate_outputs", "collect"]
+__all__ = ["OUTPUTS", "FOLD_MIN_BATCHES", "BF16_FLAGS", "cpu_flags", "cpu_has_bf16_units", "autocast_dtype",
+           "precision", "resolve_amp", "autocast", "split_batch", "iterate_outputs", "collect"]
 
 OUTPUTS = ("logits", "features")
 FOLD_MIN_BATCHES = 8  # a CPU pass this long (or of unknown length) runs with BatchNorms folded
@@ -66,8 +67,9 @@ def autocast_dtype(amp: Optional[bool], device: torch.device) -> Optional[torch.
     """The autocast dtype of a forward pass, None for float32.
 
     ``amp=None``: float16 on CUDA, bfloat16 on a CPU with bf16 units
-    (:func:`cpu_has_bf16_units`), else float32. ``amp=True``: float16 on CUDA, bfloat16 on the CPU whatever its units
-    (emulated, slow, without them). ``amp=False``: float32."""
+    (:func:`cpu_has_bf16_units`), else float32. ``amp=True``: float16 on CUDA,
+    bfloat16 on the CPU whatever its units (emulated, slow, without them).
+    ``amp=False``: float32."""
     device = torch.device(device)
     if amp is not None and not isinstance(amp, bool):
         raise ValueError(f"amp={amp!r}: expected None (the device's default), True or False")
@@ -162,7 +164,7 @@ def iterate_outputs(model: nn.Module, loader: Iterable, *, device, want: Sequenc
     # the copy and trace take 5-160 ms; RESULTS.md, issue 23)
     long_pass = total is None or total >= FOLD_MIN_BATCHES
     folded = _folded(net, want) if device.type == "cpu" and long_pass else None
-    restore = _to_layout(net, layout) if folded is None else _to_layout(folded, layout)
+    restore = _to_layout(net if folded is None else folded, layout)
     try:
         for batch in tqdm(loader, total=total, desc=desc, disable=bars.disable(progress), unit="batch",
                           leave=False):
