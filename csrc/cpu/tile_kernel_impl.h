@@ -73,7 +73,7 @@ inline void insert_admitted(const Job& job, int64_t row0, typename V::Reg key, i
     const int64_t row = row0 + lane;
     float* keys = job.keys + row * job.k;
     int64_t* idx = job.indices + row * job.k;
-    job.counts[row] = topk_insert_later(keys, idx, job.counts[row], job.k, lane_keys[lane], cj);
+    job.counts[row] = topk_insert</*kIndexAbove=*/true>(keys, idx, job.counts[row], job.k, lane_keys[lane], cj);
     job.thresholds[row] = reject_threshold(keys, job.counts[row], job.k);
   }
 }

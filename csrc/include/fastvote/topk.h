@@ -37,36 +37,26 @@ FV_HOST_DEVICE bool admits(float key, float threshold) {
   return !(key >= threshold);
 }
 
+// Whether (key, index) goes before a listed (other, other_index): ranks_before;
+// with kIndexAbove, for an index above every listed one (a row's keys in
+// increasing index order, as the tile kernels' epilogues give them), `key <`
+// alone, the same answer (a tie keeps the lower, listed index) in fewer compares.
+template <bool kIndexAbove, typename Index>
+FV_HOST_DEVICE bool goes_before(float key, Index index, float other, Index other_index) {
+  return kIndexAbove ? key < other : ranks_before(key, index, other, other_index);
+}
+
 // Insert (key, index) into the sorted list keys[0..count) / idx[0..count) of
 // capacity k, keeping it sorted best first. Returns the new count.
-template <typename Index>
+template <bool kIndexAbove = false, typename Index>
 FV_HOST_DEVICE int topk_insert(float* keys, Index* idx, int count, int k,
                                float key, Index index) {
   int pos = count < k ? count : k - 1;
-  if (count == k && !ranks_before(key, index, keys[k - 1], idx[k - 1])) {
+  if (count == k && !goes_before<kIndexAbove>(key, index, keys[k - 1], idx[k - 1])) {
     return count;
   }
   // Shift worse entries one slot down until the new one's place is found.
-  while (pos > 0 && ranks_before(key, index, keys[pos - 1], idx[pos - 1])) {
-    keys[pos] = keys[pos - 1];
-    idx[pos] = idx[pos - 1];
-    --pos;
-  }
-  keys[pos] = key;
-  idx[pos] = index;
-  return count < k ? count + 1 : k;
-}
-
-// topk_insert for an index above every index in the list (a row's keys in
-// increasing index order, as the tile kernels' epilogues give them): then
-// ranks_before is `key <` (a tie keeps the lower, listed index), so the shift
-// loop compares keys alone. The same list as topk_insert, NaN included.
-template <typename Index>
-FV_HOST_DEVICE int topk_insert_later(float* keys, Index* idx, int count, int k,
-                                     float key, Index index) {
-  if (count == k && !(key < keys[k - 1])) return count;
-  int pos = count < k ? count : k - 1;
-  while (pos > 0 && key < keys[pos - 1]) {
+  while (pos > 0 && goes_before<kIndexAbove>(key, index, keys[pos - 1], idx[pos - 1])) {
     keys[pos] = keys[pos - 1];
     idx[pos] = idx[pos - 1];
     --pos;
