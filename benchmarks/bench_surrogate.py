@@ -110,8 +110,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.isa == "avx2" and os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2":
         # (the caps are read when torch first dispatches: set them for a fresh process)
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  {**os.environ, **AVX2_CAPS})
+        args_again = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *args_again], {**os.environ, **AVX2_CAPS})
     torch.set_num_threads(args.threads)
     flags = cpu_flags()
     units = sorted(flags & {"avx512_bf16", "amx_bf16"}) or ["none"]
