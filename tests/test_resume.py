@@ -220,7 +220,10 @@ def test_cluster_prune_killed_three_times_resumes_to_the_same_outputs(pool, tmp_
             lines.append(line)
             if sum(x.startswith("committed") for x in lines) == wanted:
                 break
-        time.sleep(g.uniform(0, 0.2))
+        # within about one step of that commit: the whole run takes ~0.3 s, so a longer wait let a fast
+        # machine finish before the kill
+        time.sleep(g.uniform(0, longest))
+        assert proc.poll() is None, "the run finished before the kill: the pool is too small for this machine"
         killed_at = time.time()
         os.kill(proc.pid, signal.SIGKILL)
         rest = proc.stdout.read()
