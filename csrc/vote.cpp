@@ -155,6 +155,9 @@ TORCH_LIBRARY(fastvote, m) {
 // the certified bf16 path's counters (rows through it, rows it sent back to
 // the fp32 kernel).
 const char* cpu_tile_kernel_name();
+// nearest_centroids (l2) from the bf16 candidate pass alone, approximate (k-means' coarse groups).
+std::tuple<at::Tensor, at::Tensor> nearest_centroids_bf16(const at::Tensor& features,
+                                                          const at::Tensor& centroids, int64_t k);
 std::tuple<at::Tensor, at::Tensor> nearest_in_groups(const at::Tensor& features,
                                                      const at::Tensor& order,
                                                      const at::Tensor& row_starts,
@@ -194,6 +197,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastvote's compiled ops; they register under torch.ops.fastvote on import.";
   m.def("cpu_kernel", &fastvote::cpu_tile_kernel_name,
         "The CPU tile micro-kernel chosen for this processor at run time.");
+  m.def("nearest_centroids_bf16", &fastvote::nearest_centroids_bf16,
+        "nearest_centroids (l2) from the bf16 candidate pass alone where the CPU kernels have "
+        "one (amxbf16, avx512bf16, bf16emu): approximate squared distances [N, k] and indices, "
+        "a near-nearest centroid, not certified; elsewhere the exact op. CPU tensors.");
   m.def("nearest_in_groups", &fastvote::nearest_in_groups,
         "Rows features[order] sorted by group (row_starts [G + 1]) against their own group's "
         "centroids (centroid_starts [G + 1]): squared distances [len(order), k] and indices "

@@ -531,11 +531,13 @@ def _greedy_picks(between: np.ndarray, now: np.ndarray, weight: np.ndarray, unif
     return np.asarray(picked, dtype=np.int64)
 
 
-def _refine(sample: Tensor, centroids: Tensor, metric: str, passes: int = SAMPLE_PASSES) -> Tensor:
+def _refine(sample: Tensor, centroids: Tensor, metric: str, passes: int = SAMPLE_PASSES,
+            nearest: Optional[Callable[[Tensor, Tensor, int], Tuple[Tensor, Tensor]]] = None) -> Tensor:
     """Plain Lloyd passes over the seeding sample (in memory, the same on
-    every rank); a centroid no sample row chose stays where it is."""
+    every rank); a centroid no sample row chose stays where it is. nearest:
+    how a row finds its centroid ((distances, indices) [S, 1]; default the exact search)."""
     for _ in range(passes):
-        _, idx = _Geometry(centroids).nearest(sample, 1)
+        idx = (_Geometry(centroids).nearest(sample, 1) if nearest is None else nearest(sample, centroids, 1))[1]
         centroids = _means(sample, idx[:, 0], centroids, metric)
     return centroids
 
@@ -580,7 +582,7 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
     sample_group [S])."""
     wanted = math.ceil(_COARSE_PER_ROOT_K * math.sqrt(num_clusters))
     drawn = _capped(sample, wanted, rng)
-    coarse = _refine(drawn, _seed(drawn, wanted, rng, progress=False), metric, _GROUP_PASSES)
+    coarse = _refine(drawn, _seed(drawn, wanted, rng, progress=False), metric, _GROUP_PASSES, _nearest_coarse)
     # A row costs the passes its group's centroids, and a group's seeds follow its share of the sample's
     # potential (k-means++; correlation 0.995 at K = 10,000), so a group costs its share of the rows times its
     # share of the potential: balanced, 1 / wanted^2 each. Groups over twice that are split into m parts (a
@@ -607,7 +609,7 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
     kept = np.flatnonzero(rows.numpy())  # (a coarse centroid no sample row has nearest makes no group)
     if len(kept) < len(coarse):
         coarse = coarse[torch.from_numpy(kept).to(coarse.device)]
-        reach = _Geometry(coarse).nearest(sample, min(_SEED_REACH, len(coarse)))[1].cpu()
+        reach = _nearest_coarse(sample, coarse, min(_SEED_REACH, len(coarse)))[1].cpu()
     group = reach[:, 0]
     seeds, seed_group = _seed_in_groups(sample, num_clusters, reach, rng, progress)
     starts = torch.searchsorted(seed_group, torch.arange(len(kept) + 1))
@@ -923,7 +925,7 @@ class _Groups:
         k, reach = len(geometry.centroids), self.group.shape[1]
         work = 0.0
         if bool((group < 0).any()):  # the first pass: each row's groups
-            group.copy_(_nearest(x, self.coarse, _sq_norms(self.coarse), reach)[1])
+            group.copy_(_nearest_coarse(x, self.coarse, reach)[1])
             work += len(x) * len(self.coarse) / k
         x_sq = _row_sq_norms(self.sq, at, x)
         slack = _SLACK * (x_sq + geometry.sq.max())
@@ -1166,6 +1168,21 @@ def _row_sq_norms(cache: Tensor, at: slice, x: Tensor) -> Tensor:
 def _sq_norms(x: Tensor) -> Tensor:
     """Squared row norms [B] (a norm reduction: x.pow(2).sum(1) writes a B x D temporary, 10x slower)."""
     return torch.linalg.vector_norm(x, dim=1).square_()
+
+
+def _nearest_coarse(x: Tensor, coarse: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """:func:`_nearest` for the coarse centroids (the groups of
+    :class:`_Groups` and their seeding), near-nearest: on CPUs with bf16
+    units (amxbf16, avx512bf16) from the certified path's bf16 pass alone,
+    without its exact re-rank (a row's group only needs to be near its
+    nearest: at K = 10,000, 0.14% of the rows chose another, 0.04% farther at
+    most; 2.4x faster than the exact search, two thirds of the first pass);
+    elsewhere the exact search."""
+    if x.device.type == "cpu" and ops.cpu_kernel() in ("amxbf16", "avx512bf16"):
+        from fastvote import _C
+
+        return _C.nearest_centroids_bf16(x, coarse, k)
+    return _nearest(x, coarse, _sq_norms(coarse), k)
 
 
 def _gemm_is_faster(device: torch.device) -> bool:

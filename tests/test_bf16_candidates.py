@@ -272,3 +272,39 @@ def test_the_automatic_choice_takes_the_path_only_where_it_pays():
         rows0, _ = _C.cpu_bf16_stats()
         ops.nearest_centroids(x, c, 1, "l2")
         assert _C.cpu_bf16_stats()[0] - rows0 == expected_rows
+
+
+# ---------------------------------------------------------------- the bf16 pass alone (k-means' coarse groups)
+
+@pytest.mark.parametrize("n,num,dim,k,offset", [(300, 40, 33, 1, 0.0), (257, 600, 512, 8, 100.0), (1, 3, 7, 3, 5.0),
+                                                (0, 5, 16, 2, 0.0), (50, 1, 9, 1, 1e4)])
+def test_nearest_centroids_bf16_is_near_the_nearest(certified, n, num, dim, k, offset):
+    """_C.nearest_centroids_bf16, the bf16 pass without its re-rank: each
+    row's k near-nearest centroids, their squared distances within the pass's
+    rounding (~2^-8 of |x - m| |c - m|, m the centroids' mean: the centring
+    that keeps it small far from the origin) of the exact ones, and each
+    within twice that of the exact k-th nearest; k = K and one row included."""
+    g = gen(12 + n)
+    x = torch.randn(n, dim, generator=g) * 3 + offset
+    c = torch.randn(num, dim, generator=g) * 3 + offset
+    values, idx = pinned(certified, lambda: _C.nearest_centroids_bf16(x, c, k))
+    assert values.shape == idx.shape == (n, k) and values.dtype == torch.float32 and idx.dtype == torch.int64
+    if n == 0:
+        return
+    assert bool((idx >= 0).all() and (idx < num).all())
+    assert all(len(set(row)) == k for row in idx.tolist())  # k distinct centroids a row
+    exact = torch.cdist(x.double(), c.double()).square()
+    m = c.double().mean(0)
+    spread = (x.double() - m).norm(dim=1, keepdim=True) * (c.double() - m).norm(dim=1).max()
+    tol = 2 ** -6 * spread + 1e-5 * (x.double().square().sum(1, keepdim=True) + c.double().square().sum(1).max())
+    assert bool(((values.double() - exact.gather(1, idx)).abs() <= tol).all())
+    best = exact.topk(k, 1, largest=False).values
+    assert bool((exact.gather(1, idx).sort(1).values <= best + 2 * tol).all())
+
+
+def test_nearest_centroids_bf16_without_a_bf16_pass_is_the_exact_op():
+    g = gen(13)
+    x, c = torch.randn(100, 24, generator=g), torch.randn(30, 24, generator=g)
+    got = pinned(FP32, lambda: _C.nearest_centroids_bf16(x, c, 3))
+    expected = pinned(FP32, lambda: ops.nearest_centroids(x, c, 3, "l2"))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

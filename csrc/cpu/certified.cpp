@@ -280,6 +280,32 @@ void certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const 
   }
 }
 
+void approximate_tile(const Kernels& kernels, const CertifiedCentroids& cc, const TileJob& job) {
+  const int64_t rows = job.rows, dim = job.dim, pairs = cc.stride;
+  const int64_t slabs = (rows + kSlab - 1) / kSlab;
+  std::vector<uint32_t> packed(slabs * pairs * kSlab, 0u);  // pairs past the row's: zero
+  std::vector<float> rho(slabs * kSlab);
+  {
+    const Mxcsr ieee(0);
+    RowSums sums;
+    for (int64_t s = 0; s < slabs; ++s) {
+      pack_bf16_slab(job.packed + s * dim * kSlab, dim, cc.mu.data(), cc.nu.data(),
+                     packed.data() + s * pairs * kSlab, sums);
+      for (int lane = 0; lane < kSlab; ++lane) {
+        rho[s * kSlab + lane] = static_cast<float>(sums.dot_nu[lane] - cc.terms.mu_nu);
+      }
+    }
+  }
+  const Bf16TileJob pass{packed.data(), rows,      pairs,       cc.packed.data(), pairs,
+                         cc.count,      cc.bias.data(), cc.ones.data(), job.k, job.keys,
+                         job.indices,   job.counts, job.thresholds};
+  kernels.candidates(pass);
+  // The pass's keys leave out rho(y), the row's own term of the key (certify.h's centring)
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int i = 0; i < job.counts[r]; ++i) job.keys[r * job.k + i] += rho[r];
+  }
+}
+
 CertifiedStats certified_stats() { return {g_rows.load(), g_fallback_rows.load()}; }
 
 }  // namespace cpu

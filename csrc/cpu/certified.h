@@ -53,6 +53,12 @@ CertifiedCentroids prepare_certified(const Kernels& kernels, const float* centro
 // would write.
 void certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const TileJob& job);
 
+// The bf16 pass alone, for callers that want a near-nearest centroid rather
+// than the nearest (k-means' coarse groups): job's keys and indices are each
+// row's best job.k approximate keys (the fp32 key to within the pass's error,
+// certify.h), with no re-rank and no certificate. Needs job.k <= cc.count.
+void approximate_tile(const Kernels& kernels, const CertifiedCentroids& cc, const TileJob& job);
+
 // Rows through the certified path since the process started, and how many of
 // them the certificate sent back to the fp32 kernel (thread-safe counters).
 struct CertifiedStats {

@@ -497,33 +497,49 @@ at::Tensor fm_vote_cpu(const at::Tensor& features, const at::Tensor& centroids, 
   return fm_vote_impl(features, c, metric, static_cast<int>(k), weight, inv_t);
 }
 
-std::tuple<at::Tensor, at::Tensor> nearest_centroids_cpu(const at::Tensor& features,
-                                                         const at::Tensor& centroids, int64_t k,
-                                                         c10::string_view metric_name) {
-  check_features_centroids("nearest_centroids", features, centroids);
-  check_k("nearest_centroids", k, centroids.size(0), "centroids");
-  const Metric metric = parse_metric("nearest_centroids", metric_name);
-  const Centroids c = prepare_centroids("nearest_centroids", centroids, metric);
+// nearest_centroids, exact (the top-k kernel) or, where approximate and the
+// kernels have a bf16 pass, from that pass alone (approximate_tile).
+std::tuple<at::Tensor, at::Tensor> nearest_impl(const char* op, const at::Tensor& features,
+                                                const at::Tensor& centroids, int64_t k, Metric metric,
+                                                bool approximate) {
+  check_features_centroids(op, features, centroids);
+  check_k(op, k, centroids.size(0), "centroids");
+  const Centroids c = prepare_centroids(op, centroids, metric);
   const int64_t n = features.size(0);
   at::Tensor values = at::empty({n, k}, features.options().dtype(at::kFloat));
   at::Tensor indices = at::empty({n, k}, features.options().dtype(at::kLong));
   float* v = values.mutable_data_ptr<float>();
   int64_t* ix = indices.mutable_data_ptr<int64_t>();
+  const auto consume = [&](int, int64_t row0, int64_t rows, const float* keys, const int64_t* idx,
+                           const float* sqnorm) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < k; ++i) {
+        const float key = keys[r * k + i];
+        // Keys omit ||x||^2 (l2) or are negated similarities (cosine).
+        v[(row0 + r) * k + i] = metric == Metric::L2 ? std::max(key + sqnorm[r], 0.0f) : -key;
+        ix[(row0 + r) * k + i] = idx[r * k + i];
+      }
+    }
+  };
   const int64_t tiles = (n + tile_rows(c.dim) - 1) / tile_rows(c.dim);
-  for_each_tile("nearest_centroids", features, c, metric, static_cast<int>(k), num_workers(tiles),
-                [&](int, int64_t row0, int64_t rows, const float* keys, const int64_t* idx,
-                    const float* sqnorm) {
-                  for (int64_t r = 0; r < rows; ++r) {
-                    for (int64_t i = 0; i < k; ++i) {
-                      const float key = keys[r * k + i];
-                      // Keys omit ||x||^2 (l2) or are negated similarities (cosine).
-                      v[(row0 + r) * k + i] =
-                          metric == Metric::L2 ? std::max(key + sqnorm[r], 0.0f) : -key;
-                      ix[(row0 + r) * k + i] = idx[r * k + i];
-                    }
-                  }
-                });
+  const Kernels& chosen = kernels();
+  if (approximate && chosen.candidates != nullptr) {
+    const CertifiedCentroids cc =
+        prepare_certified(chosen, c.data, c.ldc, c.count, c.dim, c.bias.data(), c.scale.data(), metric);
+    for_each_tile(op, features, c, metric, static_cast<int>(k), num_workers(tiles),
+                  certified_tile_rows(n, c.dim), consume,
+                  [&](const TileJob& job, int64_t) { approximate_tile(chosen, cc, job); });
+  } else {
+    for_each_tile(op, features, c, metric, static_cast<int>(k), num_workers(tiles), consume);
+  }
   return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_centroids_cpu(const at::Tensor& features,
+                                                         const at::Tensor& centroids, int64_t k,
+                                                         c10::string_view metric_name) {
+  return nearest_impl("nearest_centroids", features, centroids, k,
+                      parse_metric("nearest_centroids", metric_name), false);
 }
 
 at::Tensor lm_vote_impl(const at::Tensor& logits, int k, Weight weight) {
@@ -1110,6 +1126,11 @@ std::tuple<at::Tensor, at::Tensor> lloyd_means_impl(const at::Tensor& sums, cons
 
 }  // namespace
 }  // namespace cpu
+
+std::tuple<at::Tensor, at::Tensor> nearest_centroids_bf16(const at::Tensor& features,
+                                                          const at::Tensor& centroids, int64_t k) {
+  return cpu::nearest_impl("nearest_centroids_bf16", features, centroids, k, Metric::L2, true);
+}
 
 std::tuple<at::Tensor, at::Tensor> nearest_in_groups(const at::Tensor& features,
                                                      const at::Tensor& order,
