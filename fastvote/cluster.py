@@ -80,12 +80,14 @@ _RESULT_STATE = ("passes", "counts", "pass_seconds", "computed", "movers", "rest
 _TRIALS = 3  # greedy trials a pick: 3 (2 + ln K), scikit-learn's 2 + ln K times 3 (issue 21)
 TWO_LEVEL_MIN_CLUSTERS = 1000  # hierarchical=None: two levels from this K (issue 23) ...
 _TWO_LEVEL_MIN_WORK = 10 ** 10  # ... and this many multiply-adds a flat pass (e.g. 200,000 rows x 512 x 100)
-# Coarse centroids a fit seeds: this many times sqrt(K) (before the splits). 2 sqrt(K) instead of sqrt(K), 10
-# iterations, 200,000 x 512 (issue 23): K = 10,000 on 1,000 anisotropic blobs 0.7% lower inertia (below faiss's),
-# on 3,000 1.7%, on 10,000 round blobs 3.3%, K = 1,000 on 1,000 blobs 1.6%; 0.3% higher on 100 large blobs; the
-# time within +-10% (fewer centroids a group, more groups to find). 4 sqrt(K) gained ~0.5% more on many
-# blobs, lost 0.6% on few, and cost 1.35x the time on 10,000 round blobs.
-_COARSE_PER_ROOT_K = 2
+# Coarse centroids a fit seeds: this many times sqrt(K) (before the splits). More make tighter groups (fewer
+# centroids a group, lower inertia) and cost more to find (issue 23, 200,000 x 512, 10 iterations). sqrt(K) -> 2
+# sqrt(K): K = 10,000 on 1,000 anisotropic blobs 0.7% lower inertia, on 10,000 round blobs 3.3%, 0.3% higher on
+# 100 large blobs, the time within +-10%. 2 -> 3 sqrt(K), once the coarse search ran on bf16 units
+# (_nearest_coarse): 0.25% lower at K = 10,000 on 1,000 anisotropic blobs, 1.4% at K = 1,000, 0.9% on 3,000
+# blobs, 0.3% on 10,000 round blobs (17% slower there), 0.13% higher on 100 blobs; the time otherwise within
+# the run-to-run spread (benchmarks/RESULTS.md).
+_COARSE_PER_ROOT_K = 3
 _GROUP_PASSES = 5  # Lloyd passes of the groups' centroids over the seeding sample
 _SPLIT_ROUNDS = 6  # rounds of splitting the costliest groups (_seed_groups)
 # The groups a row searches (of its nearest coarse centroids): 2 when seeding (1 put a seed on each side of a
@@ -572,7 +574,7 @@ def _refine_in_groups(fits: List[Tuple[Tensor, Tensor]], metric: str, passes: in
 def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, metric: str,
                  progress: bool) -> Tuple[Tensor, dict]:
     """The seeds of two-level passes (:class:`_Groups`), from the seeding
-    sample alone: about 2 sqrt(K) coarse centroids (k-means++ in rounds and
+    sample alone: about 3 sqrt(K) coarse centroids (k-means++ in rounds and
     _GROUP_PASSES Lloyd passes over at most MAX_ROWS_PER_CLUSTER sample rows
     a centroid; a group that would cost the passes over twice its share is
     split (:func:`_split`) and refined the same way), then the K seeds by k-means++
@@ -580,7 +582,7 @@ def _seed_groups(sample: Tensor, num_clusters: int, rng: np.random.Generator, me
     made the fit worse: the passes over all rows do it). Returns the [K, D]
     seeds, ordered by group, and the groups (coarse [G, D], starts [G + 1],
     sample_group [S])."""
-    wanted = math.ceil(_COARSE_PER_ROOT_K * math.sqrt(num_clusters))
+    wanted = min(math.ceil(_COARSE_PER_ROOT_K * math.sqrt(num_clusters)), num_clusters)  # (a group: >= 1 seed)
     drawn = _capped(sample, wanted, rng)
     coarse = _refine(drawn, _seed(drawn, wanted, rng, progress=False), metric, _GROUP_PASSES, _nearest_coarse)
     # A row costs the passes its group's centroids, and a group's seeds follow its share of the sample's
@@ -889,11 +891,12 @@ class _Bounds:
 class _Groups:
     """Two-level passes (the hierarchical k-means of SuperKMeans and of
     faiss's IVF training, kept exact within a group): the centroids are
-    split into G groups (2 sqrt(K) coarse centroids, then the splits: ~5 sqrt(K)
+    split into G groups (3 sqrt(K) coarse centroids, then the splits: ~7 sqrt(K)
     at K = 10,000), seeded from the seeding sample by
     k-means++ within the groups (:func:`_seed_groups`). A row searches the
-    groups of its _PASS_REACH nearest coarse centroids (found once: the
-    coarse centroids stay), K_g ~ K / G centroids a group instead of K.
+    groups of its _PASS_REACH nearest coarse centroids (found once, on bf16
+    units near-nearest: :func:`_nearest_coarse`; the coarse centroids stay),
+    K_g ~ K / G centroids a group instead of K.
     Hamerly's bounds (as :class:`_Bounds`, loosened by the largest drift in
     the row's groups) let rows skip once the centroids settle. A row on a
     group border can miss a nearer centroid of the next group; what that

@@ -369,7 +369,7 @@ def test_groups_are_split_by_their_cost(monkeypatch):
 
     rounds = cluster._SPLIT_ROUNDS
     (unsplit, few), (split, many) = work_a_row(0), work_a_row(rounds)
-    wanted = cluster._COARSE_PER_ROOT_K * 20  # coarse centroids: 2 sqrt(400)
+    wanted = cluster._COARSE_PER_ROOT_K * 20  # coarse centroids: 3 sqrt(400)
     assert few == wanted < many <= 4 * wanted and split < 0.5 * unsplit, (unsplit, few, split, many)
 
 
