@@ -308,3 +308,15 @@ def test_nearest_centroids_bf16_without_a_bf16_pass_is_the_exact_op():
     got = pinned(FP32, lambda: _C.nearest_centroids_bf16(x, c, 3))
     expected = pinned(FP32, lambda: ops.nearest_centroids(x, c, 3, "l2"))
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_nearest_centroids_bf16_near_floats_range(certified):
+    # Norms of 1.7e19 (squares 2.9e38: the fp32 kernel accepts them) overflow the bf16 pass's sums
+    # (x . (-2 c) ~ -5.8e38): those rows are scored by the fp32 kernel.
+    g = gen(14)
+    c = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1) * 1.7e19
+    x = c[:6] + torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1) * 1e17
+    values, idx = pinned(certified, lambda: _C.nearest_centroids_bf16(x, c, 2))
+    exact_values, exact_idx = pinned(FP32, lambda: ops.nearest_centroids(x, c, 2, "l2"))
+    assert torch.equal(idx[:, 0], torch.arange(6)) and torch.equal(idx, exact_idx)
+    assert bool(torch.isfinite(values).all())

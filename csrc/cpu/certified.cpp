@@ -105,6 +105,34 @@ certify::CentroidBound pack_centroid(const CertifiedCentroids& cc, const float* 
 
 int64_t round_up(int64_t n, int64_t block) { return (n + block - 1) / block * block; }
 
+// The rows `which` of job scored again by the fp32 kernel, packed into their own tile.
+void rescore(const Kernels& kernels, const TileJob& job, const std::vector<int64_t>& which) {
+  if (which.empty()) return;
+  const int64_t n = static_cast<int64_t>(which.size()), dim = job.dim;
+  const int k = job.k;
+  const int64_t slabs = (n + kSlab - 1) / kSlab;
+  std::vector<float> packed(slabs * dim * kSlab, 0.0f), keys(n * k), thresholds(slabs * kSlab, -INFINITY);
+  std::fill(thresholds.begin(), thresholds.begin() + n, NAN);
+  std::vector<int64_t> idx(n * k);
+  std::vector<int> counts(n, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = which[i];
+    const float* src = job.packed + (r / kSlab) * dim * kSlab + r % kSlab;
+    float* dst = packed.data() + (i / kSlab) * dim * kSlab + i % kSlab;
+    for (int64_t d = 0; d < dim; ++d) dst[d * kSlab] = src[d * kSlab];
+  }
+  const TileJob again{packed.data(), n,           dim,         job.centroids, job.ldc,
+                      job.num_centroids, job.bias, job.scale,  k,             keys.data(),
+                      idx.data(),    counts.data(), thresholds.data()};
+  kernels.tile(again);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = which[i];
+    std::copy_n(keys.begin() + i * k, k, job.keys + r * k);
+    std::copy_n(idx.begin() + i * k, k, job.indices + r * k);
+    job.counts[r] = counts[i];
+  }
+}
+
 }  // namespace
 
 bool use_certified(const Kernels& kernels, int64_t num_centroids, int k) {
@@ -251,33 +279,7 @@ void certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const 
 
   g_rows += rows;
   g_fallback_rows += static_cast<int64_t>(fallback.size());
-  if (fallback.empty()) return;
-
-  // The unproven rows, packed into their own tile for the fp32 kernel.
-  const int64_t n = static_cast<int64_t>(fallback.size());
-  const int64_t fb_slabs = (n + kSlab - 1) / kSlab;
-  std::vector<float> fb_packed(fb_slabs * dim * kSlab, 0.0f), fb_keys(n * k),
-      fb_thresholds(fb_slabs * kSlab, -INFINITY);
-  std::fill(fb_thresholds.begin(), fb_thresholds.begin() + n, NAN);
-  std::vector<int64_t> fb_idx(n * k);
-  std::vector<int> fb_counts(n, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = fallback[i];
-    const float* src = job.packed + (r / kSlab) * dim * kSlab + r % kSlab;
-    float* dst = fb_packed.data() + (i / kSlab) * dim * kSlab + i % kSlab;
-    for (int64_t d = 0; d < dim; ++d) dst[d * kSlab] = src[d * kSlab];
-  }
-  const TileJob fb{fb_packed.data(), n,         dim,           job.centroids,
-                   job.ldc,          job.num_centroids, job.bias, job.scale,
-                   k,                fb_keys.data(), fb_idx.data(), fb_counts.data(),
-                   fb_thresholds.data()};
-  kernels.tile(fb);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = fallback[i];
-    std::copy_n(fb_keys.begin() + i * k, k, job.keys + r * k);
-    std::copy_n(fb_idx.begin() + i * k, k, job.indices + r * k);
-    job.counts[r] = fb_counts[i];
-  }
+  rescore(kernels, job, fallback);
 }
 
 void approximate_tile(const Kernels& kernels, const CertifiedCentroids& cc, const TileJob& job) {
@@ -300,10 +302,19 @@ void approximate_tile(const Kernels& kernels, const CertifiedCentroids& cc, cons
                          cc.count,      cc.bias.data(), cc.ones.data(), job.k, job.keys,
                          job.indices,   job.counts, job.thresholds};
   kernels.candidates(pass);
-  // The pass's keys leave out rho(y), the row's own term of the key (certify.h's centring)
+  // The pass's keys leave out rho(y), the row's own term of the key (certify.h's centring). A row
+  // whose bf16 sums overflowed (norms near float's range: the fp32 kernel's own check allows up to
+  // ~1.8e19) has keys that are not finite, or too few: the fp32 kernel scores it.
+  std::vector<int64_t> overflowed;
   for (int64_t r = 0; r < rows; ++r) {
-    for (int i = 0; i < job.counts[r]; ++i) job.keys[r * job.k + i] += rho[r];
+    bool finite = job.counts[r] == job.k;
+    for (int i = 0; i < job.counts[r]; ++i) {
+      job.keys[r * job.k + i] += rho[r];
+      finite = finite && std::isfinite(job.keys[r * job.k + i]);
+    }
+    if (!finite) overflowed.push_back(r);
   }
+  rescore(kernels, job, overflowed);
 }
 
 CertifiedStats certified_stats() { return {g_rows.load(), g_fallback_rows.load()}; }
