@@ -794,15 +794,33 @@ def _nearest(x: Tensor, centroids: Tensor, sq: Tensor, k: int, x_sq: Optional[Te
             # a 16 MB tile: its k smallest are read from cache, as faiss's exhaustive search does
             part = torch.addmm(sq[None, c0:c0 + _TILE_COLUMNS], rows,
                                centroids[c0:c0 + _TILE_COLUMNS].T, alpha=-2)
-            v, i = part.min(1, keepdim=True) if k == 1 else part.topk(min(k, part.shape[1]), 1, largest=False)
+            v, i = _smallest(part, k)
             i += c0
-            if best is not None:  # merge with the earlier tiles' k smallest
-                v, at = torch.cat([best, v], 1).topk(k, 1, largest=False)
-                i = torch.cat([where, i], 1).gather(1, at)
+            if best is not None:  # merge with the earlier tiles' k smallest (lower indices: first in a stable sort)
+                v, at = torch.sort(torch.cat([best, v], 1), dim=1, stable=True)
+                v, i = v[:, :k], torch.cat([where, i], 1).gather(1, at[:, :k])
             best, where = v, i
         values.append(best.add_(x_sq[lo:lo + _TILE_ROWS, None]).clamp_(min=0))
         indices.append(where)
     return torch.cat(values), torch.cat(indices)
+
+
+def _smallest(part: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The k smallest values of each row of `part` and their columns,
+    ascending, a tie going to the lower column as in the fused kernel
+    (topk orders ties as it likes, and may keep either of two values tied at
+    the k-th place: a row where it had that choice is sorted whole)."""
+    if k == 1:
+        return part.min(1, keepdim=True)  # (the first of equal values)
+    k = min(k, part.shape[1])
+    v, i = part.topk(k, 1, largest=False)
+    tied = ((part <= v[:, -1:]).sum(1) > k).nonzero()[:, 0]
+    i, by_column = i.sort(1)
+    v, by_value = v.gather(1, by_column).sort(dim=1, stable=True)
+    i = i.gather(1, by_value)
+    if len(tied):
+        v[tied], i[tied] = (t[:, :k] for t in torch.sort(part[tied], dim=1, stable=True))
+    return v, i
 
 
 class _Bounds:

@@ -206,6 +206,16 @@ def test_updating_a_batch_in_groups_equals_searching_its_rows():
         _C.update_in_groups(x, torch.full_like(order, 500), row_starts, c, starts, assigned, upper, lower, slack)
 
 
+@pytest.mark.parametrize("k", [1, 2, 5, 37])
+def test_the_gemm_paths_smallest_break_ties_by_the_lower_column(k):
+    # The GEMM path (AVX2-only CPUs) orders a row's k smallest as the fused kernels do: ties to the lower
+    # column, at the k-th place too (values 0-4 in 37 columns: ties everywhere)
+    part = torch.randint(0, 5, (300, 37), generator=torch.Generator().manual_seed(3)).float()
+    values, columns = cluster._smallest(part, k)
+    expected_values, expected_columns = torch.sort(part, dim=1, stable=True)
+    assert torch.equal(values, expected_values[:, :k]) and torch.equal(columns, expected_columns[:, :k])
+
+
 def test_nearest_coarse_after_splits_equals_searching_again(monkeypatch):
     """The split rounds' kept lists (cluster._NearestCoarse): after rounds
     that replace some coarse centroids by 1 to 5 parts (one a duplicate of a
