@@ -105,6 +105,22 @@ certify::CentroidBound pack_centroid(const CertifiedCentroids& cc, const float* 
 
 int64_t round_up(int64_t n, int64_t block) { return (n + block - 1) / block * block; }
 
+// job's fp32 tile as the bf16 pass reads it: [slab][pair][lane] pairs of y - mu (pairs past a row's
+// zero); each row r's sums go to row(r, sums, lane) as its slab is packed.
+template <class Row>
+std::vector<uint32_t> pack_bf16_rows(const CertifiedCentroids& cc, const TileJob& job, Row&& row) {
+  const int64_t slabs = (job.rows + kSlab - 1) / kSlab, pairs = cc.stride;
+  std::vector<uint32_t> packed(slabs * pairs * kSlab, 0u);
+  const Mxcsr ieee(0);
+  RowSums sums;
+  for (int64_t s = 0; s < slabs; ++s) {
+    pack_bf16_slab(job.packed + s * job.dim * kSlab, job.dim, cc.mu.data(), cc.nu.data(),
+                   packed.data() + s * pairs * kSlab, sums);
+    for (int lane = 0; lane < kSlab && s * kSlab + lane < job.rows; ++lane) row(s * kSlab + lane, sums, lane);
+  }
+  return packed;
+}
+
 // The rows `which` of job scored again by the fp32 kernel, packed into their own tile.
 void rescore(const Kernels& kernels, const TileJob& job, const std::vector<int64_t>& which) {
   if (which.empty()) return;
@@ -218,18 +234,9 @@ void certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const 
   const int64_t slabs = (rows + kSlab - 1) / kSlab;
 
   std::vector<certify::RowTerms> bounds(rows);
-  std::vector<uint32_t> packed(slabs * pairs * kSlab, 0u);  // pairs past the row's: zero
-  {
-    const Mxcsr ieee(0);
-    RowSums sums;
-    for (int64_t s = 0; s < slabs; ++s) {
-      pack_bf16_slab(job.packed + s * dim * kSlab, dim, cc.mu.data(), cc.nu.data(),
-                     packed.data() + s * pairs * kSlab, sums);
-      for (int lane = 0; lane < kSlab && s * kSlab + lane < rows; ++lane) {
-        bounds[s * kSlab + lane] = row_terms(cc, sums, lane);
-      }
-    }
-  }
+  const std::vector<uint32_t> packed = pack_bf16_rows(cc, job, [&](int64_t r, const RowSums& sums, int lane) {
+    bounds[r] = row_terms(cc, sums, lane);
+  });
 
   std::vector<float> approx(rows * kl), thresholds(slabs * kSlab, -INFINITY);
   std::fill(thresholds.begin(), thresholds.begin() + rows, NAN);
@@ -283,21 +290,11 @@ void certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const 
 }
 
 void approximate_tile(const Kernels& kernels, const CertifiedCentroids& cc, const TileJob& job) {
-  const int64_t rows = job.rows, dim = job.dim, pairs = cc.stride;
-  const int64_t slabs = (rows + kSlab - 1) / kSlab;
-  std::vector<uint32_t> packed(slabs * pairs * kSlab, 0u);  // pairs past the row's: zero
-  std::vector<float> rho(slabs * kSlab);
-  {
-    const Mxcsr ieee(0);
-    RowSums sums;
-    for (int64_t s = 0; s < slabs; ++s) {
-      pack_bf16_slab(job.packed + s * dim * kSlab, dim, cc.mu.data(), cc.nu.data(),
-                     packed.data() + s * pairs * kSlab, sums);
-      for (int lane = 0; lane < kSlab; ++lane) {
-        rho[s * kSlab + lane] = static_cast<float>(sums.dot_nu[lane] - cc.terms.mu_nu);
-      }
-    }
-  }
+  const int64_t rows = job.rows, pairs = cc.stride;
+  std::vector<float> rho(rows);
+  const std::vector<uint32_t> packed = pack_bf16_rows(cc, job, [&](int64_t r, const RowSums& sums, int lane) {
+    rho[r] = static_cast<float>(sums.dot_nu[lane] - cc.terms.mu_nu);
+  });
   const Bf16TileJob pass{packed.data(), rows,      pairs,       cc.packed.data(), pairs,
                          cc.count,      cc.bias.data(), cc.ones.data(), job.k, job.keys,
                          job.indices,   job.counts, job.thresholds};
