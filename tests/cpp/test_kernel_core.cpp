@@ -456,15 +456,21 @@ void test_amx_pass_bound() {
     const float v = std::ldexp(static_cast<float>(mantissa(rng)), exponent(rng) / scale - 7);
     return coin(rng) ? -v : v;
   };
-  struct Shape { int rows, num, pairs, k, scale; };
-  for (const Shape s : {Shape{33, 70, 16, 3, 1}, Shape{64, 32, 48, 5, 4}, Shape{1, 5, 256, 2, 20}, Shape{50, 40, 512, 7, 2}}) {
+  // copies > 0: centroid j >= copies repeats centroid j % copies (ties within and across the
+  // pass's chunks of 512 centroids); k + 9 > 16 lists skip the pass's group-minimum threshold.
+  struct Shape { int rows, num, pairs, k, scale, copies; };
+  for (const Shape s : {Shape{33, 70, 16, 3, 1, 0}, Shape{64, 32, 48, 5, 4, 0}, Shape{1, 5, 256, 2, 20, 0},
+                        Shape{50, 40, 512, 7, 2, 0}, Shape{40, 1100, 16, 5, 1, 0}, Shape{35, 1100, 16, 5, 1, 300},
+                        Shape{20, 600, 32, 12, 1, 0}}) {
     const int slabs = (s.rows + kSlab - 1) / kSlab;
     const int padded = (s.num + shape.centroid_block - 1) / shape.centroid_block * shape.centroid_block;
     std::vector<float> x(s.rows * 2 * s.pairs), c(s.num * 2 * s.pairs);
     for (float& v : x) v = value(s.scale);
     for (int j = 0; j < s.num; ++j)
       for (int d = 0; d < 2 * s.pairs; ++d)  // every 3rd centroid nearly cancels row j's products
-        c[j * 2 * s.pairs + d] = (j % 3 == 0 && j < s.rows) ? -x[j * 2 * s.pairs + d] * (d % 5 ? 1.0f : 2.0f) : value(s.scale);
+        c[j * 2 * s.pairs + d] = s.copies > 0 && j >= s.copies ? c[(j % s.copies) * 2 * s.pairs + d]
+                                 : (j % 3 == 0 && j < s.rows) ? -x[j * 2 * s.pairs + d] * (d % 5 ? 1.0f : 2.0f)
+                                                              : value(s.scale);
     const auto bits = [](float v) { return fastvote::cpu::bf16_bits(v); };
     std::vector<uint32_t> packed(slabs * s.pairs * kSlab, 0u), cp(padded * s.pairs, 0u);
     for (int r = 0; r < s.rows; ++r)
