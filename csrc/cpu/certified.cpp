@@ -17,10 +17,9 @@ namespace {
 
 std::atomic<int64_t> g_rows{0}, g_fallback_rows{0};
 
-// The re-rank's first batch: the k best approximate keys and at least this
-// many more, rounded up to whole batches of ExactKeysFn's chains. On
-// Gaussian rows (D = 512, k = 5) 3 more prove most rows (certify.h).
-constexpr int kFirstBatchExtra = 3, kExactChains = 8;
+// The re-rank's first batch: the k best approximate keys and this many more.
+// On Gaussian rows (D = 512, k = 5) 3 more prove most rows (certify.h).
+constexpr int kFirstBatchExtra = 3;
 
 // certify::norm_bound for a float sum of n squares (1 or 2 roundings each,
 // whether or not the compiler fuses them; gradual underflow loses <= 2^-150 each).
@@ -255,33 +254,53 @@ void certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const 
   // Exact re-rank of the candidates in two batches, the best approximate
   // keys first: most rows are proven after the first, with the next
   // candidate's approximate key as A_out (every centroid not re-ranked has an
-  // approximate key at least that: the list is sorted). A batch goes in
-  // increasing centroid order (topk_insert's tie rule is explicit, the order
-  // only mirrors the fp32 kernel's).
-  const int first = std::min(kc, (k + kFirstBatchExtra + kExactChains - 1) / kExactChains * kExactChains);
+  // approximate key at least that: the list is sorted). A slab's (row, m-th
+  // candidate) pairs go kSlab at a time (topk_insert's tie rule is explicit,
+  // so the order of insertion does not matter).
+  const int first = std::min(kc, k + kFirstBatchExtra);
   std::vector<int64_t> fallback;
-  std::vector<float> row(dim), exact(kc);
-  std::vector<int64_t> cand(kc);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* src = job.packed + (r / kSlab) * dim * kSlab + r % kSlab;
-    for (int64_t d = 0; d < dim; ++d) row[d] = src[d * kSlab];
-    float* keys = job.keys + r * k;
-    int64_t* idx = job.indices + r * k;
-    int count = 0;
-    bool proven = false;
-    for (int begin = 0; begin < kc && !proven;) {
+  int lane_row[kSlab];
+  int64_t lane_idx[kSlab];
+  float lane_keys[kSlab];
+  for (int64_t r0 = 0; r0 < rows; r0 += kSlab) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kSlab, rows - r0));
+    const float* slab = job.packed + r0 * dim;
+    bool open[kSlab] = {};  // rows still to prove (a list the pass could not fill falls back)
+    for (int l = 0; l < lanes; ++l) {
+      job.counts[r0 + l] = 0;
+      open[l] = approx_counts[r0 + l] == kl;
+    }
+    for (int begin = 0; begin < kc;) {
       const int end = begin == 0 ? first : kc;
-      std::copy(approx_idx.begin() + r * kl + begin, approx_idx.begin() + r * kl + end, cand.begin());
-      std::sort(cand.begin(), cand.begin() + (end - begin));
-      kernels.exact_keys(row.data(), dim, job.centroids, job.ldc, job.bias, job.scale, cand.data(),
-                         end - begin, exact.data());
-      for (int i = 0; i < end - begin; ++i) count = topk_insert(keys, idx, count, k, exact[i], cand[i]);
-      proven = approx_counts[r] == kl && count == k &&
-               certify::certify(cc.terms, dim, pass_error, bounds[r], approx[r * kl + end], keys[k - 1]);
+      int used = 0;
+      const auto flush = [&]() {
+        for (int l = used; l < kSlab; ++l) lane_row[l] = 0, lane_idx[l] = -1;
+        kernels.exact_keys(slab, dim, job.centroids, job.ldc, job.bias, job.scale, lane_row, lane_idx, lane_keys);
+        for (int l = 0; l < used; ++l) {
+          const int64_t r = r0 + lane_row[l];
+          job.counts[r] = topk_insert(job.keys + r * k, job.indices + r * k, job.counts[r], k, lane_keys[l], lane_idx[l]);
+        }
+        used = 0;
+      };
+      for (int m = begin; m < end; ++m) {
+        for (int l = 0; l < lanes; ++l) {
+          if (!open[l]) continue;
+          lane_row[used] = l;
+          lane_idx[used++] = approx_idx[(r0 + l) * kl + m];
+          if (used == kSlab) flush();
+        }
+      }
+      if (used > 0) flush();
+      for (int l = 0; l < lanes; ++l) {
+        const int64_t r = r0 + l;
+        open[l] = open[l] && !(job.counts[r] == k && certify::certify(cc.terms, dim, pass_error, bounds[r],
+                                                                      approx[r * kl + end], job.keys[r * k + k - 1]));
+      }
       begin = end;
     }
-    job.counts[r] = count;
-    if (!proven) fallback.push_back(r);
+    for (int l = 0; l < lanes; ++l) {
+      if (open[l] || approx_counts[r0 + l] != kl) fallback.push_back(r0 + l);
+    }
   }
 
   g_rows += rows;

@@ -50,11 +50,13 @@ struct CandidateShape {
   // (certify::tensor_core_error).
   int products_per_step = 0;
 };
-// The exact fp32 keys of n chosen centroids of one row (row: dim contiguous
-// floats), with the tile kernel's arithmetic: acc = fma(c[d], x[d], acc) for
-// d = 0, 1, ..., then key = fma(scale, acc, bias). Same bits as `tile`.
-using ExactKeysFn = void (*)(const float* row, int64_t dim, const float* centroids, int64_t ldc,
-                             const float* bias, const float* scale, const int64_t* idx, int n,
+// The exact fp32 keys of kSlab (row, centroid) pairs of one slab (slab:
+// [dim][kSlab], as `tile` reads it): lane l, row lane_row[l] of the slab
+// against centroid idx[l] (-1: none, keys[l] untouched), with the tile
+// kernel's arithmetic: acc = fma(c[d], x[d], acc) for d = 0, 1, ..., then
+// key = fma(scale, acc, bias). Same bits as `tile`.
+using ExactKeysFn = void (*)(const float* slab, int64_t dim, const float* centroids, int64_t ldc,
+                             const float* bias, const float* scale, const int* lane_row, const int64_t* idx,
                              float* keys);
 // The tile kernel that also adds each row's sum of squared keys over all
 // centroids to row_sums[rows] (float64): for cosine keys, the sum of squared

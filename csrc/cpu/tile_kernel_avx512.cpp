@@ -344,6 +344,40 @@ void group_rows(const GroupJob& job) {
   }
 }
 
+// ExactKeysFn with gathers: 16 lanes a register, each lane's centroid feature
+// gathered and its row's feature permuted out of the slab's two halves; the
+// two registers' chains interleave to hide the fma latency. Offsets are
+// int32: centroid matrices of 2^31 floats or more take the scalar lanes.
+void exact_keys_gathered(const float* slab, int64_t dim, const float* centroids, int64_t ldc,
+                         const float* bias, const float* scale, const int* lane_row, const int64_t* idx,
+                         float* keys) {
+  int64_t top = 0;
+  for (int l = 0; l < kSlab; ++l) top = std::max(top, idx[l]);
+  if ((top + 1) * ldc > INT32_MAX) return exact_keys(slab, dim, centroids, ldc, bias, scale, lane_row, idx, keys);
+  alignas(64) int offset[kSlab];
+  __mmask16 live[2] = {0, 0};
+  for (int l = 0; l < kSlab; ++l) {
+    offset[l] = static_cast<int>(std::max<int64_t>(idx[l], 0) * ldc);
+    if (idx[l] >= 0) live[l / 16] |= static_cast<__mmask16>(1u << (l % 16));
+  }
+  const __m512i off0 = _mm512_load_si512(offset), off1 = _mm512_load_si512(offset + 16);
+  const __m512i row0 = _mm512_loadu_si512(lane_row), row1 = _mm512_loadu_si512(lane_row + 16);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; ++d) {
+    const __m512 lo = _mm512_loadu_ps(slab + d * kSlab), hi = _mm512_loadu_ps(slab + d * kSlab + 16);
+    const __m512 c0 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live[0], off0, centroids + d, 4);
+    const __m512 c1 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live[1], off1, centroids + d, 4);
+    acc0 = _mm512_fmadd_ps(c0, _mm512_permutex2var_ps(lo, row0, hi), acc0);
+    acc1 = _mm512_fmadd_ps(c1, _mm512_permutex2var_ps(lo, row1, hi), acc1);
+  }
+  alignas(64) float acc[kSlab];
+  _mm512_store_ps(acc, acc0);
+  _mm512_store_ps(acc + 16, acc1);
+  for (int l = 0; l < kSlab; ++l) {
+    if (idx[l] >= 0) keys[l] = std::fma(scale[idx[l]], acc[l], bias[idx[l]]);
+  }
+}
+
 void tile(const TileJob& job) { run_tile<Avx512, 12, 2>(job); }
 void bf16emu_tile(const Bf16TileJob& job) { run_bf16_tile<Avx512, 12, 2, EmulatedBf16Dot>(job); }
 void tile_squares(const TileJob& job, double* row_sums) {
@@ -355,12 +389,12 @@ bool logits_row(const float* v, int64_t n, int k, float* keys, int64_t* idx) {
 
 }  // namespace
 
-// exact_keys is shared with the native bf16 kernel: any FMA gives its bits.
+// exact_keys_gathered is shared with the native bf16 kernels: any FMA gives its bits.
 Kernels kernels_avx512() {
-  return {tile, logits_row, "avx512", tile_squares, nullptr, exact_keys, pack_slab, group_rows};
+  return {tile, logits_row, "avx512", tile_squares, nullptr, exact_keys_gathered, pack_slab, group_rows};
 }
 Kernels kernels_avx512_bf16emu() {
-  return {tile, logits_row, "bf16emu", tile_squares, bf16emu_tile, exact_keys, pack_slab, group_rows};
+  return {tile, logits_row, "bf16emu", tile_squares, bf16emu_tile, exact_keys_gathered, pack_slab, group_rows};
 }
 
 }  // namespace cpu

@@ -157,24 +157,20 @@ void run_bf16_tile(const Bf16TileJob& job) {
   run_tile<V, MR, NV, Dot>(job);
 }
 
-// ExactKeysFn: kChains centroids at a time, each its own sequential fma chain
-// (the chains only hide the fma latency, 8 fill two FMA ports; each key's
-// order of operations is the tile kernel's). std::fma is one instruction in
-// the FMA-enabled files.
-inline void exact_keys(const float* row, int64_t dim, const float* centroids, int64_t ldc,
-                       const float* bias, const float* scale, const int64_t* idx, int n,
+// ExactKeysFn: the lanes side by side, each its own sequential fma chain
+// (the lanes only hide the fma latency; each key's order of operations is the
+// tile kernel's). std::fma is one instruction in the FMA-enabled files.
+inline void exact_keys(const float* slab, int64_t dim, const float* centroids, int64_t ldc,
+                       const float* bias, const float* scale, const int* lane_row, const int64_t* idx,
                        float* keys) {
-  constexpr int kChains = 8;
-  for (int t = 0; t < n; t += kChains) {
-    const int g = std::min(kChains, n - t);
-    const float* c[kChains];
-    for (int j = 0; j < kChains; ++j) c[j] = centroids + idx[t + std::min(j, g - 1)] * ldc;
-    float acc[kChains] = {};
-    for (int64_t d = 0; d < dim; ++d) {
-#pragma GCC unroll 8
-      for (int j = 0; j < kChains; ++j) acc[j] = std::fma(c[j][d], row[d], acc[j]);
-    }
-    for (int j = 0; j < g; ++j) keys[t + j] = std::fma(scale[idx[t + j]], acc[j], bias[idx[t + j]]);
+  const float* c[kSlab];
+  for (int l = 0; l < kSlab; ++l) c[l] = centroids + std::max<int64_t>(idx[l], 0) * ldc;
+  float acc[kSlab] = {};
+  for (int64_t d = 0; d < dim; ++d) {
+    for (int l = 0; l < kSlab; ++l) acc[l] = std::fma(c[l][d], slab[d * kSlab + lane_row[l]], acc[l]);
+  }
+  for (int l = 0; l < kSlab; ++l) {
+    if (idx[l] >= 0) keys[l] = std::fma(scale[idx[l]], acc[l], bias[idx[l]]);
   }
 }
 

@@ -19,6 +19,7 @@
 #include "fastvote/certify.h"
 #include "fastvote/topk.h"
 #include "tile_kernel.h"
+#include "tile_kernel_impl.h"  // the portable exact_keys, tested beside the native ones
 
 namespace {
 
@@ -434,6 +435,50 @@ void test_certified_tile(const char* name) {
 }
 
 
+// An ExactKeysFn against the tile kernel it stands for: every lane's key
+// equal, bit for bit, to `tile`'s for that (row, centroid), rows permuted and
+// repeated across the lanes, lanes with no centroid left as they were.
+void test_exact_keys(const char* label, fastvote::cpu::ExactKeysFn exact) {
+  const fastvote::cpu::Kernels* fp32 = pinned("avx512");
+  if (fp32 == nullptr) fp32 = pinned("avx2");
+  if (fp32 == nullptr) fp32 = pinned("portable");
+  const int kSlab = fastvote::cpu::kSlab;
+  std::mt19937 rng(23);
+  std::normal_distribution<float> normal;
+  for (const int dim : {1, 17, 64, 257}) {
+    const int num = 50, rows = kSlab;
+    std::vector<float> packed(dim * kSlab), c(num * dim), bias(num), scale(num, -2.0f);
+    for (float& v : packed) v = 1e3f * normal(rng);  // far from the origin: keys are differences of large numbers
+    for (float& v : c) v = 1e3f + normal(rng);
+    for (float& b : bias) b = normal(rng);
+    std::vector<float> all(rows * num);
+    std::vector<int64_t> all_idx(rows * num);
+    std::vector<float> thresholds(kSlab, NAN);
+    std::vector<int> counts(rows, 0);
+    fp32->tile({packed.data(), rows, dim, c.data(), dim, num, bias.data(), scale.data(), num, all.data(),
+                all_idx.data(), counts.data(), thresholds.data()});
+    std::vector<float> by_centroid(rows * num);  // [row][centroid]
+    for (int r = 0; r < rows; ++r)
+      for (int i = 0; i < num; ++i) by_centroid[r * num + all_idx[r * num + i]] = all[r * num + i];
+    for (int trial = 0; trial < 4; ++trial) {
+      int lane_row[kSlab];
+      int64_t idx[kSlab];
+      float keys[kSlab];
+      for (int l = 0; l < kSlab; ++l) {
+        lane_row[l] = static_cast<int>(rng() % rows);
+        idx[l] = rng() % 5 == 0 ? -1 : static_cast<int64_t>(rng() % num);
+        keys[l] = 12345.0f;
+      }
+      exact(packed.data(), dim, c.data(), dim, bias.data(), scale.data(), lane_row, idx, keys);
+      for (int l = 0; l < kSlab; ++l) {
+        const float want = idx[l] < 0 ? 12345.0f : by_centroid[lane_row[l] * num + idx[l]];
+        CHECK(to_bits(keys[l]) == to_bits(want), "%s exact keys, D = %d, lane %d (row %d, centroid %lld): %a != %a",
+              label, dim, l, lane_row[l], (long long)idx[l], keys[l], want);
+      }
+    }
+  }
+}
+
 // The AMX pass (TDPBF16PS), where it runs, against the order-free bound it
 // is certified with (certify::tensor_core_error, 32 products a step): every
 // key within gamma_{6PL} sum |products| (+ the flush terms) of the exact dot
@@ -685,6 +730,8 @@ int main() {
   test_bf16_pair_step();
   test_bf16_candidate_pass();
   for (const char* name : {"bf16emu", "avx512bf16", "amxbf16"}) test_certified_tile(name);
+  test_exact_keys("portable", fastvote::cpu::exact_keys);
+  if (const fastvote::cpu::Kernels* avx512 = pinned("avx512")) test_exact_keys("avx512", avx512->exact_keys);
   test_amx_pass_bound();
   test_tensor_core_bound();
   test_certify_decisions();
