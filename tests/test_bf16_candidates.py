@@ -260,14 +260,15 @@ def test_native_pass_equals_the_emulation(metric):
 
 
 def test_the_automatic_choice_takes_the_path_only_where_it_pays():
-    # Unpinned, a certified kernel answers from kMinCertifiedCentroids (800) on: below,
-    # its per-row cost outweighs what it saves (k-means' seeding makes many such calls).
-    # Pinned, it answers at any K (above), as these tests need.
-    if _C.cpu_kernel() not in {"amxbf16", "avx512bf16"}:
+    # Unpinned, a certified kernel answers from its pass's candidate_shape.pays_from centroids
+    # on (AMX 500, VDPBF16PS 800): below, its per-row cost outweighs what it saves (k-means'
+    # seeding makes many such calls). Pinned, it answers at any K (above), as these tests need.
+    pays_from = {"amxbf16": 500, "avx512bf16": 800}.get(_C.cpu_kernel())
+    if pays_from is None:
         pytest.skip("the automatic choice on this CPU has no bf16 pass")
     g = gen(11)
     x = torch.randn(64, 24, generator=g)
-    for num, expected_rows in ((799, 0), (800, 64)):
+    for num, expected_rows in ((pays_from - 1, 0), (pays_from, 64)):
         c = torch.randn(num, 24, generator=g)
         rows0, _ = _C.cpu_bf16_stats()
         ops.nearest_centroids(x, c, 1, "l2")

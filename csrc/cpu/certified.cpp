@@ -152,7 +152,7 @@ void rescore(const Kernels& kernels, const TileJob& job, const std::vector<int64
 
 bool use_certified(const Kernels& kernels, int64_t num_centroids, int k) {
   return kernels.candidates != nullptr && num_centroids > k + certify::kExtraCandidates &&
-         (num_centroids >= kMinCertifiedCentroids || kernels_pinned());
+         (num_centroids >= kernels.candidate_shape.pays_from || kernels_pinned());
 }
 
 CertifiedCentroids prepare_certified(const Kernels& kernels, const float* centroids, int64_t ldc,

@@ -31,16 +31,14 @@ struct CertifiedCentroids {
 
 // True when the kernels have a bf16 pass and there are centroids left
 // outside the candidates (otherwise the fp32 kernel alone is the answer),
-// and, unless FASTVOTE_CPU_KERNEL pins the kernels, when the path pays:
-// from kMinCertifiedCentroids on.
+// and, unless FASTVOTE_CPU_KERNEL pins the kernels, when the path pays: from
+// the pass's candidate_shape.pays_from centroids on. Each row costs the path
+// a fixed part (packing, the exact re-rank of its first k + 3 candidates),
+// and the pass saves a share of each centroid's work: `amxbf16`'s pass beat
+// the fp32 kernel from ~400 centroids (nearest_centroids, D = 128 and 512,
+// k = 1-8: 1.10-1.74x at 500, RESULTS.md); the VDPBF16PS pass keeps the 800
+// measured before the re-rank went 32 rows at a time (0.74x at 512).
 bool use_certified(const Kernels& kernels, int64_t num_centroids, int k);
-
-// Each row costs the path about 140 fp32 centroids' work whatever K is
-// (packing, the exact re-rank of the first 8 candidates), and its AMX pass
-// saves about a third of a centroid's at K ~ 1,000: nearest_centroids (k = 1,
-// D = 512) went from 0.11x the fp32 kernel at K = 16 to 0.74x at 512 and
-// 1.18x at 1,024 (RESULTS.md). k-means' seeding makes many small-K calls.
-constexpr int64_t kMinCertifiedCentroids = 800;
 
 // centroids/bias/scale as the fp32 kernel reads them (key = bias + scale * x.c),
 // packed for kernels.candidates.

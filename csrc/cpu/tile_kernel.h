@@ -49,6 +49,9 @@ struct CandidateShape {
   // steps of this many products added in an unspecified order and rounding
   // (certify::tensor_core_error).
   int products_per_step = 0;
+  // The fewest centroids from which the path pays (certified.h's
+  // use_certified; the automatic choice only).
+  int64_t pays_from = 800;
 };
 // The exact fp32 keys of kSlab (row, centroid) pairs of one slab (slab:
 // [dim][kSlab], as `tile` reads it): lane l, row lane_row[l] of the slab

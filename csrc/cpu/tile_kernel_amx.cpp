@@ -60,7 +60,7 @@ struct alignas(64) TileConfig {
 constexpr int kChunk = 512;
 constexpr int64_t kPairChunk = 128;
 constexpr int kGroups = 64;   // group minima per row and chunk (the threshold below)
-constexpr int kNetwork = 16;  // lists up to this long get that threshold; longer ones take every key
+constexpr int kNetwork = kGroups;  // lists up to this long get that threshold; longer ones take every key
 
 // A slab's keys for one chunk: [centroid][lane], as the tiles store them.
 struct alignas(64) ChunkKeys {
@@ -80,14 +80,15 @@ struct Candidates {
   std::vector<Entry> merged;  // job.k long
 };
 
-// An upper bound, per lane, on the kl-th best key of a chunk (kl <= kNetwork):
+// An upper bound, per lane, on the kl-th best key of a chunk (kl <= N):
 // the kl-th smallest of its groups' minima, since kl groups each hold a key
 // at most that. On Gaussian rows (K = 1,000, kl = 14) ~15.5 keys a row pass
 // it, against the ~74 insertions of a list that learns its threshold key by key.
+template <int N>
 __m512 chunk_bound(const Bf16TileJob& job, const float* keys, int64_t c0, int n, int kl) {
   const int per_group = (n + kGroups - 1) / kGroups;
-  __m512 best[kNetwork];
-  for (int i = 0; i < kNetwork; ++i) best[i] = _mm512_set1_ps(INFINITY);
+  __m512 best[N];
+  for (int i = 0; i < N; ++i) best[i] = _mm512_set1_ps(INFINITY);
   for (int g = 0; g < n; g += per_group) {
     __m512 low = _mm512_set1_ps(INFINITY);
     for (int j = g; j < std::min(n, g + per_group); ++j) {
@@ -98,15 +99,25 @@ __m512 chunk_bound(const Bf16TileJob& job, const float* keys, int64_t c0, int n,
     // A sorting network's insertion: best[] stays sorted per lane (NaN keys spoil only their own
     // lane, whose row falls back anyway).
 #pragma GCC unroll 16
-    for (int i = 0; i < kNetwork; ++i) {
+    for (int i = 0; i < N; ++i) {
       const __m512 smaller = _mm512_min_ps(best[i], low);
       low = _mm512_max_ps(best[i], low);
       best[i] = smaller;
     }
   }
-  alignas(64) float lanes[kNetwork][kBlock];
-  for (int i = 0; i < kNetwork; ++i) _mm512_store_ps(lanes[i], best[i]);
+  alignas(64) float lanes[N][kBlock];
+  for (int i = 0; i < N; ++i) _mm512_store_ps(lanes[i], best[i]);
   return _mm512_load_ps(lanes[kl - 1]);
+}
+
+// chunk_bound with the shortest network that holds kl (a network's cost is its length).
+__m512 chunk_bound(const Bf16TileJob& job, const float* keys, int64_t c0, int n, int kl) {
+  if (kl <= 2) return chunk_bound<2>(job, keys, c0, n, kl);
+  if (kl <= 4) return chunk_bound<4>(job, keys, c0, n, kl);
+  if (kl <= 8) return chunk_bound<8>(job, keys, c0, n, kl);
+  if (kl <= 16) return chunk_bound<16>(job, keys, c0, n, kl);
+  if (kl <= 32) return chunk_bound<32>(job, keys, c0, n, kl);
+  return chunk_bound<kNetwork>(job, keys, c0, n, kl);
 }
 
 // Merges one half-slab's keys of a chunk (centroids c0 .. c0 + n - 1) into its rows' lists: every
@@ -147,13 +158,16 @@ void merge_chunk(const Bf16TileJob& job, const float* keys, int64_t c0, int n, i
     const int added = cand.count[lane];
     if (added == 0) continue;
     Entry* fresh = cand.entries[lane];
-    std::sort(fresh, fresh + added, before);
+    // Only the kl best can enter (a list longer than the network takes every key of its first chunk).
+    const int useful = std::min(added, kl);
+    if (useful < added) std::nth_element(fresh, fresh + useful, fresh + added, before);
+    std::sort(fresh, fresh + useful, before);
     // Merge with the list (whose indices are all below the chunk's): the best kl of both.
     float* list = job.keys + row * kl;
     int64_t* list_idx = job.indices + row * kl;
-    const int count = job.counts[row], total = std::min(kl, count + added);
+    const int count = job.counts[row], total = std::min(kl, count + useful);
     for (int out = 0, a = 0, b = 0; out < total; ++out) {
-      if (b == added || (a < count && !ranks_before(fresh[b].key, fresh[b].index, list[a], list_idx[a]))) {
+      if (b == useful || (a < count && !ranks_before(fresh[b].key, fresh[b].index, list[a], list_idx[a]))) {
         cand.merged[out] = {list[a], list_idx[a]};
         ++a;
       } else {
@@ -258,7 +272,7 @@ Kernels kernels_amxbf16() {
   Kernels k = kernels_avx512();
   k.name = "amxbf16";
   k.candidates = amx_tile;
-  k.candidate_shape = {kBlock, 2 * kBlock, 2 * kBlock};
+  k.candidate_shape = {kBlock, 2 * kBlock, 2 * kBlock, /*pays_from=*/500};
   return k;
 }
 

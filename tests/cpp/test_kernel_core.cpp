@@ -502,11 +502,12 @@ void test_amx_pass_bound() {
     return coin(rng) ? -v : v;
   };
   // copies > 0: centroid j >= copies repeats centroid j % copies (ties within and across the
-  // pass's chunks of 512 centroids); k + 9 > 16 lists skip the pass's group-minimum threshold.
+  // pass's chunks of 512 centroids). Lists up to 64 long get the pass's group-minimum threshold;
+  // longer ones (k = 80, and every reference run: k = num) take every key of their first chunk.
   struct Shape { int rows, num, pairs, k, scale, copies; };
   for (const Shape s : {Shape{33, 70, 16, 3, 1, 0}, Shape{64, 32, 48, 5, 4, 0}, Shape{1, 5, 256, 2, 20, 0},
                         Shape{50, 40, 512, 7, 2, 0}, Shape{40, 1100, 16, 5, 1, 0}, Shape{35, 1100, 16, 5, 1, 300},
-                        Shape{20, 600, 32, 12, 1, 0}}) {
+                        Shape{20, 600, 32, 12, 1, 0}, Shape{20, 700, 16, 40, 1, 0}, Shape{17, 700, 16, 80, 1, 0}}) {
     const int slabs = (s.rows + kSlab - 1) / kSlab;
     const int padded = (s.num + shape.centroid_block - 1) / shape.centroid_block * shape.centroid_block;
     std::vector<float> x(s.rows * 2 * s.pairs), c(s.num * 2 * s.pairs);
