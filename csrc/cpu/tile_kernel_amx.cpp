@@ -55,12 +55,13 @@ struct alignas(64) TileConfig {
 // The pass works through the centroids in chunks of kChunk: a chunk's bf16
 // pairs (256 KB at D = 512) stay in L2 while every slab of the job meets
 // them. A slab's keys for the whole chunk go to a buffer first, then each row
-// keeps its best: an epilogue that inserted key by key, interleaved with the
-// TDPBF16PS chains, took 3x the products' time (RESULTS.md).
+// keeps its best (merge_chunk): an epilogue that inserted key by key,
+// interleaved with the TDPBF16PS chains, took ~4x the products' time
+// (K = 1,000, k = 5; RESULTS.md).
 constexpr int kChunk = 512;
-constexpr int64_t kPairChunk = 128;
-constexpr int kGroups = 64;   // group minima per row and chunk (the threshold below)
-constexpr int kNetwork = kGroups;  // lists up to this long get that threshold; longer ones take every key
+constexpr int64_t kPairChunk = 128;  // pairs a TDPBF16PS chain runs before its keys go to the buffer
+constexpr int kGroups = 64;          // group minima per row and chunk (chunk_bound)
+constexpr int kNetwork = kGroups;    // lists up to this long get chunk_bound; longer ones take every key
 
 // A slab's keys for one chunk: [centroid][lane], as the tiles store them.
 struct alignas(64) ChunkKeys {
@@ -191,8 +192,10 @@ void amx_tile(const Bf16TileJob& job) {
   const int64_t num_slabs = (job.rows + kSlab - 1) / kSlab;
   const int64_t a_stride = job.ldc * sizeof(uint32_t), b_stride = kSlab * sizeof(uint32_t);
   const int64_t c_stride = kSlab * sizeof(float);
-  auto keys = std::make_unique<ChunkKeys>();
-  auto cand = std::make_unique<Candidates>();
+  // A thread's buffers (192 KB) are made once: zeroed and page-faulted a job (1,024 rows) at a time, they
+  // cost as much as the pass at K = 300.
+  thread_local const std::unique_ptr<ChunkKeys> keys(new ChunkKeys);
+  thread_local const std::unique_ptr<Candidates> cand(new Candidates);
   cand->merged.resize(job.k);
   std::vector<uint8_t> spoiled(job.rows, 0);
 
