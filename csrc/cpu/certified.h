@@ -36,8 +36,9 @@ struct CertifiedCentroids {
 // a fixed part (packing, the exact re-rank of its first k + 3 candidates),
 // and the pass saves a share of each centroid's work: `amxbf16`'s pass beat
 // the fp32 kernel from ~400 centroids (nearest_centroids, D = 128 and 512,
-// k = 1-8: 1.10-1.74x at 500, RESULTS.md); the VDPBF16PS pass keeps the 800
-// measured before the re-rank went 32 rows at a time (0.74x at 512).
+// k = 1-8: 1.10-1.74x at 500, RESULTS.md). The VDPBF16PS pass keeps 800, the
+// AMX pass's threshold before its re-rank went 32 rows at a time (0.74x at
+// 512 then): its own crossover waits for a CPU that chooses it (Zen 4/5).
 bool use_certified(const Kernels& kernels, int64_t num_centroids, int k);
 
 // centroids/bias/scale as the fp32 kernel reads them (key = bias + scale * x.c),
