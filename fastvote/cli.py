@@ -235,7 +235,8 @@ def cmd_cluster_prune(args) -> int:
         print(f"kept {result.kept_rows} of {result.num_rows} source rows from {len(result.kept_clusters)} of "
               f"{args.clusters} clusters (seeding {result.fit.seeding_seconds:.1f} s, {result.fit.passes} passes"
               f"{levels}); "
-              f"wrote {result.out}/kept/<shard>.npy (rows), manifest.json, centroids.npy, votes.npy")
+              f"wrote {result.out}/kept/<shard>.npy (the kept rows' positions), manifest.json, centroids.npy, "
+              "votes.npy")
     return 0
 
 
@@ -251,7 +252,7 @@ def cmd_normsim_prune(args) -> int:
         print(f"kept {result.kept_rows} of {result.num_rows} source rows by NormSim_{args.p} (cut-off "
               f"{result.cutoff:.6g}; scoring {seconds['scoring']:.1f} s, "
               f"{result.num_rows / max(seconds['scoring'], 1e-9):,.0f} rows/s); wrote {result.out}/kept/<shard>.npy "
-              "(rows), max/, nearest/, rms/ (the scores), manifest.json")
+              "(the kept rows' positions), max/, nearest/, rms/ (the scores), manifest.json")
     return 0
 
 
