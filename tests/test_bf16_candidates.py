@@ -275,6 +275,26 @@ def test_the_automatic_choice_takes_the_path_only_where_it_pays():
         assert _C.cpu_bf16_stats()[0] - rows0 == expected_rows
 
 
+def test_the_automatic_choice_gives_up_where_no_row_can_be_proven():
+    # Far from the origin the fp32 kernel's own rounding outweighs the keys' gaps: every row falls
+    # back, and the path would cost the bf16 pass on top of the fp32 kernel. Unpinned, a call stops
+    # taking the path after kGuardRows (4,096) rows of which most fell back: fewer rows go through it
+    # than the call has, and the answers stay the fp32 kernel's. Pinned, every row still takes it.
+    if _C.cpu_kernel() not in {"amxbf16", "avx512bf16"}:
+        pytest.skip("the automatic choice on this CPU has no bf16 pass")
+    g = gen(13)
+    x = torch.randn(12000, 512, generator=g) * 3 + 100  # (at D = 64 the same offset is proven: 0.8% fall back)
+    c = torch.randn(1000, 512, generator=g) * 3 + 100
+    rows0, fallback0 = _C.cpu_bf16_stats()
+    auto = ops.nearest_centroids(x, c, 5, "l2"), ops.fm_vote(x, c, 5, "l2")
+    rows, fallback = (a - b for a, b in zip(_C.cpu_bf16_stats(), (rows0, fallback0)))
+    assert 4096 <= rows < 2 * len(x) and fallback == rows  # (two calls, each giving up within a few tiles)
+    fp32 = pinned("avx512", lambda: (ops.nearest_centroids(x, c, 5, "l2"), ops.fm_vote(x, c, 5, "l2")))
+    assert all(torch.equal(a, b) for a, b in zip(auto[0], fp32[0])) and torch.equal(auto[1], fp32[1])
+    _, (pinned_rows, _) = with_stats(_C.cpu_kernel(), lambda: ops.fm_vote(x, c, 5, "l2"))
+    assert pinned_rows == len(x)
+
+
 # ---------------------------------------------------------------- the bf16 pass alone (k-means' coarse groups)
 
 @pytest.mark.parametrize("n,num,dim,k,offset", [(300, 40, 33, 1, 0.0), (257, 600, 512, 8, 100.0), (1, 3, 7, 3, 5.0),

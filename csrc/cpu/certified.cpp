@@ -225,7 +225,7 @@ CertifiedCentroids prepare_certified(const Kernels& kernels, const float* centro
   return cc;
 }
 
-void certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const TileJob& job) {
+int64_t certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const TileJob& job) {
   const int64_t rows = job.rows, dim = job.dim, pairs = cc.stride;
   const int k = job.k;
   const int kc = k + certify::kExtraCandidates;  // candidates
@@ -306,6 +306,7 @@ void certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const 
   g_rows += rows;
   g_fallback_rows += static_cast<int64_t>(fallback.size());
   rescore(kernels, job, fallback);
+  return static_cast<int64_t>(fallback.size());
 }
 
 void approximate_tile(const Kernels& kernels, const CertifiedCentroids& cc, const TileJob& job) {

@@ -49,8 +49,8 @@ CertifiedCentroids prepare_certified(const Kernels& kernels, const float* centro
 
 // The fp32 tile kernel's job (packed fp32 rows, k, outputs), answered through
 // the certified path: job's keys, indices and counts are those kernels.tile
-// would write.
-void certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const TileJob& job);
+// would write. Returns how many of its rows the fp32 kernel scored again.
+int64_t certified_tile(const Kernels& kernels, const CertifiedCentroids& cc, const TileJob& job);
 
 // The bf16 pass alone, for callers that want a near-nearest centroid rather
 // than the nearest (k-means' coarse groups): job's keys and indices are each

@@ -53,6 +53,9 @@ int64_t certified_tile_rows(int64_t n, int64_t dim) {
   return std::clamp<int64_t>((share + kSlab - 1) / kSlab * kSlab, tile_rows(dim), 8 * tile_rows(dim));
 }
 
+// Rows the certified path takes before for_each_tile may give up on it (more than half fell back).
+constexpr int64_t kGuardRows = 4096;
+
 // Rows per task of nearest_in_groups' GroupFn path (no packed tile to keep in
 // L2; a group's centroids are packed once a task).
 constexpr int64_t kGroupTileRows = 512;
@@ -360,8 +363,20 @@ void for_each_tile(const char* op, const at::Tensor& features, const Centroids& 
   if (use_certified(chosen, c.count, k)) {
     const CertifiedCentroids cc =
         prepare_certified(chosen, c.data, c.ldc, c.count, c.dim, c.bias.data(), c.scale.data(), metric);
+    // Far from the origin (features of mean 100, spread 3) the fp32 kernel's own rounding outweighs
+    // the keys' gaps: the certificate proves no row, and the path costs 1.9x the fp32 kernel alone.
+    // Unless the kernels are pinned, once kGuardRows rows have taken the path and most fell back,
+    // the call's other tiles go to the fp32 kernel (the same bits either way).
+    std::atomic<int64_t> tried{0}, failed{0};
+    const bool guarded = !kernels_pinned();
     for_each_tile(op, features, c, metric, k, workers, certified_tile_rows(features.size(0), c.dim), consume,
-                  [&](const TileJob& job, int64_t) { certified_tile(chosen, cc, job); });
+                  [&](const TileJob& job, int64_t) {
+                    if (guarded && tried.load() >= kGuardRows && 2 * failed.load() > tried.load()) {
+                      return chosen.tile(job);
+                    }
+                    failed += certified_tile(chosen, cc, job);
+                    tried += job.rows;
+                  });
     return;
   }
   const TileFn kernel = chosen.tile;
