@@ -213,7 +213,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("move_rows", &fastvote::move_rows,
         "The rows i of features [B, D] float32 whose cluster changed from before[i] to after[i] "
         "([B] int64) move between sums [K, D] and counts [K] (float64, in place): added to the "
-        "new cluster's, then subtracted from the old's, each cluster's rows in row order. CPU tensors.");
+        "new cluster's, then subtracted from the old's (none where before[i] is -1), each cluster's rows "
+        "in row order. CPU tensors.");
   m.def("lloyd_means", &fastvote::lloyd_means,
         "A k-means pass's new centroids [K, D] float32 from the float64 sums [K, D] and counts [K] "
         "(the means, unit-normalised where normalize; an empty cluster keeps its centroid [K, D]), "

@@ -282,14 +282,10 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
             done, fitted = done + 1, fitted + len(x)
             if done <= skip:  # done before the save this run resumed from (read again, not computed)
                 continue
-            before = rows_state.assigned[at].clone() if it else None
+            # (in the first pass the rows were in no cluster: -1)
+            before = rows_state.assigned[at].clone() if it else torch.full((len(x),), -1, device=x.device)
             assigned, n = rows_state.update(x, at, geometry)
-            if before is None:
-                s, c = ops.class_centroids(x, assigned, num_clusters)
-                sums += s.cpu()
-                counts += c.cpu().double()
-            else:
-                _move_rows(sums, counts, x, before, assigned)
+            _move_rows(sums, counts, x, before, assigned)
             computed += n
             # a long pass saves its state within, too: a kill loses at most a chunk of it (chunks.Pace)
             if pass_path is not None and pace.due():
@@ -1063,21 +1059,29 @@ def _fitting_rows(batches: Batches, rows: range, picks: Optional[np.ndarray], me
 def _move_rows(sums: Tensor, counts: Tensor, x: Tensor, before: Tensor, after: Tensor) -> None:
     """The rows of x whose cluster changed from `before` to `after` move
     their features and counts between the per-cluster sums (CPU float64, in
-    place): one compiled call on CPU (no float64 copy of the moved rows; the
-    same bits), elsewhere the rows copied to the CPU and two index_put_ calls."""
+    place; before -1: a row in no cluster yet, only added): one compiled call
+    on CPU (no float64 copy of the moved rows; the same bits), elsewhere the
+    rows copied to the CPU and index_put_ calls (the first pass on a GPU: its
+    class_centroids, summed there)."""
     if ops.HAS_EXTENSION and x.device.type == "cpu" and x.dtype == torch.float32:
         from fastvote import _C
 
         _C.move_rows(sums, counts, x, before, after)
         return
+    if x.device.type != "cpu" and bool((before < 0).all()):
+        s, c = ops.class_centroids(x, after, len(sums))
+        sums += s.cpu()
+        counts += c.cpu().double()
+        return
     changed = (before != after).nonzero()[:, 0]
     if len(changed):
         rows = x[changed].double().cpu()
         old, new = before[changed].cpu(), after[changed].cpu()
+        left = old >= 0
         # (index_put_'s accumulate adds row by row, as index_add_ does, in half its time on CPU)
-        sums.index_put_((new,), rows, accumulate=True).index_put_((old,), rows.neg_(), accumulate=True)
-        one = torch.ones(len(changed), dtype=torch.float64)
-        counts.index_add_(0, new, one).index_add_(0, old, one, alpha=-1)
+        sums.index_put_((new,), rows, accumulate=True).index_put_((old[left],), rows[left].neg_(), accumulate=True)
+        counts.index_add_(0, new, torch.ones(len(new), dtype=torch.float64))
+        counts.index_add_(0, old[left], torch.ones(int(left.sum()), dtype=torch.float64), alpha=-1)
 
 
 def _restart_empty(centroids: Tensor, counts: Tensor, sample: Tensor, rng: np.random.Generator) -> int:
@@ -1119,9 +1123,14 @@ def _gather(batches: Batches, rows: range, picks: np.ndarray, sharded: bool, met
     for batch in batches():
         if sample is None:  # filled in place: one copy of the sample in memory (328 MB at K = 10,000, D = 512)
             width = batch.shape[1]
-            sample = torch.zeros(len(picks), width, dtype=torch.float32)
+            # (sharded: zeros where the other ranks' rows go; else every row is written)
+            sample = (torch.zeros if sharded else torch.empty)(len(picks), width, dtype=torch.float32)
         lo, hi = np.searchsorted(picks, [start, start + len(batch)])
-        sample[lo:hi] = _rows(batch[torch.from_numpy(picks[lo:hi] - start)], metric, torch.device("cpu"))
+        at = torch.from_numpy(picks[lo:hi] - start)
+        if batch.dtype == torch.float32 and batch.device.type == "cpu" and metric == "l2":
+            torch.index_select(batch, 0, at, out=sample[lo:hi])  # (no temporary copy of the rows)
+        else:
+            sample[lo:hi] = _rows(batch[at], metric, torch.device("cpu"))
         start += len(batch)
     _check_replay(start - rows.start, len(rows))
     if sharded:  # a rank without rows learns the width from the others

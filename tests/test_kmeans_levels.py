@@ -96,14 +96,15 @@ def test_moving_rows_gives_the_bits_of_index_put(rows, dim, monkeypatch):
     # The compiled move (each cluster's rows added in row order, then subtracted) against the two
     # index_put_ calls it replaces: the same float64 bits, even where the order of the adds matters
     # (values over 12 orders of magnitude, a few clusters taking many rows), for contiguous and
-    # strided rows, with rows that stay (before == after) and one block of columns or several.
+    # strided rows, with rows that stay (before == after), rows in no cluster before (-1: the first
+    # pass, only added) and one block of columns or several.
     if not ops.HAS_EXTENSION:
         pytest.skip("the compiled move needs the extension")
     g = torch.Generator().manual_seed(rows + dim)
     k = 7
     x = torch.randn(rows, dim, generator=g) * torch.logspace(-6, 6, rows)[torch.randperm(rows, generator=g)][:, None]
-    before = torch.randint(0, k, (rows,), generator=g)
-    after = torch.where(torch.rand(rows, generator=g) < 0.3, before, torch.randint(0, k, (rows,), generator=g))
+    before = torch.randint(-1, k, (rows,), generator=g)
+    after = torch.where(torch.rand(rows, generator=g) < 0.3, before, torch.randint(0, k, (rows,), generator=g)).clamp(min=0)
     start = torch.randn(k, dim, generator=g, dtype=torch.float64) * 1e3
     counts0 = torch.randint(0, 50, (k,), generator=g).double()
     for features in (x, x.t().contiguous().t()):
@@ -125,6 +126,10 @@ def test_moving_rows_refuses_bad_arguments():
     sums, counts, x = torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), torch.ones(2, 4)
     with pytest.raises(IndexError, match="row 1 names cluster 3"):
         _C.move_rows(sums, counts, x, torch.tensor([0, 1]), torch.tensor([2, 3]))
+    with pytest.raises(IndexError, match="row 0 names cluster -2 before; expected -1 \\(none\\)"):
+        _C.move_rows(sums, counts, x, torch.tensor([-2, 1]), torch.tensor([2, 1]))
+    with pytest.raises(IndexError, match="row 1 names cluster -1 after"):
+        _C.move_rows(sums, counts, x, torch.tensor([0, -1]), torch.tensor([2, -1]))
     with pytest.raises(ValueError, match="sums must be a contiguous float64"):
         _C.move_rows(sums.float(), counts, x, torch.tensor([0, 1]), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="features must be a float32 \\[B, D\\] tensor, D = 4"):

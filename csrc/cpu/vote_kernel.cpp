@@ -1020,12 +1020,14 @@ int64_t update_in_groups_impl(const at::Tensor& features, const at::Tensor& orde
   return pairs;
 }
 
-// k-means' passes after the first (fastvote/cluster.py, _move_rows): the rows i whose cluster
-// changed from before[i] to after[i] move between the float64 per-cluster sums [K, D] and counts
-// [K], in place: every such row added to its new cluster's sums, then subtracted from its old,
-// each cluster's rows in row order. The bits of two index_put_(accumulate=True) calls in row
-// order (torch's serial CPU loop), without the [M, D] float64 copy of the moved rows they need
-// (at K = 10,000 that copy, its page faults and the two calls took ~20 ms a batch).
+// k-means' passes (fastvote/cluster.py, _move_rows): the rows i whose cluster changed from
+// before[i] to after[i] move between the float64 per-cluster sums [K, D] and counts [K], in place:
+// every such row added to its new cluster's sums, then subtracted from its old (none where
+// before[i] is -1: the first pass), each cluster's rows in row order. The bits of two
+// index_put_(accumulate=True) calls in row order (torch's serial CPU loop), without the [M, D]
+// float64 copy of the moved rows they need (at K = 10,000 that copy, its page faults and the two
+// calls took ~20 ms a batch; in the first pass, a 65,536-row batch's class_centroids and its
+// addition to the sums took 37 ms, this 15 ms).
 void move_rows_impl(at::Tensor& sums, at::Tensor& counts, const at::Tensor& features,
                     const at::Tensor& before, const at::Tensor& after) {
   constexpr const char* op = "fastvote.move_rows";
@@ -1045,27 +1047,30 @@ void move_rows_impl(at::Tensor& sums, at::Tensor& counts, const at::Tensor& feat
   const int64_t* to = to_t.const_data_ptr<int64_t>();
   // The moved rows by new cluster and by old (stable counting sorts: row order within a cluster).
   std::vector<int64_t> next_to(num_clusters + 1, 0), next_from(num_clusters + 1, 0);
-  int64_t moved = 0;
+  int64_t moved = 0, left = 0;  // rows that joined a cluster; of them, rows that left one
   for (int64_t i = 0; i < n; ++i) {
-    for (const int64_t j : {from[i], to[i]}) {
-      TORCH_CHECK_INDEX(j >= 0 && j < num_clusters, op, ": row ", i, " names cluster ", j,
-                        "; expected 0 <= cluster < ", num_clusters);
-    }
+    TORCH_CHECK_INDEX(to[i] >= 0 && to[i] < num_clusters, op, ": row ", i, " names cluster ", to[i],
+                      " after; expected 0 <= cluster < ", num_clusters);
+    TORCH_CHECK_INDEX(from[i] >= -1 && from[i] < num_clusters, op, ": row ", i, " names cluster ",
+                      from[i], " before; expected -1 (none) <= cluster < ", num_clusters);
     if (from[i] != to[i]) {
       ++next_to[to[i] + 1];
-      ++next_from[from[i] + 1];
       ++moved;
+      if (from[i] >= 0) {
+        ++next_from[from[i] + 1];
+        ++left;
+      }
     }
   }
   for (int64_t j = 0; j < num_clusters; ++j) {
     next_to[j + 1] += next_to[j];
     next_from[j + 1] += next_from[j];
   }
-  std::vector<int64_t> by_to(moved), by_from(moved);
+  std::vector<int64_t> by_to(moved), by_from(left);
   for (int64_t i = 0; i < n; ++i) {
     if (from[i] != to[i]) {
       by_to[next_to[to[i]]++] = i;
-      by_from[next_from[from[i]]++] = i;
+      if (from[i] >= 0) by_from[next_from[from[i]]++] = i;
     }
   }
   double* s = sums.mutable_data_ptr<double>();
@@ -1079,7 +1084,7 @@ void move_rows_impl(at::Tensor& sums, at::Tensor& counts, const at::Tensor& feat
   for (int t = 0; t < threads; ++t) {
     const auto [d0, d1] = thread_columns(dim, t, threads);
     add_rows(s, dim, rows.const_data_ptr<float>(), rows.stride(0), by_to.data(), moved, to, d0, d1, false);
-    add_rows(s, dim, rows.const_data_ptr<float>(), rows.stride(0), by_from.data(), moved, from, d0, d1, true);
+    add_rows(s, dim, rows.const_data_ptr<float>(), rows.stride(0), by_from.data(), left, from, d0, d1, true);
   }
 }
 
