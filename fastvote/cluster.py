@@ -218,7 +218,7 @@ def fit(batches: Batches, num_clusters: int, *, rows: range, num_rows: int, shar
                 centroids = _refine(sample, centroids, metric)
         # Scale of the tolerance: the mean per-dimension variance of the data (the sample's).
         # (from the rows' distances to the mean: 5x faster than var(0), a column-wise reduction)
-        spread = _sq_norms(sample - sample.mean(0)).double().sum() / max(len(sample) - 1, 1) / max(sample.shape[1], 1)
+        spread = _sq_norms_from(sample, sample.mean(0)).double().sum() / max(len(sample) - 1, 1) / max(sample.shape[1], 1)
         tol = tol * float(spread) if len(sample) > 1 else 0.0
         picks = None if cap is None or cap >= num_rows else np.sort(rng.choice(num_rows, size=cap, replace=False))
         seeded = dict(sample=sample.cpu(), centroids=centroids.cpu(), fit_rows=fit_rows, tol=tol, picks=picks,
@@ -349,7 +349,7 @@ def _seed(sample: Tensor, num_clusters: int, rng: np.random.Generator, progress:
     x = sample - sample.mean(0)  # distances are translation-invariant; centring cuts GEMM cancellation
     sq = _sq_norms(x)
     centers = [int(rng.integers(0, len(x)))]
-    d2 = _sq_norms(x - x[centers[0]])
+    d2 = _sq_norms_from(x, x[centers[0]])
     # Trials a pick scale with K, as scikit-learn's greedy k-means++ takes them (2 + ln K), and 3 times as
     # many: a trial is judged by the potential estimated from the round's candidates, not summed over the
     # sample. With 2 + ln(b) (2 in a round of 1-6 picks, 3-4 at K = 20) the rounds put two seeds in one of 20
@@ -394,7 +394,7 @@ def _seed_in_groups(sample: Tensor, num_clusters: int, reach: Tensor, rng: np.ra
     # The rows in order of their own group (one copy, the centred one _seed makes too): a group's own rows
     # are a slice (its first center is drawn from it), read in order by the distance updates.
     perm = torch.argsort(reach[:, 0], stable=True)
-    x = sample[perm.to(sample.device)]
+    x = sample.index_select(0, perm.to(sample.device))
     x -= sample.mean(0)
     reach_np = reach[perm].numpy()
     own = reach_np[:, 0]
@@ -441,7 +441,7 @@ def _seed_in_groups(sample: Tensor, num_clusters: int, reach: Tensor, rng: np.ra
             bar.update(len(picked))
     chosen = torch.as_tensor(centers[:num_clusters])
     by_group = torch.sort(torch.from_numpy(own)[chosen], stable=True)
-    return sample[perm[chosen[by_group.indices]].to(sample.device)].clone(), by_group.values
+    return sample.index_select(0, perm[chosen[by_group.indices]].to(sample.device)), by_group.values
 
 
 def _pick_in_round(x: Tensor, weights: np.ndarray, b: int, trials: int, rng: np.random.Generator,
@@ -641,11 +641,12 @@ class _NearestCoarse:
         sizes = torch.ones(len(split), dtype=torch.int64)
         sizes[split] = torch.tensor([len(p) for p in parts], dtype=torch.int64)
         starts = torch.cumsum(sizes, 0) - sizes  # old centroid g's first index in the new list
-        pieces = iter(parts)
-        coarse = torch.cat([next(pieces) if split[g] else self.coarse[g:g + 1] for g in range(len(split))])
         new_index = torch.where(split, -1, starts).to(device)
         parts_at = torch.cat([torch.arange(int(starts[g]), int(starts[g] + sizes[g])) for g in
                               split.nonzero()[:, 0].tolist()]).to(device)
+        # each old centroid in its slots, then the split ones' slots overwritten by their parts
+        coarse = self.coarse.index_select(0, torch.repeat_interleave(torch.arange(len(split)), sizes).to(device))
+        coarse[parts_at] = torch.cat(parts)
         # the old lists without the split centroids (their slots: inf, sorted last)
         idx = new_index[self.idx]
         d2 = self.d2.masked_fill(idx < 0, float("inf"))
@@ -693,7 +694,7 @@ def _split(sample: Tensor, group: Tensor, parts: Tensor, split: Tensor, rng: np.
     by_group = torch.argsort(group, stable=True)  # (group g's sample rows, in order: a slice of it)
     edges = [0] + torch.cumsum(torch.bincount(group, minlength=len(split)), 0).tolist()
     picks = [_capped(by_group[edges[g]:edges[g + 1]], int(parts[g]), rng) for g in ids]
-    rows = sample[torch.cat(picks).to(sample.device)]
+    rows = sample.index_select(0, torch.cat(picks).to(sample.device))
     own = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(p) for p in picks]))
     seeds, seed_group = _seed_in_groups(rows, int(parts[split].sum()), own[:, None], rng, False)
     return list(zip(rows.split([len(p) for p in picks]),
@@ -1198,6 +1199,16 @@ def _row_sq_norms(cache: Tensor, at: slice, x: Tensor) -> Tensor:
 def _sq_norms(x: Tensor) -> Tensor:
     """Squared row norms [B] (a norm reduction: x.pow(2).sum(1) writes a B x D temporary, 10x slower)."""
     return torch.linalg.vector_norm(x, dim=1).square_()
+
+
+def _sq_norms_from(x: Tensor, point: Tensor, rows: int = 4096) -> Tensor:
+    """Squared distances [B] of the rows x to `point` [D]: _sq_norms(x - point)'s
+    bits, a block of rows at a time (a B x D difference, 82 MB at 40,000 x
+    512, cost more in page faults than in arithmetic)."""
+    out = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    for lo in range(0, len(x), rows):
+        torch.linalg.vector_norm(x[lo:lo + rows] - point, dim=1, out=out[lo:lo + rows])
+    return out.square_()
 
 
 def _nearest_coarse(x: Tensor, coarse: Tensor, k: int) -> Tuple[Tensor, Tensor]:
