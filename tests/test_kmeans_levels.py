@@ -398,3 +398,15 @@ def test_two_level_fits_seed_from_a_smaller_sample():
     assert cluster.fit(lambda: x.split(8192), 2000, hierarchical=True, **kw).seed_rows == 16000
     flat = cluster.fit(lambda: x.split(8192), 4500, **kw)  # 4,500 x 70,000 x 8 multiply-adds: flat
     assert flat.groups == 0 and flat.seed_rows == 70000
+
+
+@pytest.mark.parametrize("n,d", [(0, 8), (1, 3), (9, 1), (100, 67), (4097, 512)])
+def test_distances_to_a_point_by_blocks_are_the_bits_of_the_difference(n, d):
+    # _sq_norms_from (blocks of rows, no B x D temporary) against _sq_norms(x - point): the same
+    # float32 bits, far from the origin too, in blocks of 7 rows (a short last block) and the default
+    g = torch.Generator().manual_seed(n + d)
+    x = torch.randn(n, d, generator=g) * 3 + 100
+    point = torch.randn(d, generator=g) + 100
+    expected = cluster._sq_norms(x - point)
+    for rows in (7, 4096):
+        assert torch.equal(cluster._sq_norms_from(x, point, rows), expected)
