@@ -1143,8 +1143,11 @@ def _gather(batches: Batches, rows: range, picks: np.ndarray, sharded: bool, met
 
 
 def _rows(batch: Tensor, metric: str, device: torch.device) -> Tensor:
+    """A batch as the fit reads it: float32 on `device`, unit rows for cosine
+    (normalised row-major: torch's norm of a column-major batch differs in the
+    last bit, and the centroids with it)."""
     x = batch.to(device).float()
-    return torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x
+    return torch.nn.functional.normalize(x.contiguous(), dim=1) if metric == "cosine" else x
 
 
 def _means_and_drift(sums: Tensor, counts: Tensor, centroids: Tensor, metric: str) -> Tuple[Tensor, Tensor]:

@@ -410,3 +410,16 @@ def test_distances_to_a_point_by_blocks_are_the_bits_of_the_difference(n, d):
     expected = cluster._sq_norms(x - point)
     for rows in (7, 4096):
         assert torch.equal(cluster._sq_norms_from(x, point, rows), expected)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_a_column_major_stream_gives_the_same_centroids(metric, hierarchical):
+    # The same rows, stored column-major (a transposed array, as numpy and pandas hand them over):
+    # the same centroids bit for bit (cosine normalised them in another order: the last bit differed)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6000, 33, generator=g) * 2 + 5
+    by_columns = x.t().contiguous().t()
+    got = [cluster.kmeans(lambda: rows.split(1024), 300, metric=metric, iterations=3, progress=False,
+                          hierarchical=hierarchical) for rows in (x, by_columns)]
+    assert torch.equal(got[0][0], got[1][0]) and np.array_equal(got[0][1], got[1][1])
